@@ -1,0 +1,52 @@
+"""`mgg` console script: one subcommand per job.
+
+Each subcommand lives in the module that owns the job; that module exposes
+``add_parser(subparsers)`` which registers the subcommand and sets ``func``.
+Modules are imported lazily so ``mgg --help`` stays fast and a broken optional
+dependency only breaks its own subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module that provides add_parser(subparsers)
+SUBCOMMANDS: dict[str, str] = {
+    "serve": "service.cli",
+    "replay": "service.replay",
+    "train-source": "mgg_core.train_source",
+    "data": "mgg_core.data.cli",
+    "pretrain": "mgg_core.pretrain",
+    "bench": "mgg_core.bench",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mgg", description="MGG test-time adaptation: library, service and tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=f"(see `mgg {name} --help`)")
+            continue
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    if only is None and argv and not argv[0].startswith("-"):
+        print(f"mgg: unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Functional optimizers on a flat parameter vector: SGD (momentum), Adam and MGG.
+
+An optimizer never mutates its inputs: ``update(theta, grad, state) -> (theta', state')``. The engine commits
+the result only after checking it, so a rejected step leaves the stream exactly as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from .mgg import GradientMemoryLayer
+
+OptState = dict[str, torch.Tensor]
+
+
+class Optimizer:
+    name: ClassVar[str]
+    lr: float
+
+    def init_state(self, theta: torch.Tensor) -> OptState:
+        raise NotImplementedError
+
+    def update(self, theta: torch.Tensor, grad: torch.Tensor, state: OptState) -> tuple[torch.Tensor, OptState]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "lr": self.lr}
+
+
+@dataclass
+class SGD(Optimizer):
+    """torch.optim.SGD semantics (dampening 0, no Nesterov)."""
+
+    name: ClassVar[str] = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def init_state(self, theta):
+        return {"momentum_buffer": torch.zeros_like(theta)} if self.momentum else {}
+
+    def update(self, theta, grad, state):
+        g = grad + self.weight_decay * theta if self.weight_decay else grad
+        if not self.momentum:
+            return theta - self.lr * g, {}
+        buf = self.momentum * state["momentum_buffer"] + g
+        return theta - self.lr * buf, {"momentum_buffer": buf}
+
+    def describe(self):
+        return {"name": self.name, "lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
+
+
+@dataclass
+class Adam(Optimizer):
+    """torch.optim.Adam semantics."""
+
+    name: ClassVar[str] = "adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def init_state(self, theta):
+        return {"exp_avg": torch.zeros_like(theta), "exp_avg_sq": torch.zeros_like(theta),
+                "step": torch.zeros((), dtype=torch.float64, device=theta.device)}
+
+    def update(self, theta, grad, state):
+        step = state["step"] + 1
+        m = self.beta1 * state["exp_avg"] + (1 - self.beta1) * grad
+        v = self.beta2 * state["exp_avg_sq"] + (1 - self.beta2) * grad * grad
+        t = float(step)
+        bc1 = 1 - self.beta1 ** t
+        bc2 = 1 - self.beta2 ** t
+        denom = v.sqrt() / (bc2 ** 0.5) + self.eps
+        return theta - (self.lr / bc1) * m / denom, {"exp_avg": m, "exp_avg_sq": v, "step": step}
+
+    def describe(self):
+        return {"name": self.name, "lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps}
+
+
+def mgg_tokens(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, beta1: float = 0.9,
+               beta2: float = 0.99, eps: float = 1e-8, bias_correction_offset: int = 1):
+    """Adam-style moments and the 2-number token per scalar.
+
+    Returns (token (N, 2), m', v'). ``step`` is the 1-based index of this update; the reference code bias-corrects
+    with exponent step + 1 (``bias_correction_offset=1``); 0 gives Adam's own correction.
+    """
+    m = beta1 * m + (1 - beta1) * grad
+    v = beta2 * v + (1 - beta2) * grad * grad
+    e = step + bias_correction_offset
+    m_hat = m / (1 - beta1 ** e)
+    v_hat = v / (1 - beta2 ** e)
+    denom = torch.sqrt(v_hat) + eps
+    return torch.stack([m_hat / denom, grad / denom], dim=-1), m, v
+
+
+class MGG(Optimizer):
+    """The learned optimizer: moments -> token -> gradient memory layer -> theta - alpha * u."""
+
+    name: ClassVar[str] = "mgg"
+
+    def __init__(self, gml: GradientMemoryLayer, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.99,
+                 eps: float = 1e-8, bias_correction_offset: int = 1, checkpoint: str | None = None):
+        self.gml = gml
+        self.lr = lr
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.bias_correction_offset = bias_correction_offset
+        self.checkpoint = checkpoint
+        for p in self.gml.parameters():
+            p.requires_grad_(False)
+
+    def init_state(self, theta):
+        W, b = self.gml.initial_memory(theta.numel(), device=theta.device, dtype=theta.dtype)
+        z = torch.zeros_like(theta)
+        return {"exp_avg": z, "exp_avg_sq": z.clone(), "step": torch.zeros((), dtype=torch.float64, device=theta.device),
+                "memory_W": W, "memory_b": b}
+
+    def direction(self, grad: torch.Tensor, state: OptState):
+        """(u, new state) without applying it; differentiable in the GML's weights when grad mode is on."""
+        step = state["step"] + 1
+        x, m, v = mgg_tokens(grad, state["exp_avg"], state["exp_avg_sq"], int(step), self.beta1, self.beta2,
+                             self.eps, self.bias_correction_offset)
+        u, W, b = self.gml(x, state["memory_W"], state["memory_b"])
+        return u, {"exp_avg": m, "exp_avg_sq": v, "step": step, "memory_W": W.detach(), "memory_b": b.detach()}
+
+    def update(self, theta, grad, state):
+        with torch.no_grad():
+            u, new_state = self.direction(grad, state)
+        return theta - self.lr * u, new_state
+
+    def describe(self):
+        return {"name": self.name, "lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps,
+                "bias_correction_offset": self.bias_correction_offset, "hidden": self.gml.hidden,
+                "checkpoint": self.checkpoint}
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "mgg": MGG}
+
+
+def build_optimizer(name: str, lr: float, mgg_checkpoint: str | Path | None = None, device=None,
+                    **kwargs) -> Optimizer:
+    name = name.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
+    if name == "mgg":
+        if mgg_checkpoint is None:
+            raise ValueError("optimizer 'mgg' needs an MGG checkpoint (mgg_checkpoint=...); train one with `mgg pretrain`")
+        gml = GradientMemoryLayer.load(mgg_checkpoint, device=device)
+        return MGG(gml, lr=lr, checkpoint=str(mgg_checkpoint), **kwargs)
+    return OPTIMIZERS[name](lr=lr, **kwargs)

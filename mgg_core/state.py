@@ -1,0 +1,122 @@
+"""StreamState: everything that changes online for one stream, and nothing else.
+
+Tensors (flat adapted scalars ``theta``, optimizer moments and MGG memory ``opt.*``, method EMAs ``method.*``,
+collapse-guard EMAs ``guard.*``) plus a few scalars. The frozen backbone is shared and never copied per stream.
+Snapshots are single safetensors files (tensors + JSON metadata), written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class StreamState:
+    tensors: dict[str, torch.Tensor]
+    fingerprint: dict                       # engine identity; a snapshot only loads into a matching engine
+    step: int = 0                           # updates taken since the last reset
+    batches: int = 0                        # batches seen since the last reset
+    images: int = 0
+    skipped: int = 0
+    resets: int = 0
+    rollbacks: int = 0
+    seed: int = 0                           # per-stream randomness (DeYO's shuffles)
+    last_seen: float = field(default_factory=time.time)
+    anchor: dict[str, torch.Tensor] | None = None   # last healthy copy of ``tensors`` (collapse-guard rollback)
+    anchor_step: int = 0
+    healthy_streak: int = 0
+
+    # ---- views ----
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.tensors["theta"]
+
+    def group(self, prefix: str) -> dict[str, torch.Tensor]:
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+    def set_group(self, prefix: str, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            self.tensors[f"{prefix}.{k}"] = v
+
+    @property
+    def entropy_ema(self) -> float | None:
+        t = self.tensors.get("guard.entropy_ema")
+        return None if t is None or torch.isnan(t) else float(t)
+
+    @property
+    def top_class_share(self) -> float | None:
+        t = self.tensors.get("guard.class_share")
+        return None if t is None or float(t.sum()) == 0 else float(t.max() / t.sum())
+
+    def nbytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        if self.anchor is not None:
+            n += sum(t.numel() * t.element_size() for t in self.anchor.values())
+        return n
+
+    def _scalars(self) -> dict:
+        return {"step": self.step, "batches": self.batches, "images": self.images, "skipped": self.skipped,
+                "resets": self.resets, "rollbacks": self.rollbacks, "seed": self.seed, "last_seen": self.last_seen,
+                "anchor_step": self.anchor_step, "healthy_streak": self.healthy_streak}
+
+    def summary(self) -> dict:
+        return {**self._scalars(), "bytes": self.nbytes(), "entropy_ema": self.entropy_ema,
+                "top_class_share": self.top_class_share}
+
+    def clone(self) -> "StreamState":
+        return StreamState(
+            tensors={k: v.clone() for k, v in self.tensors.items()}, fingerprint=dict(self.fingerprint),
+            anchor=None if self.anchor is None else {k: v.clone() for k, v in self.anchor.items()},
+            **self._scalars(),
+        )
+
+    # ---- persistence ----
+    def save(self, path: str | Path) -> int:
+        """Atomic safetensors snapshot; returns the file size in bytes."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = {f"state.{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        if self.anchor is not None:
+            out.update({f"anchor.{k}": v.detach().cpu().contiguous() for k, v in self.anchor.items()})
+        meta = {"format": FORMAT_VERSION, "scalars": json.dumps(self._scalars()),
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
+        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(out, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path.stat().st_size
+
+    @classmethod
+    def load(cls, path: str | Path, expected_fingerprint: dict | None = None, device=None) -> "StreamState":
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}: not a stream-state snapshot of format {FORMAT_VERSION}")
+        fingerprint = json.loads(meta["fingerprint"])
+        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+            diff = sorted(k for k in set(fingerprint) | set(expected_fingerprint)
+                          if fingerprint.get(k) != expected_fingerprint.get(k))
+            raise ValueError(f"{path}: snapshot was made by a different engine configuration (differs in {diff})")
+        mv = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        tensors = {k[len("state."):]: mv(v) for k, v in raw.items() if k.startswith("state.")}
+        anchor = {k[len("anchor."):]: mv(v) for k, v in raw.items() if k.startswith("anchor.")} or None
+        return cls(tensors=tensors, fingerprint=fingerprint, anchor=anchor, **json.loads(meta["scalars"]))
