@@ -1,0 +1,85 @@
+"""`mgg serve`: run the adaptation service with uvicorn (one process: stream states live in it)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+# flag -> setting name; every flag defaults to None so that unset flags do not mask env vars / config files
+_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
+    ("--port", "port", {"type": int, "help": "port (default 8000; 0 = any free port)"}),
+    ("--model", "model", {"help": "bundled classifier 'vit' or 'resnet', or a classifier checkpoint .safetensors"}),
+    ("--method", "method", {"help": "adaptation method: noadapt, bn, tent, eata, sar, deyo, foa (default foa)"}),
+    ("--optimizer", "optimizer", {"help": "sgd, adam or mgg (default mgg)"}),
+    ("--lr", "lr", {"type": float, "help": "step size (default: the optimizer's)"}),
+    ("--mgg-checkpoint", "mgg_checkpoint", {"help": "MGG meta-network checkpoint (default: bundled)"}),
+    ("--source-stats", "source_stats", {"help": "FOA source feature statistics (.safetensors)"}),
+    ("--source-data", "source_data", {"help": "clean data to compute the source statistics from"}),
+    ("--device", "device", {"help": "auto (cuda when available), cpu, cuda, cuda:N"}),
+    ("--snapshot-dir", "snapshot_dir", {"help": "folder of per-stream snapshots (default ./mgg-snapshots)"}),
+    ("--state-budget-bytes", "state_budget_bytes", {"type": int, "help": "bytes of stream state kept in memory"}),
+    ("--idle-seconds", "idle_seconds", {"type": float, "help": "unload streams idle this long"}),
+    ("--max-images", "max_images", {"type": int, "help": "images per request"}),
+    ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "request body limit"}),
+    ("--max-concurrent-streams", "max_concurrent_streams", {"type": int, "help": "streams adapting at once"}),
+    ("--max-queue-per-stream", "max_queue_per_stream", {"type": int, "help": "queued requests per stream"}),
+    ("--max-queue-total", "max_queue_total", {"type": int, "help": "queued requests in total"}),
+    ("--admin-token", "admin_token", {"help": "Bearer token for /reset and /streams (prefer MGG_ADMIN_TOKEN)"}),
+    ("--log-level", "log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
+]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the HTTP adaptation service",
+        description="Run the FastAPI adaptation service. Settings come from (highest first) these flags, "
+        "MGG_* environment variables, a .env file, the --config file, then defaults.",
+    )
+    p.add_argument("--config", help="settings file: .env, .yaml/.yml or .json")
+    for flag, _dest, kw in _FLAGS:
+        p.add_argument(flag, dest=f"opt_{_dest}", default=None, **kw)
+    guard = p.add_mutually_exclusive_group()
+    guard.add_argument("--collapse-guard", dest="opt_collapse_guard", action="store_true", default=None)
+    guard.add_argument("--no-collapse-guard", dest="opt_collapse_guard", action="store_false")
+    post = p.add_mutually_exclusive_group()
+    post.add_argument("--post-update-predictions", dest="opt_return_post_update", action="store_true", default=None,
+                      help="return predictions made after the update")
+    post.add_argument("--pre-update-predictions", dest="opt_return_post_update", action="store_false")
+    p.add_argument("--print-settings", action="store_true", help="print the resolved settings and exit")
+    p.set_defaults(func=run)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace):
+    from .settings import load_settings
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    return load_settings(args.config, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        settings = settings_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mgg serve: {exc}", file=sys.stderr)
+        return 2
+    if args.print_settings:
+        print(settings.model_dump_json(indent=2))
+        return 0
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base = f"http://{settings.host}:{settings.port}"
+    print(f"mgg serve: {settings.model} / {settings.method} + {settings.optimizer} on device {settings.device}; "
+          f"snapshots in {settings.snapshot_dir}", flush=True)
+    print(f"mgg serve: API docs at {base}/docs (OpenAPI: {base}/openapi.json); readiness at {base}/readyz",
+          flush=True)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
+                timeout_graceful_shutdown=30)
+    return 0

@@ -1,0 +1,157 @@
+"""Service configuration (pydantic-settings).
+
+Precedence, highest first: explicit overrides (the ``mgg serve`` flags), environment variables
+(prefix ``MGG_``, e.g. ``MGG_STATE_BUDGET_BYTES``), a ``.env`` file, a YAML/JSON config file
+(``--config`` or ``MGG_CONFIG``), then the defaults below.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "MGG_"
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads a flat YAML or JSON mapping of setting names to values (lowest priority above defaults)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | os.PathLike[str] | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path:
+            self._data = read_config_file(path)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of setting names to values")
+    unknown = sorted(set(data) - set(ServiceSettings.model_fields))
+    if unknown:
+        raise ValueError(f"config file {p}: unknown settings {', '.join(unknown)}")
+    return data
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- model / adaptation -------------------------------------------------------------------
+    model: str = Field("vit", description="bundled classifier ('vit' or 'resnet') or a path to a classifier checkpoint")
+    method: str = Field("foa", description="adaptation method (noadapt, bn, tent, eata, sar, deyo, foa)")
+    optimizer: str = Field("mgg", description="optimizer (sgd, adam, mgg)")
+    lr: float | None = Field(None, gt=0, description="step size; None = the method/optimizer default")
+    mgg_checkpoint: str | None = Field(None, description="MGG meta-network checkpoint; None = bundled")
+    source_stats: str | None = Field(
+        None,
+        description="FOA source feature statistics (.safetensors); None = <checkpoint>.source_stats.safetensors "
+        "beside the checkpoint if present, else computed from clean source data at start-up",
+    )
+    source_data: str | None = Field(
+        None, description="clean data for the source statistics ('mnist5k' or an image folder); None = from the card"
+    )
+    source_samples: int = Field(512, ge=2, description="clean images used to compute source statistics")
+    collapse_guard: bool = Field(True, description="roll a stream back when its predictions collapse")
+    device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    return_post_update: bool = Field(
+        False, description="return predictions made after the update instead of before it (costs one more forward)"
+    )
+    topk: int = Field(5, ge=1, le=100)
+
+    # --- server ---------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    admin_token: SecretStr | None = Field(None, description="when set, /reset and /streams need 'Bearer <token>'")
+
+    # --- limits ---------------------------------------------------------------------------------
+    max_images: int = Field(64, ge=1, description="images per /predict request")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body size limit")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="pixels per decoded image")
+    max_concurrent_streams: int = Field(2, ge=1, description="streams adapting at the same time")
+    max_queue_per_stream: int = Field(16, ge=1, description="requests waiting or running per stream before 429")
+    max_queue_total: int = Field(256, ge=1, description="requests waiting or running in total before 429")
+    retry_after_seconds: int = Field(1, ge=1)
+
+    # --- state ----------------------------------------------------------------------------------
+    state_budget_bytes: int = Field(2 * 1024**3, ge=0, description="bytes of stream state kept in memory (LRU)")
+    idle_seconds: float = Field(900.0, gt=0, description="streams idle this long are snapshotted and unloaded")
+    idle_check_seconds: float = Field(30.0, gt=0)
+    snapshot_dir: Path = Field(Path("mgg-snapshots"), description="folder of <stream_id>.safetensors snapshots")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _empty_token_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_path = os.environ.get(ENV_PREFIX + "CONFIG")
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            file_secret_settings,
+            _ConfigFileSource(settings_cls, config_path),
+        )
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> ServiceSettings:
+    """Build settings; ``overrides`` (e.g. CLI flags) win over env vars, .env and the config file.
+
+    ``None`` overrides are dropped so that an unset flag does not mask the other sources.
+    A ``.env`` config file is read as a dotenv file; ``.yaml``/``.yml``/``.json`` as a mapping.
+    """
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is None:
+        return ServiceSettings(**kwargs)
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix.lower() in {".yaml", ".yml", ".json"}:
+        data = read_config_file(path)
+        # lowest priority: apply only what env/.env/overrides do not set
+        base = ServiceSettings(**kwargs)
+        explicit = base.model_fields_set
+        merged = {**data, **{k: getattr(base, k) for k in explicit}}
+        return ServiceSettings(**merged)
+    return ServiceSettings(_env_file=path, **kwargs)

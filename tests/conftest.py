@@ -1,0 +1,136 @@
+"""Shared fixtures. Keep additions here additive: several test modules rely on them."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call takes ~50 s to fail on these machines
+
+import contextlib
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+# ------------------------------------------------------------------------------ service: live server
+
+
+class LiveServer:
+    """A real uvicorn server for ``service.app.create_app(settings)`` on a free loopback port, in a thread.
+
+    ``stop()`` is a graceful shutdown (lifespan shutdown runs: streams are snapshotted).
+    """
+
+    def __init__(self, settings: Any, ready_timeout: float = 180.0) -> None:
+        import uvicorn
+
+        from service.app import create_app
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread.start()
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError("uvicorn thread exited during start-up")
+            try:
+                r = httpx.get(self.url + "/readyz", timeout=5)
+                last = r.text
+                if r.status_code == 200:
+                    return
+                if "model_load_failed" in r.text:
+                    raise RuntimeError(f"service failed to load its model: {r.text}")
+            except httpx.TransportError as exc:
+                last = repr(exc)
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"service not ready after {timeout}s (last answer: {last})")
+
+    def client(self, **kw: Any):
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        if self._thread.is_alive():
+            raise RuntimeError("uvicorn did not shut down in time")
+
+
+@pytest.fixture
+def live_server() -> Iterator[Any]:
+    """Factory: ``live_server(settings) -> LiveServer``; every server started is stopped at teardown."""
+    servers: list[LiveServer] = []
+
+    def start(settings: Any) -> LiveServer:
+        srv = LiveServer(settings)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        if srv._thread.is_alive():
+            srv.stop()
+
+
+def service_test_model() -> str:
+    """Classifier for service tests: the small bundled BatchNorm ResNet (override with MGG_SERVICE_TEST_MODEL)."""
+    return os.environ.get("MGG_SERVICE_TEST_MODEL", "resnet")
+
+
+# ----------------------------------------------------------------------------------- image helpers
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def digit_images() -> np.ndarray:
+    """32 real MNIST-5k test digits, uint8 (32, 28, 28); random noise if the embedded set is unavailable."""
+    try:
+        from mgg_core.data.sources import mnist5k
+
+        src = mnist5k("test")
+        idx = np.linspace(0, len(src) - 1, 32).astype(int)
+        return np.stack([src.get_image(int(i)) for i in idx]).astype(np.uint8)
+    except Exception:  # noqa: BLE001
+        return np.random.default_rng(0).integers(0, 256, size=(32, 28, 28), dtype=np.uint8)
+
+
+@pytest.fixture
+def tmp_snapshots(tmp_path: Path) -> Path:
+    d = tmp_path / "snapshots"
+    d.mkdir()
+    return d
