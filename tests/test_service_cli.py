@@ -1,0 +1,150 @@
+"""`mgg serve` as a real process: settings precedence, docs URL, SIGTERM snapshots, restart restores."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import npy_bytes, service_test_model
+
+REPO = Path(__file__).resolve().parents[1]
+NPY = {"Content-Type": "application/x-npy"}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def mgg(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mgg_core.cli", *args], cwd=cwd, env=env or clean_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_settings_precedence_flags_env_dotenv_config(tmp_path):
+    (tmp_path / "conf.yaml").write_text("port: 9100\nmethod: tent\nmax_images: 7\nstate_budget_bytes: 1234\n")
+    (tmp_path / ".env").write_text("MGG_MAX_IMAGES=9\nMGG_METHOD=eata\n")
+    env = clean_env(MGG_METHOD="sar", MGG_ADMIN_TOKEN="hunter2")
+    r = mgg("serve", "--print-settings", "--config", "conf.yaml", "--port", "9200", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["port"] == 9200  # flag beats config file
+    assert s["method"] == "sar"  # env var beats .env and config file
+    assert s["max_images"] == 9  # .env beats config file
+    assert s["state_budget_bytes"] == 1234  # config file beats default
+    assert s["optimizer"] == "mgg" and s["host"] == "127.0.0.1"  # defaults
+    assert s["admin_token"] == "**********" and "hunter2" not in r.stdout  # never printed
+    r = mgg("serve", "--print-settings", "--port", "70000", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "port" in r.stderr
+    (tmp_path / "bad.yaml").write_text("no_such_setting: 1\n")
+    r = mgg("serve", "--config", "bad.yaml", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "no_such_setting" in r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    def __init__(self, cwd: Path, snapshot_dir: Path, *extra: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mgg_core.cli", "serve", "--model", service_test_model(), "--device", "cpu",
+               "--port", str(self.port), "--snapshot-dir", str(snapshot_dir), "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._wait_ready()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def _wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("mgg serve exited:\n" + "".join(self.lines))
+            try:
+                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise TimeoutError("mgg serve not ready:\n" + "".join(self.lines))
+
+    def terminate(self, timeout: float = 90) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _predict(c: httpx.Client, sid: str, x: np.ndarray) -> dict:
+    r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": sid})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _scores(resp: dict) -> list:
+    return [[p["label"], p["score"], p["entropy"], *[t["score"] for t in p["topk"]]] for p in resp["predictions"]]
+
+
+@pytest.mark.timeout(400)
+def test_restart_finds_the_stream_at_the_same_step_with_the_same_predictions(tmp_path, digit_images):
+    snaps = tmp_path / "snaps"
+    x, probe = digit_images[:8], digit_images[8:16]
+    args = ("--method", "tent", "--optimizer", "sgd", "--lr", "0.05")
+    first = ServeProcess(tmp_path, snaps, *args)
+    try:
+        out = "".join(first.lines)
+        assert f"{first.url}/docs" in out  # it says where the docs are
+        with httpx.Client(base_url=first.url, timeout=60) as c:
+            for _ in range(3):
+                _predict(c, "keep", x)
+                _predict(c, "ref", x)
+            expected = _predict(c, "ref", probe)  # what "keep" must answer next, after its 3 updates
+            source = _predict(c, "fresh", probe)
+            assert _scores(expected) != _scores(source)
+            assert c.get("/streams/keep").json()["snapshot"] is False  # only in memory so far
+        # graceful shutdown on SIGTERM (uvicorn re-raises the signal once shut down: -15 is a clean exit too)
+        assert first.terminate() in (0, -signal.SIGTERM)
+    finally:
+        first.kill()
+    assert (snaps / "keep.safetensors").is_file()
+    assert not list((snaps / ".tmp").glob("*"))  # no half-written snapshot left behind
+
+    second = ServeProcess(tmp_path, snaps, *args)
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as c:
+            info = c.get("/streams/keep").json()
+            assert (info["step"], info["resident"], info["snapshot"]) == (3, False, True)
+            got = _predict(c, "keep", probe)
+            assert got["step"] == 4
+            assert _scores(got) == _scores(expected)
+            metrics = c.get("/metrics").text
+            assert "tta_snapshot_restores_total 1.0" in metrics
+        assert second.terminate() in (0, -signal.SIGTERM)
+    finally:
+        second.kill()
