@@ -34,7 +34,7 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         from .data.sources import pil_to_uint8
 
-        img = Image.fromarray(pil_to_uint8(img), mode="L")
+        img = Image.fromarray(pil_to_uint8(img))
         mode = "L"
     if channels == 3:
         if mode == "RGB":
@@ -58,9 +58,9 @@ def array_to_pil(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(arr), mode="L")
+        return Image.fromarray(np.ascontiguousarray(arr))
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.shape[2] == 3 else "RGBA")
+        return Image.fromarray(np.ascontiguousarray(arr))
     raise ValueError(f"expected an image of shape (H,W), (H,W,1), (H,W,3) or (H,W,4), got {arr.shape}")
 
 

@@ -79,13 +79,13 @@ def prepare_image(image: np.ndarray | Image.Image, min_size: int = MIN_SIZE) -> 
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim == 2:
-        pil = Image.fromarray(arr, mode="L").convert("RGB")
+        pil = Image.fromarray(arr).convert("RGB")
     elif arr.ndim == 3 and arr.shape[2] == 3:
-        pil = Image.fromarray(arr, mode="RGB")
+        pil = Image.fromarray(arr)
     elif arr.ndim == 3 and arr.shape[2] == 4:
         from .sources import pil_to_uint8
 
-        pil = Image.fromarray(pil_to_uint8(Image.fromarray(arr, mode="RGBA")), mode="RGB")
+        pil = Image.fromarray(pil_to_uint8(Image.fromarray(np.ascontiguousarray(arr))))
     else:
         raise ValueError(f"expected an image (H,W), (H,W,1), (H,W,3) or (H,W,4), got shape {arr.shape}")
     w, h = pil.size

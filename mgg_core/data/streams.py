@@ -79,7 +79,7 @@ class StreamSpec:
     reset: Any = "per_domain"  # "per_domain" | "never" | ("every", N)
     label_shift: float | None = None  # Dirichlet alpha; None = i.i.d.
     seed: int = 0
-    limit: int | None = None  # at most this many samples per domain (a seeded, class-stratified subset)
+    limit: int | None = None  # at most this many samples per domain (a seeded, class-stratified subset, the same in every domain)
     data: str = "mnist5k"  # where samples come from when iter_batches() gets no source: "mnist5k", a folder or a tree
     split: str = "test"
 
@@ -259,7 +259,7 @@ def stream_plan(spec: StreamSpec, source=None) -> tuple[list[_DomainData], list[
     doms = [_DomainData(d, None if tree is not None else source, tree, spec.seed) for d in spec.domains]
     per_domain: list[tuple[np.ndarray, np.ndarray]] = []
     for k, dd in enumerate(doms):
-        rng = _rng(spec.seed, "domain", dd.name)
+        rng = _rng(spec.seed, "subset")  # the same subset in every domain (same labels -> same picks)
         idx = _subset(dd.labels, spec.limit, rng)
         per_domain.append((np.full(len(idx), k, dtype=np.int64), idx))
 
