@@ -91,8 +91,8 @@ class Preprocessor:
         if tail_ok:
             self._pil_stages = T.Compose(stages[:cut])
             norm = tail[1]
-            self._mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self._std = torch.tensor(norm.std, dtype=torch.float32).view(1, -1, 1, 1)
+            self._mean = torch.as_tensor(norm.mean, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
+            self._std = torch.as_tensor(norm.std, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
             self._batched = True
         else:  # an unexpected transform: fall back to timm's transform image by image
             self._batched = False

@@ -127,8 +127,12 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
                  seed: int = DEFAULTS["seed"], split_seed: int = DEFAULTS["split_seed"], img_size: int = DEFAULTS["img_size"],
                  model_kwargs: dict | None = None, augment: str = DEFAULTS["augment"], resume: bool = False,
                  device: str | torch.device = "cpu", keep_train_state: bool = False, quiet: bool = False,
-                 progress: bool = True):
-    """Train and write ``out`` (.safetensors) + card (.json). Returns the :class:`ClassifierCard`."""
+                 progress: bool = True, stop_after_epochs: int | None = None):
+    """Train and write ``out`` (.safetensors) + card (.json). Returns the :class:`ClassifierCard`.
+
+    ``stop_after_epochs=K`` ends this run after K more epochs, leaving only the training state (a
+    time-sliced run; continue with ``resume=True``); it then returns None.
+    """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -211,7 +215,8 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"train {model_name}",
                unit="step", disable=not progress or quiet, dynamic_ncols=True)
     step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, epochs):
+    end_epoch = epochs if stop_after_epochs is None else min(epochs, start_epoch + int(stop_after_epochs))
+    for epoch in range(start_epoch, end_epoch):
         model.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         perm = torch.randperm(len(x_train), generator=gen)
@@ -229,7 +234,7 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             n_seen += len(idx)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n_seen:.3f}")
@@ -240,6 +245,9 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
             bar.write(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / n_seen:.4f}")
     bar.close()
     train_time = elapsed_before + time.perf_counter() - t_train
+    if end_epoch < epochs:
+        _log(f"stopped after epoch {end_epoch}/{epochs}; training state in {state_file} (continue with --resume)", quiet)
+        return None
 
     # 4) write weights + card, then measure the card's accuracy through the deployed loading path
     model.eval()
@@ -305,6 +313,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=DEFAULTS["img_size"])
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"patch_size": 4}\'')
     p.add_argument("--resume", action="store_true", help="continue from the per-epoch training state if present")
+    p.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="run at most this many epochs now and keep the training state (continue with --resume)")
     p.add_argument("--keep-train-state", action="store_true", help="keep the .train-state.pt file at the end")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true")
@@ -318,5 +328,6 @@ def _run(args: argparse.Namespace) -> int:
                  warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
                  split_seed=args.split_seed, img_size=args.img_size, model_kwargs=args.model_kwargs,
                  augment=args.augment, resume=args.resume, device=args.device,
-                 keep_train_state=args.keep_train_state, quiet=args.quiet)
+                 keep_train_state=args.keep_train_state, quiet=args.quiet,
+                 stop_after_epochs=args.stop_after_epochs)
     return 0
