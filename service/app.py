@@ -92,6 +92,7 @@ class PredictResponse(BaseModel):
     skipped_reason: str | None = Field(None, description="why no update was applied, or null")
     rolled_back: bool = Field(False, description="the collapse guard restored the last good state")
     rollback_reason: str | None = None
+    reset_reason: str | None = Field(None, description="the method reset the stream to source after this batch")
     batch_entropy: float | None = Field(None, description="mean prediction entropy / ln(num_classes), 0..1")
     loss: float | None = None
     predictions_after_update: bool = Field(
@@ -552,8 +553,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             metrics.observe_phase(phase, sec)
         if res.adapted:
             metrics.steps.inc()
-        else:
-            metrics.skipped.labels(reason=str(res.skipped_reason or "unknown")).inc()
+        else:  # methods without gradient steps (noadapt, bn) report no reason
+            metrics.skipped.labels(reason=str(res.skipped_reason or "method_takes_no_step")).inc()
+        reset_reason = getattr(res, "reset_reason", None)
+        if reset_reason:
+            metrics.resets.labels(reason=str(reset_reason)).inc()
         be = _finite(getattr(res, "batch_entropy", None))
         if be is not None:
             metrics.batch_entropy.observe(be)
@@ -561,14 +565,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if rolled_back:
             reason = str(getattr(res, "rollback_reason", None) or "unknown")
             metrics.rollbacks.labels(reason=reason).inc()
-            store.note_rollback(sid)
         return PredictResponse(
             stream_id=sid,
             step=step,
             adapted=bool(res.adapted),
-            skipped_reason=None if res.adapted else (res.skipped_reason or "unknown"),
+            skipped_reason=None if res.adapted else res.skipped_reason,
             rolled_back=rolled_back,
             rollback_reason=getattr(res, "rollback_reason", None) if rolled_back else None,
+            reset_reason=reset_reason,
             batch_entropy=be,
             loss=_finite(getattr(res, "loss", None)),
             predictions_after_update=post,

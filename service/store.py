@@ -98,6 +98,7 @@ class _Stream:
         ema = getattr(state, "entropy_ema", None)
         self.entropy_ema = None if ema is None else float(ema)
         self.nbytes = int(state.nbytes())
+        self.rollbacks = int(getattr(state, "rollbacks", 0) or 0)  # the collapse guard's count, kept in snapshots
 
     def info(self) -> dict[str, Any]:
         return {
@@ -303,11 +304,6 @@ class StreamStore:
             ticket.release()
         await self._enforce_budget()
         return result
-
-    def note_rollback(self, stream_id: str) -> None:
-        entry = self._streams.get(stream_id)
-        if entry is not None:
-            entry.rollbacks += 1
 
     async def _ensure_resident(self, entry: _Stream) -> Any:
         if entry.state is not None:

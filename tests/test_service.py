@@ -127,6 +127,7 @@ def test_reset_restores_source_predictions_exactly(client, digit_images):
     again = predict_npy(client, "rs", x)
     assert again["step"] == 1
     assert scores(again) == scores(first)
+    assert 'tta_resets_total{reason="request"}' in client.get("/metrics").text
 
 
 def test_reset_all(client, digit_images):
@@ -437,3 +438,33 @@ def _wait_for(cond, timeout: float = 30.0) -> None:
             return
         time.sleep(0.02)
     raise TimeoutError("condition not reached")
+
+
+# ------------------------------------------------------------------ idle eviction, post-update, bad snapshots
+
+
+def test_idle_eviction_post_update_predictions_and_unreadable_snapshot(live_server, client, tmp_path, digit_images):
+    snaps = tmp_path / "idle"
+    snaps.mkdir()
+    (snaps / "broken.safetensors").write_bytes(b"definitely not safetensors")
+    srv = live_server(settings_for(snaps, idle_seconds=0.3, idle_check_seconds=0.1, return_post_update=True))
+    x = digit_images[:8]
+    # reference from the pre-update server: the 2nd pre-update answer on x is the post-update answer of the 1st
+    ref = [predict_npy(client, "post-ref", x) for _ in range(2)]
+    with srv.client() as c:
+        got = predict_npy(c, "post", x)
+        assert got["predictions_after_update"] is True and got["step"] == 1
+        assert scores(got) == scores(ref[1])
+        _wait_for(lambda: stream_info(c, "post")["resident"] is False)  # idle: snapshotted and unloaded
+        assert stream_info(c, "post")["snapshot"] is True and (snaps / "post.safetensors").is_file()
+        again = predict_npy(c, "post", x)  # restored from disk on its next request
+        assert again["step"] == 2
+        assert 'tta_stream_evictions_total{reason="idle"}' in c.get("/metrics").text
+        # a snapshot that cannot be read: a clear error, nothing silently reset; /reset starts it over
+        assert stream_info(c, "broken")["snapshot"] is True
+        r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": "broken"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "snapshot_restore_failed"
+        assert (snaps / "broken.safetensors").is_file()
+        assert c.post("/reset", json={"stream_id": "broken"}, headers=AUTH).status_code == 200
+        assert not (snaps / "broken.safetensors").exists()
+        assert predict_npy(c, "broken", x)["step"] == 1
