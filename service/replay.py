@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -59,8 +60,9 @@ class Batch:
 
     images: np.ndarray
     labels: np.ndarray
-    domain: str
-    reset_before: bool = False  # reset the stream before sending this batch (a new domain of an episodic spec)
+    domain: str  # the batch's domain, or "mixed" when its samples come from several
+    reset_before: bool = False  # reset the stream before sending this batch (StreamSpec reset policy)
+    sample_domains: list[str] | None = None  # domain of each image (None = all ``domain``)
 
 
 @dataclass
@@ -73,10 +75,6 @@ class StreamPlan:
     total_images: int | None
     make_batches: Callable[[], Iterator[Batch]]
     describe: dict[str, Any] = field(default_factory=dict)
-
-
-def _domain_name(corruption: str, severity: Any) -> str:
-    return f"{corruption}-{severity}" if severity not in (None, "") else str(corruption)
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -210,6 +208,8 @@ def wait_ready(client: Any, url: str, timeout: float, process: subprocess.Popen 
             if r.status_code == 200:
                 return
             last = f"/readyz answered {r.status_code}"
+            if "model_load_failed" in r.text:  # it will never become ready
+                raise RuntimeError(f"{url} cannot load its model: {r.text[:400]}")
         except Exception as exc:  # noqa: BLE001 - still starting
             last = f"{type(exc).__name__}"
         time.sleep(0.25)
@@ -261,24 +261,30 @@ class RequestRecord:
     batch_entropy: float | None = None
     rolled_back: bool | None = None
     correct: int | None = None
+    per_domain: dict[str, list[int]] | None = None  # domain -> [correct, images], for batches that mix domains
     error: str | None = None
     final: bool = True  # False for a 429/503/transport failure that was retried
 
 
-def count_correct(predictions: list[dict[str, Any]], labels: np.ndarray, class_names: Sequence[str] | None) -> int:
-    """Number of predictions whose label matches; int labels are class indices, strings are class names."""
+def correct_mask(predictions: list[dict[str, Any]], labels: np.ndarray,
+                 class_names: Sequence[str] | None) -> np.ndarray:
+    """Per image: does the prediction match the label? Int labels are class indices, strings class names."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} images")
-    correct = 0
-    for pred, y in zip(predictions, labels):
+    out = np.zeros(len(labels), dtype=bool)
+    for k, (pred, y) in enumerate(zip(predictions, labels)):
         lab = pred.get("label")
         if isinstance(lab, (int, np.integer)) and not isinstance(lab, bool):
-            correct += int(int(lab) == int(y))
+            out[k] = int(lab) == int(y)
         else:
             name = pred.get("class_name", lab)
-            truth = class_names[int(y)] if class_names is not None else str(int(y))
-            correct += int(str(name) == str(truth))
-    return correct
+            truth = class_names[int(y)] if class_names else str(int(y))
+            out[k] = str(name) == str(truth)
+    return out
+
+
+def count_correct(predictions: list[dict[str, Any]], labels: np.ndarray, class_names: Sequence[str] | None) -> int:
+    return int(correct_mask(predictions, labels, class_names).sum())
 
 
 class _Prefetcher:
@@ -404,7 +410,8 @@ class Replayer:
                 break
             if cap is not None and sent + len(batch.labels) > cap:  # trim the last batch to the cap
                 keep = cap - sent
-                batch = Batch(batch.images[:keep], batch.labels[:keep], batch.domain, batch.reset_before)
+                batch = Batch(batch.images[:keep], batch.labels[:keep], batch.domain, batch.reset_before,
+                              batch.sample_domains[:keep] if batch.sample_domains else None)
                 enc = encode_batch(batch.images, self.cfg.fmt)
             if batch.reset_before and seq > 0:
                 self.reset(plan.stream_id, f"domain:{batch.domain}")
@@ -423,7 +430,15 @@ class Replayer:
                     be = body.get("batch_entropy")
                     rec.batch_entropy = float(be) if be is not None else None
                     rec.rolled_back = body.get("rolled_back")
-                    rec.correct = count_correct(body.get("predictions") or [], batch.labels, self.class_names)
+                    mask = correct_mask(body.get("predictions") or [], batch.labels, self.class_names)
+                    rec.correct = int(mask.sum())
+                    if batch.domain == "mixed" and batch.sample_domains:
+                        per: dict[str, list[int]] = {}
+                        for ok_, d in zip(mask, batch.sample_domains):
+                            e = per.setdefault(d, [0, 0])
+                            e[0] += int(ok_)
+                            e[1] += 1
+                        rec.per_domain = per
                 else:
                     rec.error = r.text[:300]
             with self._lock:
@@ -495,16 +510,20 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, images_planned: i
             by_status[str(r.status)] = by_status.get(str(r.status), 0) + 1
     failed_final = [r for r in final if r.status != 200]
 
-    def acc_table(key: Callable[[RequestRecord], str]) -> dict[str, dict[str, Any]]:
+    def acc_table(key: Callable[[RequestRecord], str], split_mixed: bool = False) -> dict[str, dict[str, Any]]:
         table: dict[str, dict[str, Any]] = {}
         for r in ok:
-            e = table.setdefault(key(r), {"correct": 0, "total": 0, "batches": 0, "entropy_sum": 0.0, "entropy_n": 0})
-            e["correct"] += r.correct
-            e["total"] += r.n
-            e["batches"] += 1
-            if r.batch_entropy is not None and math.isfinite(r.batch_entropy):
-                e["entropy_sum"] += r.batch_entropy
-                e["entropy_n"] += 1
+            mixed = bool(split_mixed and r.per_domain)
+            parts = r.per_domain.items() if mixed else [(key(r), (r.correct, r.n))]
+            for k, (c, n) in parts:
+                e = table.setdefault(k, {"correct": 0, "total": 0, "batches": 0, "entropy_sum": 0.0, "entropy_n": 0})
+                e["correct"] += c
+                e["total"] += n
+                e["batches"] += 1
+                # a batch's entropy belongs to one domain only when the batch does not mix domains
+                if not mixed and r.batch_entropy is not None and math.isfinite(r.batch_entropy):
+                    e["entropy_sum"] += r.batch_entropy
+                    e["entropy_n"] += 1
         for e in table.values():
             e["accuracy"] = _acc(e["correct"], e["total"])
             e["mean_batch_entropy"] = e["entropy_sum"] / e["entropy_n"] if e["entropy_n"] else None
@@ -528,7 +547,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, images_planned: i
         "images_answered": images_answered,
         "correct": correct,
         "accuracy": _acc(correct, images_answered),
-        "accuracy_by_domain": acc_table(lambda r: r.domain),
+        "accuracy_by_domain": acc_table(lambda r: r.domain, split_mixed=True),
         "accuracy_by_stream": acc_table(lambda r: r.stream_id),
         "wall_s": wall_s,
         "throughput_img_s": images_answered / wall_s if wall_s > 0 else None,
@@ -563,7 +582,8 @@ def markdown_summary(report: dict[str, Any]) -> str:
         f"- url: {p['url']}  (server method: {bi.get('method', 'n/a')}, model: {bi.get('model', 'n/a')}, "
         f"optimizer: {bi.get('optimizer', 'n/a')}, device: {bi.get('device', 'n/a')})",
         f"- data: {p['data']}; streams: {p['streams']}; batch size: {p['batch_size']}; body: {p['format']}; "
-        f"reset at start: {p['reset_at_start']}",
+        f"reset at start: {p['reset_at_start']}; reset policy: {p['stream_spec']['base_spec']['reset']}; "
+        f"order: {p['stream_spec']['base_spec']['order']}",
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -608,28 +628,23 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     for i, (sid, rs) in enumerate(streams.items()):
         color = colors[i % len(colors)]
         x = np.cumsum([r["n"] for r in rs])
-        acc = np.array([r["correct"] / r["n"] for r in rs])
-        win = max(1, min(5, len(acc)))
-        smooth = np.convolve(acc, np.ones(win) / win, mode="full")[: len(acc)]
-        smooth[: win - 1] = [acc[: k + 1].mean() for k in range(min(win - 1, len(acc)))]
-        ax_acc.plot(x, 100 * smooth, color=color, label=sid)
+        acc = np.array([100.0 * r["correct"] / r["n"] for r in rs])
+        ax_acc.plot(x, acc, color=color, marker="o", ms=2.5, lw=1.0, label=sid)
         ent = [r["batch_entropy"] if r["batch_entropy"] is not None else np.nan for r in rs]
-        ax_ent.plot(x, ent, color=color, label=sid)
+        ax_ent.plot(x, ent, color=color, marker="o", ms=2.5, lw=1.0, label=sid)
         prev = None
         for xi, r in zip(np.concatenate([[0], x[:-1]]), rs):
-            if r["domain"] != prev:
+            if r["domain"] != prev and r["domain"] != "mixed":
                 for ax in (ax_acc, ax_ent):
-                    ax.axvline(xi, color=color, alpha=0.25, lw=0.8, ls=":")
-                if i == 0:
-                    ax_acc.annotate(r["domain"], (xi, 1.0), xycoords=("data", "axes fraction"), rotation=60,
-                                    fontsize=6, va="bottom", ha="left")
-                prev = r["domain"]
-    ax_acc.set_ylabel(f"online accuracy (%)\nrolling {5} batches")
+                    ax.axvline(xi, color=color, alpha=0.35, lw=0.8, ls=":")
+                ax_acc.annotate(r["domain"], (xi, 2 + 7 * (i % 4)), color=color, fontsize=6, ha="left", va="bottom")
+            prev = r["domain"]
+    ax_acc.set_ylabel("online accuracy per batch (%)")
     ax_acc.set_ylim(0, 100)
     ax_ent.set_ylabel("batch entropy / ln C")
     ax_ent.set_ylim(0, 1)
     ax_ent.set_xlabel("images seen by the stream")
-    ax_acc.legend(loc="lower right", fontsize=7)
+    ax_ent.legend(loc="upper right", fontsize=7)
     s = report["summary"]
     fig.suptitle(f"mgg replay ({report['mode']}): accuracy {_fmt_pct(s['accuracy'])}, "
                  f"{_fmt_num(s['throughput_img_s'])} img/s, p99 {_fmt_num(s['latency']['p99_ms'])} ms", y=0.995)
@@ -643,8 +658,10 @@ def compare_table(baseline: dict[str, Any], adapted: dict[str, Any]) -> str:
     b, a = baseline["summary"], adapted["summary"]
     doms = list(b["accuracy_by_domain"])
     doms += [d for d in a["accuracy_by_domain"] if d not in doms]
-    name_b = f"baseline ({(baseline.get('server') or {}).get('build_info', {}) and baseline['server']['build_info'].get('method', baseline['mode'])})"
-    name_a = f"{adapted['mode']} ({((adapted.get('server') or {}).get('build_info') or {}).get('method', 'n/a')})"
+    def name(r: dict[str, Any]) -> str:
+        return f"{r['mode']} ({server_method(r.get('server') or {}) or 'n/a'})"
+
+    name_b, name_a = name(baseline), name(adapted)
     rows: list[tuple[str, str, str, str]] = []
 
     def pct(e: dict | None) -> str:
@@ -676,152 +693,119 @@ def compare_table(baseline: dict[str, Any], adapted: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ stream plans
 
 
+DEFAULT_MNIST_C_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "fog", "contrast", "pixelate", "jpeg_compression")
+
+
 @dataclass
 class SpecOptions:
-    """The stream description the CLI builds plans from (recorded verbatim in the report)."""
+    """How the CLI derives one :class:`mgg_core.data.streams.StreamSpec` per replayed stream."""
 
     data: str = MNIST_C
-    corruptions: list[str] | None = None  # None = the data's own (all test corruptions / all folders)
+    spec_file: str | None = None  # a StreamSpec JSON: the base spec (CLI stream options are then ignored)
+    corruptions: list[str] | None = None  # None = DEFAULT_MNIST_C_CORRUPTIONS / every domain of the tree
     severity: int = 5
-    images_per_domain: int = 256
+    images_per_domain: int | None = 256  # StreamSpec.limit
     batch_size: int = 64
-    order: str = "shuffled"  # "fixed" (the given order for every stream) or "shuffled" (per-stream seed)
-    reset_each_domain: bool = False  # episodic: reset the stream at every domain change
+    order: str = "sequential"  # StreamSpec.order
+    reset: str = "never"  # StreamSpec.reset: never | per_domain | every:N
+    label_shift: float | None = None
+    domain_order: str = "shuffled"  # "fixed" (same for every stream) or "shuffled" (per-stream, from its seed)
     seed: int = 0
     streams: int = 2
 
 
-DEFAULT_MNIST_C_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "fog", "contrast", "pixelate", "jpeg_compression")
+def _parse_reset(text: Any) -> Any:
+    if isinstance(text, str) and text.startswith("every:"):
+        return ("every", int(text.split(":", 1)[1]))
+    return text
 
 
-def _stream_rng(seed: int, stream: int, what: str) -> np.random.Generator:
-    import zlib
+def _tree_domains(root: str, severity: int) -> list[tuple[str, int]]:
+    from mgg_core.data.imagenet_c import is_imagenet_c_tree
 
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(stream), zlib.crc32(what.encode())])
-
-
-def _stack(images: list[np.ndarray], fmt: str) -> np.ndarray:
-    shapes = {im.shape for im in images}
-    if len(shapes) == 1:
-        return np.stack(images)
-    if fmt == "png":  # multipart sends each image on its own: keep them as an object array
-        out = np.empty(len(images), dtype=object)
-        out[:] = images
-        return out
-    raise ValueError(f"images of different shapes {sorted(shapes)[:3]} cannot form one .npy batch; use --format png")
+    if not is_imagenet_c_tree(root):
+        return [(c, severity) for c in DEFAULT_MNIST_C_CORRUPTIONS]
+    base = Path(root)
+    doms = sorted((c.name, int(sv.name)) for c in base.iterdir() if c.is_dir() and not c.name.startswith(".")
+                  for sv in c.iterdir() if sv.is_dir() and sv.name.isdigit())
+    return [d for d in doms if d[1] == severity] or doms
 
 
-def _domain_order(domains: list[str], opts: SpecOptions, stream: int) -> list[str]:
-    if opts.order == "fixed":
-        return list(domains)
-    if opts.order == "shuffled":
-        rng = _stream_rng(opts.seed, stream, "order")
-        return [domains[i] for i in rng.permutation(len(domains))]
-    raise ValueError(f"unknown domain order {opts.order!r}; choose fixed or shuffled")
+def base_spec(opts: SpecOptions) -> Any:
+    """The stream spec every replayed stream starts from."""
+    from mgg_core.data.streams import StreamSpec
+
+    if opts.spec_file:
+        return StreamSpec.from_json(Path(opts.spec_file).read_text(encoding="utf-8"))
+    data = "mnist5k" if opts.data == MNIST_C else str(opts.data)
+    if data != "mnist5k" and not Path(data).is_dir():
+        raise FileNotFoundError(f"--data {data}: not a folder (and not {MNIST_C!r})")
+    if opts.corruptions:
+        domains = [(c, opts.severity) if "-" not in c else c for c in opts.corruptions]
+    elif data == "mnist5k":
+        domains = [(c, opts.severity) for c in DEFAULT_MNIST_C_CORRUPTIONS]
+    else:
+        domains = _tree_domains(data, opts.severity)
+    return StreamSpec(domains=domains, order=opts.order, batch_size=opts.batch_size, reset=_parse_reset(opts.reset),
+                      label_shift=opts.label_shift, seed=opts.seed, limit=opts.images_per_domain, data=data)
 
 
-def mnist_c_plans(opts: SpecOptions, fmt: str = "npy") -> tuple[list[StreamPlan], list[str], dict[str, Any]]:
-    """Streams over the embedded MNIST-5k test split, corrupted on the fly (one domain = one corruption)."""
-    from mgg_core.data.corruptions import check_corruption, corrupt_image
-    from mgg_core.data.sources import mnist5k
-
-    source = mnist5k("test")
-    corruptions = list(opts.corruptions or DEFAULT_MNIST_C_CORRUPTIONS)
-    for c in corruptions:
-        check_corruption(c, opts.severity)
-    n_src = len(source)
-    per_domain = int(opts.images_per_domain)
-    if per_domain <= 0:
-        raise ValueError("--images-per-domain must be positive")
-    plans = []
-    for s in range(opts.streams):
-        stream_seed = opts.seed * 1000 + s
-        order = _domain_order(corruptions, opts, s)
-
-        def make(order=order, s=s, stream_seed=stream_seed) -> Iterator[Batch]:
-            for d_i, c in enumerate(order):
-                rng = _stream_rng(opts.seed, s, f"sample:{c}")
-                idx = np.concatenate([rng.permutation(n_src) for _ in range(-(-per_domain // n_src))])[:per_domain]
-                for b in range(0, per_domain, opts.batch_size):
-                    chunk = idx[b: b + opts.batch_size]
-                    imgs = [corrupt_image(source.get_image(int(i)), c, opts.severity, seed=stream_seed, index=int(i))
-                            for i in chunk]
-                    yield Batch(_stack(imgs, fmt), source.labels[chunk], _domain_name(c, opts.severity),
-                                reset_before=opts.reset_each_domain and b == 0 and d_i > 0)
-
-        plans.append(StreamPlan(
-            stream_id="", seed=stream_seed, domains=[_domain_name(c, opts.severity) for c in order],
-            total_images=per_domain * len(order), make_batches=make,
-            describe={"corruption_seed": stream_seed, "domain_order": order},
-        ))
-    spec = {"kind": MNIST_C, "source": source.describe(), "corruptions": corruptions, "severity": opts.severity,
-            "images_per_domain": per_domain, "batch_size": opts.batch_size, "order": opts.order,
-            "reset_each_domain": opts.reset_each_domain, "seed": opts.seed, "streams": opts.streams,
-            "sampling": "per stream and domain, a seeded permutation of the 1,000-image test split (repeated when "
-                        "images_per_domain > 1,000); corruption noise seeded by (stream seed, image index)"}
-    return plans, list(source.class_names), spec
+def stream_specs(opts: SpecOptions) -> list[Any]:
+    """One spec per stream: seed ``base.seed + i`` (its own subset, order within domains, corruption noise) and,
+    with ``domain_order="shuffled"``, its own domain order drawn from that seed."""
+    base = base_spec(opts)
+    specs = []
+    for i in range(opts.streams):
+        domains = list(base.domains)
+        if opts.domain_order == "shuffled" and len(domains) > 1:
+            rng = np.random.default_rng([int(base.seed) & 0xFFFFFFFF, i, 0x5EED])
+            domains = [domains[k] for k in rng.permutation(len(domains))]
+        elif opts.domain_order not in ("fixed", "shuffled"):
+            raise ValueError(f"unknown domain order {opts.domain_order!r}; choose fixed or shuffled")
+        specs.append(dataclasses.replace(base, domains=domains, seed=base.seed + i))
+    return specs
 
 
-def imagenet_c_plans(opts: SpecOptions, fmt: str = "npy") -> tuple[list[StreamPlan], list[str], dict[str, Any]]:
-    """Streams over an ImageNet-C layout folder ``DIR/<corruption>/<severity>/<class>/<image>``.
+def _spec_batches(spec: Any, source: Any) -> Iterator[Batch]:
+    from mgg_core.data.streams import iter_batches
 
-    Class indices follow the sorted class-folder names of the first domain (as ImageFolder and timm do), which
-    must match the served model's class order.
-    """
-    from mgg_core.data.sources import ImageFolderSource
-
-    root = Path(opts.data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: not a folder (and not {MNIST_C!r})")
-    available = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    corruptions = list(opts.corruptions or available)
-    missing = [c for c in corruptions if not (root / c / str(opts.severity)).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{root}: no severity-{opts.severity} folder for {missing} "
-                                f"(expected DIR/<corruption>/<severity>/<class>/<image>)")
-    first = ImageFolderSource(root / corruptions[0] / str(opts.severity))
-    sources = {c: ImageFolderSource(root / c / str(opts.severity), class_to_idx=first.class_to_idx)
-               for c in corruptions}
-    plans = []
-    for s in range(opts.streams):
-        order = _domain_order(corruptions, opts, s)
-        stream_seed = opts.seed * 1000 + s
-        sizes = {c: min(len(sources[c]), opts.images_per_domain) if opts.images_per_domain else len(sources[c])
-                 for c in corruptions}
-
-        def make(order=order, s=s, sizes=sizes) -> Iterator[Batch]:
-            for d_i, c in enumerate(order):
-                src = sources[c]
-                idx = _stream_rng(opts.seed, s, f"sample:{c}").permutation(len(src))[: sizes[c]]
-                for b in range(0, len(idx), opts.batch_size):
-                    chunk = idx[b: b + opts.batch_size]
-                    yield Batch(_stack([src.get_image(int(i)) for i in chunk], fmt), src.labels[chunk],
-                                _domain_name(c, opts.severity),
-                                reset_before=opts.reset_each_domain and b == 0 and d_i > 0)
-
-        plans.append(StreamPlan(stream_id="", seed=stream_seed, domains=[_domain_name(c, opts.severity) for c in order],
-                                total_images=sum(sizes[c] for c in order), make_batches=make,
-                                describe={"domain_order": order}))
-    spec = {"kind": "imagenet-c-folder", "root": str(root), "corruptions": corruptions, "severity": opts.severity,
-            "images_per_domain": opts.images_per_domain, "batch_size": opts.batch_size, "order": opts.order,
-            "reset_each_domain": opts.reset_each_domain, "seed": opts.seed, "streams": opts.streams,
-            "num_classes": len(first.class_names)}
-    return plans, list(first.class_names), spec
+    for b in iter_batches(spec, source):
+        doms = list(b.domains)
+        domain = doms[0] if all(d == doms[0] for d in doms) else "mixed"
+        images = b.images
+        if not isinstance(images, np.ndarray):  # differently sized images: multipart only
+            arr = np.empty(len(images), dtype=object)
+            arr[:] = list(images)
+            images = arr
+        yield Batch(images, np.asarray(b.labels), domain, bool(b.reset_before), doms)
 
 
 def build_plans(opts: SpecOptions, stream_prefix: str, fmt: str = "npy"
                 ) -> tuple[list[StreamPlan], list[str], dict[str, Any]]:
+    from mgg_core.data.streams import open_stream_source, stream_plan
+
     if opts.streams < 1:
         raise ValueError("--streams must be at least 1")
-    if opts.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
-    if opts.data == MNIST_C:
-        plans, names, spec = mnist_c_plans(opts, fmt)
-    else:
-        plans, names, spec = imagenet_c_plans(opts, fmt)
-    for i, p in enumerate(plans):
-        p.stream_id = f"{stream_prefix}-{i}"
-    return plans, names, spec
+    specs = stream_specs(opts)
+    source = open_stream_source(specs[0])  # shared (read-only) by every stream
+    class_names = list(getattr(source, "class_names", None) or [])
+    plans = []
+    for i, spec in enumerate(specs):
+        _, batches = stream_plan(spec, source)
+        total = int(sum(len(idx) for _, idx in batches))
+        plans.append(StreamPlan(
+            stream_id=f"{stream_prefix}-{i}", seed=spec.seed, domains=list(spec.domain_names), total_images=total,
+            make_batches=lambda spec=spec: _spec_batches(spec, source),
+            describe={"stream_spec": spec.to_dict(), "num_batches": len(batches)},
+        ))
+    if fmt == "npy":  # fail early rather than on the first mixed-size batch
+        first = next(iter(plans[0].make_batches()), None)
+        if first is not None and first.images.dtype == object:
+            raise ValueError("the images of this data differ in size and cannot form one .npy batch; use --format png")
+    description = {"base_spec": base_spec(opts).to_dict(), "per_stream": "seed = base seed + stream index"
+                   + ("; domain order shuffled per stream from its seed" if opts.domain_order == "shuffled" else ""),
+                   "source": source.describe() if hasattr(source, "describe") else str(opts.data)}
+    return plans, class_names, description
 
 
 # ------------------------------------------------------------------------------------------------ baseline server
@@ -891,20 +875,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", default=MNIST_C,
                    help=f"{MNIST_C!r} (embedded MNIST-5k test split, corrupted on the fly) or an ImageNet-C layout "
                         "folder DIR/<corruption>/<severity>/<class>/<image>")
-    g = p.add_argument_group("stream spec")
+    g = p.add_argument_group("stream spec (mgg_core.data.streams.StreamSpec, one per stream)")
+    g.add_argument("--spec", default=None, metavar="SPEC.json",
+                   help="a StreamSpec JSON as the base spec (then --corruptions/--severity/--images-per-domain/"
+                        "--batch-size/--order/--reset/--label-shift are ignored)")
     g.add_argument("--streams", type=int, default=2, help="concurrent streams, each with its own X-Stream-Id")
     g.add_argument("--corruptions", default=None,
-                   help=f"comma-separated domain order (default: {','.join(DEFAULT_MNIST_C_CORRUPTIONS)} for "
-                        f"{MNIST_C}; every corruption folder for a directory)")
+                   help=f"comma-separated domains, 'name' (at --severity) or 'name-severity' or 'clean' (default: "
+                        f"{','.join(DEFAULT_MNIST_C_CORRUPTIONS)} for {MNIST_C}; every domain of a tree)")
     g.add_argument("--severity", type=int, default=5)
     g.add_argument("--images-per-domain", type=int, default=256,
-                   help="images per corruption per stream (a folder replays at most what it holds)")
+                   help="images per domain per stream (StreamSpec.limit, class-stratified); 0 = all")
     g.add_argument("--batch-size", type=int, default=64, help="images per request")
-    g.add_argument("--order", choices=("shuffled", "fixed"), default="shuffled",
+    g.add_argument("--order", choices=("sequential", "mixed"), default="sequential",
+                   help="sequential: domain after domain; mixed: domains interleaved at random")
+    g.add_argument("--reset", default="never", metavar="never|per_domain|every:N",
+                   help="reset policy within a stream (default never: continual adaptation)")
+    g.add_argument("--reset-each-domain", dest="reset", action="store_const", const="per_domain",
+                   help="shorthand for --reset per_domain (episodic streams)")
+    g.add_argument("--label-shift", type=float, default=None, metavar="ALPHA",
+                   help="non-i.i.d. label order (Dirichlet concentration; small = few classes per batch)")
+    g.add_argument("--domain-order", choices=("shuffled", "fixed"), default="shuffled",
                    help="shuffled: each stream its own domain order from its seed; fixed: the given order")
-    g.add_argument("--reset-each-domain", action="store_true",
-                   help="episodic streams: reset each stream when its domain changes (default: continual)")
-    g.add_argument("--seed", type=int, default=0, help="base seed (stream i uses its own seed derived from it)")
+    g.add_argument("--seed", type=int, default=0, help="base seed; stream i uses seed + i")
     g.add_argument("--stream-prefix", default=None, help="X-Stream-Id prefix (default: replay-<run id>)")
     b = p.add_argument_group("bounds and transport")
     b.add_argument("--images-per-stream", type=int, default=None, help="stop each stream after this many images")
@@ -913,6 +906,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="request body: application/x-npy (default) or multipart PNG files")
     b.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     b.add_argument("--max-retries", type=int, default=20, help="retries of a batch answered 429/503")
+    b.add_argument("--wait-ready", type=float, default=30.0, help="seconds to wait for the server's /readyz")
     b.add_argument("--no-reset", action="store_true", help="do not reset the streams before replaying")
     b.add_argument("--token", default=os.environ.get("MGG_ADMIN_TOKEN"),
                    help="admin bearer token for /reset (default: $MGG_ADMIN_TOKEN)")
@@ -926,7 +920,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument("--baseline-model", default=None,
                    help="MGG_MODEL of the spawned baseline server (default: the model --url reports)")
     m.add_argument("--compare", default=None, metavar="BASELINE.json",
-                   help="print (and record) the side-by-side table of this run against a baseline report")
+                   help="print (and record in the report) the side-by-side table of this run against a baseline "
+                        "report (with --baseline: against an adapted report)")
     m.add_argument("--report", default=None, metavar="REPORT.json",
                    help="with --compare: compare this existing report instead of replaying")
     o = p.add_argument_group("output")
@@ -939,9 +934,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _spec_options(args: argparse.Namespace) -> SpecOptions:
     corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()] if args.corruptions else None
-    return SpecOptions(data=args.data, corruptions=corruptions, severity=args.severity,
-                       images_per_domain=args.images_per_domain, batch_size=args.batch_size, order=args.order,
-                       reset_each_domain=args.reset_each_domain, seed=args.seed, streams=args.streams)
+    return SpecOptions(data=args.data, spec_file=args.spec, corruptions=corruptions, severity=args.severity,
+                       images_per_domain=args.images_per_domain or None, batch_size=args.batch_size,
+                       order=args.order, reset=args.reset, label_shift=args.label_shift,
+                       domain_order=args.domain_order, seed=args.seed, streams=args.streams)
 
 
 def replay(args: argparse.Namespace, url: str, mode: str, run_id: str,
@@ -957,6 +953,15 @@ def replay(args: argparse.Namespace, url: str, mode: str, run_id: str,
                        max_retries=args.max_retries, reset_at_start=not args.no_reset, token=args.token,
                        progress=not args.no_progress)
     with httpx.Client() as client:
+        try:
+            wait_ready(client, cfg.url, max(float(args.wait_ready), 0.5))
+        except (TimeoutError, RuntimeError) as exc:
+            detail = ""
+            try:
+                detail = client.get(cfg.url + "/readyz", timeout=5).text[:400]
+            except httpx.HTTPError:
+                pass
+            raise SystemExit(f"mgg replay: {exc} {detail}".rstrip()) from None
         info = server_info(client, cfg.url)
     replayer = Replayer(cfg, plans, class_names)
     try:
@@ -966,6 +971,7 @@ def replay(args: argparse.Namespace, url: str, mode: str, run_id: str,
     planned = sum(p.total_images or 0 for p in plans)
     if cfg.images_per_stream is not None:
         planned = sum(min(p.total_images or cfg.images_per_stream, cfg.images_per_stream) for p in plans)
+    batch_size = plans[0].describe["stream_spec"]["batch_size"]
     report = {
         "schema": REPORT_SCHEMA,
         "mode": mode,
@@ -974,7 +980,7 @@ def replay(args: argparse.Namespace, url: str, mode: str, run_id: str,
         "command": ["mgg", "replay", *getattr(args, "argv", [])],
         "protocol": {
             "url": cfg.url, "data": opts.data, "format": cfg.fmt, "streams": opts.streams,
-            "batch_size": opts.batch_size, "images_per_stream": cfg.images_per_stream, "duration_s": cfg.duration_s,
+            "batch_size": batch_size, "images_per_stream": cfg.images_per_stream, "duration_s": cfg.duration_s,
             "reset_at_start": cfg.reset_at_start, "timeout_s": cfg.timeout_s, "max_retries": cfg.max_retries,
             "stream_spec": spec,
             "plans": [{"stream_id": p.stream_id, "seed": p.seed, "domains": p.domains,
@@ -1085,9 +1091,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         report = replay(args, args.url, "adapt", run_id)
     if args.compare:
-        base = load_report(args.compare)
-        table = compare_table(base, report)
-        report["comparison"] = {"baseline_report": str(args.compare), "table": table}
+        other = load_report(args.compare)
+        # columns: the no-adaptation run first, whichever of the two this run is
+        table = compare_table(report, other) if args.baseline else compare_table(other, report)
+        report["comparison"] = {"other_report": str(args.compare), "table": table}
     stem = args.name or ("baseline" if args.baseline else "replay")
     files = write_report(report, out_dir, stem)
     s = report["summary"]
