@@ -167,63 +167,63 @@ def resolve_checkpoint(model: str) -> Any:
     return default_checkpoint(model) if model in DEFAULT_CHECKPOINTS else Path(model)
 
 
-def _source_stats(settings: ServiceSettings, clf: Any, engine: Any, checkpoint: Any) -> tuple[Any, str]:
-    """FOA's clean feature statistics: a given file, a file beside the checkpoint, or computed from clean data."""
+def load_runtime(settings: ServiceSettings) -> Runtime:
+    """Load the classifier and build the engine (blocking; run it in a thread).
+
+    Bundled companions are found the way the rest of the project finds them (``mgg_core.pretrain``): the MGG
+    checkpoint pretrained for this classifier (matched by the weights' sha256, else the bundled one of the same
+    default), and FOA's clean source statistics (the file beside the checkpoint, else computed from the card's
+    clean training data).
+    """
     from pathlib import Path
 
     import torch
 
-    from mgg_core.features import compute_source_stats, load_stats
-
-    if settings.source_stats:
-        return load_stats(settings.source_stats), str(settings.source_stats)
-    beside = Path(checkpoint).with_suffix(".source_stats.safetensors")
-    if beside.is_file():
-        return load_stats(beside), str(beside)
-    data = settings.source_data
-    if data is None:
-        name = str((clf.card.dataset or {}).get("name", "")).lower().replace("-", "").replace("_", "")
-        if name == "mnist5k":
-            data = "mnist5k"
-    if data is None:
-        raise RuntimeError(
-            f"method {settings.method!r} needs source feature statistics: set source_stats (a .safetensors file), "
-            "source_data (clean images), or put <checkpoint>.source_stats.safetensors beside the checkpoint"
-        )
-    from mgg_core.data.sources import open_source
-
-    src = open_source(data, split="train")
-    n = min(settings.source_samples, len(src))
-    idx = torch.linspace(0, len(src) - 1, n).round().long().unique().tolist()  # spread over the set, deterministic
-    batches = (
-        clf.preprocessor([src.get_image(i) for i in idx[j:j + 128]]) for j in range(0, len(idx), 128)
-    )
-    return compute_source_stats(engine.source_features, batches), f"{data} (train, {len(idx)} images)"
-
-
-def load_runtime(settings: ServiceSettings) -> Runtime:
-    """Load the classifier and build the engine (blocking; run it in a thread)."""
-    import torch
-
     from mgg_core.classifier import load_classifier
     from mgg_core.engine import AdaptationEngine, EngineConfig, GuardConfig
+    from mgg_core.methods import build_method
 
     device = settings.resolved_device()
     checkpoint = resolve_checkpoint(settings.model)
     clf = load_classifier(checkpoint, device=device)
+    method = build_method(settings.method, clf.num_classes)
+    optimizer = None
+    if method.needs_grad:
+        optimizer = (settings.optimizer or method.default_optimizer or "sgd").lower()
+
+    mgg_checkpoint = settings.mgg_checkpoint
+    if optimizer == "mgg" and mgg_checkpoint is None:
+        from mgg_core.pretrain import DEFAULT_MGG_CHECKPOINTS, mgg_checkpoint_for
+
+        found = mgg_checkpoint_for(clf) or DEFAULT_MGG_CHECKPOINTS.get(settings.model)
+        if found is None or not Path(found).is_file():
+            raise FileNotFoundError(
+                f"no MGG checkpoint for classifier {checkpoint}: set mgg_checkpoint (train one with `mgg pretrain`)"
+            )
+        mgg_checkpoint = str(found)
+
+    stats, stats_from = None, None
+    if method.needs_features:
+        if settings.source_stats:
+            from mgg_core.features import load_stats
+
+            stats, stats_from = load_stats(settings.source_stats), str(settings.source_stats)
+        else:
+            from mgg_core.pretrain import source_stats_for, stats_path_for
+
+            stats = source_stats_for(clf, data=settings.source_data, device=device)
+            beside = stats_path_for(checkpoint)
+            stats_from = str(beside) if beside.is_file() else f"computed from clean {settings.source_data or 'mnist5k'} train"
+
     config = EngineConfig(
         method=settings.method,
-        optimizer=settings.optimizer,
+        optimizer=optimizer,
         lr=settings.lr,
-        mgg_checkpoint=settings.mgg_checkpoint,
+        mgg_checkpoint=mgg_checkpoint,
         guard=GuardConfig(enabled=settings.collapse_guard),
         device=device,
     )
-    engine = AdaptationEngine(clf, config)
-    stats_from = None
-    if getattr(engine, "taps", None) is not None and getattr(engine, "source_stats", None) is None:
-        stats, stats_from = _source_stats(settings, clf, engine, checkpoint)
-        engine = AdaptationEngine(clf, config, source_stats=stats)
+    engine = AdaptationEngine(clf, config, source_stats=stats)
     class_names = list(clf.class_names)
     input_size = tuple(int(v) for v in clf.data_config["input_size"])
     info = {
@@ -232,9 +232,9 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
         "num_classes": len(class_names),
         "input_size": list(input_size),
         "method": settings.method,
-        "optimizer": settings.optimizer,
+        "optimizer": optimizer,
         "lr": settings.lr,
-        "mgg_checkpoint": settings.mgg_checkpoint,
+        "mgg_checkpoint": mgg_checkpoint,
         "source_stats": stats_from,
         "collapse_guard": settings.collapse_guard,
         "device": device,
@@ -334,7 +334,8 @@ class ServiceState:
             return
         self.runtime, self.store = rt, store
         self.metrics.set_build_info(
-            version=__version__, model=rt.info["model"], method=s.method, optimizer=s.optimizer, device=rt.device,
+            version=__version__, model=rt.info["model"], method=s.method, optimizer=rt.info["optimizer"] or "none",
+            device=rt.device,
             torch=rt.info["torch"],
         )
         self.ready = True

@@ -12,7 +12,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--port", "port", {"type": int, "help": "port (default 8000; 0 = any free port)"}),
     ("--model", "model", {"help": "bundled classifier 'vit' or 'resnet', or a classifier checkpoint .safetensors"}),
     ("--method", "method", {"help": "adaptation method: noadapt, bn, tent, eata, sar, deyo, foa (default foa)"}),
-    ("--optimizer", "optimizer", {"help": "sgd, adam or mgg (default mgg)"}),
+    ("--optimizer", "optimizer", {"help": "sgd, adam or mgg (default: the method's; foa: mgg)"}),
     ("--lr", "lr", {"type": float, "help": "step size (default: the optimizer's)"}),
     ("--mgg-checkpoint", "mgg_checkpoint", {"help": "MGG meta-network checkpoint (default: bundled)"}),
     ("--source-stats", "source_stats", {"help": "FOA source feature statistics (.safetensors)"}),
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = f"http://{settings.host}:{settings.port}"
-    print(f"mgg serve: {settings.model} / {settings.method} + {settings.optimizer} on device {settings.device}; "
+    print(f"mgg serve: {settings.model} / {settings.method} + {settings.optimizer or 'default optimizer'} on device {settings.device}; "
           f"snapshots in {settings.snapshot_dir}", flush=True)
     print(f"mgg serve: API docs at {base}/docs (OpenAPI: {base}/openapi.json); readiness at {base}/readyz",
           flush=True)

@@ -62,18 +62,19 @@ class ServiceSettings(BaseSettings):
     # --- model / adaptation -------------------------------------------------------------------
     model: str = Field("vit", description="bundled classifier ('vit' or 'resnet') or a path to a classifier checkpoint")
     method: str = Field("foa", description="adaptation method (noadapt, bn, tent, eata, sar, deyo, foa)")
-    optimizer: str = Field("mgg", description="optimizer (sgd, adam, mgg)")
+    optimizer: str | None = Field(None, description="optimizer (sgd, adam, mgg); None = the method's default (foa: mgg)")
     lr: float | None = Field(None, gt=0, description="step size; None = the method/optimizer default")
-    mgg_checkpoint: str | None = Field(None, description="MGG meta-network checkpoint; None = bundled")
+    mgg_checkpoint: str | None = Field(
+        None, description="MGG meta-network checkpoint; None = the bundled one pretrained for this classifier"
+    )
     source_stats: str | None = Field(
         None,
-        description="FOA source feature statistics (.safetensors); None = <checkpoint>.source_stats.safetensors "
+        description="FOA source feature statistics (.safetensors); None = <checkpoint stem>_foa_stats.safetensors "
         "beside the checkpoint if present, else computed from clean source data at start-up",
     )
     source_data: str | None = Field(
         None, description="clean data for the source statistics ('mnist5k' or an image folder); None = from the card"
     )
-    source_samples: int = Field(512, ge=2, description="clean images used to compute source statistics")
     collapse_guard: bool = Field(True, description="roll a stream back when its predictions collapse")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     return_post_update: bool = Field(

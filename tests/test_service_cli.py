@@ -43,7 +43,7 @@ def test_settings_precedence_flags_env_dotenv_config(tmp_path):
     assert s["method"] == "sar"  # env var beats .env and config file
     assert s["max_images"] == 9  # .env beats config file
     assert s["state_budget_bytes"] == 1234  # config file beats default
-    assert s["optimizer"] == "mgg" and s["host"] == "127.0.0.1"  # defaults
+    assert s["optimizer"] is None and s["host"] == "127.0.0.1"  # defaults (None: the method's own)
     assert s["admin_token"] == "**********" and "hunter2" not in r.stdout  # never printed
     r = mgg("serve", "--print-settings", "--port", "70000", cwd=tmp_path, env=env)
     assert r.returncode == 2 and "port" in r.stderr
