@@ -201,7 +201,8 @@ class AdaptationEngine:
         if not (self.method.needs_grad and adapt):
             with torch.no_grad(), timer("forward"):
                 logits = self._forward(state.theta, x)[0]
-            out = GradOutput(logits, skipped_reason=None if not self.method.needs_grad else "adaptation_disabled")
+            out = GradOutput(logits, skipped_reason=self.method.no_update_reason if not self.method.needs_grad
+                             else "adaptation_disabled")
             adapted = False
         else:
             gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))

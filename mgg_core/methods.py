@@ -87,6 +87,7 @@ class Method:
     needs_features: ClassVar[bool] = False
     bn_stats: ClassVar[str] = "batch"        # "batch": BatchNorm uses test-batch statistics; "source": running stats
     default_optimizer: ClassVar[str | None] = "sgd"
+    no_update_reason: ClassVar[str | None] = None   # skipped_reason reported by methods that never update
 
     num_classes: int = 1000
 
@@ -130,6 +131,7 @@ class NoAdapt(Method):
     needs_grad: ClassVar[bool] = False
     bn_stats: ClassVar[str] = "source"
     default_optimizer: ClassVar[str | None] = None
+    no_update_reason: ClassVar[str | None] = "adaptation_disabled"
 
 
 @register
@@ -140,6 +142,7 @@ class BNAdapt(Method):
     name: ClassVar[str] = "bn"
     needs_grad: ClassVar[bool] = False
     default_optimizer: ClassVar[str | None] = None
+    no_update_reason: ClassVar[str | None] = "gradient_free_method"
 
 
 @register
