@@ -80,7 +80,8 @@ class _Stream:
     on_disk: bool = False  # a snapshot file exists
     dirty: bool = False  # resident state differs from the snapshot on disk (or there is none)
     tail: asyncio.Future | None = None  # completion of the last ticket in this stream's chain
-    pending: int = 0  # tickets not yet released
+    pending: int = 0  # tickets not yet released (requests and internal jobs)
+    queued: int = 0  # predict requests among them (what the per-stream queue bound counts)
     last_seen: float | None = None  # unix time of the last request
     last_used: float = field(default_factory=time.monotonic)
     nbytes: int = 0
@@ -142,6 +143,7 @@ class Ticket:
         entry.tail = self._done
         entry.pending += 1
         if counted:
+            entry.queued += 1
             store._pending_total += 1
             store._metrics.queue_depth.set(store._pending_total)
         self._released = False
@@ -164,6 +166,7 @@ class Ticket:
         entry, store = self.entry, self._store
         entry.pending -= 1
         if self._counted:
+            entry.queued -= 1
             store._pending_total -= 1
             store._metrics.queue_depth.set(store._pending_total)
         done, prev = self._done, self._prev
@@ -203,6 +206,7 @@ class StreamStore:
         self._pending_total = 0
         self._closed = False
         self._idle_task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
         self._budget_lock = asyncio.Lock()
         self._jobs: set[asyncio.Task] = set()
         metrics.state_budget_bytes.set(self.budget_bytes)
@@ -240,9 +244,9 @@ class StreamStore:
         if self._closed:
             return
         self._closed = True
-        if self._idle_task is not None:
-            self._idle_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+        self._stop.set()
+        if self._idle_task is not None:  # let it finish a snapshot it is writing rather than cancel it midway
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._idle_task
         for entry in list(self._streams.values()):
             if entry.state is not None:
@@ -262,10 +266,10 @@ class StreamStore:
         if self._closed:
             raise StoreClosed("the server is shutting down")
         entry = self._streams.get(stream_id)
-        if entry is not None and entry.pending >= self.max_queue_per_stream:
+        if entry is not None and entry.queued >= self.max_queue_per_stream:
             self._metrics.rejected.labels(queue="stream").inc()
             raise StoreBusy(
-                "stream", f"stream {stream_id!r} already has {entry.pending} requests queued (limit "
+                "stream", f"stream {stream_id!r} already has {entry.queued} requests queued (limit "
                 f"{self.max_queue_per_stream}); retry later"
             )
         if self._pending_total >= self.max_queue_total:
@@ -467,8 +471,10 @@ class StreamStore:
                     return
 
     async def _idle_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.idle_check_seconds)
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.idle_check_seconds)
+                return
             try:
                 await self.evict_idle()
             except Exception:  # noqa: BLE001 - keep the loop alive
@@ -478,6 +484,8 @@ class StreamStore:
         now = time.monotonic() if now is None else now
         evicted = []
         for sid in list(self._lru):
+            if self._stop.is_set():
+                break
             entry = self._streams.get(sid)
             if entry is None or entry.state is None or entry.pending:
                 continue
