@@ -207,6 +207,8 @@ def test_reader_on_plain_imagenet_c_layout(tmp_path):
                 d.mkdir(parents=True)
                 for k in range(3):
                     Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"ILSVRC_{k}.JPEG")
+    assert is_imagenet_c_tree(tmp_path)
+    assert not is_imagenet_c_tree(tmp_path / "snow")  # a severity/<class> level is not a tree
     tree = ImageNetC(tmp_path)
     assert tree.corruptions() == ["brightness", "snow"] and tree.severities("snow") == [1, 3]
     assert tree.class_names == ["n01", "n02"]

@@ -138,13 +138,16 @@ def _describer(root: Path, corruption: str, severity: int, n: int):
 
 
 def is_imagenet_c_tree(path: str | os.PathLike) -> bool:
-    """True if ``path`` looks like ROOT/<corruption>/<severity>/... (at least one numeric severity folder)."""
+    """True if ``path`` holds a make-c manifest, or a folder named after a known corruption with numeric severity
+    sub-folders (so a class folder named "0" in DIR/train/0/ is not mistaken for a severity)."""
+    from .corruptions import ALL_CORRUPTIONS
+
     p = Path(path)
     if not p.is_dir():
         return False
     if (p / MANIFEST_NAME).is_file():
         return True
     for c in _subdirs(p):
-        if any(s.isdigit() for s in _subdirs(p / c)):
+        if c in ALL_CORRUPTIONS and any(s.isdigit() for s in _subdirs(p / c)):
             return True
     return False
