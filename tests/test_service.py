@@ -468,3 +468,27 @@ def test_idle_eviction_post_update_predictions_and_unreadable_snapshot(live_serv
         assert c.post("/reset", json={"stream_id": "broken"}, headers=AUTH).status_code == 200
         assert not (snaps / "broken.safetensors").exists()
         assert predict_npy(c, "broken", x)["step"] == 1
+
+
+# ----------------------------------------------------------------------------- the embedded default
+
+
+def test_default_configuration_is_foa_with_mgg_and_adapts(live_server, tmp_path, digit_images):
+    """What `mgg serve` runs by default (here on the small bundled ResNet): FOA's loss, the MGG optimizer with the
+    checkpoint pretrained for this classifier, FOA source statistics, the collapse guard."""
+    srv = live_server(ServiceSettings(_env_file=None, model=service_test_model(), device="cpu",
+                                      snapshot_dir=tmp_path / "default", log_level="warning"))
+    with srv.client() as c:
+        info = c.get("/info").json()["model"]
+        assert (info["method"], info["optimizer"]) == ("foa", "mgg")
+        assert info["mgg_checkpoint"] and info["source_stats"] and info["collapse_guard"] is True
+        x = digit_images[:16]
+        first = predict_npy(c, "d", x)
+        second = predict_npy(c, "d", x)
+        assert first["adapted"] and second["adapted"] and second["step"] == 2
+        assert scores(second) != scores(first)  # MGG moved the norm parameters
+        assert first["loss"] is not None and 0 <= first["batch_entropy"] <= 1
+        assert c.post("/reset", json={"stream_id": "d"}).status_code == 200  # no admin token configured
+        assert scores(predict_npy(c, "d", x)) == scores(first)
+        stream = c.get("/streams/d").json()
+        assert stream["bytes"] > 0 and stream["entropy_ema"] is not None
