@@ -57,7 +57,9 @@ class LiveServer:
                 if r.status_code == 200:
                     return
                 if "model_load_failed" in r.text:
-                    raise RuntimeError(f"service failed to load its model: {r.text}")
+                    live = httpx.get(self.url + "/healthz", timeout=5).status_code
+                    self.stop()
+                    raise RuntimeError(f"service failed to load its model (healthz {live}): {r.text}")
             except httpx.TransportError as exc:
                 last = repr(exc)
             time.sleep(0.1)

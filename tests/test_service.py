@@ -492,3 +492,9 @@ def test_default_configuration_is_foa_with_mgg_and_adapts(live_server, tmp_path,
         assert scores(predict_npy(c, "d", x)) == scores(first)
         stream = c.get("/streams/d").json()
         assert stream["bytes"] > 0 and stream["entropy_ema"] is not None
+
+
+def test_a_model_that_cannot_load_keeps_the_server_live_but_not_ready(tmp_path):
+    with pytest.raises(RuntimeError, match="model_load_failed") as info:
+        LiveServer(settings_for(tmp_path / "s", model=str(tmp_path / "missing.safetensors")), ready_timeout=60)
+    assert "missing.safetensors" in str(info.value) and "healthz 200" in str(info.value)
