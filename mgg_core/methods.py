@@ -118,7 +118,7 @@ class Method:
         if loss is None:
             return GradOutput(logits.detach(), skipped_reason="no_reliable_samples")
         if not torch.isfinite(loss):
-            return GradOutput(logits.detach(), loss=float(loss), skipped_reason="non_finite_loss")
+            return GradOutput(logits.detach(), loss=float(loss.detach()), skipped_reason="non_finite_loss")
         with ctx.timer("backward"):
             (grad,) = torch.autograd.grad(loss, theta)
         return GradOutput(logits.detach(), float(loss.detach()), grad, state_updates=updates, n_selected=n)
@@ -254,26 +254,26 @@ class SAR(Method):
             return GradOutput(logits.detach(), skipped_reason="no_reliable_samples")
         loss1 = ent[sel1].mean()
         if not torch.isfinite(loss1):
-            return GradOutput(logits.detach(), loss=float(loss1), skipped_reason="non_finite_loss")
+            return GradOutput(logits.detach(), loss=float(loss1.detach()), skipped_reason="non_finite_loss")
         with ctx.timer("backward"):
             (g1,) = torch.autograd.grad(loss1, theta)
         if not torch.isfinite(g1).all():
-            return GradOutput(logits.detach(), loss=float(loss1), skipped_reason="non_finite_grad")
+            return GradOutput(logits.detach(), loss=float(loss1.detach()), skipped_reason="non_finite_grad")
         theta_adv = (theta.detach() + self.rho * g1 / (g1.norm() + 1e-12)).requires_grad_(True)
         with ctx.timer("forward"):
             logits2, _ = ctx.forward(theta_adv, ctx.x, False)
             ent2 = softmax_entropy(logits2)[sel1]
             sel2 = ent2 < self.e_margin
         if not sel2.any():
-            return GradOutput(logits.detach(), loss=float(loss1), skipped_reason="no_reliable_samples")
+            return GradOutput(logits.detach(), loss=float(loss1.detach()), skipped_reason="no_reliable_samples")
         loss2 = ent2[sel2].mean()
         if not torch.isfinite(loss2):
-            return GradOutput(logits.detach(), loss=float(loss2), skipped_reason="non_finite_loss")
+            return GradOutput(logits.detach(), loss=float(loss2.detach()), skipped_reason="non_finite_loss")
         with ctx.timer("backward"):
             (grad,) = torch.autograd.grad(loss2, theta_adv)
         old = ctx.state["loss_ema"]
         ema = loss2.detach() if torch.isnan(old) else self.ema_momentum * old + (1 - self.ema_momentum) * loss2.detach()
-        return GradOutput(logits.detach(), float(loss2), grad, state_updates={"loss_ema": ema},
+        return GradOutput(logits.detach(), float(loss2.detach()), grad, state_updates={"loss_ema": ema},
                           n_selected=int(sel2.sum()), request_reset=bool(ema < self.reset_constant))
 
 
