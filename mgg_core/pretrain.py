@@ -166,6 +166,16 @@ def direction_with_graph(opt, gml: GradientMemoryLayer, grad: torch.Tensor, stat
     return u, {"exp_avg": m, "exp_avg_sq": v, "step": step, "memory_W": W, "memory_b": b}
 
 
+def initial_state_with_graph(opt, gml: GradientMemoryLayer, theta: torch.Tensor) -> dict:
+    """``MGG.init_state`` with the memory initialised from the learned W0, b0 *in the graph*, so the first meta-step
+    of every epoch also trains W0 and b0 (deployment uses the same values, detached)."""
+    state = opt.init_state(theta)
+    n = theta.numel()
+    state["memory_W"] = gml.W0.to(theta.dtype).expand(n, gml.hidden, gml.hidden)
+    state["memory_b"] = gml.b0.to(theta.dtype).expand(n, gml.hidden)
+    return state
+
+
 def _foa_loss(engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     from .losses import feature_discrepancy, softmax_entropy
 
@@ -187,7 +197,7 @@ def pretraining_samples(n_train: int, samples: int, seed: int, val_idx: np.ndarr
 
 
 def load_pretraining_data(classifier, data: str, samples: int, seed: int, severity: int, cache_dir,
-                          val_images: int) -> torch.Tensor:
+                          val_images: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     from .bench import corrupted_images, validation_indices
     from .data.sources import open_source
 
@@ -303,7 +313,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
         order = torch.randperm(n, generator=gen)
         batches = [x_all[order[i * batch_size:(i + 1) * batch_size]] for i in range(n_batches)]
         theta = engine.theta0.clone()                        # classifier restored to source every epoch
-        ostate = opt_helper.init_state(theta)                # fresh moments, memory from the current W0, b0
+        ostate = initial_state_with_graph(opt_helper, gml, theta)  # fresh moments, memory = current W0, b0
         # gradient at theta on the first batch
         th = theta.clone().requires_grad_(True)
         loss = _foa_loss(engine, th, batches[0])
