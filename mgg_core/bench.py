@@ -42,7 +42,7 @@ METHOD_PARTS = {
 }
 #: reference step sizes (ViT-B/16 / ResNet-50, batch 64); the small models use the held-out sweep instead
 REFERENCE_LR = {"tent": 1e-3, "eata": 1e-3, "sar": 1e-3, "deyo": 1e-3, "foa": 1e-3, "mgg": 1e-3}
-DEFAULT_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+DEFAULT_SWEEP = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 DEFAULT_CACHE_DIR = Path(os.environ.get("MGG_CACHE_DIR", Path.home() / ".cache" / "mgg"))
 VAL_IMAGES = 1000          # held-out validation subset of the TRAIN split (sweeps, MGG checkpoint selection)
 VAL_SEED = 1234
