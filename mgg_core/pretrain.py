@@ -286,6 +286,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
     history: list[dict] = []
     best = {"epoch": 0, "val_accuracy": None, "state_dict": copy.deepcopy(gml.state_dict())}
     start_epoch = 1
+    seconds_before = 0.0                                   # time spent in earlier (interrupted) invocations
     state_file = state_path_for(out)
     if resume and state_file.is_file():
         st = torch.load(state_file, weights_only=False)
@@ -293,6 +294,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
         adam.load_state_dict(st["adam"])
         _set_rng_state(st["rng"])
         history, best, start_epoch = st["history"], st["best"], st["epoch"] + 1
+        seconds_before = float(st.get("seconds", 0.0))
         _log(f"resumed from {state_file} after epoch {st['epoch']}", quiet)
     if start_epoch == 1:
         acc0, per0 = validate(setup, gml, val_domains, val_lr, val_batch_size)
@@ -355,7 +357,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
         state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_file.with_name(state_file.name + ".tmp")
         torch.save({"gml": gml.state_dict(), "adam": adam.state_dict(), "rng": _rng_state(), "history": history,
-                    "best": best, "epoch": epoch}, tmp)
+                    "best": best, "epoch": epoch, "seconds": seconds_before + time.perf_counter() - t_start}, tmp)
         os.replace(tmp, state_file)
 
     final = GradientMemoryLayer(hidden=gml.hidden, token_dim=gml.token_dim, seed=None)
@@ -378,7 +380,8 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
                      "meta_objective": "FOA loss on the next batch after the MGG update",
                      "classifier_reset": "norm parameters, moments and memory restored to source every epoch",
                      "seed": seed, "init": init, "hidden": gml.hidden,
-                     "seconds": round(time.perf_counter() - t_start, 1)},
+                     "seconds": round(seconds_before + time.perf_counter() - t_start, 1),
+                     "invocations_resumed": int(resume and seconds_before > 0)},
         "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
         "best_val_per_domain": best.get("per_domain"),
         "history": [{k: v for k, v in h.items() if k != "per_domain"} for h in history],
