@@ -498,12 +498,14 @@ def _parse_lrs(items: Sequence[str] | None) -> dict[str, float]:
 
 def sweep_lrs(setup: Setup, methods: Sequence[str], grid: Sequence[float], domains: Sequence[PreparedDomain],
               batch_size: int, cache_root: Path, base_protocol: dict, seed: int = 0, progress: bool = True,
-              quiet: bool = False) -> dict:
-    """Every gradient method over the same lr grid on held-out domains (reset per domain); best mean wins."""
+              quiet: bool = False, reset: str = "domain") -> dict:
+    """Every gradient method over the same lr grid on held-out domains, streamed with the test stream's reset
+    policy (``reset``: "domain" or "never"); the best mean held-out accuracy wins."""
     from tqdm import tqdm
 
     grad_methods = [m for m in methods if METHOD_PARTS[m][1] is not None]
-    keys = {f"{m}@{lr:g}": _fingerprint(dict(base_protocol, method=m, lr=lr, kind="sweep")) for m in grad_methods
+    keys = {f"{m}@{lr:g}": _fingerprint(dict(base_protocol, method=m, lr=lr, kind="sweep", reset=reset))
+            for m in grad_methods
             for lr in grid}
     cache = ResultCache(cache_root, keys)
     table: dict[str, dict[str, float]] = {}
@@ -513,7 +515,7 @@ def sweep_lrs(setup: Setup, methods: Sequence[str], grid: Sequence[float], domai
         for lr in grid:
             key = f"{m}@{lr:g}"
             eng = build_engine(setup, m, lr)
-            res = run_stream(eng, domains, batch_size, reset="domain", seed=seed, cache=cache, method=key,
+            res = run_stream(eng, domains, batch_size, reset=reset, seed=seed, cache=cache, method=key,
                              on_domain=lambda r: bar.update(1))
             table[m][f"{lr:g}"] = float(np.mean([r.accuracy for r in res]))
     bar.close()
@@ -634,11 +636,13 @@ def bench(out: str | os.PathLike, spec=None, classifier: str | None = "vit", mod
         val = [PreparedDomain(d, clf.preprocessor, order_seed=seed)
                for d in synthetic_domains(data, "train", HELDOUT_CORRUPTIONS, 5, seed, cache_dir, indices=vi,
                                           progress=progress)]
-        sweep_record = sweep_lrs(setup, methods, sweep, val, batch_size, out / "cache" / "sweep",
+        sweep_record = sweep_lrs(setup, methods, sweep, val, batch_size, out / "cache" / f"sweep-{reset}",
                                  dict(base_protocol, stream=None, split="train", held_out=list(HELDOUT_CORRUPTIONS),
-                                      val_images=val_images), seed=seed, progress=progress, quiet=quiet)
+                                      val_images=val_images), seed=seed, progress=progress, quiet=quiet,
+                                 reset=reset)
         sweep_record["data"] = {"split": "train", "images": int(len(vi)), "corruptions": list(HELDOUT_CORRUPTIONS),
-                                "severity": 5, "reset": "per corruption", "batch_size": batch_size,
+                                "severity": 5, "batch_size": batch_size,
+                                "reset": "per corruption" if reset == "domain" else "never (continual, 4 domains in order)",
                                 "order": f"seeded permutation per domain (seed {seed})"}
         for m, v in sweep_record["chosen"].items():
             chosen[m], lr_source[m] = v, "held-out sweep"
