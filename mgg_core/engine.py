@@ -54,7 +54,7 @@ class GuardConfig:
 class EngineConfig:
     method: str = "foa"
     optimizer: str | None = None            # None: the method's default
-    lr: float | None = None                 # None: DEFAULT_LR[optimizer]
+    lr: float | None = None                 # None: the MGG card's deployment lr, else DEFAULT_LR[optimizer]
     method_kwargs: dict = field(default_factory=dict)
     optimizer_kwargs: dict = field(default_factory=dict)
     mgg_checkpoint: str | None = None
@@ -118,9 +118,8 @@ class AdaptationEngine:
                 self.optimizer = optimizer
             else:
                 name = (config.optimizer or self.method.default_optimizer or "sgd").lower()
-                lr = config.lr if config.lr is not None else DEFAULT_LR.get(name, 1e-3)
-                self.optimizer = build_optimizer(name, lr, config.mgg_checkpoint, device=self.device,
-                                                 **config.optimizer_kwargs)
+                self.optimizer = build_optimizer(name, config.lr, config.mgg_checkpoint, device=self.device,
+                                                 default_lr=DEFAULT_LR.get(name, 1e-3), **config.optimizer_kwargs)
             if hasattr(self.optimizer, "gml"):
                 self.optimizer.gml.to(self.device)
         self._lock = threading.Lock()   # functional_call swaps module attributes: one forward at a time

@@ -140,14 +140,26 @@ class MGG(Optimizer):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "mgg": MGG}
 
 
-def build_optimizer(name: str, lr: float, mgg_checkpoint: str | Path | None = None, device=None,
-                    **kwargs) -> Optimizer:
+def mgg_card(checkpoint: str | Path) -> dict:
+    """The JSON card beside an MGG checkpoint ({} when there is none)."""
+    import json
+
+    card = Path(checkpoint).with_suffix(".json")
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def build_optimizer(name: str, lr: float | None, mgg_checkpoint: str | Path | None = None, device=None,
+                    default_lr: float = 1e-3, **kwargs) -> Optimizer:
+    """``lr=None`` takes the step size recorded for deployment in the MGG checkpoint's card (the one its
+    checkpoint selection validated), else ``default_lr``."""
     name = name.lower()
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
     if name == "mgg":
         if mgg_checkpoint is None:
             raise ValueError("optimizer 'mgg' needs an MGG checkpoint (mgg_checkpoint=...); train one with `mgg pretrain`")
+        if lr is None:
+            lr = float(mgg_card(mgg_checkpoint).get("deployment", {}).get("lr", default_lr))
         gml = GradientMemoryLayer.load(mgg_checkpoint, device=device)
         return MGG(gml, lr=lr, checkpoint=str(mgg_checkpoint), **kwargs)
-    return OPTIMIZERS[name](lr=lr, **kwargs)
+    return OPTIMIZERS[name](lr=default_lr if lr is None else lr, **kwargs)

@@ -263,3 +263,17 @@ def test_scaled_reference_hyperparameters():
     assert METHODS["eata"](num_classes=10).e_margin == pytest.approx(0.4 * math.log(10))
     assert METHODS["deyo"](num_classes=10).e_margin == pytest.approx(0.5 * math.log(10))
     assert METHODS["sar"](num_classes=1000).reset_constant == pytest.approx(0.2)
+
+
+def test_mgg_step_size_comes_from_its_card_unless_given(tmp_path):
+    import json
+    ckpt = tmp_path / "mgg.safetensors"
+    GradientMemoryLayer(seed=0).save(ckpt, card={"deployment": {"lr": 0.02}})
+    eng = AdaptationEngine(_vit(), EngineConfig(method="tent", optimizer="mgg", mgg_checkpoint=str(ckpt)), num_classes=10)
+    assert eng.optimizer.lr == 0.02 and eng.describe()["optimizer"]["lr"] == 0.02
+    eng = AdaptationEngine(_vit(), EngineConfig(method="tent", optimizer="mgg", lr=0.5, mgg_checkpoint=str(ckpt)),
+                           num_classes=10)
+    assert eng.optimizer.lr == 0.5
+    ckpt.with_suffix(".json").write_text(json.dumps({}))
+    eng = AdaptationEngine(_vit(), EngineConfig(method="tent", optimizer="mgg", mgg_checkpoint=str(ckpt)), num_classes=10)
+    assert eng.optimizer.lr == 1e-3
