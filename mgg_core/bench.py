@@ -1,27 +1,34 @@
-"""`mgg bench`: methods x corruptions over one online stream description; table, JSON protocol and plot.
+"""`mgg bench`: methods x corruptions over one online stream (a StreamSpec); table, JSON protocol and plot.
 
-    mgg bench --classifier vit --out docs/results/vit_reset                   # MNIST-5k-C, bundled ViT
-    mgg bench --classifier vit --out docs/results/vit_continual --reset never
+    mgg bench --classifier vit --out docs/results/vit_reset --sweep-lrs 1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1
+    mgg bench --classifier vit --out docs/results/vit_continual --reset never \
+              --sweep-from docs/results/vit_reset/results.json
     mgg bench --data /data/imagenet-c --model vit_base_patch16_224 --weights vit.safetensors \
-              --clean-data /data/imagenet/train --device cuda --out runs/in-c    # ImageNet-C
+              --clean-data /data/imagenet/train --mgg-checkpoint mgg_vitb.safetensors --device cuda \
+              --lr tent=1e-3 eata=1e-3 sar=1e-3 deyo=1e-3 foa=1e-3 mgg=1e-3 --out runs/in-c    # ImageNet-C
 
 Protocol (defaults): the 15 ImageNet-C test corruptions at severity 5 of the source's TEST split, batch 64, one
 online pass, predictions made before each update, the stream reset to source at every corruption boundary
-(``--reset domain``) or never (``--reset never``, continual). Every method sees exactly the same batches (one seeded
-order per domain). Learning rates are NEVER chosen on the test corruptions: ``--sweep-lrs`` runs every gradient
-method over the same grid on the 4 held-out corruptions (speckle_noise, spatter, gaussian_blur, saturate) of a
-validation subset of the source's TRAIN split and picks each method's best; the sweep is recorded in the JSON.
+(``--reset per_domain``) or never (``--reset never``, continual); any sequential StreamSpec via ``--stream``.
+Every method sees exactly the same batches (the spec's seeded order). Methods: noadapt, bn (BatchNorm models
+only), tent, eata, sar, deyo, foa (FOA loss + SGD) and mgg (FOA loss + the MGG optimizer).
+
+Learning rates are NEVER chosen on the test corruptions: ``--sweep-lrs`` runs every gradient method over the same
+grid on the 4 held-out corruptions (speckle_noise, spatter, gaussian_blur, saturate) of a validation subset of the
+source's TRAIN split, streamed with the test stream's reset policy, and picks each method's best; the sweep is
+recorded in the JSON (``--sweep-from`` reuses a recorded one, ``--lr METHOD=LR`` sets one explicitly).
 
 Results are cached per (method, domain) under ``OUT/cache`` (continual streams also keep the stream-state
 snapshot after each domain), keyed by a protocol fingerprint, so an interrupted run resumes where it stopped.
-Corrupted images are generated once into ``--cache-dir`` (uint8 npz per domain).
+Corrupted images are generated once into ``--cache-dir`` (uint8 npz per domain, the pixels of ``mgg data make-c``).
+Updates-to-reference: the first batch from which a method's online accuracy curve reaches TENT's final online
+accuracy and stays there.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data.corruptions import HELDOUT_CORRUPTIONS, TEST_CORRUPTIONS, check_corruption, corrupt_image, prepare_image
+from .data.corruptions import HELDOUT_CORRUPTIONS, check_corruption, corrupt_image, prepare_image
 
 ALL_METHODS = ("noadapt", "bn", "tent", "eata", "sar", "deyo", "foa", "mgg")
 DEFAULT_METHODS = ALL_METHODS
@@ -47,7 +54,6 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("MGG_CACHE_DIR", Path.home() / ".cache" 
 VAL_IMAGES = 1000          # held-out validation subset of the TRAIN split (sweeps, MGG checkpoint selection)
 VAL_SEED = 1234
 FISHER_IMAGES = 512        # clean TRAIN images for EATA's Fisher
-STATS_IMAGES = 4000        # clean TRAIN images for the FOA source statistics (all of MNIST-5k train)
 
 
 def _log(msg: str, quiet: bool = False) -> None:
@@ -128,6 +134,12 @@ def validation_indices(n_train: int, n: int = VAL_IMAGES, seed: int = VAL_SEED) 
     """The held-out validation subset of the TRAIN split (sorted indices); pretraining samples avoid it."""
     perm = np.random.Generator(np.random.PCG64(seed)).permutation(n_train)
     return np.sort(perm[: min(n, n_train)])
+
+
+def _train_size(data: str) -> int:
+    from .data.sources import open_source
+
+    return len(open_source(data, "train"))
 
 
 def _source_id(data: str, split: str) -> str:
@@ -586,7 +598,7 @@ def bench(out: str | os.PathLike, spec=None, classifier: str | None = "vit", mod
             fisher = compute_fisher(eng, _clean_batches_from_folder(clf, clean_data, 2000))
             fisher_origin = f"2000 clean images of {clean_data}"
         elif data == "mnist5k":
-            vi = validation_indices(4000, val_images)
+            vi = validation_indices(_train_size(data), val_images)
             fisher = compute_fisher(eng, clean_train_batches(clf, data, FISHER_IMAGES, 64, seed=seed + 1, exclude=vi))
             fisher_origin = f"{FISHER_IMAGES} clean {data} train images (outside the validation subset)"
         else:
@@ -632,7 +644,7 @@ def bench(out: str | os.PathLike, spec=None, classifier: str | None = "vit", mod
         if data != "mnist5k":
             raise ValueError("--sweep-lrs needs the held-out corruptions of the source's train split (mnist5k); "
                              "for other data pass --lr METHOD=VALUE")
-        vi = validation_indices(4000, val_images)
+        vi = validation_indices(_train_size(data), val_images)
         val = [PreparedDomain(d, clf.preprocessor, order_seed=seed)
                for d in synthetic_domains(data, "train", HELDOUT_CORRUPTIONS, 5, seed, cache_dir, indices=vi,
                                           progress=progress)]
