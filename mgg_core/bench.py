@@ -249,6 +249,8 @@ def build_engine(setup: Setup, method: str, lr: float | None, method_kwargs: dic
     from .optim import MGG
 
     base, opt = METHOD_PARTS[method]
+    if opt == "mgg" and method_kwargs is None and gml is None and setup.mgg_checkpoint:
+        method_kwargs = mgg_loss_kwargs(setup.mgg_checkpoint)   # MGG is deployed with the loss it was trained on
     optimizer = None
     if opt == "mgg" and gml is not None:
         optimizer = MGG(gml, lr=lr if lr is not None else REFERENCE_LR["mgg"])
@@ -259,6 +261,18 @@ def build_engine(setup: Setup, method: str, lr: float | None, method_kwargs: dic
     fisher = setup.fisher if base == "eata" else None
     stats = setup.source_stats if base == "foa" else None
     return AdaptationEngine(setup.classifier, cfg, source_stats=stats, fisher=fisher, optimizer=optimizer)
+
+
+def mgg_loss_kwargs(checkpoint: str | os.PathLike) -> dict:
+    """FOA-loss hyper-parameters recorded in an MGG card (``loss.lambda``) when they differ from the defaults."""
+    card = Path(checkpoint).with_suffix(".json")
+    if not card.is_file():
+        return {}
+    loss = json.loads(card.read_text()).get("loss", {})
+    out = {}
+    if "lambda" in loss and float(loss["lambda"]) != 0.4:
+        out["lam"] = float(loss["lambda"])
+    return out
 
 
 @dataclass

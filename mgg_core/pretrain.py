@@ -150,7 +150,10 @@ def default_engine(kind: str = "vit", device: str = "cpu", lr: float | None = No
     ckpt = default_mgg_checkpoint(kind)
     card = json.loads(ckpt.with_suffix(".json").read_text())
     lr = lr if lr is not None else float(card["deployment"]["lr"])
-    cfg = EngineConfig(method="foa", optimizer="mgg", lr=lr, mgg_checkpoint=str(ckpt), device=device)
+    from .bench import mgg_loss_kwargs
+
+    cfg = EngineConfig(method="foa", optimizer="mgg", lr=lr, mgg_checkpoint=str(ckpt), device=device,
+                       method_kwargs=mgg_loss_kwargs(ckpt))
     return AdaptationEngine(clf, cfg, source_stats=source_stats_for(clf, device=device))
 
 
@@ -215,11 +218,11 @@ def load_pretraining_data(classifier, data: str, samples: int, seed: int, severi
     return classifier.preprocessor(np.stack([by_key[(i, c)] for i, c in pairs])), pairs
 
 
-def validate(setup, gml: GradientMemoryLayer, domains, lr: float, batch_size: int) -> tuple[float, dict]:
+def validate(setup, gml: GradientMemoryLayer, domains, lr: float, batch_size: int, lam: float = 0.4) -> tuple[float, dict]:
     """Mean accuracy of the full online protocol (reset per domain) with this GML on held-out domains."""
     from .bench import build_engine, run_stream
 
-    eng = build_engine(setup, "mgg", lr, gml=copy.deepcopy(gml).eval())
+    eng = build_engine(setup, "mgg", lr, method_kwargs={"lam": lam}, gml=copy.deepcopy(gml).eval())
     res = run_stream(eng, domains, batch_size, reset="domain")
     per = {r.domain: r.accuracy for r in res}
     return float(np.mean(list(per.values()))), per
@@ -246,7 +249,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
              alpha_train: float = DEFAULTS["alpha_train"], val_lr: float = DEFAULTS["val_lr"],
              unroll: int = DEFAULTS["unroll"], seed: int = DEFAULTS["seed"], severity: int = DEFAULTS["severity"],
              val_images: int = DEFAULTS["val_images"], val_batch_size: int = DEFAULTS["val_batch_size"],
-             hidden: int = DEFAULTS["hidden"], init: str | None = None, resume: bool = False,
+             hidden: int = DEFAULTS["hidden"], init: str | None = None, resume: bool = False, lam: float = 0.4,
              cache_dir=None, device: str = "cpu", progress: bool = True, quiet: bool = False,
              max_steps_per_epoch: int | None = None, keep_state: bool = True, extra_card: dict | None = None) -> dict:
     """Meta-train a GML for ``classifier`` ("vit" / "resnet" / a checkpoint path); returns the card."""
@@ -266,7 +269,8 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
     ckpt_path = Path(default_checkpoint(classifier)) if classifier in ("vit", "resnet") else Path(classifier)
     clf = load_classifier(ckpt_path, device=device)
     stats = source_stats_for(clf, data=data, device=device)
-    engine = AdaptationEngine(clf, EngineConfig(method="foa", optimizer="sgd", device=device), source_stats=stats)
+    engine = AdaptationEngine(clf, EngineConfig(method="foa", optimizer="sgd", method_kwargs={"lam": lam}, device=device),
+                              source_stats=stats)
 
     x_all, pairs = load_pretraining_data(clf, data, samples, seed, severity, cache_dir, val_images)
     x_all = x_all.to(engine.device)
@@ -297,7 +301,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
         seconds_before = float(st.get("seconds", 0.0))
         _log(f"resumed from {state_file} after epoch {st['epoch']}", quiet)
     if start_epoch == 1:
-        acc0, per0 = validate(setup, gml, val_domains, val_lr, val_batch_size)
+        acc0, per0 = validate(setup, gml, val_domains, val_lr, val_batch_size, lam)
         best = {"epoch": 0, "val_accuracy": acc0, "per_domain": per0, "state_dict": copy.deepcopy(gml.state_dict())}
         history.append({"epoch": 0, "val_accuracy": acc0, "per_domain": per0})
         _log(f"epoch 0 (initial GML): held-out val acc {acc0:.2f}", quiet)
@@ -347,7 +351,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
             g = g_next
             bar.set_postfix(meta_loss=f"{np.mean(meta_losses[-16:]):.4f}")
         bar.close()
-        acc, per = validate(setup, gml, val_domains, val_lr, val_batch_size)
+        acc, per = validate(setup, gml, val_domains, val_lr, val_batch_size, lam)
         rec = {"epoch": epoch, "meta_loss": float(np.mean(meta_losses)), "val_accuracy": acc, "per_domain": per,
                "meta_grad_norm": grad_norm_sum, "seconds": time.perf_counter() - t0}
         history.append(rec)
@@ -421,6 +425,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--severity", type=int, default=DEFAULTS["severity"])
     p.add_argument("--val-images", type=int, default=DEFAULTS["val_images"])
     p.add_argument("--hidden", type=int, default=DEFAULTS["hidden"])
+    p.add_argument("--lam", type=float, default=0.4,
+                   help="weight of FOA's feature-discrepancy term in the loss (0: entropy only, TENT's loss)")
     p.add_argument("--init", default=None, help="start from this GML checkpoint instead of a fresh one")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .pretrain-state.pt")
     p.add_argument("--write-stats", action="store_true",
@@ -446,6 +452,6 @@ def _run(args: argparse.Namespace) -> int:
     pretrain(args.classifier, args.out, data=args.data, samples=args.samples, batch_size=args.batch_size,
              epochs=args.epochs, meta_lr=args.meta_lr, alpha_train=args.alpha_train, val_lr=args.val_lr,
              unroll=args.unroll, seed=args.seed, severity=args.severity, val_images=args.val_images,
-             hidden=args.hidden, init=args.init, resume=args.resume, cache_dir=args.cache_dir, device=args.device,
+             hidden=args.hidden, init=args.init, lam=args.lam, resume=args.resume, cache_dir=args.cache_dir, device=args.device,
              progress=not args.no_progress, quiet=args.quiet)
     return 0

@@ -107,11 +107,19 @@ def test_pretrain_writes_checkpoint_and_card_and_resumes_exactly(clf_path, tmp_p
         torch.testing.assert_close(gml_part.state_dict()[k], v)
 
 
-def test_unroll_longer_than_one_trains(clf_path, tmp_path):
-    from mgg_core.pretrain import pretrain
+def test_unroll_longer_than_one_and_the_loss_weight_travel_with_the_checkpoint(clf_path, tmp_path):
+    from mgg_core.bench import Setup, build_engine
+    from mgg_core.classifier import load_classifier
+    from mgg_core.pretrain import pretrain, source_stats_for
 
-    card = pretrain(classifier=str(clf_path), out=tmp_path / "u3.safetensors", epochs=1, samples=12, unroll=3,
+    out = tmp_path / "u3.safetensors"
+    card = pretrain(classifier=str(clf_path), out=out, epochs=1, samples=12, unroll=3, lam=0.0,
                     alpha_train=1e-2, val_images=32, max_steps_per_epoch=5, cache_dir=tmp_path / "cache",
                     progress=False, quiet=True)
     assert card["training"]["unroll"] == 3
     assert card["history"][1]["meta_grad_norm"] > 0
+    assert card["loss"]["lambda"] == 0.0
+    # the bench deploys MGG with the loss it was meta-trained on
+    clf = load_classifier(clf_path)
+    eng = build_engine(Setup(classifier=clf, source_stats=source_stats_for(clf), mgg_checkpoint=str(out)), "mgg", 1e-2)
+    assert eng.method.lam == 0.0 and eng.optimizer.name == "mgg"
