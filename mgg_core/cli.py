@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if not argv else 2
-    result = args.func(args)
+    import torch  # every job uses it; jobs may set the CPU thread count, which is restored for in-process callers
+
+    threads = torch.get_num_threads()
+    try:
+        result = args.func(args)
+    finally:
+        torch.set_num_threads(threads)
     return int(result or 0)
 
 

@@ -198,7 +198,7 @@ def _retrain(kind, tmp_path):
             "--weight-decay", str(t["weight_decay"]), "--optimizer", t["optimizer"],
             "--warmup-epochs", str(t["warmup_epochs"]), "--augment", t["augment"], "--seed", str(card.seed),
             "--img-size", str(card.input_size[1]), "--model-kwargs", json.dumps(card.model_kwargs),
-            "--device", "cpu", "--quiet"]
+            "--device", "cpu", "--threads", str(t["torch_threads"]), "--quiet"]
     assert main(argv) == 0
     new = ClassifierCard.load(out.with_suffix(".json"))
     assert new.mean == card.mean and new.std == card.std and new.model_kwargs == card.model_kwargs
