@@ -184,6 +184,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     from mgg_core.methods import build_method
 
     device = settings.resolved_device()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     checkpoint = resolve_checkpoint(settings.model)
     clf = load_classifier(checkpoint, device=device)
     method = build_method(settings.method, clf.num_classes)

@@ -18,6 +18,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--source-stats", "source_stats", {"help": "FOA source feature statistics (.safetensors)"}),
     ("--source-data", "source_data", {"help": "clean data to compute the source statistics from"}),
     ("--device", "device", {"help": "auto (cuda when available), cpu, cuda, cuda:N"}),
+    ("--torch-threads", "torch_threads", {"type": int, "help": "torch CPU threads (default: one per core)"}),
     ("--snapshot-dir", "snapshot_dir", {"help": "folder of per-stream snapshots (default ./mgg-snapshots)"}),
     ("--state-budget-bytes", "state_budget_bytes", {"type": int, "help": "bytes of stream state kept in memory"}),
     ("--idle-seconds", "idle_seconds", {"type": float, "help": "unload streams idle this long"}),

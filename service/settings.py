@@ -77,6 +77,9 @@ class ServiceSettings(BaseSettings):
     )
     collapse_guard: bool = Field(True, description="roll a stream back when its predictions collapse")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads for the model (None = torch's default, one per core); on a CPU "
+        "shared with other work, fewer threads avoid oversubscription")
     return_post_update: bool = Field(
         False, description="return predictions made after the update instead of before it (costs one more forward)"
     )
