@@ -38,6 +38,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .classifier import file_sha256
+from .cli import add_threads_argument
 from .data.corruptions import HELDOUT_CORRUPTIONS, check_corruption, corrupt_image, prepare_image
 
 ALL_METHODS = ("noadapt", "bn", "tent", "eata", "sar", "deyo", "foa", "mgg")
@@ -59,14 +61,6 @@ FISHER_IMAGES = 512        # clean TRAIN images for EATA's Fisher
 def _log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, flush=True)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fingerprint(obj) -> str:
@@ -581,7 +575,7 @@ def bench(out: str | os.PathLike, spec=None, classifier: str | None = "vit", mod
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     clf = load_any_classifier(classifier, model, weights, num_classes=num_classes, device=device)
     weights_path = Path(clf.checkpoint_path)
-    weights_sha = sha256_file(weights_path)
+    weights_sha = file_sha256(weights_path)
     methods = [m for m in methods if m != "bn" or has_batchnorm(clf.model)]
     skipped_methods = [m for m in ("bn",) if m not in methods]
 
@@ -638,7 +632,7 @@ def bench(out: str | os.PathLike, spec=None, classifier: str | None = "vit", mod
         "model": getattr(clf.card, "model_name", model), "weights_sha256": weights_sha,
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in clf.preprocessor.data_config.items()},
         "stream": spec.to_dict(),
-        "mgg_checkpoint_sha256": sha256_file(mgg_checkpoint) if mgg_checkpoint else None,
+        "mgg_checkpoint_sha256": file_sha256(mgg_checkpoint) if mgg_checkpoint else None,
         "stats_sha": _fingerprint([v.tolist() for v in stats.values()]) if stats is not None else None,
         "fisher_sha": _fingerprint(fisher.tolist()) if fisher is not None else None,
     }
@@ -769,8 +763,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help=f"corrupted-image cache (default {DEFAULT_CACHE_DIR})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--title", default=None)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 is fastest for these small models; more threads oversubscribe a busy CPU)")
+    add_threads_argument(p, default=1)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
@@ -790,8 +783,6 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     bench(args.out, spec_from_args(args), classifier=args.classifier, model=args.model, weights=args.weights,
           methods=args.methods, lrs=_parse_lrs(args.lr), sweep=args.sweep_lrs, sweep_from=args.sweep_from,
           val_images=args.val_images, mgg_checkpoint=args.mgg_checkpoint, source_stats=args.source_stats,

@@ -22,6 +22,13 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+def add_threads_argument(parser: argparse.ArgumentParser, default: int | None,
+                         help: str = "torch CPU threads (1 is fastest for these small models; more threads "
+                                     "oversubscribe a busy CPU)") -> None:
+    """``--threads``: ``main`` applies it for the job and restores the caller's count afterwards."""
+    parser.add_argument("--threads", type=int, default=default, help=help)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgg", description="MGG test-time adaptation: library, service and tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -48,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = torch.get_num_threads()
     try:
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
         result = args.func(args)
     finally:
         torch.set_num_threads(threads)

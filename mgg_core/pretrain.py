@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import add_threads_argument
 from .data.corruptions import HELDOUT_CORRUPTIONS
 from .mgg import GradientMemoryLayer, num_meta_parameters
 
@@ -433,8 +434,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also write the classifier's FOA source statistics beside its checkpoint if absent")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 is fastest for these small models; more threads oversubscribe a busy CPU)")
+    add_threads_argument(p, default=1)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
@@ -442,8 +442,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.write_stats:
         from .classifier import default_checkpoint, load_classifier
 

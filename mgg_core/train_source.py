@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import add_threads_argument
+
 DEFAULTS: dict[str, Any] = {
     "epochs": 10,
     "batch_size": 128,
@@ -317,16 +319,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="run at most this many epochs now and keep the training state (continue with --resume)")
     p.add_argument("--keep-train-state", action="store_true", help="keep the .train-state.pt file at the end")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (default 2, as the bundled models were trained): CPU training is "
-                        "bit-reproducible only at the same thread count, which the card records")
+    add_threads_argument(p, default=2, help="torch CPU threads (default 2, as the bundled models were trained): CPU "
+                         "training is bit-reproducible only at the same thread count, which the card records")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)  # mgg_core.cli.main restores the caller's count afterwards
     train_source(data=args.data, model_name=args.model, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                  lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
                  warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
