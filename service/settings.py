@@ -60,7 +60,8 @@ class ServiceSettings(BaseSettings):
     )
 
     # --- model / adaptation -------------------------------------------------------------------
-    model: str = Field("vit", description="bundled classifier ('vit' or 'resnet') or a path to a classifier checkpoint")
+    model: str = Field("resnet", description="bundled classifier ('resnet': BatchNorm, the default; 'vit': LayerNorm, "
+                       "the paper's setting) or a path to a classifier checkpoint")
     method: str = Field("foa", description="adaptation method (noadapt, bn, tent, eata, sar, deyo, foa)")
     optimizer: str | None = Field(None, description="optimizer (sgd, adam, mgg); None = the method's default (foa: mgg)")
     lr: float | None = Field(None, gt=0, description="step size; None = the method/optimizer default")

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.timeout(300)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = os.environ.get("MGG_REPLAY_TEST_MODEL", "resnet")
-# the service's default optimizer (mgg) needs a meta-trained checkpoint; TENT + SGD needs nothing but the model
-ADAPT_ENV = {"MGG_MODEL": MODEL, "MGG_METHOD": "tent", "MGG_OPTIMIZER": "sgd", "MGG_DEVICE": "cpu"}
+# the service's own default adaptation: FOA loss + MGG with the bundled checkpoint pretrained for the model
+ADAPT_ENV = {"MGG_MODEL": MODEL, "MGG_DEVICE": "cpu"}
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -127,7 +127,7 @@ def _check_report_structure(report: dict, url: str, streams: int, images_per_str
     assert len(p["plans"]) == streams and len({pl["stream_id"] for pl in p["plans"]}) == streams
     assert {pl["seed"] for pl in p["plans"]} == set(range(streams))
     assert p["stream_spec"]["base_spec"]["data"] == "mnist5k"
-    assert rp.server_method(report["server"]) == "tent"
+    assert rp.server_method(report["server"]) == "foa"
     assert report["server"]["build_info"]["model"] and report["server"]["info"]["body"]["model"]["num_classes"] == 10
     assert report["versions"]["python"] and report["versions"]["numpy"]
     assert [r["reason"] for r in report["resets"]].count("start") == streams
@@ -192,7 +192,8 @@ def test_replay_bounded_by_images_and_duration(servers, tmp_path):
 
 def test_adaptation_beats_the_noadapt_baseline_on_the_default_stream(servers, tmp_path, capsys):
     """The default replay stream (2 streams x 6 corruptions x 256 MNIST-5k images at severity 5, continual):
-    TENT on the service clearly above the same model without adaptation (spawned by --baseline)."""
+    the service's default adaptation (FOA loss + MGG) clearly above the same model without adaptation (spawned
+    by --baseline)."""
     adapt, _ = servers
     out = tmp_path / "cmp"
     assert rp.main(parse("--url", adapt.url, "--out", str(out), "--no-progress")) == 0
@@ -210,5 +211,5 @@ def test_adaptation_beats_the_noadapt_baseline_on_the_default_stream(servers, tm
     assert sb["adapted_batches"] == 0 and sa["adapted_batches"] > 0
     assert sa["accuracy"] > sb["accuracy"] + 0.08, (sa["accuracy"], sb["accuracy"])
     table = capsys.readouterr().out
-    assert "ALL (online accuracy)" in table and "baseline (noadapt)" in table and "adapt (tent)" in table
+    assert "ALL (online accuracy)" in table and "baseline (noadapt)" in table and "adapt (foa)" in table
     assert "Comparison with the baseline" in (out / "baseline.md").read_text()
