@@ -1,6 +1,10 @@
 """HTTP service for online test-time adaptation (FastAPI); see service.app.create_app and `mgg serve`."""
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download weights at run time (see mgg_core)
+
 try:
     from importlib.metadata import PackageNotFoundError, version
 
