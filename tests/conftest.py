@@ -136,3 +136,24 @@ def tmp_snapshots(tmp_path: Path) -> Path:
     d = tmp_path / "snapshots"
     d.mkdir()
     return d
+
+
+# ------------------------------------------------------------------------------ a small carded classifier
+
+
+def write_random_classifier(folder: Path, model_name: str = "test_resnet", seed: int = 0) -> Path:
+    """A randomly initialised timm classifier saved with a card (MNIST-5k-like), as a bundled one would be."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from mgg_core.classifier import ClassifierCard
+
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, num_classes=10)
+    path = Path(folder) / "clf.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    ClassifierCard(model_name=model_name, num_classes=10, class_names=[str(i) for i in range(10)],
+                   input_size=[3, 32, 32], mean=[0.13] * 3, std=[0.29] * 3, dataset={"kind": "mnist5k"}).save(
+        path.with_suffix(".json"))
+    return path

@@ -8,27 +8,21 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import write_random_classifier  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import timm
-    from safetensors.torch import save_file
-
-    from mgg_core.classifier import ClassifierCard
     from mgg_core.mgg import GradientMemoryLayer
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=10)
-    clf = root / "clf.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(clf))
-    ClassifierCard(model_name="test_resnet", num_classes=10, class_names=[str(i) for i in range(10)],
-                   input_size=[3, 32, 32], mean=[0.13] * 3, std=[0.29] * 3, dataset={"kind": "mnist5k"}).save(
-        root / "clf.json")
+    clf = write_random_classifier(root)
     mgg = root / "mgg.safetensors"
     GradientMemoryLayer(seed=0).save(mgg, card={"kind": "mgg-gml"})
-    return {"root": root, "clf": clf, "mgg": mgg}
+    yield {"root": root, "clf": clf, "mgg": mgg}
+    torch.set_num_threads(threads)
 
 
 def _spec(reset="per_domain"):

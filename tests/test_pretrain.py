@@ -7,24 +7,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import write_random_classifier  # noqa: E402
 from mgg_core.mgg import GradientMemoryLayer  # noqa: E402
-
-
-def _tiny_classifier(tmp_path):
-    """A randomly initialised timm test_resnet (BatchNorm) with a card, as a bundled classifier would be."""
-    import timm
-    from safetensors.torch import save_file
-
-    from mgg_core.classifier import ClassifierCard
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=10)
-    path = tmp_path / "clf.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    ClassifierCard(model_name="test_resnet", num_classes=10, class_names=[str(i) for i in range(10)],
-                   input_size=[3, 32, 32], mean=[0.13] * 3, std=[0.29] * 3, dataset={"kind": "mnist5k"}).save(
-        tmp_path / "clf.json")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +17,7 @@ def clf_path(tmp_path_factory):
     from mgg_core.pretrain import source_stats_for, stats_path_for
 
     torch.set_num_threads(1)
-    path = _tiny_classifier(tmp_path_factory.mktemp("clf"))
+    path = write_random_classifier(tmp_path_factory.mktemp("clf"))
     source_stats_for(load_classifier(path), write=True)
     assert stats_path_for(path).is_file()
     return path
