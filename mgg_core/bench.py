@@ -259,10 +259,9 @@ def build_engine(setup: Setup, method: str, lr: float | None, method_kwargs: dic
 
 def mgg_loss_kwargs(checkpoint: str | os.PathLike) -> dict:
     """FOA-loss hyper-parameters recorded in an MGG card (``loss.lambda``) when they differ from the defaults."""
-    card = Path(checkpoint).with_suffix(".json")
-    if not card.is_file():
-        return {}
-    loss = json.loads(card.read_text()).get("loss", {})
+    from .optim import mgg_card
+
+    loss = mgg_card(checkpoint).get("loss", {})
     out = {}
     if "lambda" in loss and float(loss["lambda"]) != 0.4:
         out["lam"] = float(loss["lambda"])

@@ -167,14 +167,17 @@ class FOALoss(Method):
     lam: float = 0.4
     divisor: float = 64.0
 
-    def objective(self, ctx, theta, logits, features):
-        if ctx.source_stats is None:
+    def loss(self, logits: torch.Tensor, features: torch.Tensor, source_stats: dict[str, torch.Tensor] | None):
+        if source_stats is None:
             raise ValueError("method 'foa' needs source feature statistics (engine source_stats=...)")
         loss = softmax_entropy(logits).mean()
         if self.lam:
-            loss = loss + self.lam * feature_discrepancy(features, ctx.source_stats["mean"], ctx.source_stats["std"],
+            loss = loss + self.lam * feature_discrepancy(features, source_stats["mean"], source_stats["std"],
                                                          self.divisor)
-        return loss, {}, logits.shape[0]
+        return loss
+
+    def objective(self, ctx, theta, logits, features):
+        return self.loss(logits, features, ctx.source_stats), {}, logits.shape[0]
 
 
 @register

@@ -71,8 +71,13 @@ class GradientMemoryLayer(nn.Module):
         self.w_o = nn.Parameter((torch.rand(hidden, generator=gen) * 2 - 1) / math.sqrt(hidden))
 
     # --- memory -----------------------------------------------------------------------------------------------
-    def initial_memory(self, n: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) for n fresh scalars: copies of the learned W0, b0."""
+    def initial_memory(self, n: int, device=None, dtype=torch.float32,
+                       in_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) for n fresh scalars: copies of the learned W0, b0. ``in_graph`` keeps them as differentiable
+        views of W0, b0 (meta-training learns the initial memory through them)."""
+        if in_graph:
+            return (self.W0.to(device=device, dtype=dtype).expand(n, self.hidden, self.hidden),
+                    self.b0.to(device=device, dtype=dtype).expand(n, self.hidden))
         W = self.W0.detach().to(device=device, dtype=dtype).expand(n, self.hidden, self.hidden).clone()
         b = self.b0.detach().to(device=device, dtype=dtype).expand(n, self.hidden).clone()
         return W, b

@@ -112,19 +112,23 @@ class MGG(Optimizer):
         for p in self.gml.parameters():
             p.requires_grad_(False)
 
-    def init_state(self, theta):
-        W, b = self.gml.initial_memory(theta.numel(), device=theta.device, dtype=theta.dtype)
+    def init_state(self, theta, memory_in_graph: bool = False):
+        W, b = self.gml.initial_memory(theta.numel(), device=theta.device, dtype=theta.dtype,
+                                       in_graph=memory_in_graph)
         z = torch.zeros_like(theta)
         return {"exp_avg": z, "exp_avg_sq": z.clone(), "step": torch.zeros((), dtype=torch.float64, device=theta.device),
                 "memory_W": W, "memory_b": b}
 
-    def direction(self, grad: torch.Tensor, state: OptState):
-        """(u, new state) without applying it; differentiable in the GML's weights when grad mode is on."""
+    def direction(self, grad: torch.Tensor, state: OptState, detach_memory: bool = True):
+        """(u, new state) without applying it; differentiable in the GML's weights when grad mode is on.
+        ``detach_memory=False`` keeps the carried memory in the graph (meta-training unrolls longer than one)."""
         step = state["step"] + 1
         x, m, v = mgg_tokens(grad, state["exp_avg"], state["exp_avg_sq"], int(step), self.beta1, self.beta2,
                              self.eps, self.bias_correction_offset)
         u, W, b = self.gml(x, state["memory_W"], state["memory_b"])
-        return u, {"exp_avg": m, "exp_avg_sq": v, "step": step, "memory_W": W.detach(), "memory_b": b.detach()}
+        if detach_memory:
+            W, b = W.detach(), b.detach()
+        return u, {"exp_avg": m, "exp_avg_sq": v, "step": step, "memory_W": W, "memory_b": b}
 
     def update(self, theta, grad, state):
         with torch.no_grad():

@@ -149,8 +149,6 @@ def default_engine(kind: str = "vit", device: str = "cpu", lr: float | None = No
 
     clf = load_classifier(default_checkpoint(kind), device=device)
     ckpt = default_mgg_checkpoint(kind)
-    card = json.loads(ckpt.with_suffix(".json").read_text())
-    lr = lr if lr is not None else float(card["deployment"]["lr"])
     from .bench import mgg_loss_kwargs
 
     cfg = EngineConfig(method="foa", optimizer="mgg", lr=lr, mgg_checkpoint=str(ckpt), device=device,
@@ -159,34 +157,10 @@ def default_engine(kind: str = "vit", device: str = "cpu", lr: float | None = No
 
 
 # ============================================================================================== meta-training
-def direction_with_graph(opt, gml: GradientMemoryLayer, grad: torch.Tensor, state: dict):
-    """``MGG.direction`` with the memory kept in the graph (for unrolls > 1); same numbers."""
-    from .optim import mgg_tokens
-
-    step = state["step"] + 1
-    x, m, v = mgg_tokens(grad, state["exp_avg"], state["exp_avg_sq"], int(step), opt.beta1, opt.beta2, opt.eps,
-                         opt.bias_correction_offset)
-    u, W, b = gml(x, state["memory_W"], state["memory_b"])
-    return u, {"exp_avg": m, "exp_avg_sq": v, "step": step, "memory_W": W, "memory_b": b}
-
-
-def initial_state_with_graph(opt, gml: GradientMemoryLayer, theta: torch.Tensor) -> dict:
-    """``MGG.init_state`` with the memory initialised from the learned W0, b0 *in the graph*, so the first meta-step
-    of every epoch also trains W0 and b0 (deployment uses the same values, detached)."""
-    state = opt.init_state(theta)
-    n = theta.numel()
-    state["memory_W"] = gml.W0.to(theta.dtype).expand(n, gml.hidden, gml.hidden)
-    state["memory_b"] = gml.b0.to(theta.dtype).expand(n, gml.hidden)
-    return state
-
-
 def _foa_loss(engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    from .losses import feature_discrepancy, softmax_entropy
-
+    """The engine's FOA loss at ``theta`` on ``x`` (the meta-objective)."""
     logits, feats = engine._forward(theta, x, True)
-    m = engine.method
-    s = engine.source_stats
-    return softmax_entropy(logits).mean() + m.lam * feature_discrepancy(feats, s["mean"], s["std"], m.divisor)
+    return engine.method.loss(logits, feats, engine.source_stats)
 
 
 def pretraining_samples(n_train: int, samples: int, seed: int, val_idx: np.ndarray) -> list[tuple[int, str]]:
@@ -320,7 +294,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
         order = torch.randperm(n, generator=gen)
         batches = [x_all[order[i * batch_size:(i + 1) * batch_size]] for i in range(n_batches)]
         theta = engine.theta0.clone()                        # classifier restored to source every epoch
-        ostate = initial_state_with_graph(opt_helper, gml, theta)  # fresh moments, memory = current W0, b0
+        ostate = opt_helper.init_state(theta, memory_in_graph=True)  # fresh moments, memory = current W0, b0
         # gradient at theta on the first batch
         th = theta.clone().requires_grad_(True)
         loss = _foa_loss(engine, th, batches[0])
@@ -330,7 +304,7 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
                    dynamic_ncols=True)
         for t in bar:
-            u, new_state = direction_with_graph(opt_helper, gml, g.detach(), ostate)
+            u, new_state = opt_helper.direction(g.detach(), ostate, detach_memory=False)
             theta_new = theta - alpha_train * u              # differentiable in phi (and in theta within a window)
             leaf = theta_new.detach().requires_grad_(True)
             next_loss = _foa_loss(engine, leaf, batches[t + 1])

@@ -27,7 +27,7 @@ def test_meta_gradient_reaches_every_gml_weight(clf_path):
     from mgg_core.classifier import load_classifier
     from mgg_core.engine import AdaptationEngine, EngineConfig
     from mgg_core.optim import MGG
-    from mgg_core.pretrain import _foa_loss, direction_with_graph, initial_state_with_graph, source_stats_for
+    from mgg_core.pretrain import _foa_loss, source_stats_for
 
     clf = load_classifier(clf_path)
     eng = AdaptationEngine(clf, EngineConfig(method="foa", optimizer="sgd"), source_stats=source_stats_for(clf))
@@ -38,8 +38,8 @@ def test_meta_gradient_reaches_every_gml_weight(clf_path):
     x0, x1 = torch.randn(4, 3, 32, 32, generator=gen), torch.randn(4, 3, 32, 32, generator=gen)
     theta = eng.theta0.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(_foa_loss(eng, theta, x0), theta)
-    state = initial_state_with_graph(opt, gml, eng.theta0)
-    u, _ = direction_with_graph(opt, gml, g, state)
+    state = opt.init_state(eng.theta0, memory_in_graph=True)
+    u, _ = opt.direction(g, state, detach_memory=False)
     # the same direction as the deployed optimizer computes
     with torch.no_grad():
         u_dep, _ = opt.direction(g, opt.init_state(eng.theta0))
