@@ -31,9 +31,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -292,7 +292,7 @@ class DomainResult:
                 "resets": self.resets, "rollbacks": self.rollbacks}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DomainResult":
+    def from_dict(cls, d: dict) -> DomainResult:
         return cls(domain=d["domain"], correct=list(d["correct"]), count=list(d["count"]),
                    adapted=[bool(a) for a in d["adapted"]], seconds=float(d["seconds"]),
                    resets=int(d.get("resets", 0)), rollbacks=int(d.get("rollbacks", 0)))
@@ -314,7 +314,7 @@ def run_domain(engine, state, domain: PreparedDomain, batch_size: int) -> Domain
 
 
 def run_stream(engine, domains: Sequence[PreparedDomain], batch_size: int, reset: str = "domain", seed: int = 0,
-               cache: "ResultCache | None" = None, method: str = "", on_domain: Callable | None = None) -> list[DomainResult]:
+               cache: ResultCache | None = None, method: str = "", on_domain: Callable | None = None) -> list[DomainResult]:
     """One method over the stream; ``reset``: "domain" (reset at every domain boundary) or "never" (continual)."""
     if reset not in ("domain", "never"):
         raise ValueError(f"reset must be 'domain' or 'never', not {reset!r}")

@@ -67,7 +67,7 @@ class ClassifierCard:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClassifierCard":
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierCard:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -78,7 +78,7 @@ class ClassifierCard:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "ClassifierCard":
+    def from_json(cls, text: str) -> ClassifierCard:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -89,7 +89,7 @@ class ClassifierCard:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ClassifierCard":
+    def load(cls, path: str | os.PathLike) -> ClassifierCard:
         return cls.from_json(Path(path).read_text())
 
     def data_config(self) -> dict[str, Any]:
@@ -121,12 +121,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
     import PIL
     import timm
     import torchvision
-
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         mgg = version("mgg-tta")

@@ -11,8 +11,8 @@ import hashlib
 import math
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ class AdaptationEngine:
         self.device = resolve_device(config.device)
         model: nn.Module = getattr(classifier, "model", classifier)
         card = getattr(classifier, "card", None)
-        self.num_classes = int(num_classes or getattr(classifier, "num_classes", 0) or getattr(model, "num_classes"))
+        self.num_classes = int(num_classes or getattr(classifier, "num_classes", 0) or model.num_classes)
         self.class_names = list(getattr(classifier, "class_names", None) or [str(i) for i in range(self.num_classes)])
         self.model_id = model_id or (getattr(card, "model_name", None) or type(model).__name__)
 

@@ -8,9 +8,9 @@ space (or over tokens). Taps record into a thread-local collector, so concurrent
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn

@@ -125,7 +125,7 @@ class GradientMemoryLayer(nn.Module):
             path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path, device=None) -> "GradientMemoryLayer":
+    def load(cls, path: str | Path, device=None) -> GradientMemoryLayer:
         from safetensors import safe_open
         from safetensors.torch import load_file
 

@@ -13,7 +13,7 @@ possible. The result equals applying timm's transform image by image (checked by
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch

@@ -86,8 +86,8 @@ def stats_path_for(checkpoint: str | os.PathLike) -> Path:
 def clean_train_batches(classifier, data: str = "mnist5k", n: int | None = None, batch_size: int = 64,
                         seed: int = 0, exclude: np.ndarray | None = None):
     """Preprocessed clean TRAIN images of ``data`` (first ``n`` of a seeded permutation) in batches."""
-    from .data.sources import open_source
     from .data.corruptions import prepare_image
+    from .data.sources import open_source
 
     src = open_source(data, "train")
     idx = np.random.Generator(np.random.PCG64(seed)).permutation(len(src))

@@ -72,7 +72,7 @@ class StreamState:
         return {**self._scalars(), "bytes": self.nbytes(), "entropy_ema": self.entropy_ema,
                 "top_class_share": self.top_class_share}
 
-    def clone(self) -> "StreamState":
+    def clone(self) -> StreamState:
         return StreamState(
             tensors={k: v.clone() for k, v in self.tensors.items()}, fingerprint=dict(self.fingerprint),
             anchor=None if self.anchor is None else {k: v.clone() for k, v in self.anchor.items()},
@@ -102,7 +102,7 @@ class StreamState:
         return path.stat().st_size
 
     @classmethod
-    def load(cls, path: str | Path, expected_fingerprint: dict | None = None, device=None) -> "StreamState":
+    def load(cls, path: str | Path, expected_fingerprint: dict | None = None, device=None) -> StreamState:
         from safetensors import safe_open
 
         path = Path(path)

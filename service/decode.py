@@ -89,7 +89,7 @@ def decode_npy(body: bytes, limits: DecodeLimits) -> np.ndarray:
             raise ValueError(f"unsupported .npy version {version}")
     except DecodeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError/EOFError/SyntaxError variants
+    except Exception as exc:
         raise DecodeError("invalid_npy", f"the body is not a valid .npy array: {exc}") from exc
     if dtype.hasobject:
         raise DecodeError("invalid_npy_dtype", "object arrays are not accepted; send dtype uint8")

@@ -39,9 +39,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -836,7 +837,7 @@ class LocalServer:
         self.process: subprocess.Popen | None = None
         self._log: Any = None
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         import httpx
 
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL

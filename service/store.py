@@ -29,10 +29,11 @@ import shutil
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from .metrics import ServiceMetrics
 
@@ -134,7 +135,7 @@ def _parse_iso(value: Any) -> float | None:
 class Ticket:
     """A place in one stream's chain of operations."""
 
-    def __init__(self, store: "StreamStore", entry: _Stream, counted: bool) -> None:
+    def __init__(self, store: StreamStore, entry: _Stream, counted: bool) -> None:
         self._store = store
         self.entry = entry
         self._counted = counted
@@ -317,7 +318,7 @@ class StreamStore:
             t0 = time.perf_counter()
             try:
                 state = await asyncio.to_thread(self._load_state, path)
-            except Exception as exc:  # noqa: BLE001 - any failure is reported to the caller
+            except Exception as exc:
                 self._metrics.snapshot_errors.labels(op="restore").inc()
                 log.exception("restoring stream %s from %s failed", entry.id, path)
                 raise SnapshotRestoreError(entry.id, exc) from exc
@@ -477,7 +478,7 @@ class StreamStore:
                 return
             try:
                 await self.evict_idle()
-            except Exception:  # noqa: BLE001 - keep the loop alive
+            except Exception:
                 log.exception("idle eviction failed")
 
     async def evict_idle(self, now: float | None = None) -> list[str]:
@@ -508,7 +509,7 @@ class StreamStore:
                 t0 = time.perf_counter()
                 try:
                     await asyncio.to_thread(self._write_snapshot, entry.id, state, meta)
-                except Exception:  # noqa: BLE001 - keep the state in memory when it cannot be saved
+                except Exception:
                     self._metrics.snapshot_errors.labels(op="write").inc()
                     log.exception("snapshot of stream %s failed; keeping it in memory", entry.id)
                     return False

@@ -5,7 +5,6 @@ batch of the same shift (a repeated single batch would be unfair to EATA, whose 
 drop samples like the ones it has already seen)."""
 import numpy as np
 import pytest
-import torch
 
 from mgg_core.classifier import default_checkpoint, load_classifier
 from mgg_core.data.corruptions import corrupt_image

@@ -8,7 +8,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import write_random_classifier  # noqa: E402
+from conftest import write_random_classifier
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,11 @@ from mgg_core.data.cli import make_c
 from mgg_core.data.imagenet_c import ImageNetC, is_imagenet_c_tree
 from mgg_core.data.sources import ImageFolderSource, mnist5k, open_source, stratified_split
 from mgg_core.data.streams import (
-    StreamSpec, default_stream_spec, dirichlet_order, iter_batches, stream_plan,
+    StreamSpec,
+    default_stream_spec,
+    dirichlet_order,
+    iter_batches,
+    stream_plan,
 )
 
 # corruptions whose output does not depend on any random draw
@@ -73,7 +77,7 @@ def test_image_folder_any_pil_format(tmp_path):
     rgba = np.dstack([rgb, np.full((12, 10), 0, np.uint8)])  # fully transparent -> black
     Image.fromarray(rgba).save(tmp_path / "ant" / "c.png")
     Image.fromarray(rgb).convert("P").save(tmp_path / "ant" / "d.gif")
-    Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(tmp_path / "ant" / "e.tif")
+    Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "ant" / "e.tif")
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
     src = ImageFolderSource(tmp_path)
     assert src.class_names == ["ant", "cat"]

@@ -6,11 +6,10 @@ from torch import nn
 
 from mgg_core.engine import AdaptationEngine, EngineConfig, GuardConfig, compute_fisher
 from mgg_core.features import compute_source_stats
-from mgg_core.mgg import GradientMemoryLayer
 from mgg_core.methods import METHODS
+from mgg_core.mgg import GradientMemoryLayer
 from mgg_core.optim import MGG
 from mgg_core.params import select_norm_params
-from mgg_core.state import StreamState
 
 GRAD_METHODS = ["tent", "eata", "sar", "deyo", "foa"]
 

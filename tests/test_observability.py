@@ -13,8 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 

@@ -7,8 +7,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import write_random_classifier  # noqa: E402
-from mgg_core.mgg import GradientMemoryLayer  # noqa: E402
+from conftest import write_random_classifier
+
+from mgg_core.mgg import GradientMemoryLayer
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import LiveServer, npy_bytes, png_bytes, service_test_model
+
 from service.settings import ServiceSettings
 
 TOKEN = "s3cret-token"

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import npy_bytes, service_test_model
 
 REPO = Path(__file__).resolve().parents[1]

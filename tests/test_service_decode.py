@@ -5,9 +5,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import npy_bytes, png_bytes
 from PIL import Image
 
-from conftest import npy_bytes, png_bytes
 from service.decode import DecodeError, DecodeLimits, decode_body, decode_image, decode_npy
 
 LIMITS = DecodeLimits(max_images=4, max_image_pixels=64 * 64)

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .corruptions import ALL_CORRUPTIONS, SEVERITIES, TEST_CORRUPTIONS, check_corruption, corrupt_image, imagecorruptions_version
+from .corruptions import (
+    ALL_CORRUPTIONS,
+    SEVERITIES,
+    TEST_CORRUPTIONS,
+    check_corruption,
+    corrupt_image,
+    imagecorruptions_version,
+)
 
 COMPLETE_MARKER = ".complete"
 

@@ -33,8 +33,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,7 @@ class StreamSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StreamSpec":
+    def from_dict(cls, d: dict) -> StreamSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -132,7 +133,7 @@ class StreamSpec:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_json(cls, text: str) -> "StreamSpec":
+    def from_json(cls, text: str) -> StreamSpec:
         return cls.from_dict(json.loads(text))
 
     @property
