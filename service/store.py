@@ -20,6 +20,7 @@ fsynced and renamed into place, so a crash never leaves a half-written snapshot 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -174,7 +175,7 @@ class Ticket:
         if prev is None or prev.done():
             done.set_result(None)
         else:  # our turn never came (cancelled while waiting): finish only after prev does
-            prev.add_done_callback(lambda _f: done.done() or done.set_result(None))
+            prev.add_done_callback(lambda _f: done.done() or done.set_result(None))  # type: ignore[func-returns-value]
         if entry.pending == 0 and not entry.known and store._streams.get(entry.id) is entry:
             del store._streams[entry.id]  # a placeholder that never got state
 
@@ -481,7 +482,7 @@ class StreamStore:
             except Exception:
                 log.exception("idle eviction failed")
 
-    async def evict_idle(self, now: float | None = None) -> list[str]:
+    async def evict_idle(self, now: float | None = None) -> builtins.list[str]:  # `list` is a method of this class
         now = time.monotonic() if now is None else now
         evicted = []
         for sid in list(self._lru):
