@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from service import replay as rp
+import mgg_replay as rp
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -204,7 +204,8 @@ def test_adaptation_beats_the_noadapt_baseline_on_the_default_stream(servers, tm
     assert base["protocol"]["baseline"]["how"].startswith("spawned local server")
     assert base["protocol"]["baseline"]["url"] != adapt.url
     # the very same images in the very same order
-    assert [p["stream_spec"] for p in base["protocol"]["plans"]] == [p["stream_spec"] for p in adapted["protocol"]["plans"]]
+    specs = [[p["stream_spec"] for p in r["protocol"]["plans"]] for r in (base, adapted)]
+    assert specs[0] == specs[1]
     sa, sb = adapted["summary"], base["summary"]
     assert sa["images_answered"] == sb["images_answered"] == 2 * 6 * 256
     assert sb["adapted_batches"] == 0 and sa["adapted_batches"] > 0
