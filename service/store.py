@@ -102,10 +102,10 @@ class _Stream:
 
     def refresh(self, state: StreamState) -> None:
         self.step = int(state.step)
-        ema = getattr(state, "entropy_ema", None)
+        ema = state.entropy_ema
         self.entropy_ema = None if ema is None else float(ema)
         self.nbytes = int(state.nbytes())
-        self.rollbacks = int(getattr(state, "rollbacks", 0) or 0)  # the collapse guard's count, kept in snapshots
+        self.rollbacks = int(state.rollbacks)  # the collapse guard's count, kept in snapshots
 
     def info(self) -> dict[str, Any]:
         return {

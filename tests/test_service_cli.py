@@ -105,3 +105,25 @@ def test_restart_finds_the_stream_at_the_same_step_with_the_same_predictions(tmp
         assert second.terminate() in (0, -signal.SIGTERM)
     finally:
         second.kill()
+
+
+def test_serve_help_names_values_after_their_settings(tmp_path):
+    r = mgg("serve", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--host HOST" in r.stdout and "--snapshot-dir SNAPSHOT_DIR" in r.stdout
+    assert "OPT_" not in r.stdout
+
+
+def test_readme_sample_images_exist_and_are_the_digits_they_are_named_after():
+    from PIL import Image
+
+    from mgg_core.data.sources import mnist5k
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    source = mnist5k("test")
+    for name in ("digit0.png", "digit1.png"):
+        assert f"docs/samples/{name}" in readme
+        image = np.asarray(Image.open(REPO / "docs" / "samples" / name))
+        digit = int(name[5])
+        first = source.images[int((source.labels == digit).nonzero()[0][0])]
+        assert image.dtype == np.uint8 and np.array_equal(image, first)
