@@ -23,6 +23,7 @@ from .middleware import HttpMetricsMiddleware
 from .routes import register_routes
 from .runtime import Runtime, ServiceState, load_runtime
 from .settings import ServiceSettings
+from .v2 import router as v2_router
 
 DESCRIPTION = (
     "Online test-time adaptation of an image classifier, one adapting state per stream "
@@ -64,6 +65,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     register_error_handlers(app)
     register_routes(app)
+    app.include_router(v2_router)  # the Open Inference Protocol (KServe V2) beside /predict
     return app
 
 
