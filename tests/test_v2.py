@@ -302,3 +302,145 @@ def _check_refused(http, r, status: int, words: str) -> None:
     assert list(body) == ["error"] and isinstance(body["error"], str), body
     assert words in body["error"], body["error"]
     assert stream_step(http, "bad") == 1  # nothing changed
+
+
+# ------------------------------------------------------------------ backpressure, model name, metrics
+
+
+def test_same_queue_429_with_retry_after_and_the_model_name_setting(live_server, tmp_path, digit_images):
+    """A V2 request joins the very queue of /predict: a slow /predict upload holding stream q's only place makes
+    a V2 request on sequence q a 429 with Retry-After (V2 error body); the model name comes from the setting."""
+    import threading
+    import time
+
+    srv = live_server(settings_for(tmp_path / "q", max_queue_per_stream=1, model_name="digits"))
+    gate, done = threading.Event(), {}
+    body = npy_bytes(digit_images[:4])
+
+    def slow_upload() -> None:
+        def chunks():
+            yield body[:64]
+            gate.wait(30)
+            yield body[64:]
+
+        with srv.client() as c:
+            done["r"] = c.post("/predict", content=chunks(), headers={"Content-Type": "application/x-npy",
+                                                                     "X-Stream-Id": "q"})
+
+    t = threading.Thread(target=slow_upload)
+    with srv.client() as c:
+        assert c.get("/v2/models/digits").json()["name"] == "digits"
+        assert c.get(f"/v2/models/{MODEL}").status_code == 404
+        t.start()
+        deadline = time.monotonic() + 30
+        while "tta_queue_depth 1.0" not in c.get("/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert list(r.json()) == ["error"] and "queued" in r.json()["error"]
+        gate.set()
+        t.join(60)
+        assert done["r"].status_code == 200 and done["r"].json()["step"] == 1
+        r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
+        assert r.status_code == 200 and r.json()["parameters"]["step"] == 2
+        metrics = c.get("/metrics").text
+        assert 'tta_requests_rejected_total{queue="stream"} 1.0' in metrics
+        assert "tta_images_total 8.0" in metrics  # both protocols count their images in one place
+
+
+# ------------------------------------------------------------------------------- the load client's codec
+
+
+def test_replay_encoder_writes_tritonclients_bytes_and_reads_the_server(triton, http, digit_images):
+    from mgg_replay.v2 import decode_infer, encode_infer, infer_path
+
+    x = digit_images[:6]
+    inp = tc.InferInput("images", list(x.shape), "UINT8")
+    inp.set_data_from_numpy(x)
+    outs = [tc.InferRequestedOutput(n) for n in OUTPUT_NAMES]
+    ref, ref_len = tc.InferenceServerClient.generate_request_body([inp], outputs=outs, sequence_id="codec",
+                                                                  sequence_start=True)
+    body, headers = encode_infer(x, "codec", start=True)
+    assert body == ref and headers["Inference-Header-Content-Length"] == str(ref_len)
+    r = http.post(infer_path(MODEL), content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    doc, tensors = decode_infer(r.content, r.headers)
+    theirs = tc.InferenceServerClient.parse_response_body(
+        r.content, header_length=int(r.headers["Inference-Header-Content-Length"]))
+    assert doc["parameters"]["step"] == 1
+    for n in OUTPUT_NAMES:
+        assert tensors[n].tobytes() == theirs.as_numpy(n).tobytes()
+
+
+def test_replay_through_v2_equals_replay_through_predict(server, tmp_path):
+    """`mgg replay --protocol v2` replays the same seeded streams as /predict and counts the same correct answers,
+    stream by stream (the same engine on the same batches: the protocols differ only in transport)."""
+    import argparse
+
+    import mgg_replay as rp
+
+    def run(protocol: str, prefix: str) -> dict:
+        ap = argparse.ArgumentParser()
+        rp.add_parser(ap.add_subparsers())
+        args = ap.parse_args(["replay", "--url", server.url, "--streams", "2", "--images-per-domain", "32",
+                              "--batch-size", "16", "--corruptions", "fog,pixelate", "--protocol", protocol,
+                              "--stream-prefix", prefix, "--token", TOKEN, "--out", str(tmp_path / protocol),
+                              "--no-progress"])
+        args.argv = []
+        assert rp.main(args) == 0
+        return json.loads((tmp_path / protocol / "replay.json").read_text())
+
+    v2, v1 = run("v2", "rv2"), run("predict", "rv1")
+    assert v2["protocol"]["transport"]["protocol"] == "v2" and v2["protocol"]["transport"]["model_name"] == MODEL
+    assert [r["via"] for r in v2["resets"]] == ["sequence_start"] * 2 and all(r["status"] == 200 for r in v2["resets"])
+    s2, s1 = v2["summary"], v1["summary"]
+    assert s2["images_answered"] == s1["images_answered"] == 2 * 64 and s2["errors"]["failed_requests"] == 0
+
+    def per_request(report: dict, sid: str) -> list[tuple[int, int, int]]:
+        return sorted((r["seq"], r["step"], r["correct"]) for r in report["requests"]
+                      if r["final"] and r["stream_id"] == sid)
+
+    for k in ("0", "1"):
+        a, b = per_request(v2, f"rv2-{k}"), per_request(v1, f"rv1-{k}")
+        assert a == b and [step for _, step, _ in a] == [1, 2, 3, 4]
+    assert s2["correct"] == s1["correct"]
+
+
+def test_a_server_that_cannot_load_its_model_is_live_but_not_ready_on_v2(tmp_path, digit_images):
+    """Live, not ready: /v2/health/ready and the model calls answer 503 with the V2 error body."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from service.app import create_app
+
+    app = create_app(settings_for(tmp_path / "s", model=str(tmp_path / "missing.safetensors"), model_name="m"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for _ in range(300):
+                try:
+                    if "model_load_failed" in c.get("/readyz").text:
+                        break
+                except httpx.TransportError:
+                    pass
+                threading.Event().wait(0.1)
+            assert c.get("/v2/health/live").json() == {"live": True}
+            r = c.get("/v2/health/ready")
+            assert r.status_code == 503 and r.json()["ready"] is False
+            assert c.get("/v2/models/m/ready").status_code == 503
+            assert c.get("/v2/models/other/ready").status_code == 404
+            r = c.post("/v2/models/m/infer", json=_raw(digit_images[:2]))
+            assert r.status_code == 503 and list(r.json()) == ["error"] and isinstance(r.json()["error"], str)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -36,6 +36,7 @@ from .codec import (
     HEADER_LENGTH,
     INPUT,
     OUTPUTS,
+    REQUEST_PARAMETERS,
     InferRequest,
     V2Error,
     encode_response,
@@ -293,7 +294,34 @@ async def _end_sequence(store: StreamStore, stream_id: str) -> bool:
     return await asyncio.shield(store.unload(stream_id, reason="sequence_end"))
 
 
-@router.post("/models/{model_name}/infer", summary="Classify a batch, then adapt the sequence's stream on it")
+INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "required": ["inputs", "parameters"], "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object", "description": "; ".join(
+                        f"{k}: {v}" for k, v in REQUEST_PARAMETERS.items())},
+                    "inputs": {"type": "array", "items": {"type": "object"},
+                               "description": f"exactly one: {INPUT.name} ({INPUT.datatype}), {INPUT.doc}"},
+                    "outputs": {"type": "array", "items": {"type": "object"}, "description": "; ".join(
+                        f"{o.name} ({o.datatype}): {o.doc}" for o in OUTPUTS.values())},
+                }},
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"binary tensor data extension: the JSON request ({HEADER_LENGTH} bytes), then the "
+                               "input's raw bytes",
+            },
+        },
+    }
+}
+_INFER_DOC: dict[str, Any] = {"openapi_extra": INFER_BODY, "response_class": Response}
+
+
+@router.post("/models/{model_name}/infer", summary="Classify a batch, then adapt the sequence's stream on it",
+             **_INFER_DOC)
 async def infer(
     request: Request, model_name: str, svc: ServiceState = Depends(get_service),
     plane: DataPlane = Depends(get_dataplane),
@@ -301,7 +329,7 @@ async def infer(
     return await _infer(request, model_name, None, svc, plane)
 
 
-@router.post("/models/{model_name}/versions/{model_version}/infer", summary="Infer (one version)")
+@router.post("/models/{model_name}/versions/{model_version}/infer", summary="Infer (one version)", **_INFER_DOC)
 async def infer_version(
     request: Request, model_name: str, model_version: str, svc: ServiceState = Depends(get_service),
     plane: DataPlane = Depends(get_dataplane),
@@ -309,4 +337,4 @@ async def infer_version(
     return await _infer(request, model_name, model_version, svc, plane)
 
 
-__all__ = ["EXTENSIONS", "MODEL_VERSION", "V2Route", "check_model", "model_name_of", "router"]
+__all__ = ["EXTENSIONS", "INFER_BODY", "MODEL_VERSION", "V2Route", "check_model", "model_name_of", "router"]
