@@ -6,7 +6,8 @@ Both paths end in the same ``DataPlane.step`` (preprocess + ``engine.step`` on t
 protocol layer: npy parsing vs V2 JSON header + binary tensor (wrapped as npy and checked by the same
 ``decode_npy``), and a JSON ``/predict`` answer (per-image top-k dicts) vs binary output tensors. Requests are
 sequential on one fresh stream per round and protocol (a stream's batches are applied one at a time anyway),
-bodies encoded before timing; rounds alternate the protocols so that load from other processes hits them alike.
+bodies encoded before timing; each round runs every protocol back to back, in an order rotated from round to
+round, so that load from other processes hits them alike.
 Rows: /predict npy (the reference), V2 binary (httpx), V2 binary through tritonclient (when installed), V2 JSON
 tensors (httpx). Prints images/s and each row's ratio to /predict npy (median of per-round ratios).
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import tritonclient.http as tc
     except ImportError:
-        tc = None  # type: ignore[assignment]
+        tc = None
     rates: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as snaps:
         server = start_server(args, snaps)
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                     timed(send, len(warm), sum(len(b) for b in warm))
                 for r in range(args.rounds):
                     line = f"round {r + 1}:"
-                    for name, send in senders(client, triton, model, work, f"bench-{r}").items():
+                    rows = list(senders(client, triton, model, work, f"bench-{r}").items())
+                    k = r % len(rows)  # rotate the order: no row always runs first or last
+                    for name, send in rows[k:] + rows[:k]:
                         rates.setdefault(name, []).append(timed(send, len(work), n_images))
                         line += f" | {name} {rates[name][-1]:7.1f} img/s"
                     print(line, flush=True)
@@ -156,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             server.stop(timeout=60)
     ref = rates["/predict npy"]
     print(f"median over {args.rounds} rounds; ratio = median of per-round (row / '/predict npy'):")
-    for name, vals in rates.items():
-        ratio = float(np.median([v / b for v, b in zip(vals, ref, strict=True)]))
-        print(f"  {name:<26} {float(np.median(vals)):8.1f} img/s   ratio {ratio:.2f}")
+    for name in sorted(rates, key=list(rates).index):
+        vals = rates[name]
+        ratios = [v / b for v, b in zip(vals, ref, strict=True)]
+        print(f"  {name:<26} {float(np.median(vals)):8.1f} img/s   ratio {float(np.median(ratios)):.2f}"
+              f"   (per round {min(ratios):.2f}..{max(ratios):.2f})")
     return 0
 
 
