@@ -323,8 +323,6 @@ class Replayer:
     # -- one stream
     def _run_stream(self, plan: StreamPlan, deadline: float | None) -> None:
         v2 = self.cfg.protocol == "v2"
-        if self.cfg.reset_at_start and not v2:
-            self.reset(plan.stream_id, "start")
         sent = 0
         cap = self.cfg.images_per_stream
         prefetched = _Prefetcher(plan.make_batches(), self.cfg.fmt, self.cfg.prefetch, self._stop)
@@ -338,6 +336,7 @@ class Replayer:
                 batch = Batch(batch.images[:keep], batch.labels[:keep], batch.domain, batch.reset_before,
                               batch.sample_domains[:keep] if batch.sample_domains else None)
                 enc = encode_batch(batch.images, self.cfg.fmt)
+            # /predict: POST /reset before the batch; V2: sequence_start on the batch itself (in the stream's order)
             reason = "start" if seq == 0 and self.cfg.reset_at_start else (
                 f"domain:{batch.domain}" if batch.reset_before and seq > 0 else None)
             if reason is not None and not v2:

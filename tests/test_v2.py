@@ -347,6 +347,7 @@ def test_same_queue_429_with_retry_after_and_the_model_name_setting(live_server,
         metrics = c.get("/metrics").text
         assert 'tta_requests_rejected_total{queue="stream"} 1.0' in metrics
         assert "tta_images_total 8.0" in metrics  # both protocols count their images in one place
+        assert 'route="/v2/models/{model_name}/infer",status="429"' in metrics  # templates: no names as labels
 
 
 # ------------------------------------------------------------------------------- the load client's codec
