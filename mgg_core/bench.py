@@ -38,19 +38,57 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .assets import (
+    clean_train_batches,
+    default_mgg_checkpoint,
+    mgg_checkpoint_for,
+    mgg_loss_kwargs,
+    source_stats_for,
+    stats_path_for,
+)
 from .classifier import file_sha256
 from .cli import add_threads_argument
 from .data.corruptions import HELDOUT_CORRUPTIONS, check_corruption, corrupt_image, prepare_image
+from .engine import AdaptationEngine, EngineConfig, compute_fisher
+from .features import compute_source_stats, load_stats
+from .io import atomic_path, atomic_write_text
+from .methods import METHODS, Method
+from .optim import MGG, OPTIMIZERS, OptimInfo
+from .registry import Registry
 
-ALL_METHODS = ("noadapt", "bn", "tent", "eata", "sar", "deyo", "foa", "mgg")
+#: the optimizer every registered method runs with in the bench (the papers' own); optimizers that declare a
+#: ``bench_method`` also run as a method of their own name (``mgg`` = FOA loss + the MGG optimizer)
+BENCH_OPTIMIZER = "sgd"
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One row of the bench: an engine method with an optimizer, read from the method and optimizer registries."""
+
+    name: str
+    method: type[Method]
+    optimizer: OptimInfo | None                   # None: the method takes no gradient step
+    reference_lr: float | None                    # reference step size (ViT-B/16 / ResNet-50, batch 64)
+
+
+def _bench_methods() -> Registry[BenchMethod]:
+    reg: Registry[BenchMethod] = Registry("bench method")
+    for name, cls in METHODS.items():
+        opt = OPTIMIZERS.get(BENCH_OPTIMIZER) if cls.needs_grad else None
+        reg.add(name, BenchMethod(name, cls, opt, cls.reference_lr if cls.needs_grad else None))
+    for name, info in OPTIMIZERS.items():
+        if info.bench_method is not None:
+            reg.add(name, BenchMethod(name, METHODS.get(info.bench_method), info, info.default_lr))
+    return reg
+
+
+BENCH_METHODS = _bench_methods()
+ALL_METHODS = tuple(BENCH_METHODS.names())
 DEFAULT_METHODS = ALL_METHODS
 #: bench method name -> (engine method, optimizer)
-METHOD_PARTS = {
-    "noadapt": ("noadapt", None), "bn": ("bn", None), "tent": ("tent", "sgd"), "eata": ("eata", "sgd"),
-    "sar": ("sar", "sgd"), "deyo": ("deyo", "sgd"), "foa": ("foa", "sgd"), "mgg": ("foa", "mgg"),
-}
+METHOD_PARTS = {n: (b.method.name, b.optimizer.name if b.optimizer else None) for n, b in BENCH_METHODS.items()}
 #: reference step sizes (ViT-B/16 / ResNet-50, batch 64); the small models use the held-out sweep instead
-REFERENCE_LR = {"tent": 1e-3, "eata": 1e-3, "sar": 1e-3, "deyo": 1e-3, "foa": 1e-3, "mgg": 1e-3}
+REFERENCE_LR = {n: b.reference_lr for n, b in BENCH_METHODS.items() if b.reference_lr is not None}
 DEFAULT_SWEEP = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 DEFAULT_CACHE_DIR = Path(os.environ.get("MGG_CACHE_DIR", Path.home() / ".cache" / "mgg"))
 VAL_IMAGES = 1000          # held-out validation subset of the TRAIN split (sweeps, MGG checkpoint selection)
@@ -117,10 +155,8 @@ def corrupted_images(source, indices: np.ndarray, corruption: str, severity: int
         out.append(prepare_image(img) if corruption == "clean" else corrupt_image(img, corruption, severity, seed, int(i)))
     arr = np.stack(out)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=arr)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=arr)
     return arr
 
 
@@ -239,33 +275,23 @@ def has_batchnorm(model) -> bool:
 
 def build_engine(setup: Setup, method: str, lr: float | None, method_kwargs: dict | None = None, gml=None):
     """The AdaptationEngine for a bench method ("mgg" = FOA loss + MGG optimizer)."""
-    from .engine import AdaptationEngine, EngineConfig
-    from .optim import MGG
-
-    base, opt = METHOD_PARTS[method]
-    if opt == "mgg" and method_kwargs is None and gml is None and setup.mgg_checkpoint:
+    entry = BENCH_METHODS.get(method)
+    opt = entry.optimizer
+    needs_ckpt = opt is not None and opt.needs_checkpoint
+    if opt is not None and opt.loss_from_checkpoint_card and method_kwargs is None and gml is None \
+            and setup.mgg_checkpoint:
         method_kwargs = mgg_loss_kwargs(setup.mgg_checkpoint)   # MGG is deployed with the loss it was trained on
     optimizer = None
-    if opt == "mgg" and gml is not None:
-        optimizer = MGG(gml, lr=lr if lr is not None else REFERENCE_LR["mgg"])
-    elif opt == "mgg" and setup.mgg_checkpoint is None:
-        raise ValueError("method 'mgg' needs an MGG checkpoint (--mgg-checkpoint or a bundled default)")
-    cfg = EngineConfig(method=base, optimizer=opt, lr=lr, method_kwargs=dict(method_kwargs or {}),
-                       mgg_checkpoint=setup.mgg_checkpoint if opt == "mgg" else None, device=setup.device)
-    fisher = setup.fisher if base == "eata" else None
-    stats = setup.source_stats if base == "foa" else None
+    if gml is not None:                                # an in-memory GML (pretrain's validation), not a checkpoint
+        optimizer = MGG(gml, lr=lr if lr is not None else entry.reference_lr)
+    elif needs_ckpt and setup.mgg_checkpoint is None:
+        raise ValueError(f"method {method!r} needs an MGG checkpoint (--mgg-checkpoint or a bundled default)")
+    cfg = EngineConfig(method=entry.method.name, optimizer=opt.name if opt else None, lr=lr,
+                       method_kwargs=dict(method_kwargs or {}),
+                       mgg_checkpoint=setup.mgg_checkpoint if needs_ckpt else None, device=setup.device)
+    fisher = setup.fisher if entry.method.uses_fisher else None
+    stats = setup.source_stats if entry.method.uses_source_stats else None
     return AdaptationEngine(setup.classifier, cfg, source_stats=stats, fisher=fisher, optimizer=optimizer)
-
-
-def mgg_loss_kwargs(checkpoint: str | os.PathLike) -> dict:
-    """FOA-loss hyper-parameters recorded in an MGG card (``loss.lambda``) when they differ from the defaults."""
-    from .optim import mgg_card
-
-    loss = mgg_card(checkpoint).get("loss", {})
-    out = {}
-    if "lambda" in loss and float(loss["lambda"]) != 0.4:
-        out["lam"] = float(loss["lambda"])
-    return out
 
 
 @dataclass
@@ -368,10 +394,7 @@ class ResultCache:
 
     def put(self, method: str, i: int, r: DomainResult) -> None:
         p = self._path(method, i, r.domain)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(dict(r.to_dict(), protocol=self.protocols[method])))
-        os.replace(tmp, p)
+        atomic_write_text(p, json.dumps(dict(r.to_dict(), protocol=self.protocols[method])))
 
 
 # ============================================================================================== curves and metrics
@@ -452,7 +475,8 @@ def plot_curves(all_results: dict[str, list[DomainResult]], reset: str, path: st
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for m, rs in all_results.items():
         c = online_curve(rs, reset)
-        ax.plot(np.arange(1, len(c) + 1), c, label=m, lw=2.2 if m == "mgg" else 1.3)
+        opt = BENCH_METHODS.get(m).optimizer if m in BENCH_METHODS else None
+        ax.plot(np.arange(1, len(c) + 1), c, label=m, lw=2.2 if opt is not None and opt.highlight else 1.3)
     ax.set_xlabel("test batches seen (= online update opportunities)" + (", per domain" if reset == "domain" else ""))
     ax.set_ylabel("online accuracy (%)" + (" (mean over domains)" if reset == "domain" else ""))
     ax.set_title(title, fontsize=10)
@@ -522,7 +546,7 @@ def sweep_lrs(setup: Setup, methods: Sequence[str], grid: Sequence[float], domai
     policy (``reset``: "domain" or "never"); the best mean held-out accuracy wins."""
     from tqdm import tqdm
 
-    grad_methods = [m for m in methods if METHOD_PARTS[m][1] is not None]
+    grad_methods = [m for m in methods if BENCH_METHODS.get(m).optimizer is not None]
     keys = {f"{m}@{lr:g}": _fingerprint(dict(base_protocol, method=m, lr=lr, kind="sweep", reset=reset))
             for m in grad_methods
             for lr in grid}
@@ -564,9 +588,6 @@ def bench(out: str | os.PathLike, spec=None, classifier: str | None = "vit", mod
     from tqdm import tqdm
 
     from .classifier import library_versions
-    from .engine import compute_fisher
-    from .features import compute_source_stats, load_stats
-    from .pretrain import clean_train_batches, default_mgg_checkpoint, mgg_checkpoint_for, source_stats_for
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -575,32 +596,29 @@ def bench(out: str | os.PathLike, spec=None, classifier: str | None = "vit", mod
     clf = load_any_classifier(classifier, model, weights, num_classes=num_classes, device=device)
     weights_path = Path(clf.checkpoint_path)
     weights_sha = file_sha256(weights_path)
-    methods = [m for m in methods if m != "bn" or has_batchnorm(clf.model)]
-    skipped_methods = [m for m in ("bn",) if m not in methods]
+    needs_bn = [n for n, b in BENCH_METHODS.items() if b.method.requires_batchnorm]
+    methods = [m for m in methods if m not in needs_bn or has_batchnorm(clf.model)]
+    skipped_methods = [m for m in needs_bn if m not in methods]
 
     # ---- source statistics (FOA/MGG), Fisher (EATA), MGG checkpoint
-    needs_stats = any(METHOD_PARTS[m][0] == "foa" for m in methods)
+    needs_stats = any(BENCH_METHODS.get(m).method.uses_source_stats for m in methods)
     stats, stats_origin = None, None
     if needs_stats:
         if source_stats:
             stats, stats_origin = load_stats(source_stats), str(source_stats)
         elif clean_data:
-            from .engine import AdaptationEngine, EngineConfig
-
             eng = AdaptationEngine(clf, EngineConfig(method="foa", optimizer="sgd", device=device))
             stats = compute_source_stats(eng.source_features, _clean_batches_from_folder(clf, clean_data, 2000))
             stats_origin = f"computed from 2000 clean images of {clean_data}"
         else:
             stats = source_stats_for(clf, data=data if data == "mnist5k" else None, device=device)
-            from .pretrain import stats_path_for
-
             p = stats_path_for(weights_path)
             stats_origin = str(p.name) if p.is_file() else f"computed from clean {data} train"
     fisher, fisher_origin = None, None
-    if "eata" in methods:
-        from .engine import AdaptationEngine, EngineConfig
-
-        eng = AdaptationEngine(clf, EngineConfig(method="eata", optimizer="sgd", device=device))
+    fisher_method = next((BENCH_METHODS.get(m).method.name for m in methods
+                          if BENCH_METHODS.get(m).method.uses_fisher), None)
+    if fisher_method is not None:
+        eng = AdaptationEngine(clf, EngineConfig(method=fisher_method, optimizer="sgd", device=device))
         if clean_data:
             fisher = compute_fisher(eng, _clean_batches_from_folder(clf, clean_data, 2000))
             fisher_origin = f"2000 clean images of {clean_data}"
@@ -610,7 +628,8 @@ def bench(out: str | os.PathLike, spec=None, classifier: str | None = "vit", mod
             fisher_origin = f"{FISHER_IMAGES} clean {data} train images (outside the validation subset)"
         else:
             fisher_origin = "none (no clean data given): EATA runs without its Fisher regulariser"
-    if "mgg" in methods and mgg_checkpoint is None:
+    if any(BENCH_METHODS.get(m).optimizer and BENCH_METHODS.get(m).optimizer.needs_checkpoint  # type: ignore[union-attr]
+           for m in methods) and mgg_checkpoint is None:
         found = mgg_checkpoint_for(clf)
         if found is None and classifier in ("vit", "resnet") and model is None:
             found = default_mgg_checkpoint(classifier)
@@ -749,7 +768,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--label-shift", type=float, default=None, help="Dirichlet alpha (non-i.i.d. order)")
     p.add_argument("--limit", type=int, default=None, help="images per domain (seeded, class-stratified subset)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHOD_PARTS))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(BENCH_METHODS),
+                   help="methods to run (default: all): " + ", ".join(
+                       f"{n} ({b.method.name}{' + ' + b.optimizer.name if b.optimizer else ''})"
+                       for n, b in BENCH_METHODS.items()))
     p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="explicit step sizes (override sweeps)")
     p.add_argument("--sweep-lrs", type=lambda s: [float(v) for v in s.split(",")], default=None, metavar="LR,LR,...",
                    help=f"choose each method's lr on the 4 held-out corruptions of the train split (e.g. "

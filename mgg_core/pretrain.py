@@ -21,14 +21,12 @@ Protocol (MGTTA's, see docs/results.md for the values used for the bundled check
   after every epoch; ``--resume`` continues and gives the same result as an uninterrupted run.
 
 The output is ``OUT`` (GML safetensors via ``GradientMemoryLayer.save``) plus the JSON card beside it.
-Also here: the lookup of bundled MGG checkpoints and FOA source statistics (``default_mgg_checkpoint``,
-``source_stats_for``).
+Bundled checkpoints and FOA statistics are found through :mod:`mgg_core.assets`.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import random
 import time
@@ -36,124 +34,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .assets import source_stats_for, stats_path_for
+from .bench import (
+    DEFAULT_CACHE_DIR,
+    PreparedDomain,
+    Setup,
+    build_engine,
+    corrupted_images,
+    run_stream,
+    synthetic_domains,
+    validation_indices,
+)
+from .classifier import default_checkpoint, file_sha256, library_versions, load_classifier
 from .cli import add_threads_argument
 from .data.corruptions import HELDOUT_CORRUPTIONS
+from .data.sources import open_source
+from .engine import AdaptationEngine, EngineConfig
+from .io import atomic_path
 from .mgg import GradientMemoryLayer, num_meta_parameters
-
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-DEFAULT_MGG_CHECKPOINTS = {
-    "vit": ASSETS_DIR / "mgg_mnist5k_test_vit.safetensors",
-    "resnet": ASSETS_DIR / "mgg_mnist5k_test_resnet.safetensors",
-}
-STATS_SUFFIX = "_foa_stats.safetensors"
+from .optim import MGG
 
 DEFAULTS = {
     "samples": 128, "batch_size": 2, "epochs": 40, "meta_lr": 1e-2, "alpha_train": 1e-4, "val_lr": 1e-3,
     "unroll": 1, "seed": 0, "severity": 5, "val_images": 1000, "val_batch_size": 64, "hidden": 8,
 }
-
-
-# ============================================================================================== bundled assets
-def default_mgg_checkpoint(kind: str = "vit") -> Path:
-    """The bundled MGG checkpoint (GML safetensors; card = same stem .json) for a default classifier."""
-    try:
-        return DEFAULT_MGG_CHECKPOINTS[kind]
-    except KeyError:
-        raise ValueError(f"unknown default classifier {kind!r}; choose from {sorted(DEFAULT_MGG_CHECKPOINTS)}") from None
-
-
-def mgg_checkpoint_for(classifier) -> Path | None:
-    """The bundled MGG checkpoint that was pretrained for ``classifier`` (a LoadedClassifier or checkpoint path),
-    or None. Matched by the classifier weights' sha256 recorded in the MGG card."""
-    from .classifier import file_sha256
-
-    path = Path(getattr(classifier, "checkpoint_path", classifier))
-    sha = file_sha256(path)
-    for ckpt in DEFAULT_MGG_CHECKPOINTS.values():
-        card = ckpt.with_suffix(".json")
-        if ckpt.is_file() and card.is_file():
-            if json.loads(card.read_text()).get("classifier", {}).get("sha256") == sha:
-                return ckpt
-    return None
-
-
-def stats_path_for(checkpoint: str | os.PathLike) -> Path:
-    p = Path(checkpoint)
-    return p.with_name(p.stem + STATS_SUFFIX)
-
-
-def clean_train_batches(classifier, data: str = "mnist5k", n: int | None = None, batch_size: int = 64,
-                        seed: int = 0, exclude: np.ndarray | None = None):
-    """Preprocessed clean TRAIN images of ``data`` (first ``n`` of a seeded permutation) in batches."""
-    from .data.corruptions import prepare_image
-    from .data.sources import open_source
-
-    src = open_source(data, "train")
-    idx = np.random.Generator(np.random.PCG64(seed)).permutation(len(src))
-    if exclude is not None:
-        idx = idx[~np.isin(idx, exclude)]
-    if n is not None:
-        idx = idx[:n]
-    pre = classifier.preprocessor
-    for i in range(0, len(idx), batch_size):
-        yield pre(np.stack([prepare_image(src.get_image(int(j))) for j in idx[i:i + batch_size]]))
-
-
-def compute_foa_stats(classifier, data: str = "mnist5k", n: int | None = None, batch_size: int = 64,
-                      device: str = "cpu") -> dict[str, torch.Tensor]:
-    """FOA source statistics of ``classifier`` over clean TRAIN data (batch statistics for BatchNorm, as in
-    adaptation)."""
-    from .engine import AdaptationEngine, EngineConfig
-    from .features import compute_source_stats
-
-    eng = AdaptationEngine(classifier, EngineConfig(method="foa", optimizer="sgd", device=device))
-    return compute_source_stats(eng.source_features, clean_train_batches(classifier, data, n, batch_size))
-
-
-def source_stats_for(classifier, data: str | None = None, device: str = "cpu", write: bool = False):
-    """FOA source statistics for ``classifier`` (LoadedClassifier): the file beside its checkpoint
-    (``<stem>_foa_stats.safetensors``, checked against the weights' sha256) or, when absent, computed from clean
-    TRAIN data of ``data`` (default: the card's dataset if it is MNIST-5k) and written there when ``write``."""
-    from .classifier import file_sha256
-    from .features import load_stats, save_stats
-
-    ckpt = Path(classifier.checkpoint_path)
-    path = stats_path_for(ckpt)
-    sha = file_sha256(ckpt)
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("classifier_sha256") in (None, sha):
-            return load_stats(path)
-    if data is None:
-        kind = (getattr(classifier.card, "dataset", {}) or {}).get("kind")
-        if kind != "mnist5k":
-            raise FileNotFoundError(f"no FOA source statistics at {path}; give clean training data (data=...)")
-        data = "mnist5k"
-    stats = compute_foa_stats(classifier, data, device=device)
-    if write:
-        save_stats(stats, path, meta={"classifier_sha256": sha, "classifier": ckpt.name, "data": str(data),
-                                       "split": "train", "images": str(int(stats["count"])),
-                                       "features": "FeatureTaps of mgg_core.features (FOA taps)"})
-    return stats
-
-
-def default_engine(kind: str = "vit", device: str = "cpu", lr: float | None = None):
-    """The default engine of a bundled classifier: method "foa", optimizer "mgg" with its bundled checkpoint and
-    source statistics, at the deployment step recorded in the MGG card."""
-    from .classifier import default_checkpoint, load_classifier
-    from .engine import AdaptationEngine, EngineConfig
-
-    clf = load_classifier(default_checkpoint(kind), device=device)
-    ckpt = default_mgg_checkpoint(kind)
-    from .bench import mgg_loss_kwargs
-
-    cfg = EngineConfig(method="foa", optimizer="mgg", lr=lr, mgg_checkpoint=str(ckpt), device=device,
-                       method_kwargs=mgg_loss_kwargs(ckpt))
-    return AdaptationEngine(clf, cfg, source_stats=source_stats_for(clf, device=device))
 
 
 # ============================================================================================== meta-training
@@ -176,9 +82,6 @@ def pretraining_samples(n_train: int, samples: int, seed: int, val_idx: np.ndarr
 
 def load_pretraining_data(classifier, data: str, samples: int, seed: int, severity: int, cache_dir,
                           val_images: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    from .bench import corrupted_images, validation_indices
-    from .data.sources import open_source
-
     src = open_source(data, "train")
     val_idx = validation_indices(len(src), val_images)
     pairs = pretraining_samples(len(src), samples, seed, val_idx)
@@ -195,8 +98,6 @@ def load_pretraining_data(classifier, data: str, samples: int, seed: int, severi
 
 def validate(setup, gml: GradientMemoryLayer, domains, lr: float, batch_size: int, lam: float = 0.4) -> tuple[float, dict]:
     """Mean accuracy of the full online protocol (reset per domain) with this GML on held-out domains."""
-    from .bench import build_engine, run_stream
-
     eng = build_engine(setup, "mgg", lr, method_kwargs={"lam": lam}, gml=copy.deepcopy(gml).eval())
     res = run_stream(eng, domains, batch_size, reset="domain")
     per = {r.domain: r.accuracy for r in res}
@@ -228,14 +129,6 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
              cache_dir=None, device: str = "cpu", progress: bool = True, quiet: bool = False,
              max_steps_per_epoch: int | None = None, keep_state: bool = True, extra_card: dict | None = None) -> dict:
     """Meta-train a GML for ``classifier`` ("vit" / "resnet" / a checkpoint path); returns the card."""
-    from tqdm import tqdm
-
-    from .bench import DEFAULT_CACHE_DIR, PreparedDomain, Setup, synthetic_domains, validation_indices
-    from .classifier import default_checkpoint, file_sha256, library_versions, load_classifier
-    from .data.sources import open_source
-    from .engine import AdaptationEngine, EngineConfig
-    from .optim import MGG
-
     if unroll < 1:
         raise ValueError("unroll must be >= 1")
     cache_dir = DEFAULT_CACHE_DIR if cache_dir is None else cache_dir
@@ -333,11 +226,9 @@ def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors"
         if best["val_accuracy"] is None or acc > best["val_accuracy"]:
             best = {"epoch": epoch, "val_accuracy": acc, "per_domain": per, "state_dict": copy.deepcopy(gml.state_dict())}
         _log(f"epoch {epoch}: meta-loss {rec['meta_loss']:.4f}  held-out val acc {acc:.2f}  (best {best['val_accuracy']:.2f} @ {best['epoch']})", quiet)
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_name(state_file.name + ".tmp")
-        torch.save({"gml": gml.state_dict(), "adam": adam.state_dict(), "rng": _rng_state(), "history": history,
-                    "best": best, "epoch": epoch, "seconds": seconds_before + time.perf_counter() - t_start}, tmp)
-        os.replace(tmp, state_file)
+        with atomic_path(state_file) as tmp:
+            torch.save({"gml": gml.state_dict(), "adam": adam.state_dict(), "rng": _rng_state(), "history": history,
+                        "best": best, "epoch": epoch, "seconds": seconds_before + time.perf_counter() - t_start}, tmp)
 
     final = GradientMemoryLayer(hidden=gml.hidden, token_dim=gml.token_dim, seed=None)
     final.load_state_dict(best["state_dict"])
@@ -417,8 +308,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.write_stats:
-        from .classifier import default_checkpoint, load_classifier
-
         ck = default_checkpoint(args.classifier) if args.classifier in ("vit", "resnet") else args.classifier
         source_stats_for(load_classifier(ck), data=args.data, write=True)
     pretrain(args.classifier, args.out, data=args.data, samples=args.samples, batch_size=args.batch_size,
