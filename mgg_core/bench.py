@@ -283,7 +283,7 @@ def build_engine(setup: Setup, method: str, lr: float | None, method_kwargs: dic
         method_kwargs = mgg_loss_kwargs(setup.mgg_checkpoint)   # MGG is deployed with the loss it was trained on
     optimizer = None
     if gml is not None:                                # an in-memory GML (pretrain's validation), not a checkpoint
-        optimizer = MGG(gml, lr=lr if lr is not None else entry.reference_lr)
+        optimizer = MGG(gml, lr=lr if lr is not None else (entry.reference_lr or 1e-3))
     elif needs_ckpt and setup.mgg_checkpoint is None:
         raise ValueError(f"method {method!r} needs an MGG checkpoint (--mgg-checkpoint or a bundled default)")
     cfg = EngineConfig(method=entry.method.name, optimizer=opt.name if opt else None, lr=lr,

@@ -6,6 +6,7 @@ the result only after checking it, so a rejected step leaves the stream exactly 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,8 @@ class MGG(Optimizer):
         W, b = self.gml.initial_memory(theta.numel(), device=theta.device, dtype=theta.dtype,
                                        in_graph=memory_in_graph)
         z = torch.zeros_like(theta)
-        return {"exp_avg": z, "exp_avg_sq": z.clone(), "step": torch.zeros((), dtype=torch.float64, device=theta.device),
-                "memory_W": W, "memory_b": b}
+        step = torch.zeros((), dtype=torch.float64, device=theta.device)
+        return {"exp_avg": z, "exp_avg_sq": z.clone(), "step": step, "memory_W": W, "memory_b": b}
 
     def direction(self, grad: torch.Tensor, state: OptState, detach_memory: bool = True):
         """(u, new state) without applying it; differentiable in the GML's weights when grad mode is on.
@@ -147,13 +148,15 @@ class MGG(Optimizer):
                 "checkpoint": self.checkpoint}
 
 
-def mgg_card(checkpoint: str | Path) -> dict:
+def mgg_card(checkpoint: str | os.PathLike) -> dict:
     """The JSON card beside an MGG checkpoint ({} when there is none)."""
     card = Path(checkpoint).with_suffix(".json")
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
 def _load_mgg(lr: float, checkpoint: str | Path | None, device, **kwargs) -> MGG:
+    if checkpoint is None:                    # build_optimizer checks needs_checkpoint first
+        raise ValueError("optimizer 'mgg' needs an MGG checkpoint")
     gml = GradientMemoryLayer.load(checkpoint, device=device)
     return MGG(gml, lr=lr, checkpoint=str(checkpoint), **kwargs)
 

@@ -298,7 +298,7 @@ def test_bench_lists_come_from_the_registries():
     assert METHOD_PARTS == {"noadapt": ("noadapt", None), "bn": ("bn", None), "tent": ("tent", "sgd"),
                             "eata": ("eata", "sgd"), "sar": ("sar", "sgd"), "deyo": ("deyo", "sgd"),
                             "foa": ("foa", "sgd"), "mgg": ("foa", "mgg")}
-    assert REFERENCE_LR == {m: 1e-3 for m in ("tent", "eata", "sar", "deyo", "foa", "mgg")}
+    assert {m: 1e-3 for m in ("tent", "eata", "sar", "deyo", "foa", "mgg")} == REFERENCE_LR
 
 
 def test_reasons_print_as_their_historical_strings():
@@ -325,11 +325,13 @@ def test_mgg_step_size_comes_from_its_card_unless_given(tmp_path):
     import json
     ckpt = tmp_path / "mgg.safetensors"
     GradientMemoryLayer(seed=0).save(ckpt, card={"deployment": {"lr": 0.02}})
-    eng = AdaptationEngine(_vit(), EngineConfig(method="tent", optimizer="mgg", mgg_checkpoint=str(ckpt)), num_classes=10)
+    cfg = EngineConfig(method="tent", optimizer="mgg", mgg_checkpoint=str(ckpt))
+    eng = AdaptationEngine(_vit(), cfg, num_classes=10)
     assert eng.optimizer.lr == 0.02 and eng.describe()["optimizer"]["lr"] == 0.02
     eng = AdaptationEngine(_vit(), EngineConfig(method="tent", optimizer="mgg", lr=0.5, mgg_checkpoint=str(ckpt)),
                            num_classes=10)
     assert eng.optimizer.lr == 0.5
     ckpt.with_suffix(".json").write_text(json.dumps({}))
-    eng = AdaptationEngine(_vit(), EngineConfig(method="tent", optimizer="mgg", mgg_checkpoint=str(ckpt)), num_classes=10)
+    cfg = EngineConfig(method="tent", optimizer="mgg", mgg_checkpoint=str(ckpt))
+    eng = AdaptationEngine(_vit(), cfg, num_classes=10)
     assert eng.optimizer.lr == 1e-3

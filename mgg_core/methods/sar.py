@@ -60,7 +60,8 @@ class SAR(Method):
             ent2 = softmax_entropy(logits2)[sel1]
             sel2 = ent2 < self.e_margin
         if not sel2.any():
-            return GradOutput(logits.detach(), loss=float(loss1.detach()), skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
+            return GradOutput(logits.detach(), loss=float(loss1.detach()),
+                              skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
         loss2 = ent2[sel2].mean()
         if not torch.isfinite(loss2):
             return GradOutput(logits.detach(), loss=float(loss2.detach()), skipped_reason=SkipReason.NON_FINITE_LOSS)
