@@ -76,7 +76,8 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
                 "seed": seed, "limit_per_class": limit_per_class}
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        mismatched = [k for k in ("data", "split", "split_seed", "seed", "limit_per_class") if old.get(k) != protocol[k]]
+        keys = ("data", "split", "split_seed", "seed", "limit_per_class")
+        mismatched = [k for k in keys if old.get(k) != protocol[k]]
         if mismatched:
             raise ValueError(f"{out} was generated with different {mismatched}; use another --out")
     todo = []
