@@ -183,10 +183,12 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
     torch.manual_seed(seed)
     model, model_kwargs = _make_model(model_name, num_classes, model_kwargs, img_size)
     model.to(device)
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt: torch.optim.Optimizer
     if optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     else:
