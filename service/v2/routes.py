@@ -255,10 +255,10 @@ def _response(svc: ServiceState, rt: Runtime, name: str, req: InferRequest, out:
         "sequence_id": req.sequence_id, "step": out.step, "adapted": bool(res.adapted),
         "rolled_back": bool(res.rolled_back), "predictions_after_update": out.post_update,
     }
-    optional = {
-        "skipped_reason": None if res.adapted else res.skipped_reason,
-        "rollback_reason": res.rollback_reason if res.rolled_back else None,
-        "reset_reason": res.reset_reason,
+    optional = {  # reasons are StrEnums: sent as their plain strings
+        "skipped_reason": None if res.adapted or res.skipped_reason is None else str(res.skipped_reason),
+        "rollback_reason": str(res.rollback_reason) if res.rolled_back and res.rollback_reason else None,
+        "reset_reason": str(res.reset_reason) if res.reset_reason else None,
         "batch_entropy": finite(res.batch_entropy),
         "loss": finite(res.loss),
         "unloaded": unloaded,
