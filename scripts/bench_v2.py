@@ -6,8 +6,9 @@ Both paths end in the same ``DataPlane.step`` (preprocess + ``engine.step`` on t
 protocol layer: npy parsing vs V2 JSON header + binary tensor (wrapped as npy and checked by the same
 ``decode_npy``), and a JSON ``/predict`` answer (per-image top-k dicts) vs binary output tensors. Requests are
 sequential on one fresh stream per round and protocol (a stream's batches are applied one at a time anyway),
-bodies encoded before timing; each round runs every protocol back to back, in an order rotated from round to
-round, so that load from other processes hits them alike.
+bodies encoded before timing; within a round the protocols' requests are interleaved one by one (batch i of each
+protocol, in an order rotated with i), and each protocol's rate is its images over the sum of its own request
+times, so that load from other processes (a shared CPU) hits them alike.
 Rows: /predict npy (the reference), V2 binary (httpx), V2 binary through tritonclient (when installed), V2 JSON
 tensors (httpx). Prints images/s and each row's ratio to /predict npy (median of per-round ratios).
 
@@ -72,6 +73,21 @@ def timed(send: Callable[[int], bool], n_requests: int, n_images: int) -> float:
     dt = time.perf_counter() - t0
     assert adapted == n_requests, f"{adapted}/{n_requests} batches adapted"
     return n_images / dt
+
+
+def interleaved(rows: dict[str, Callable[[int], bool]], n_requests: int, n_images: int) -> dict[str, float]:
+    """Images/s per row, the rows' requests interleaved: batch i of every row (in an order rotated with i), then
+    batch i + 1 ...; each row's time is the sum of its own requests' times, so load from other processes that
+    drifts over seconds hits every row alike."""
+    names = list(rows)
+    spent = dict.fromkeys(names, 0.0)
+    for i in range(n_requests):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            assert rows[name](i), f"{name}: batch {i} did not adapt"
+            spent[name] += time.perf_counter() - t0
+    return {name: n_images / spent[name] for name in names}
 
 
 def senders(client: Any, triton: Any, model: str, batches: list[np.ndarray], stream: str
@@ -147,11 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                     timed(send, len(warm), sum(len(b) for b in warm))
                 for r in range(args.rounds):
                     line = f"round {r + 1}:"
-                    rows = list(senders(client, triton, model, work, f"bench-{r}").items())
-                    k = r % len(rows)  # rotate the order: no row always runs first or last
-                    for name, send in rows[k:] + rows[:k]:
-                        rates.setdefault(name, []).append(timed(send, len(work), n_images))
-                        line += f" | {name} {rates[name][-1]:7.1f} img/s"
+                    for name, rate in interleaved(senders(client, triton, model, work, f"bench-{r}"),
+                                                  len(work), n_images).items():
+                        rates.setdefault(name, []).append(rate)
+                        line += f" | {name} {rate:7.1f} img/s"
                     print(line, flush=True)
         finally:
             if triton is not None:

@@ -2,6 +2,7 @@
 ``tritonclient[http]`` (and raw httpx for bodies that client cannot produce)."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -445,3 +446,33 @@ def test_a_server_that_cannot_load_its_model_is_live_but_not_ready_on_v2(tmp_pat
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+# ------------------------------------------------------------------------------------ codec, no server
+
+
+def test_codec_sequence_ids_header_length_and_tensor_layouts():
+    from service.v2.codec import V2Error, header_length, input_as_npy, parse_header, sequence_stream
+
+    assert sequence_stream(2**64 - 1) == (2**64 - 1, str(2**64 - 1))
+    assert sequence_stream(0) is None and sequence_stream("") is None and sequence_stream(None) is None
+    for bad in (2**64, -1, True, 1.5, "a b", "x" * 129, ["1"]):
+        with pytest.raises(V2Error) as e:
+            sequence_stream(bad)
+        assert e.value.status == 400
+    assert header_length(None) is None and header_length(" 12 ", 20) == 12
+    for bad in ("x", "0", "-4", "21"):
+        with pytest.raises(V2Error):
+            header_length(bad, 20)
+    x = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    flat = parse_header(json.dumps({"parameters": {"sequence_id": 1}, "inputs": [
+        {"name": "images", "datatype": "UINT8", "shape": [2, 3, 4], "data": x.ravel().tolist()}]}).encode(), 0)
+    nested = parse_header(json.dumps({"parameters": {"sequence_id": 1}, "inputs": [
+        {"name": "images", "datatype": "UINT8", "shape": [2, 3, 4], "data": x.tolist()}]}).encode(), 0)
+    binary = parse_header(json.dumps({"parameters": {"sequence_id": 1}, "inputs": [
+        {"name": "images", "datatype": "UINT8", "shape": [2, 3, 4],
+         "parameters": {"binary_data_size": 24}}]}).encode(), 24)
+    arrays = [np.load(io.BytesIO(input_as_npy(r, x.tobytes()))) for r in (flat, nested, binary)]
+    for a in arrays:
+        assert a.dtype == np.uint8 and np.array_equal(a, x)
+    assert flat.outputs == [("probabilities", False), ("labels", False), ("entropy", False)]
