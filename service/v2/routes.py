@@ -31,7 +31,7 @@ from ..decode import DecodeError, decode_npy
 from ..errors import ApiError
 from ..routes.deps import get_dataplane, get_service
 from ..runtime import Runtime, ServiceState
-from ..store import StreamStore
+from ..store import StreamStore, UnknownStream
 from .codec import (
     HEADER_LENGTH,
     INPUT,
@@ -290,8 +290,12 @@ async def _infer(request: Request, name: str, version: str | None, svc: ServiceS
 
 
 async def _end_sequence(store: StreamStore, stream_id: str) -> bool:
-    """sequence_end: snapshot and unload the stream (shielded: a client hang-up does not stop it halfway)."""
-    return await asyncio.shield(store.unload(stream_id, reason="sequence_end"))
+    """sequence_end: snapshot and unload the stream (shielded: a client hang-up does not stop it halfway); False
+    when the snapshot failed (the stream stays in memory) or an admin deleted the stream meanwhile."""
+    try:
+        return await asyncio.shield(store.unload(stream_id, reason="sequence_end"))
+    except UnknownStream:
+        return False
 
 
 INFER_BODY: dict[str, Any] = {
