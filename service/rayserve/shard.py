@@ -1,0 +1,256 @@
+"""The shard replica: one engine + one stream store per Ray Serve replica, streams fenced by leases.
+
+Contract. Each replica loads the same runtime as the single-process service (``load_runtime`` + a warm-up step)
+and keeps a :class:`ShardStore` over the snapshot folder all replicas share. Every stream operation runs inside
+the stream's lease (``lease.py``): when ownership changed since this replica last held the stream, its resident
+copy is dropped and the stream is restored from the snapshot (or created, if it has none). After every step the
+stream is snapshotted before the lease is released (``snapshot_every`` = 1: an acknowledged step survives the
+loss of the replica). Methods return plain dicts ``{"status", "body", "headers", "served_by"}`` that the ingress
+turns into HTTP responses; errors use the service's error codes and bodies.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ..metrics import ServiceMetrics
+from ..settings import ServiceSettings
+from ..store import (
+    SNAPSHOT_SUFFIX,
+    SnapshotRestoreError,
+    StoreBusy,
+    StoreClosed,
+    StreamStore,
+    UnknownStream,
+    _parse_iso,
+    _Stream,
+    valid_stream_id,
+)
+from .lease import LeaseTable, LeaseTimeout
+
+log = logging.getLogger("mgg.service.ray")
+
+
+def reply(status: int, body: Any = None, headers: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"status": status, "body": body, "headers": headers or {}, **extra}
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    return reply(status, {"error": {"code": code, "message": message}}, headers)
+
+
+class ShardStore(StreamStore):
+    """A StreamStore over a snapshot folder shared with other replicas.
+
+    Differences from the single-process store: the shared ``.tmp`` folder is not wiped at start (other replicas
+    write there), and :meth:`adopt` forgets a resident copy so the next access restores the stream from disk.
+    """
+
+    def _scan(self) -> None:
+        """Like StreamStore._scan, without wiping ``.tmp`` (other replicas write their snapshots through it)."""
+        (self.snapshot_dir / ".tmp").mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.snapshot_dir.glob("*" + SNAPSHOT_SUFFIX)):
+            sid = path.name[: -len(SNAPSHOT_SUFFIX)]
+            if valid_stream_id(sid) and path.is_file():
+                self._streams[sid] = _Stream(id=sid, on_disk=True)
+                self._refresh_meta(self._streams[sid])
+
+    def _refresh_meta(self, entry: _Stream) -> None:
+        meta = self._read_meta(entry.id) if entry.on_disk else {}
+        entry.step = meta.get("step")
+        entry.nbytes = int(meta.get("bytes") or 0)
+        entry.entropy_ema = meta.get("entropy_ema")
+        entry.last_seen = _parse_iso(meta.get("last_seen"))
+        entry.requests = int(meta.get("requests") or 0)
+        entry.rollbacks = int(meta.get("rollbacks") or 0)
+
+    def adopt(self, stream_id: str) -> None:
+        """Take the snapshot on disk as the truth for ``stream_id``: drop any resident copy, re-read metadata."""
+        entry = self._streams.get(stream_id)
+        on_disk = self._snapshot_path(stream_id).is_file()
+        if entry is None:
+            if not on_disk:
+                return
+            entry = self._streams[stream_id] = _Stream(id=stream_id)
+        if entry.state is not None:
+            self._drop_state(entry)  # not snapshotted: another replica advanced the stream since
+        entry.on_disk = on_disk
+        self._refresh_meta(entry)
+        if not on_disk and entry.pending == 0:
+            del self._streams[stream_id]
+        self._update_gauges()
+
+
+class Shard:
+    """The body of the shard deployment (wrapped by ``serve.deployment`` in :mod:`service.rayserve.app`).
+
+    Args:
+        settings: ``ServiceSettings.model_dump()`` of the service (model, method, limits, snapshot_dir, ...).
+        lease_timeout_s: how long a stream operation waits for another replica's lease.
+    """
+
+    def __init__(self, settings: dict[str, Any], lease_timeout_s: float = 30.0) -> None:
+        from ..app import load_runtime, warm_up
+
+        self.settings = ServiceSettings(**settings)
+        self.replica_id = _replica_id()
+        self.metrics = ServiceMetrics()
+        self.runtime = load_runtime(self.settings)
+        self.warmup_seconds = warm_up(self.runtime)
+        self.leases = LeaseTable(self.settings.snapshot_dir, self.replica_id, lease_timeout_s)
+        self.store: ShardStore | None = None
+        self._start_lock = asyncio.Lock()
+        rt = self.runtime
+        self.metrics.set_build_info(version=_version(), model=rt.info["model"], method=self.settings.method,
+                                    optimizer=rt.info["optimizer"] or "none", device=rt.device,
+                                    torch=rt.info["torch"])
+        self.metrics.ready.set(1)
+
+    async def _store(self) -> ShardStore:
+        async with self._start_lock:
+            if self.store is None:
+                s = self.settings
+                store = ShardStore(
+                    self.runtime.engine, s.snapshot_dir, metrics=self.metrics, budget_bytes=s.state_budget_bytes,
+                    max_concurrent=s.max_concurrent_streams, max_queue_per_stream=s.max_queue_per_stream,
+                    max_queue_total=s.max_queue_total, idle_seconds=s.idle_seconds,
+                    idle_check_seconds=s.idle_check_seconds,
+                )
+                await store.start()
+                self.store = store
+            return self.store
+
+    async def _with_stream(self, sid: str, fn: Callable[[ShardStore, Any], Awaitable[dict[str, Any]]]
+                           ) -> dict[str, Any]:
+        store = await self._store()
+        try:
+            async with self.leases.hold(sid) as lease:
+                if lease.fresh:
+                    store.adopt(sid)
+                out = await fn(store, lease)
+        except LeaseTimeout as exc:
+            out = error(503, "stream_busy", str(exc), {"Retry-After": str(self.settings.retry_after_seconds)})
+        except UnknownStream:
+            out = error(404, "unknown_stream", f"no stream {sid!r}")
+        except SnapshotRestoreError as exc:
+            out = error(500, "snapshot_restore_failed", f"{exc}; POST /reset this stream to start over")
+        except StoreBusy as exc:
+            code = "stream_queue_full" if exc.queue == "stream" else "queue_full"
+            out = error(429, code, exc.message, {"Retry-After": str(self.settings.retry_after_seconds)})
+        except StoreClosed as exc:
+            out = error(503, "shutting_down", str(exc), {"Retry-After": "5"})
+        out["served_by"] = self.replica_id
+        return out
+
+    # ------------------------------------------------------------------------------------------ stream ops
+
+    async def predict(self, sid: str, body: bytes, content_type: str | None, request_id: str) -> dict[str, Any]:
+        """Classify + adapt one batch of stream ``sid``; durable (snapshotted) before it returns."""
+        from .dataplane import run_predict
+
+        async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
+            last = lease.record.get("last_request")
+            if last == request_id and "last_response" in lease.record:
+                return reply(200, lease.record["last_response"], replayed=True)  # a retry of an applied request
+            out = await run_predict(self.runtime, store, self.settings, self.metrics, sid, body, content_type)
+            if out["status"] == 200:
+                await store.snapshot(sid, reason="step")
+                await asyncio.to_thread(lease.commit, last_request=request_id, last_response=out["body"])
+            return out
+
+        return await self._with_stream(sid, op)
+
+    async def reset(self, sid: str) -> dict[str, Any]:
+        async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
+            await store.reset(sid)
+            await asyncio.to_thread(lease.commit, last_request=None, last_response=None)
+            return reply(200, {"reset": [sid]})
+
+        return await self._with_stream(sid, op)
+
+    async def delete(self, sid: str) -> dict[str, Any]:
+        async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
+            await store.delete(sid)
+            await asyncio.to_thread(lease.commit, last_request=None, last_response=None)
+            return reply(204)
+
+        return await self._with_stream(sid, op)
+
+    async def info(self, sid: str) -> dict[str, Any]:
+        async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
+            return reply(200, {**store.info(sid), "served_by": self.replica_id})
+
+        return await self._with_stream(sid, op)
+
+    async def snapshot(self, sid: str) -> dict[str, Any]:
+        async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
+            return reply(200, {**(await store.snapshot(sid)), "served_by": self.replica_id})
+
+        return await self._with_stream(sid, op)
+
+    # ------------------------------------------------------------------------------------ replica-wide ops
+
+    async def list_streams(self) -> dict[str, Any]:
+        """Streams this replica holds the lease of (live fields) and every snapshot on disk (from its metadata)."""
+        store = await self._store()
+        owned = {}
+        for sid in self.leases.owned():
+            rec = self.leases.read(sid)
+            if rec.get("owner") == self.replica_id:
+                with contextlib.suppress(UnknownStream):
+                    owned[sid] = {**store.info(sid), "served_by": self.replica_id}
+        return reply(200, {"owned": owned, "on_disk": await asyncio.to_thread(self._disk_listing, store),
+                           "stats": store.stats()}, served_by=self.replica_id)
+
+    def _disk_listing(self, store: ShardStore) -> dict[str, dict[str, Any]]:
+        out = {}
+        for path in sorted(Path(store.snapshot_dir).glob("*.safetensors")):
+            sid = path.name[: -len(".safetensors")]
+            meta = store._read_meta(sid)
+            owner = self.leases.read(sid).get("owner")
+            out[sid] = {"stream_id": sid, "step": meta.get("step"), "bytes": int(meta.get("bytes") or 0),
+                        "resident": False, "snapshot": True, "last_seen": meta.get("last_seen"),
+                        "entropy_ema": meta.get("entropy_ema"), "pending": 0,
+                        "requests": int(meta.get("requests") or 0), "rollbacks": int(meta.get("rollbacks") or 0),
+                        "served_by": owner}
+        return out
+
+    async def metrics_text(self) -> dict[str, Any]:
+        if self.store is not None:
+            self.store._update_gauges()
+        body, _ = self.metrics.render()
+        return reply(200, body.decode(), served_by=self.replica_id)
+
+    async def whoami(self) -> dict[str, Any]:
+        return reply(200, {"replica": self.replica_id, "warmup_seconds": self.warmup_seconds,
+                           "info": self.runtime.info, "time": time.time()}, served_by=self.replica_id)
+
+    async def __del__(self) -> None:  # Serve calls an async __del__ on graceful replica shutdown
+        if self.store is not None:
+            await self.store.close()
+
+
+def _replica_id() -> str:
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except RayServeException:  # outside a Serve replica (unit tests)
+        import uuid
+
+        return "local-" + uuid.uuid4().hex[:8]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+__all__ = ["Shard", "ShardStore", "reply", "error"]
