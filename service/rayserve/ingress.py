@@ -41,6 +41,7 @@ log = logging.getLogger("mgg.service.ray")
 
 SERVED_BY = "X-Served-By"
 DEFAULT_STREAM = "default"
+BROADCAST_TIMEOUT_S = 10.0  # /streams and /metrics skip a replica that does not answer within this
 RETRYABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError")
 
 api = FastAPI(title="MGG test-time adaptation service (Ray Serve backend)")
@@ -115,6 +116,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def running_replicas(app: str, deployment: str) -> list[str] | None:
+    """Ids of the RUNNING replicas of ``app``/``deployment`` according to the Serve controller (None: unknown)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client().get_serve_details()
+        reps = details["applications"][app]["deployments"][deployment]["replicas"]
+    except (KeyError, TypeError, AttributeError, RuntimeError):
+        return None
+    return sorted(r["replica_id"] for r in reps if str(r.get("state")).endswith("RUNNING"))
+
+
 @serve.ingress(api)
 class Ingress:
     """Args:
@@ -130,6 +143,7 @@ class Ingress:
         self.shard = shard
         self.settings = ServiceSettings(**settings)
         self.shard_deployment = shard_deployment
+        self.app_name = serve.get_replica_context().app_name
         self.request_timeout_s = float(request_timeout_s)
         self.retries = int(retries)
         self.lines: dict[str, _Line] = {}
@@ -190,15 +204,16 @@ class Ingress:
         if line.waiting == 0 and line.tail is mine and self.lines.get(sid) is line:
             del self.lines[sid]
 
-    async def _call(self, key: str, method: str, *args: Any) -> dict[str, Any]:
+    async def _call(self, key: str, method: str, *args: Any, timeout_s: float | None = None) -> dict[str, Any]:
         """Call ``method`` on the replica ``key`` routes to; retried when that replica died."""
+        timeout_s = timeout_s or self.request_timeout_s
         for attempt in range(self.retries + 1):
             try:
                 call = getattr(self.shard.options(session_id=key), method).remote(*args)
-                return await asyncio.wait_for(call, self.request_timeout_s)
+                return await asyncio.wait_for(call, timeout_s)
             except asyncio.TimeoutError:
                 raise HttpError(504, "replica_timeout", f"no answer from the stream's replica within "
-                                f"{self.request_timeout_s:.0f}s", {"Retry-After": "5"}) from None
+                                f"{timeout_s:.0f}s", {"Retry-After": "5"}) from None
             except Exception as exc:
                 names = {c.__name__ for c in type(exc).__mro__}
                 if not names.intersection(RETRYABLE) or attempt == self.retries:
@@ -221,16 +236,25 @@ class Ingress:
             self._leave_line(sid, line, prev, mine)
 
     async def _replicas(self) -> list[str]:
-        ids = replica_ids(self.shard_deployment)
-        if not ids:  # the router is built on the first call
-            await self._call(uuid.uuid4().hex, "whoami")
+        """Running shard replicas: the Serve controller's view, else the router's."""
+        ids = await asyncio.to_thread(running_replicas, self.app_name, self.shard_deployment)
+        if ids is None:
             ids = replica_ids(self.shard_deployment)
+            if not ids:  # the router is built on the first call
+                await self._call(uuid.uuid4().hex, "whoami")
+                ids = replica_ids(self.shard_deployment)
         return ids
 
     async def _broadcast(self, method: str) -> dict[str, dict[str, Any]]:
-        ids = await self._replicas()
-        outs = await asyncio.gather(*(self._call(target_key(r), method) for r in ids), return_exceptions=True)
-        return {r: o for r, o in zip(ids, outs, strict=True) if isinstance(o, dict)}
+        """Call ``method`` on every running replica, one after the other (concurrent targeted calls were seen to
+        stall in Ray 2.60's consistent-hash routing loop); a replica that does not answer is left out."""
+        outs: dict[str, dict[str, Any]] = {}
+        for r in await self._replicas():
+            try:
+                outs[r] = await self._call(target_key(r), method, timeout_s=BROADCAST_TIMEOUT_S)
+            except HttpError as exc:
+                log.warning("replica %s left out of %s: %s", r, method, exc.message)
+        return outs
 
     def _observe(self, method: str, route: str, status: int, t0: float) -> None:
         labels = {"method": method, "route": route, "status": str(status)}

@@ -40,7 +40,7 @@ class StreamRouter(ConsistentHashRouter):
             wanted = key[len(TARGET_PREFIX):]
             if pending_request is not None:
                 pending_request.routing_context.should_backoff = True
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == wanted]]
+            return [[r for rid, r in self._replicas.items() if rid.unique_id == wanted]]
         return await super().choose_replicas(candidate_replicas, pending_request)
 
     def current_replica_ids(self) -> list[str]:

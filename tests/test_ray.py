@@ -1,0 +1,224 @@
+"""Ray Serve backend (``service.rayserve``) on a local Ray cluster (loopback, 2 CPUs, 2 shard replicas).
+
+What it shows: per-stream routing is strict (16 streams over both replicas, each on one), a stream's replica
+can be killed mid-stream without losing an acknowledged step (its next batches give the same predictions as a
+stream that saw no failure), reset and delete reach the stream's replica, 8 replayed streams get the same
+per-stream accuracy as the single-process service, and every replica's metrics come out of one /metrics.
+Unit tests of the lease/fencing rule and the metrics merge need no cluster.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+from service.rayserve.lease import LeaseTable, LeaseTimeout  # noqa: E402
+from service.rayserve.metrics import merge_replica_metrics  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+MODEL = os.environ.get("MGG_REPLAY_TEST_MODEL", "resnet")
+APP = "mgg"
+
+
+# ------------------------------------------------------------------------------------------ no cluster
+
+
+def test_lease_fencing_rule(tmp_path):
+    import asyncio
+
+    a, b = LeaseTable(tmp_path, "A", timeout_s=0.2), LeaseTable(tmp_path, "B", timeout_s=0.2)
+
+    async def run() -> list:
+        seen = []
+        async with a.hold("s") as lease:
+            seen.append((lease.owner, lease.epoch, lease.fresh))
+            with pytest.raises(LeaseTimeout):  # B cannot take the stream while A advances it
+                async with b.hold("s"):
+                    pass
+            lease.commit(last_request="r1")
+        async with a.hold("s") as lease:  # nobody else touched it: A's resident state is current
+            seen.append((lease.owner, lease.epoch, lease.fresh))
+            assert lease.record["last_request"] == "r1"
+        async with b.hold("s") as lease:  # B takes over: epoch bumped, B must restore from the snapshot
+            seen.append((lease.owner, lease.epoch, lease.fresh))
+        async with a.hold("s") as lease:  # A's copy is stale now: fenced (fresh) again
+            seen.append((lease.owner, lease.epoch, lease.fresh))
+        return seen
+
+    assert asyncio.run(run()) == [("A", 1, True), ("A", 1, False), ("B", 2, True), ("A", 3, True)]
+    assert json.loads(a.path("s").read_text())["owner"] == "A"
+
+
+def test_metrics_merge_adds_a_replica_label():
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    texts = {}
+    for rid, n in (("r1", 3), ("r2", 5)):
+        reg = CollectorRegistry()
+        c = Counter("tta_images_total", "Images.", registry=reg)
+        c.inc(n)
+        Counter("tta_http_requests_total", "x", registry=reg).inc()
+        texts[rid] = generate_latest(reg).decode()
+    reg = CollectorRegistry()
+    reg.register(merge_replica_metrics(texts, skip=("tta_http_",)))
+    out = generate_latest(reg).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(out)}
+    assert "tta_http_requests" not in fams and out.count("# TYPE tta_images_total counter") == 1
+    vals = {s.labels["replica"]: s.value for s in fams["tta_images"].samples if s.name == "tta_images_total"}
+    assert vals == {"r1": 3.0, "r2": 5.0}
+
+
+# ------------------------------------------------------------------------------------------ local cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from service.rayserve.app import start
+    from service.rayserve.settings import RaySettings
+    from service.replay import free_port
+    from service.settings import ServiceSettings
+
+    snap = tmp_path_factory.mktemp("ray-snapshots")
+    port = free_port()
+    settings = ServiceSettings(model=MODEL, device="cpu", torch_threads=1, snapshot_dir=snap, port=port,
+                               host="127.0.0.1")
+    start(settings, RaySettings(num_cpus=2, replicas=2, replica_num_cpus=0.5, request_timeout_s=90))
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=90) as client:
+        yield {"url": url, "client": client, "snapshot_dir": snap}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def npy(seed: int, n: int = 8) -> bytes:
+    x = np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def predict(client, sid: str, body: bytes):
+    r = client.post("/predict", content=body, headers={"X-Stream-Id": sid, "Content-Type": "application/x-npy"})
+    assert r.status_code == 200, r.text
+    return r.headers["X-Served-By"], r.json()
+
+
+def test_sixteen_streams_spread_over_both_replicas_each_on_one(cluster):
+    client = cluster["client"]
+    served: dict[str, list[str]] = {}
+    for rnd in range(3):
+        for i in range(16):
+            sid = f"spread-{i}"
+            replica, body = predict(client, sid, npy(100 * i + rnd))
+            assert body["step"] == rnd + 1 and body["stream_id"] == sid
+            served.setdefault(sid, []).append(replica)
+    assert all(len(set(v)) == 1 for v in served.values()), served
+    assert len({v[0] for v in served.values()}) == 2, "both replicas hold streams"
+    listing = client.get("/streams").json()
+    assert len(listing["replicas"]) == 2
+    by_id = {s["stream_id"]: s for s in listing["streams"]}
+    assert all(by_id[sid]["served_by"] == v[0] and by_id[sid]["step"] == 3 for sid, v in served.items())
+
+
+def test_metrics_of_every_replica_in_one_scrape(cluster):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = cluster["client"]
+    predict(client, "metrics-a", npy(1))
+    text = client.get("/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    images = {s.labels["replica"]: s.value for s in fams["tta_images"].samples if s.name == "tta_images_total"}
+    assert len(images) == 2 and sum(images.values()) >= 8
+    http = [s for s in fams["tta_http_requests"].samples if s.labels.get("route") == "/predict"]
+    assert http and "replica" not in http[0].labels  # the ingress's own HTTP metrics
+
+
+def test_reset_and_delete_reach_the_stream_replica(cluster):
+    client, snap = cluster["client"], cluster["snapshot_dir"]
+    sid = "admin-stream"
+    replica, _ = predict(client, sid, npy(7))
+    _, body = predict(client, sid, npy(8))
+    assert body["step"] == 2
+    info = client.get(f"/streams/{sid}")
+    assert info.status_code == 200 and info.headers["X-Served-By"] == replica and info.json()["step"] == 2
+    r = client.post("/reset", json={"stream_id": sid})
+    assert r.status_code == 200 and r.json() == {"reset": [sid]} and r.headers["X-Served-By"] == replica
+    again, body = predict(client, sid, npy(7))
+    assert again == replica and body["step"] == 1, "reset reached the replica that serves the stream"
+    assert (snap / f"{sid}.safetensors").is_file()
+    r = client.delete(f"/streams/{sid}")
+    assert r.status_code == 204 and r.headers["X-Served-By"] == replica
+    assert not (snap / f"{sid}.safetensors").exists()
+    r = client.get(f"/streams/{sid}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_stream"
+    assert client.post("/reset", json={"stream_id": "never-seen"}).status_code == 404
+    bad = client.post("/predict", content=b"not npy", headers={"X-Stream-Id": sid, "Content-Type": "application/x-npy"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"].startswith("invalid_npy")
+
+
+def test_killing_the_stream_replica_loses_no_acknowledged_step(cluster):
+    import ray
+
+    client, snap = cluster["client"], cluster["snapshot_dir"]
+    bodies = [npy(1000 + k) for k in range(6)]
+    control = [predict(client, "failover-control", b)[1] for b in bodies]  # the same batches, no failure
+
+    first = [predict(client, "failover", b) for b in bodies[:3]]
+    replica = first[0][0]
+    assert {r for r, _ in first} == {replica} and [b["step"] for _, b in first] == [1, 2, 3]
+    meta = json.loads((snap / "failover.json").read_text())
+    assert meta["step"] == 3, "every acknowledged step is on disk before its response"
+
+    actor = ray.get_actor(f"SERVE_REPLICA::{APP}#TTAShard#{replica}", namespace="serve")
+    ray.kill(actor, no_restart=True)
+    t0 = time.perf_counter()
+    after = [predict(client, "failover", b) for b in bodies[3:]]
+    assert time.perf_counter() - t0 < 90
+    assert all(r != replica for r, _ in after), "the dead replica cannot have served"
+    got = [b for _, b in first] + [b for _, b in after]
+    assert [b["step"] for b in got] == [1, 2, 3, 4, 5, 6], "no acknowledged step lost, none applied twice"
+    for g, c in zip(got, control, strict=True):
+        assert [p["label"] for p in g["predictions"]] == [p["label"] for p in c["predictions"]]
+        np.testing.assert_allclose([p["score"] for p in g["predictions"]], [p["score"] for p in c["predictions"]],
+                                   rtol=0, atol=1e-5)
+
+
+def test_eight_replayed_streams_match_the_single_process_accuracy(cluster, tmp_path):
+    import argparse
+
+    from service import replay as rp
+
+    def run(url: str, out) -> dict:
+        argv = ["--url", url, "--streams", "8", "--images-per-domain", "32", "--batch-size", "16",
+                "--corruptions", "fog,pixelate", "--out", str(out), "--no-progress"]
+        args = rp.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(argv)
+        args.argv = argv
+        assert rp.main(args) == 0
+        return json.loads((out / "replay.json").read_text())["summary"]
+
+    ray_summary = run(cluster["url"], tmp_path / "ray")
+    env = {"MGG_MODEL": MODEL, "MGG_DEVICE": "cpu", "MGG_TORCH_THREADS": "1", "MGG_SNAPSHOT_DIR": str(tmp_path / "s")}
+    with rp.LocalServer(env, log_path=tmp_path / "single.log") as single:
+        single_summary = run(single.url, tmp_path / "single")
+    def by_index(summary: dict) -> dict[str, float]:  # stream ids carry the run id: key by the stream index
+        return {sid.rsplit("-", 1)[1]: e["accuracy"] for sid, e in summary["accuracy_by_stream"].items()}
+
+    acc_ray, acc_single = by_index(ray_summary), by_index(single_summary)
+    assert len(acc_ray) == 8 and set(acc_ray) == set(acc_single)
+    for k in acc_ray:
+        assert abs(acc_ray[k] - acc_single[k]) <= 0.005, (k, acc_ray[k], acc_single[k])
+    assert ray_summary["images_answered"] == single_summary["images_answered"] == 8 * 64
+    assert ray_summary["errors"]["failed_requests"] == 0
