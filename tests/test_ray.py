@@ -78,6 +78,49 @@ def test_metrics_merge_adds_a_replica_label():
     assert vals == {"r1": 3.0, "r2": 5.0}
 
 
+def _shard_of(app):
+    return app._bound_deployment.init_args[0]._bound_deployment
+
+
+def test_autoscaling_and_resources_reach_the_shard_deployment():
+    from service.rayserve.app import build_app, split_args
+    from service.rayserve.router import ROUTER_CLASS
+
+    svc, ray_s = split_args({"model": MODEL, "ray_min_replicas": 1, "ray_max_replicas": 4,
+                             "ray_target_ongoing_requests": 3, "ray_replica_num_cpus": 0.5})
+    shard = _shard_of(build_app(svc, ray_s))
+    cfg = shard._deployment_config
+    a = cfg.autoscaling_config
+    assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 4, 3.0)
+    assert cfg.request_router_config.request_router_class == ROUTER_CLASS
+    assert shard.ray_actor_options["num_cpus"] == 0.5
+    fixed = _shard_of(build_app(*split_args({"model": MODEL, "ray_replicas": 3})))._deployment_config
+    assert fixed.autoscaling_config is None and fixed.num_replicas == 3
+    with pytest.raises(ValueError, match="min_replicas"):
+        split_args({"ray_min_replicas": 5, "ray_max_replicas": 2})
+    with pytest.raises(ValueError, match="unknown settings: modle, ray_replika"):
+        split_args({"modle": "resnet", "ray_replika": 2})
+
+
+@pytest.mark.parametrize("path", ["deploy/ray/serve_config.yaml", "deploy/ray/rayservice.yaml"])
+def test_deploy_configs_are_valid_serve_configs(path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.rayserve.app import split_args
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    docs = list(yaml.safe_load_all((root / path).read_text()))
+    serve_cfgs = [yaml.safe_load(d["spec"]["serveConfigV2"]) for d in docs if d and d.get("kind") == "RayService"]
+    cfg = serve_cfgs[0] if serve_cfgs else docs[0]
+    schema = ServeDeploySchema.model_validate(cfg)
+    (app,) = schema.applications
+    assert app.import_path == "service.rayserve.app:app_builder"
+    svc, ray_s = split_args(app.args)  # every arg is a known setting
+    assert str(svc.snapshot_dir) == "/mnt/mgg-snapshots"
+    assert ray_s.replicas >= 1
+
+
 # ------------------------------------------------------------------------------------------ local cluster
 
 
@@ -144,6 +187,16 @@ def test_metrics_of_every_replica_in_one_scrape(cluster):
     assert len(images) == 2 and sum(images.values()) >= 8
     http = [s for s in fams["tta_http_requests"].samples if s.labels.get("route") == "/predict"]
     assert http and "replica" not in http[0].labels  # the ingress's own HTTP metrics
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana/dashboards/tta-ray.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    names = {re.sub(r"_(bucket|sum|count)$", "", n) for e in exprs for n in re.findall(r"\btta_[a-z_]+", e)}
+    exported = {s.name for f in fams.values() for s in f.samples}
+    exported |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in exported}
+    assert names and names <= exported, names - exported  # every metric of the replica dashboard is exported
+    assert all("replica" in e or "tta_http" in e or "ingress" in e for e in exprs)
 
 
 def test_reset_and_delete_reach_the_stream_replica(cluster):

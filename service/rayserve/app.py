@@ -48,7 +48,14 @@ def build_app(settings: ServiceSettings, ray: RaySettings) -> Any:
 
 
 def split_args(args: dict[str, Any]) -> tuple[ServiceSettings, RaySettings]:
-    """``ray_<field>`` keys go to RaySettings, the rest to ServiceSettings (env vars fill what is not given)."""
+    """``ray_<field>`` keys go to RaySettings, the rest to ServiceSettings (env vars fill what is not given).
+
+    An unknown key raises ValueError (a typo in a Serve config must not be ignored).
+    """
+    unknown = sorted(k for k in args if (k[4:] not in RaySettings.model_fields if k.startswith("ray_")
+                                         else k not in ServiceSettings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(unknown)}")
     ray_kw = {k[4:]: v for k, v in args.items() if k.startswith("ray_")}
     svc_kw = {k: v for k, v in args.items() if not k.startswith("ray_")}
     from ..settings import load_settings

@@ -88,6 +88,11 @@ class _Line:
         self.waiting = 0
 
 
+def _finish(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def check_stream_id(stream_id: str) -> str:
     if not valid_stream_id(stream_id):
         shown = stream_id if len(stream_id) <= 40 else stream_id[:40] + "..."
@@ -157,6 +162,8 @@ class Ingress:
                                      ["method", "route", "status"], registry=self.registry)
         self.rejected = Counter("tta_ingress_rejected_total", "Requests refused with 429 at the ingress.",
                                 ["queue"], registry=self.registry)
+        for queue in ("stream", "global"):
+            self.rejected.labels(queue=queue)
         self.retried = Counter("tta_ingress_retries_total", "Calls retried because their replica died.",
                                registry=self.registry)
 
@@ -200,7 +207,7 @@ class Ingress:
         if prev is None or prev.done():
             mine.set_result(None)
         else:
-            prev.add_done_callback(lambda _f: mine.done() or mine.set_result(None))
+            prev.add_done_callback(lambda _f: _finish(mine))
         if line.waiting == 0 and line.tail is mine and self.lines.get(sid) is line:
             del self.lines[sid]
 

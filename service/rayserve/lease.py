@@ -145,6 +145,11 @@ class LeaseTable:
         """Streams this replica took a lease on (it may have lost some since; ``hold`` finds out)."""
         return sorted(self._epochs)
 
+    def holds(self, stream_id: str) -> bool:
+        """Whether this replica is still the stream's owner at the epoch it last held (a read, no lock)."""
+        rec = self.read(stream_id)
+        return rec.get("owner") == self.owner and rec.get("epoch") == self._epochs.get(stream_id)
+
     def read(self, stream_id: str) -> dict[str, Any]:
         """The stream's lease record without locking (for listings)."""
         try:

@@ -48,8 +48,18 @@ class ShardStore(StreamStore):
     """A StreamStore over a snapshot folder shared with other replicas.
 
     Differences from the single-process store: the shared ``.tmp`` folder is not wiped at start (other replicas
-    write there), and :meth:`adopt` forgets a resident copy so the next access restores the stream from disk.
+    write there); :meth:`adopt` forgets a resident copy so the next access restores the stream from disk; and a
+    snapshot is written only while ``may_write(stream_id)`` holds (this replica still owns the stream's lease):
+    an eviction or shutdown snapshot of a stream that moved to another replica is skipped, its copy dropped.
     """
+
+    may_write: Callable[[str], bool] = staticmethod(lambda _sid: True)
+
+    def _write_snapshot(self, stream_id: str, state: Any, meta: dict[str, Any]) -> None:
+        if not self.may_write(stream_id):
+            log.warning("stream %s moved to another replica: its stale copy here is dropped, not written", stream_id)
+            return
+        super()._write_snapshot(stream_id, state, meta)
 
     def _scan(self) -> None:
         """Like StreamStore._scan, without wiping ``.tmp`` (other replicas write their snapshots through it)."""
@@ -121,6 +131,7 @@ class Shard:
                     max_queue_total=s.max_queue_total, idle_seconds=s.idle_seconds,
                     idle_check_seconds=s.idle_check_seconds,
                 )
+                store.may_write = self.leases.holds
                 await store.start()
                 self.store = store
             return self.store
@@ -168,6 +179,7 @@ class Shard:
     async def reset(self, sid: str) -> dict[str, Any]:
         async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
             await store.reset(sid)
+            await store.snapshot(sid, reason="reset")  # durable now, never written later outside the lease
             await asyncio.to_thread(lease.commit, last_request=None, last_response=None)
             return reply(200, {"reset": [sid]})
 
