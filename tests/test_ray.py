@@ -160,14 +160,20 @@ def predict(client, sid: str, body: bytes):
 
 
 def test_sixteen_streams_spread_over_both_replicas_each_on_one(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stream(i: int) -> list[str]:  # 3 batches in order; 8 streams at a time
+        sid, got = f"spread-{i}", []
+        with httpx.Client(base_url=cluster["url"], timeout=90) as c:
+            for rnd in range(3):
+                replica, body = predict(c, sid, npy(100 * i + rnd))
+                assert body["step"] == rnd + 1 and body["stream_id"] == sid
+                got.append(replica)
+        return got
+
+    with ThreadPoolExecutor(8) as pool:
+        served = {f"spread-{i}": r for i, r in enumerate(pool.map(stream, range(16)))}
     client = cluster["client"]
-    served: dict[str, list[str]] = {}
-    for rnd in range(3):
-        for i in range(16):
-            sid = f"spread-{i}"
-            replica, body = predict(client, sid, npy(100 * i + rnd))
-            assert body["step"] == rnd + 1 and body["stream_id"] == sid
-            served.setdefault(sid, []).append(replica)
     assert all(len(set(v)) == 1 for v in served.values()), served
     assert len({v[0] for v in served.values()}) == 2, "both replicas hold streams"
     listing = client.get("/streams").json()

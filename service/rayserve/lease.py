@@ -49,6 +49,7 @@ class Lease:
     fresh: bool  # ownership changed on entry: drop any resident copy, restore from the snapshot
     record: dict[str, Any] = field(default_factory=dict)
     _fd: int = -1
+    wait_s: float = 0.0  # time spent taking the lease
 
     def commit(self, **extra: Any) -> None:
         """Write ``extra`` (e.g. the last applied request) into the lease record, durably, while still held."""
@@ -103,7 +104,8 @@ class LeaseTable:
     def _acquire(self, stream_id: str) -> Lease:
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path(stream_id), os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout_s
         try:
             while True:
                 try:
@@ -121,7 +123,7 @@ class LeaseTable:
                 record = {"owner": self.owner, "epoch": epoch, "since": time.time()}
                 _write_record(fd, record)
                 self._epochs[stream_id] = epoch
-            return Lease(stream_id, self.owner, epoch, fresh, record, fd)
+            return Lease(stream_id, self.owner, epoch, fresh, record, fd, time.monotonic() - t0)
         except BaseException:
             os.close(fd)  # closing releases the lock
             raise

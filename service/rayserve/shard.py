@@ -170,8 +170,14 @@ class Shard:
                 return reply(200, lease.record["last_response"], replayed=True)  # a retry of an applied request
             out = await run_predict(self.runtime, store, self.settings, self.metrics, sid, body, content_type)
             if out["status"] == 200:
+                t0 = time.perf_counter()
                 await store.snapshot(sid, reason="step")
+                timings = out["body"]["timings"]
+                timings["lease"] = lease.wait_s
+                timings["snapshot"] = time.perf_counter() - t0  # the step is durable before the answer
+                t0 = time.perf_counter()
                 await asyncio.to_thread(lease.commit, last_request=request_id, last_response=out["body"])
+                timings["commit"] = time.perf_counter() - t0
             return out
 
         return await self._with_stream(sid, op)
