@@ -78,6 +78,42 @@ def test_metrics_merge_adds_a_replica_label():
     assert vals == {"r1": 3.0, "r2": 5.0}
 
 
+@pytest.mark.filterwarnings("ignore:coroutine 'Shard.__del__' was never awaited")  # Serve awaits it; GC cannot
+def test_two_shards_on_one_snapshot_dir_never_advance_a_stale_copy(tmp_path):
+    """Two shard replicas (no Ray: the class itself) share a snapshot folder: a stream that moves back and forth
+    continues its step count, a retried request id is answered from the lease record without a second step, and
+    a stale copy's eviction snapshot is not written over the newer state."""
+    import asyncio
+
+    from service.rayserve.shard import Shard
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(model=MODEL, device="cpu", torch_threads=1, snapshot_dir=tmp_path).model_dump()
+    a, b = Shard(settings), Shard(settings)
+    ctype = "application/x-npy"
+
+    async def run() -> None:
+        steps = []
+        for shard, k in ((a, 0), (a, 1), (b, 2), (a, 3)):  # A, A, moved to B, back to A (A's copy is stale)
+            out = await shard.predict("s", npy(k), ctype, f"req-{k}")
+            assert out["status"] == 200 and out["served_by"] == shard.replica_id
+            steps.append(out["body"]["step"])
+        assert steps == [1, 2, 3, 4]
+        again = await a.predict("s", npy(3), ctype, "req-3")  # the ingress retrying the last request
+        assert again.get("replayed") and again["body"]["step"] == 4
+        assert (await b.info("s"))["body"]["step"] == 4  # B restores (fenced), sees A's step
+        assert (await b.predict("s", npy(4), ctype, "req-4"))["body"]["step"] == 5
+        before = (tmp_path / "s.safetensors").read_bytes()
+        a.store._streams["s"].dirty = True  # pretend A still held unsaved changes
+        await a.store.evict_idle(now=float("inf"))  # A lost the lease to B: its eviction must not write
+        assert (tmp_path / "s.safetensors").read_bytes() == before
+        assert a.store._streams["s"].state is None  # the stale copy is gone
+        await a.store.close()
+        await b.store.close()
+
+    asyncio.run(run())
+
+
 def _shard_of(app):
     return app._bound_deployment.init_args[0]._bound_deployment
 
