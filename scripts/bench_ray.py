@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    from service.replay import LocalServer, free_port
+    from mgg_replay.server import LocalServer, free_port
 
     runs: dict[str, list[dict[str, Any]]] = {"single": [], "ray1": [], "ray2": []}
     pair: dict[str, list[float]] = {"ray1": [], "ray2": []}  # ray img/s over single img/s, per round

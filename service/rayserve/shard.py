@@ -18,7 +18,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ..dataplane import DataPlane
+from ..decode import DecodeError, decode_body
+from ..errors import ApiError
 from ..metrics import ServiceMetrics
+from ..runtime import ServiceState, load_runtime, warm_up
 from ..settings import ServiceSettings
 from ..store import (
     SNAPSHOT_SUFFIX,
@@ -105,11 +109,11 @@ class Shard:
     """
 
     def __init__(self, settings: dict[str, Any], lease_timeout_s: float = 30.0) -> None:
-        from ..app import load_runtime, warm_up
-
         self.settings = ServiceSettings(**settings)
         self.replica_id = _replica_id()
         self.metrics = ServiceMetrics()
+        self.svc = ServiceState(self.settings, self.metrics)  # what the service's DataPlane reads
+        self.plane = DataPlane(self.svc)
         self.runtime = load_runtime(self.settings)
         self.warmup_seconds = warm_up(self.runtime)
         self.leases = LeaseTable(self.settings.snapshot_dir, self.replica_id, lease_timeout_s)
@@ -134,6 +138,7 @@ class Shard:
                 store.may_write = self.leases.holds
                 await store.start()
                 self.store = store
+                self.svc.runtime, self.svc.store, self.svc.ready = self.runtime, store, True
             return self.store
 
     async def _with_stream(self, sid: str, fn: Callable[[ShardStore, Any], Awaitable[dict[str, Any]]]
@@ -155,6 +160,8 @@ class Shard:
             out = error(429, code, exc.message, {"Retry-After": str(self.settings.retry_after_seconds)})
         except StoreClosed as exc:
             out = error(503, "shutting_down", str(exc), {"Retry-After": "5"})
+        except ApiError as exc:
+            out = error(exc.status, exc.code, exc.message, exc.headers)
         out["served_by"] = self.replica_id
         return out
 
@@ -162,13 +169,11 @@ class Shard:
 
     async def predict(self, sid: str, body: bytes, content_type: str | None, request_id: str) -> dict[str, Any]:
         """Classify + adapt one batch of stream ``sid``; durable (snapshotted) before it returns."""
-        from .dataplane import run_predict
-
         async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
             last = lease.record.get("last_request")
             if last == request_id and "last_response" in lease.record:
                 return reply(200, lease.record["last_response"], replayed=True)  # a retry of an applied request
-            out = await run_predict(self.runtime, store, self.settings, self.metrics, sid, body, content_type)
+            out = await self._predict(store, sid, body, content_type)
             if out["status"] == 200:
                 t0 = time.perf_counter()
                 await store.snapshot(sid, reason="step")
@@ -181,6 +186,22 @@ class Shard:
             return out
 
         return await self._with_stream(sid, op)
+
+    async def _predict(self, store: ShardStore, sid: str, body: bytes, content_type: str | None) -> dict[str, Any]:
+        """The service's own predict path (``DataPlane``): decode, then one ordered step; 4xx touches no state."""
+        ticket = self.plane.reserve(store, sid)
+        timings: dict[str, float] = {}
+        try:
+            t0 = time.perf_counter()
+            try:
+                batch = await asyncio.to_thread(decode_body, body, content_type, self.svc.limits)
+            except DecodeError as exc:
+                raise ApiError(exc.status, exc.code, exc.message) from None
+            timings["decode"] = time.perf_counter() - t0
+            resp = await self.plane.infer(self.runtime, store, ticket, sid, batch.payload, timings)
+        finally:
+            ticket.abandon()
+        return reply(200, resp.model_dump(mode="json"))
 
     async def reset(self, sid: str) -> dict[str, Any]:
         async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
