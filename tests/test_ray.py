@@ -180,7 +180,7 @@ def cluster(tmp_path_factory):
     start(settings, RaySettings(num_cpus=2, replicas=2, replica_num_cpus=0.5, request_timeout_s=90))
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=90) as client:
-        yield {"url": url, "client": client, "snapshot_dir": snap}
+        yield {"url": url, "client": client, "snapshot_dir": snap, "settings": settings}
     serve.shutdown()
     ray.shutdown()
 
@@ -320,3 +320,27 @@ def test_eight_replayed_streams_match_the_single_process_accuracy(cluster, tmp_p
         assert abs(acc_ray[k] - acc_single[k]) <= 0.005, (k, acc_ray[k], acc_single[k])
     assert ray_summary["images_answered"] == single_summary["images_answered"] == 8 * 64
     assert ray_summary["errors"]["failed_requests"] == 0
+
+
+def test_scaling_down_moves_streams_with_their_state(cluster):
+    """Last in the module (it leaves one replica): the spread streams (3 steps each) continue at step 4 on the
+    remaining replica after the deployment is scaled from 2 replicas to 1."""
+    from service.rayserve.app import start
+    from service.rayserve.settings import RaySettings
+
+    client = cluster["client"]
+    listing = client.get("/streams").json()["streams"]
+    before = {s["stream_id"]: s for s in listing if s["stream_id"].startswith("spread-")}
+    assert len(before) == 16 and {s["step"] for s in before.values()} == {3}
+    start(cluster["settings"], RaySettings(num_cpus=2, replicas=1, replica_num_cpus=0.5, request_timeout_s=90))
+    deadline = time.monotonic() + 90
+    while len(client.get("/streams").json()["replicas"]) != 1:
+        assert time.monotonic() < deadline, "the deployment did not scale down"
+        time.sleep(1)
+    served = set()
+    for i in range(16):
+        replica, body = predict(client, f"spread-{i}", npy(100 * i + 3))
+        assert body["step"] == 4, (i, body["step"])
+        served.add(replica)
+    assert len(served) == 1
+    assert sum(before[f"spread-{i}"]["served_by"] not in served for i in range(16)) > 0, "some streams moved"
