@@ -267,6 +267,27 @@ def test_reset_and_delete_reach_the_stream_replica(cluster):
     assert bad.status_code == 400 and bad.json()["error"]["code"].startswith("invalid_npy")
 
 
+def test_stream_queue_limit_at_the_ingress_and_every_accepted_batch_applied_once(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    limit = cluster["settings"].max_queue_per_stream
+    body = npy(5)
+
+    def send(_: int) -> httpx.Response:
+        with httpx.Client(base_url=cluster["url"], timeout=90) as c:
+            headers = {"X-Stream-Id": "queued", "Content-Type": "application/x-npy"}
+            return c.post("/predict", content=body, headers=headers)
+
+    with ThreadPoolExecutor(limit + 8) as pool:
+        rs = list(pool.map(send, range(limit + 8)))
+    refused = [r for r in rs if r.status_code == 429]
+    ok = [r for r in rs if r.status_code == 200]
+    assert len(ok) + len(refused) == len(rs) and refused and len(ok) >= limit // 2
+    assert {r.json()["error"]["code"] for r in refused} == {"stream_queue_full"}
+    assert all(r.headers["Retry-After"] for r in refused)
+    assert sorted(r.json()["step"] for r in ok) == list(range(1, len(ok) + 1))  # each accepted batch once
+
+
 def test_killing_the_stream_replica_loses_no_acknowledged_step(cluster):
     import ray
 

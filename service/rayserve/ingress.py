@@ -24,15 +24,15 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ApiError, register_error_handlers
 from ..metrics import LATENCY_BUCKETS
+from ..routes.deps import check_stream_id
+from ..routes.predict import read_body
 from ..settings import ServiceSettings
-from ..store import valid_stream_id
 from .metrics import merge_replica_metrics
 from .registry import replica_ids
 from .router import target_key
@@ -47,37 +47,7 @@ RETRYABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "Deploy
 api = FastAPI(title="MGG test-time adaptation service (Ray Serve backend)")
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-def _json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-@api.exception_handler(HttpError)
-async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
-    return _json_error(exc.status, exc.code, exc.message, exc.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body')}: {e.get('msg')}" for e in exc.errors()]
-    return _json_error(422, "invalid_request", "; ".join(parts) or "invalid request")
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _starlette_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return _json_error(exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"), str(exc.detail))
-
-
-@api.exception_handler(Exception)
-async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error")
-    return _json_error(500, "internal_error", "internal error; see the ingress log")
+register_error_handlers(api)  # the service's error body for everything
 
 
 class _Line:
@@ -93,32 +63,11 @@ def _finish(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-def check_stream_id(stream_id: str) -> str:
-    if not valid_stream_id(stream_id):
-        shown = stream_id if len(stream_id) <= 40 else stream_id[:40] + "..."
-        raise HttpError(400, "invalid_stream_id",
-                        f"stream id {shown!r} is invalid: use 1-128 characters of letters, digits, '.', '_', '-'")
-    return stream_id
-
-
 def _to_response(out: dict[str, Any]) -> Response:
     headers = {**out.get("headers", {}), SERVED_BY: str(out.get("served_by", ""))}
     if out["status"] == 204:
         return Response(status_code=204, headers=headers)
     return JSONResponse(out["body"], status_code=out["status"], headers=headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HttpError(413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def running_replicas(app: str, deployment: str) -> list[str] | None:
@@ -174,11 +123,11 @@ class Ingress:
         if token is None:
             return
         if not authorization:
-            raise HttpError(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <admin token>'",
+            raise ApiError(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <admin token>'",
                             {"WWW-Authenticate": "Bearer"})
         scheme, _, given = authorization.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise HttpError(403, "forbidden", "the admin token is wrong", {"WWW-Authenticate": "Bearer"})
+            raise ApiError(403, "forbidden", "the admin token is wrong", {"WWW-Authenticate": "Bearer"})
 
     def _enter_line(self, sid: str, counted: bool) -> tuple[_Line, asyncio.Future | None, asyncio.Future]:
         line = self.lines.get(sid)
@@ -186,12 +135,12 @@ class Ingress:
             s = self.settings
             if line is not None and line.waiting >= s.max_queue_per_stream:
                 self.rejected.labels(queue="stream").inc()
-                raise HttpError(429, "stream_queue_full", f"stream {sid!r} already has {line.waiting} requests "
+                raise ApiError(429, "stream_queue_full", f"stream {sid!r} already has {line.waiting} requests "
                                 f"queued (limit {s.max_queue_per_stream}); retry later",
                                 {"Retry-After": str(s.retry_after_seconds)})
             if self.total >= s.max_queue_total:
                 self.rejected.labels(queue="global").inc()
-                raise HttpError(429, "queue_full", f"{self.total} requests queued (limit {s.max_queue_total}); "
+                raise ApiError(429, "queue_full", f"{self.total} requests queued (limit {s.max_queue_total}); "
                                 "retry later", {"Retry-After": str(s.retry_after_seconds)})
         if line is None:
             line = self.lines[sid] = _Line()
@@ -219,13 +168,13 @@ class Ingress:
                 call = getattr(self.shard.options(session_id=key), method).remote(*args)
                 return await asyncio.wait_for(call, timeout_s)
             except asyncio.TimeoutError:
-                raise HttpError(504, "replica_timeout", f"no answer from the stream's replica within "
+                raise ApiError(504, "replica_timeout", f"no answer from the stream's replica within "
                                 f"{timeout_s:.0f}s", {"Retry-After": "5"}) from None
             except Exception as exc:
                 names = {c.__name__ for c in type(exc).__mro__}
                 if not names.intersection(RETRYABLE) or attempt == self.retries:
                     log.exception("call %s to the replica failed", method)
-                    raise HttpError(503, "replica_unavailable", "the stream's replica is unavailable; retry",
+                    raise ApiError(503, "replica_unavailable", "the stream's replica is unavailable; retry",
                                     {"Retry-After": "1"}) from None
                 self.retried.inc()
                 await asyncio.sleep(0.2 * (attempt + 1))
@@ -259,7 +208,7 @@ class Ingress:
         for r in await self._replicas():
             try:
                 outs[r] = await self._call(target_key(r), method, timeout_s=BROADCAST_TIMEOUT_S)
-            except HttpError as exc:
+            except ApiError as exc:
                 log.warning("replica %s left out of %s: %s", r, method, exc.message)
         return outs
 
@@ -279,12 +228,12 @@ class Ingress:
             limit = self.settings.max_body_bytes
 
             async def read() -> tuple[bytes, str | None, str]:
-                return await _read_body(request, limit), request.headers.get("content-type"), uuid.uuid4().hex
+                return await read_body(request, limit), request.headers.get("content-type"), uuid.uuid4().hex
 
             out = await self._stream_call(sid, "predict", counted=True, before=read)
             status = out["status"]
             return _to_response(out)
-        except HttpError as exc:
+        except ApiError as exc:
             status = exc.status
             raise
         finally:
@@ -296,9 +245,9 @@ class Ingress:
         try:
             req = await request.json()
         except ValueError:
-            raise HttpError(422, "invalid_request", "the body must be JSON") from None
+            raise ApiError(422, "invalid_request", "the body must be JSON") from None
         if not isinstance(req, dict) or bool(req.get("stream_id")) == bool(req.get("all")):
-            raise HttpError(422, "invalid_request", 'give either "stream_id" or "all": true')
+            raise ApiError(422, "invalid_request", 'give either "stream_id" or "all": true')
         if req.get("all"):
             done = []
             for sid in sorted((await self._list())["streams_by_id"]):
@@ -384,4 +333,4 @@ class Ingress:
         return Response(content=body, media_type=CONTENT_TYPE_LATEST)
 
 
-__all__ = ["Ingress", "SERVED_BY", "HttpError", "api"]
+__all__ = ["Ingress", "SERVED_BY", "ApiError", "api"]
