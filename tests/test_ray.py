@@ -315,6 +315,44 @@ def test_killing_the_stream_replica_loses_no_acknowledged_step(cluster):
                                    rtol=0, atol=1e-5)
 
 
+def test_replica_killed_with_a_request_in_flight_the_request_is_retried_elsewhere(cluster):
+    """The test holds the stream's lease lock, so the next batch waits inside the replica; the replica is killed
+    with it in flight; the ingress retries it on another replica, which applies it once the lock is free."""
+    import fcntl
+    import threading
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, snap = cluster["client"], cluster["snapshot_dir"]
+
+    def retries() -> float:
+        fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        return sum(s.value for s in fams["tta_ingress_retries"].samples if s.name == "tta_ingress_retries_total")
+
+    replica, _ = predict(client, "inflight", npy(1))
+    assert predict(client, "inflight", npy(2))[1]["step"] == 2
+    retried_before = retries()
+    fd = os.open(snap / ".leases" / "inflight.lease", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    result: dict = {}
+    sender = threading.Thread(target=lambda: result.update(r=predict(cluster["client"], "inflight", npy(3))))
+    try:
+        sender.start()
+        time.sleep(3)  # the batch is now waiting for the lease inside the replica
+        assert sender.is_alive()
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#TTAShard#{replica}", namespace="serve"), no_restart=True)
+        time.sleep(3)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    sender.join(60)
+    served_by, body = result["r"]
+    assert served_by != replica and body["step"] == 3, "applied once, on another replica"
+    assert retries() > retried_before
+    assert predict(client, "inflight", npy(4))[1]["step"] == 4
+
+
 def test_eight_replayed_streams_match_the_single_process_accuracy(cluster, tmp_path):
     import argparse
 
