@@ -75,6 +75,11 @@ class ShardStore(StreamStore):
                 self._refresh_meta(self._streams[sid])
 
     def _refresh_meta(self, entry: _Stream) -> None:
+        loader = getattr(self, "_load_meta_into", None)  # the store's own reader where it has one
+        if loader is not None:
+            if entry.on_disk:
+                loader(entry)
+            return
         meta = self._read_meta(entry.id) if entry.on_disk else {}
         entry.step = meta.get("step")
         entry.nbytes = int(meta.get("bytes") or 0)
