@@ -148,6 +148,11 @@ class Shard:
 
     async def _with_stream(self, sid: str, fn: Callable[[ShardStore, Any], Awaitable[dict[str, Any]]]
                            ) -> dict[str, Any]:
+        """Run ``fn`` under the stream's lease; shielded, so a cancelled call (the client hung up) still finishes
+        its step, snapshot and lease record before the lease is released."""
+        return await asyncio.shield(self._locked(sid, fn))
+
+    async def _locked(self, sid: str, fn: Callable[[ShardStore, Any], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         store = await self._store()
         try:
             async with self.leases.hold(sid) as lease:
