@@ -160,6 +160,22 @@ def test_deploy_configs_are_valid_serve_configs(path):
     assert ray_s.replicas >= 1
 
 
+def test_promtool_accepts_the_ray_prometheus_config():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool missing (scripts/setup.sh --with-prometheus)")
+        pytest.skip("promtool not installed")
+    config = Path(__file__).resolve().parents[1] / "deploy/ray/prometheus.yml"
+    r = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS: 1 rule files found" in r.stdout + r.stderr  # the shared alerts load from this config too
+
+
 # ------------------------------------------------------------------------------------------ local cluster
 
 
