@@ -69,7 +69,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(settings, ray)
 
 
-def start(settings: ServiceSettings, ray_settings: RaySettings, *, blocking: bool = False) -> Any:
+def start(settings: ServiceSettings, ray_settings: RaySettings) -> Any:
     """Connect to (or start) the cluster, start Serve's HTTP proxy on settings.host:port and deploy the app."""
     import ray
     from ray import serve
@@ -85,14 +85,7 @@ def start(settings: ServiceSettings, ray_settings: RaySettings, *, blocking: boo
         ray.init(**kw)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     app = build_app(settings, ray_settings)
-    handle = serve.run(app, name=ray_settings.app_name, route_prefix="/", blocking=False)
-    if blocking:
-        try:
-            while True:
-                time.sleep(5)
-        except KeyboardInterrupt:
-            serve.delete(ray_settings.app_name)
-    return handle
+    return serve.run(app, name=ray_settings.app_name, route_prefix="/", blocking=False)
 
 
 def serve_forever(settings: ServiceSettings, ray_settings: RaySettings) -> int:
@@ -102,18 +95,23 @@ def serve_forever(settings: ServiceSettings, ray_settings: RaySettings) -> int:
           f"snapshots in {settings.snapshot_dir} (shared by every replica)", flush=True)
     start(settings, ray_settings)
     print(f"mgg serve --backend ray: ready at {base} (X-Served-By names the replica)", flush=True)
-    start_blocking()
-    return 0
+    import signal
 
+    from ray import serve
 
-def start_blocking() -> None:
+    def _stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # docker/kubernetes stop: the same clean way down as Ctrl-C
     try:
         while True:
             time.sleep(5)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        if ray_settings.address:  # a shared cluster: remove only our application
+            serve.delete(ray_settings.app_name)
+        else:  # the local cluster we started: replicas snapshot their streams on the way down
+            serve.shutdown()
+    return 0
 
 
 __all__ = ["build_app", "app_builder", "split_args", "start", "serve_forever"]
