@@ -160,6 +160,18 @@ def test_deploy_configs_are_valid_serve_configs(path):
     assert ray_s.replicas >= 1
 
 
+def test_cli_backend_ray_flags(capsys):
+    from mgg_core.cli import main
+
+    assert main(["serve", "--backend", "ray", "--replicas", "3", "--max-replicas", "5", "--ray-address", "auto",
+                 "--print-settings"]) == 0
+    out = capsys.readouterr().out
+    ray_part = json.loads(out[out.rindex("{\n"):])
+    assert (ray_part["replicas"], ray_part["max_replicas"], ray_part["address"]) == (3, 5, "auto")
+    assert main(["serve", "--backend", "ray", "--replicas", "0", "--print-settings"]) == 2
+    assert "replicas" in capsys.readouterr().err
+
+
 def test_promtool_accepts_the_ray_prometheus_config():
     import shutil
     import subprocess
