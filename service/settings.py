@@ -6,8 +6,10 @@ Precedence, highest first: explicit overrides (the ``mgg serve`` flags), environ
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,6 +161,26 @@ class ServiceSettings(BaseSettings):
             file_secret_settings,
             _ConfigFileSource(settings_cls, config_path),
         )
+
+    def binds_loopback_only(self) -> bool:
+        """True when ``host`` is a loopback address or 'localhost' (nothing beyond this machine can connect)."""
+        if self.host.strip().lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False  # a host name: assume it is reachable from elsewhere
+
+    def with_safe_admin_token(self) -> tuple[ServiceSettings, str | None]:
+        """The settings to serve with, and the admin token generated for them if one was needed.
+
+        Binding beyond loopback without ``admin_token`` would let anyone reset or delete every stream: a random
+        token is generated for this run (the caller prints it once) so that admin routes are never open.
+        """
+        if self.admin_token is not None or self.binds_loopback_only():
+            return self, None
+        token = secrets.token_urlsafe(24)
+        return self.model_copy(update={"admin_token": SecretStr(token)}), token
 
     def resolved_device(self) -> str:
         if self.device != "auto":
