@@ -109,6 +109,11 @@ class ServiceSettings(BaseSettings):
     max_queue_per_stream: int = Field(16, ge=1, description="requests waiting or running per stream before 429")
     max_queue_total: int = Field(256, ge=1, description="requests waiting or running in total before 429")
     retry_after_seconds: int = Field(1, ge=1)
+    body_timeout_seconds: float = Field(
+        120.0, gt=0, description="a request body must have arrived this long after it started (408 body_timeout "
+        "and the connection is closed past it)")
+    body_idle_timeout_seconds: float = Field(
+        15.0, gt=0, description="the longest wait for the next chunk of a request body (408 body_timeout past it)")
 
     # --- state ----------------------------------------------------------------------------------
     state_budget_bytes: int = Field(2 * 1024**3, ge=0, description="bytes of stream state kept in memory (LRU)")
