@@ -142,7 +142,7 @@ def scenario_bomb(code: str, base: list[str], tmp: Path) -> dict:
             time.sleep(1.0)
             after = srv.rss_mb()
         return {"scenario": "bomb", "body_bytes": len(body), "status": r.status_code,
-                "code": (r.json().get("error") or {}).get("code") if r.status_code != 200 else None,
+                "error_code": (r.json().get("error") or {}).get("code") if r.status_code != 200 else None,
                 "latency_s": round(dt, 3), "rss_before_mb": round(before, 1), "rss_peak_mb": round(peak, 1),
                 "rss_after_mb": round(after, 1), "rss_rise_peak_mb": round(peak - before, 1)}
     finally:

@@ -381,9 +381,15 @@ class StreamStore:
     def _load_meta_into(self, entry: _Stream) -> None:
         path = self._meta_path(entry.id)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return  # listing data only: the snapshot itself is authoritative
+        except OSError:
+            text = "\0"
+        if not text.strip():
+            return  # an empty sidecar (a power loss right after its rename): as if missing
+        try:
+            raw = json.loads(text)
         except (OSError, ValueError):
             entry.invalid = "its sidecar file is not valid JSON"
             log.error("stream %s: sidecar %s is not valid JSON", entry.id, path)
@@ -913,7 +919,7 @@ class StreamStore:
         self._set_persisted(entry)
 
     def _write_files(self, stream_id: str, state: Any, meta: dict[str, Any], old_size: int) -> int:
-        """Sidecar, then snapshot, each atomically and fsynced (mgg_core.io); returns the bytes both take.
+        """Sidecar, then snapshot, each atomically (mgg_core.io), the snapshot fsynced; returns the bytes both take.
 
         The snapshot is written last: it is authoritative, and a crash between the two leaves at worst a
         sidecar one step ahead of it (listing data only; the stream is listed from the snapshot once loaded).
@@ -926,7 +932,9 @@ class StreamStore:
             total = size + len(sidecar.encode())
             if self._disk_total - old_size + total > self.max_snapshot_bytes:
                 raise _DiskCapReached(f"snapshot disk limit of {self.max_snapshot_bytes} bytes reached")
-            atomic_write_text(self._meta_path(stream_id), sidecar)
+            # listing data only: atomic but not fsynced itself; the snapshot's folder fsync below makes its rename
+            # durable, and an empty sidecar after a power loss is read as a missing one
+            atomic_write_text(self._meta_path(stream_id), sidecar, durable=False)
         return total
 
     def _snapshot_path(self, stream_id: str) -> Path:
