@@ -14,6 +14,7 @@ Scenarios:
   silent  256 header-only /predict connections, then one request on another stream: status and latency;
           seconds until the silent connections are closed by the server
   hangup  10 clients that hang up mid-upload: change of the 5xx request counter
+  flood   400 new stream ids under max_streams=100: answers, streams known, snapshot bytes on disk
 Prints one JSON object per scenario.
 """
 from __future__ import annotations
@@ -223,6 +224,9 @@ def scenario_silent(code: str, base: list[str], tmp: Path, n: int = 256) -> dict
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             c.post("/predict", content=npy(digits(4)), headers={**NPY, "X-Stream-Id": "warm"})
+            t0 = time.perf_counter()
+            c.post("/predict", content=npy(digits(4)), headers={**NPY, "X-Stream-Id": "baseline"})
+            baseline = time.perf_counter() - t0
             for i in range(n):
                 s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
                 s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
@@ -253,8 +257,8 @@ def scenario_silent(code: str, base: list[str], tmp: Path, n: int = 256) -> dict
             t.start()
         for t in threads:
             t.join(65)
-        return {"scenario": "silent", "connections": n, "other_stream_status": status,
-                "other_stream_latency_s": round(dt, 3), "silent_closed_by_server": len(closed_at),
+        return {"scenario": "silent", "connections": n, "new_stream_latency_s_without_them": round(baseline, 3),
+                "other_stream_status": status, "other_stream_latency_s": round(dt, 3), "silent_closed_by_server": len(closed_at),
                 "silent_closed_within_s": round(max(closed_at), 2) if closed_at else None}
     finally:
         for s in socks:
@@ -290,8 +294,29 @@ def scenario_hangup(code: str, base: list[str], tmp: Path, n: int = 10) -> dict:
         srv.stop()
 
 
+def scenario_flood(code: str, base: list[str], tmp: Path, n: int = 400, cap: int = 100) -> dict:
+    """n new stream ids, one request each, under a 1 MB state budget and max_streams=cap (ignored by old code)."""
+    snaps = tmp / "flood"
+    env = {"MGG_STATE_BUDGET_BYTES": str(1024 * 1024), "MGG_MAX_STREAMS": str(cap)}
+    srv = Server(code, snaps, base, env)
+    codes: dict[int, int] = {}
+    try:
+        body = npy(digits(2))
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            for i in range(n):
+                r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": f"flood{i}"})
+                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            known = c.get("/streams", params={"limit": 1}).json().get("streams_known")
+        disk = sum(p.stat().st_size for p in snaps.rglob("*") if p.is_file())
+    finally:
+        srv.stop()
+    disk_after_stop = sum(p.stat().st_size for p in snaps.rglob("*") if p.is_file())
+    return {"scenario": "flood", "new_stream_ids": n, "max_streams": cap, "status_counts": codes,
+            "streams_known": known, "snapshot_bytes_on_disk": disk, "snapshot_bytes_after_shutdown": disk_after_stop}
+
+
 SCENARIOS = {"bomb": scenario_bomb, "crash": scenario_crash, "cost": scenario_cost, "silent": scenario_silent,
-             "hangup": scenario_hangup}
+             "hangup": scenario_hangup, "flood": scenario_flood}
 
 
 def main() -> int:
