@@ -35,6 +35,7 @@ finiteness, scalar types) and sidecars by field type at start-up; a bad file mak
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -47,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -56,6 +57,10 @@ from pydantic import Field as PydField
 from mgg_core.io import atomic_path, atomic_write_text, fsync_dir
 
 from .metrics import ServiceMetrics
+
+if TYPE_CHECKING:  # torch loads lazily
+    from mgg_core.engine import AdaptationEngine
+    from mgg_core.state import StreamState
 
 __all__ = [
     "DURABILITY_MODES", "PersistError", "SnapshotMeta", "SnapshotRestoreError", "StoreBusy", "StoreClosed",
@@ -165,7 +170,7 @@ class _StoreMetrics:
 @dataclass
 class _Stream:
     id: str
-    state: Any = None  # StreamState when resident
+    state: StreamState | None = None  # when resident
     on_disk: bool = False  # a snapshot file exists
     fresh: bool = False  # at the exact source state with nothing on disk (after a reset)
     dirty: bool = False  # resident state differs from the snapshot on disk (or there is none)
@@ -188,12 +193,12 @@ class _Stream:
     def known(self) -> bool:
         return self.state is not None or self.on_disk or self.fresh
 
-    def refresh(self, state: Any) -> None:
+    def refresh(self, state: StreamState) -> None:
         self.step = int(state.step)
-        ema = getattr(state, "entropy_ema", None)
+        ema = state.entropy_ema
         self.entropy_ema = None if ema is None else float(ema)
         self.nbytes = int(state.nbytes())
-        self.rollbacks = int(getattr(state, "rollbacks", 0) or 0)  # the collapse guard's count, kept in snapshots
+        self.rollbacks = int(state.rollbacks)  # the collapse guard's count, kept in snapshots
 
     def info(self) -> dict[str, Any]:
         return {
@@ -277,7 +282,7 @@ class Ticket:
 class StreamStore:
     def __init__(
         self,
-        engine: Any,
+        engine: AdaptationEngine,
         snapshot_dir: str | os.PathLike[str],
         *,
         metrics: ServiceMetrics,
@@ -465,7 +470,7 @@ class StreamStore:
             raise StoreFull("disk", f"snapshots take {self._disk_total} bytes on disk and the limit is "
                             f"{self.max_snapshot_bytes}; delete streams that are no longer needed")
 
-    async def run(self, ticket: Ticket, fn: Callable[[Any], T]) -> T:
+    async def run(self, ticket: Ticket, fn: Callable[[StreamState], T]) -> T:
         """Run ``fn(state)`` in a worker thread once the ticket's turn has come; state is loaded or created first.
 
         Under ``durability="step"`` the new state is on disk before this returns (else :class:`PersistError`).
@@ -477,7 +482,7 @@ class StreamStore:
         task.add_done_callback(self._jobs.discard)
         return await asyncio.shield(task)
 
-    async def _run_job(self, ticket: Ticket, fn: Callable[[Any], T]) -> T:
+    async def _run_job(self, ticket: Ticket, fn: Callable[[StreamState], T]) -> T:
         entry = ticket.entry
         try:
             await ticket.wait_turn()
@@ -535,7 +540,7 @@ class StreamStore:
         entry.unpersisted, entry.unpersisted_since = 0, None
         self._m.unpersisted.set(self._unpersisted_total)
 
-    async def _ensure_resident(self, entry: _Stream) -> Any:
+    async def _ensure_resident(self, entry: _Stream) -> StreamState:
         if entry.state is not None:
             return entry.state
         if entry.invalid is not None:
@@ -563,7 +568,7 @@ class StreamStore:
 
     # ------------------------------------------------------------------------------ restore checks
 
-    def _load_state(self, stream_id: str) -> Any:
+    def _load_state(self, stream_id: str) -> StreamState:
         """Load and validate a snapshot; raises :class:`_InvalidSnapshot` with a safe reason."""
         path = self._snapshot_path(stream_id)
         try:
@@ -574,13 +579,7 @@ class StreamStore:
             raise _InvalidSnapshot(f"its snapshot file is {size} bytes, far larger than a state of this engine")
         self._check_fingerprint(path)
         try:
-            loader = getattr(self.engine, "load_state", None)
-            if loader is not None:
-                state = loader(path)
-            else:
-                from mgg_core.state import StreamState
-
-                state = StreamState.load(path, self.engine)
+            state = self.engine.load_state(path)
         except Exception as exc:  # any failure of a tampered file is that stream's problem only
             log.debug("loading %s failed", path, exc_info=True)
             raise _InvalidSnapshot("the file is not a readable stream-state snapshot") from exc
@@ -678,7 +677,7 @@ class StreamStore:
 
         return await self._admin(stream_id, op)
 
-    async def reset_all(self) -> list[str]:
+    async def reset_all(self) -> builtins.list[str]:
         """Reset every known stream, one at a time in its own chain; memory use does not grow."""
         done = []
         for sid in [sid for sid, e in self._streams.items() if e.known]:
@@ -718,10 +717,12 @@ class StreamStore:
             raise UnknownStream(stream_id)
         return entry.info()
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         return self.page()[0]
 
-    def page(self, after: str | None = None, limit: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    def page(
+        self, after: str | None = None, limit: int | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], str | None]:
         """Known streams sorted by id, those after ``after``, at most ``limit``; returns (page, next ``after``)."""
         ids = sorted(sid for sid, e in self._streams.items() if e.known and (after is None or sid > after))
         if limit is not None and len(ids) > limit:
@@ -834,7 +835,7 @@ class StreamStore:
                 if entry.unpersisted and since is not None and now - since >= self.interval_seconds:
                     await self._snapshot_job(entry, reason="interval", unload=False)
 
-    async def evict_idle(self, now: float | None = None) -> list[str]:
+    async def evict_idle(self, now: float | None = None) -> builtins.list[str]:  # `list` is a method here
         now = time.monotonic() if now is None else now
         evicted = []
         for sid in list(self._lru):
@@ -849,7 +850,7 @@ class StreamStore:
                 evicted.append(sid)
         return evicted
 
-    async def expire(self, now: float | None = None) -> list[str]:
+    async def expire(self, now: float | None = None) -> builtins.list[str]:
         """Forget non-resident streams idle for ``retention_seconds`` and delete their files."""
         if self.retention_seconds is None:
             return []
@@ -918,7 +919,7 @@ class StreamStore:
         entry.on_disk, entry.dirty, entry.fresh = True, False, False
         self._set_persisted(entry)
 
-    def _write_files(self, stream_id: str, state: Any, meta: dict[str, Any], old_size: int) -> int:
+    def _write_files(self, stream_id: str, state: StreamState, meta: dict[str, Any], old_size: int) -> int:
         """Sidecar, then snapshot, each atomically (mgg_core.io), the snapshot fsynced; returns the bytes both take.
 
         The snapshot is written last: it is authoritative, and a crash between the two leaves at worst a
