@@ -274,7 +274,7 @@ class Ticket:
         if prev is None or prev.done():
             done.set_result(None)
         else:  # our turn never came (cancelled while waiting): finish only after prev does
-            prev.add_done_callback(lambda _f: done.done() or done.set_result(None))
+            prev.add_done_callback(lambda _f: done.done() or done.set_result(None))  # type: ignore[func-returns-value]
         if entry.pending == 0 and not entry.known and store._streams.get(entry.id) is entry:
             del store._streams[entry.id]  # a placeholder that never got state
 
@@ -488,19 +488,20 @@ class StreamStore:
             await ticket.wait_turn()
             async with self._sem:
                 state = await self._ensure_resident(entry)
+                durable = (entry.step, entry.entropy_ema, entry.rollbacks, entry.requests)  # listing, as on disk
                 entry.last_seen = time.time()
                 entry.requests += 1
                 try:
                     result = await asyncio.to_thread(fn, state)
                 except BaseException:
                     if self.durability == "step":  # back to the last durable state: nothing half-done survives
-                        self._drop_state(entry)
+                        self._revert(entry, durable)
                     else:
                         self._mark_changed(entry, state)
                     raise
                 self._mark_changed(entry, state)
             if self.durability == "step":
-                await self._persist_or_revert(entry)
+                await self._persist_or_revert(entry, durable)
             elif entry.unpersisted >= self.interval_steps:
                 self._spawn(self._snapshot_job(entry, reason="interval", unload=False))
         finally:
@@ -518,17 +519,22 @@ class StreamStore:
         self._unpersisted_total += 1
         self._m.unpersisted.set(self._unpersisted_total)
 
-    async def _persist_or_revert(self, entry: _Stream) -> None:
+    async def _persist_or_revert(self, entry: _Stream, durable: tuple[Any, ...]) -> None:
         """Write the stream now; on failure drop it from memory (back to its last durable state) and raise."""
         try:
             await self._write(entry)
         except OSError as exc:
             self._metrics.snapshot_errors.labels(op="write").inc()
             log.error("stream %s: durable write failed (%s); the step is not acknowledged", entry.id, exc)
-            self._forget_unpersisted(entry, reason="write_failed")
-            self._drop_state(entry)
+            self._revert(entry, durable)
             raise PersistError(entry.id, disk_full=isinstance(exc, _DiskCapReached)) from None
         self._metrics.snapshots.labels(reason="step").inc()
+
+    def _revert(self, entry: _Stream, durable: tuple[Any, ...]) -> None:
+        """Forget the resident state: the next request restores the last durable one (or the source state)."""
+        self._set_persisted(entry)
+        self._drop_state(entry)
+        entry.step, entry.entropy_ema, entry.rollbacks, entry.requests = durable
 
     def _forget_unpersisted(self, entry: _Stream, reason: str) -> None:
         if entry.unpersisted:
@@ -882,7 +888,6 @@ class StreamStore:
             if entry.state is None:
                 return entry.on_disk or entry.fresh or not force
             if entry.dirty or (force and not entry.on_disk):
-                t0 = time.perf_counter()
                 try:
                     await self._write(entry)
                 except OSError as exc:
@@ -896,9 +901,6 @@ class StreamStore:
                     else:
                         log.error("snapshot of stream %s failed (%s); keeping it in memory", entry.id, exc)
                     return False
-                dt = time.perf_counter() - t0
-                self._metrics.snapshot_duration.observe(dt)
-                self._metrics.observe_phase("snapshot", dt)
                 self._metrics.snapshots.labels(reason=reason).inc()
             if unload:
                 self._drop_state(entry)
@@ -910,10 +912,13 @@ class StreamStore:
     async def _write(self, entry: _Stream) -> None:
         """Write the resident state of ``entry`` durably (raises OSError); marks it clean and persisted."""
         state = entry.state
+        assert state is not None, "only resident streams are written"
         meta = {k: v for k, v in entry.info().items() if k in SnapshotMeta.model_fields}
         t0 = time.perf_counter()
         size = await asyncio.to_thread(self._write_files, entry.id, state, meta, entry.disk_bytes)
-        self._metrics.observe_phase("snapshot", time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self._metrics.snapshot_duration.observe(dt)
+        self._metrics.observe_phase("snapshot", dt)
         self._set_disk(entry, size)
         self._file_estimate = max(self._file_estimate, size)
         entry.on_disk, entry.dirty, entry.fresh = True, False, False

@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -353,8 +354,8 @@ def test_durable_write_failure_is_not_acknowledged(live_server, tmp_path, digit_
             assert r.status_code == 507 and r.json()["error"]["code"] == "snapshot_write_failed", r.text
             no_internals(r.text, "injected")
             assert server_errors(c) - before == 1  # a real server-side fault: it is counted
-            r = c.post("/streams/w/snapshot", headers=AUTH)  # nothing to write: it is on disk already
-            assert r.status_code == 200
+            r = c.post("/streams/w/snapshot", headers=AUTH)  # nothing to write: its state is on disk already
+            assert r.status_code == 200 and r.json()["snapshot"] is True
         finally:
             store._write_files = real
         assert c.get("/streams/w", headers=AUTH).json()["step"] == 1  # the refused step was not kept
@@ -557,3 +558,217 @@ def test_streams_listing_is_paginated(live_server, tmp_path, digit_images):
         assert seen == [f"p{i}" for i in range(7)]
         r = c.get("/streams", params={"limit": 5}, headers=AUTH)
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+
+# ------------------------------------------------------------------- 1. slow and silent request bodies
+
+
+def _silent(port: int, sid: str, length: int = 100_000) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-npy\r\nX-Stream-Id: {sid}\r\n"
+              f"Content-Length: {length}\r\n\r\n".encode())
+    return s
+
+
+def _closed_by_server(s: socket.socket, within: float) -> tuple[bool, bytes]:
+    """Read until the server closes the connection (True) or ``within`` seconds pass (False)."""
+    s.settimeout(0.2)
+    data, deadline = b"", time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return True, data
+        if not chunk:
+            return True, data
+        data += chunk
+    return False, data
+
+
+@pytest.mark.timeout(240)
+def test_silent_connections_hold_no_queue_slot_and_are_closed(live_server, tmp_path, digit_images):
+    srv = live_server(settings_for(tmp_path / "s", body_idle_timeout_seconds=3, body_timeout_seconds=6,
+                                   max_queue_total=256))
+    x = digit_images[:4]
+    with srv.client() as c:
+        ok(c, "warm", x)
+        t0 = time.perf_counter()
+        ok(c, "baseline", x)
+        # 2 s, or 3x a new stream's first request without them when the shared CPU is that slow right now
+        bound = max(2.0, 3 * (time.perf_counter() - t0))
+        socks = [_silent(srv.port, f"silent{i}") for i in range(256)]
+        try:
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            got = ok(c, "another", x)  # neither 429 queue_full nor a wait
+            assert time.perf_counter() - t0 < bound and got["step"] == 1
+            t0 = time.perf_counter()
+            assert ok(c, "silent7", x)["step"] == 1  # a silent upload does not block its own stream either
+            assert time.perf_counter() - t0 < bound
+            assert metric(c, "tta_queue_depth") == 0
+            results = [_closed_by_server(s, within=20) for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        assert all(closed for closed, _ in results), sum(not closed for closed, _ in results)
+        answered = [data for _, data in results if data]
+        assert answered and all(b" 408 " in d.split(b"\r\n", 1)[0] and b"body_timeout" in d for d in answered)
+        assert metric(c, "tta_http_requests_total", status="408") == len(answered)
+        assert c.get("/streams/silent3", headers=AUTH).status_code == 404  # nothing was created for them
+
+
+def test_a_trickling_body_is_cut_by_the_total_body_timeout(live_server, tmp_path, digit_images):
+    srv = live_server(settings_for(tmp_path / "s", body_idle_timeout_seconds=1, body_timeout_seconds=2))
+    body = npy_bytes(digit_images[:4])
+    s = _silent(srv.port, "trickle", len(body))
+    t0 = time.perf_counter()
+    try:
+        for i in range(40):  # one byte every 0.2 s: never idle for 1 s, but 8 s in all
+            try:
+                s.sendall(body[i:i + 1])
+            except OSError:
+                break
+            time.sleep(0.2)
+        closed, data = _closed_by_server(s, within=10)
+    finally:
+        s.close()
+    assert closed and b" 408 " in data.split(b"\r\n", 1)[0] and b"whole body" in data
+    assert time.perf_counter() - t0 < 6
+
+
+# ---------------------------------------------------------------------------------- 7. hang-ups
+
+
+def test_hang_ups_are_499_not_server_errors(live_server, tmp_path, digit_images, caplog):
+    import logging
+
+    srv = live_server(settings_for(tmp_path / "s"))
+    body = npy_bytes(digit_images[:8])
+    with srv.client() as c:
+        ok(c, "warm", digit_images[:4])
+        before = server_errors(c)
+        with caplog.at_level(logging.INFO):
+            for i in range(10):
+                s = _silent(srv.port, f"hang{i}", len(body))
+                s.sendall(body[: len(body) // 2])
+                time.sleep(0.05)
+                s.close()
+            wait_for(lambda: metric(c, "tta_client_disconnects_total") == 10)
+        assert server_errors(c) == before  # the 5xx alert does not see them
+        assert metric(c, "tta_http_requests_total", status="499", route="/predict") == 10
+        lines = [r for r in caplog.records if "disconnected" in r.getMessage()]
+        assert len(lines) == 10 and not any(r.exc_info for r in lines)  # one line each, no traceback
+        assert not any("Exception in ASGI application" in r.getMessage() for r in caplog.records)
+        assert all(c.get(f"/streams/hang{i}", headers=AUTH).status_code == 404 for i in range(10))
+
+
+# ------------------------------------------------------------------------------------ 11. internals
+
+
+def test_error_bodies_carry_no_internals(live_server, tmp_path, digit_images):
+    srv = live_server(settings_for(tmp_path / "s"))
+    engine = srv.app.state.svc.runtime.engine
+    real = engine.step
+
+    def broken(*a, **kw):
+        raise RuntimeError(f"secret detail at {tmp_path}/internal/file.py")
+
+    with srv.client() as c:
+        engine.step = broken
+        try:
+            before = server_errors(c)
+            r = predict(c, "err", digit_images[:4])
+        finally:
+            engine.step = real
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        no_internals(r.text, "secret", "RuntimeError", str(tmp_path))
+        assert "request id" in r.json()["error"]["message"]
+        assert server_errors(c) == before + 1  # a real server error is counted
+        assert ok(c, "err", digit_images[:4])["step"] == 1  # the failed step was not kept (durability=step)
+
+
+def test_info_hides_checkpoint_folders_without_the_token(live_server, tmp_path):
+    srv = live_server(settings_for(tmp_path / "s"))
+    with srv.client() as c:
+        open_info = c.get("/info").json()["model"]
+        admin_info = c.get("/info", headers=AUTH).json()["model"]
+    assert "/" in admin_info["checkpoint"]
+    assert "/" not in open_info["checkpoint"] and open_info["checkpoint"] == Path(admin_info["checkpoint"]).name
+    assert "/" not in json.dumps(open_info)
+
+
+def test_docs_work_offline(live_server, tmp_path):
+    srv = live_server(settings_for(tmp_path / "s"))
+    with srv.client() as c:
+        html = c.get("/docs").text
+        assert "cdn." not in html and "https://" not in html.split("<body>")[0].replace("https://fastapi", "")
+        for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+            assert f"/static-offline-docs/{asset}" in html
+            r = c.get(f"/static-offline-docs/{asset}")
+            assert r.status_code == 200 and len(r.content) > 10_000
+
+
+def test_binding_beyond_loopback_never_leaves_admin_routes_open(live_server, tmp_path, digit_images, capsys):
+    # the socket is still loopback (tests never bind elsewhere); the app sees host 0.0.0.0 in its settings
+    srv = live_server(settings_for(tmp_path / "s", host="0.0.0.0", admin_token=None))
+    printed = capsys.readouterr().err
+    token = printed.split("generated admin token for this run: ")[1].split()[0]
+    with srv.client() as c:
+        ok(c, "adm", digit_images[:4])
+        assert c.post("/reset", json={"all": True}).status_code == 401
+        assert c.delete("/streams/adm").status_code == 401
+        assert c.get("/streams", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    local = ServiceSettings(_env_file=None, host="127.0.0.1").with_safe_admin_token()
+    assert local[1] is None and local[0].admin_token is None  # loopback: no token needed
+
+
+def test_pixels_in_flight_setting_over_http(live_server, tmp_path, digit_images):
+    """Request A holds its decoded pixels while it is preprocessed (held at a gate); B, within every per-request
+    limit, finds the in-flight budget taken: 503 + Retry-After; once A is done the budget is free again."""
+    srv = live_server(settings_for(tmp_path / "s", max_pixels_in_flight=6 * 28 * 28))
+    rt = srv.app.state.svc.runtime
+    real, gate, entered = rt.preprocessor, threading.Event(), threading.Event()
+
+    def gated(images):
+        entered.set()
+        gate.wait(30)
+        return real(images)
+
+    rt.preprocessor = gated
+    result: dict[str, httpx.Response] = {}
+    try:
+        with srv.client() as c:
+            def first() -> None:
+                with srv.client() as c2:
+                    result["a"] = predict(c2, "pa", digit_images[:4])
+
+            t = threading.Thread(target=first)
+            t.start()
+            assert entered.wait(30)
+            assert metric(c, "tta_pixels_in_flight") == 4 * 28 * 28
+            r = predict(c, "pb", digit_images[:4])
+            assert r.status_code == 503 and r.json()["error"]["code"] == "pixels_in_flight", r.text
+            assert int(r.headers["retry-after"]) >= 1
+            gate.set()
+            t.join(60)
+            assert result["a"].status_code == 200
+            assert metric(c, "tta_pixels_in_flight") == 0
+            rt.preprocessor = real
+            assert ok(c, "pb", digit_images[:4])["step"] == 1
+    finally:
+        gate.set()
+        rt.preprocessor = real
+
+
+def test_compose_is_safe_by_default():
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    env = cfg["x-service-env"]
+    assert env["MGG_HOST"] == "0.0.0.0" and "MGG_ADMIN_TOKEN" in env  # beyond loopback: the app generates a token
+    for name in ("service", "service-noadapt"):
+        svc = cfg["services"][name]
+        assert svc["stop_grace_period"] == "45s"
+        assert all(str(p).startswith("${MGG_PUBLISH_ADDR:-127.0.0.1}:") for p in svc["ports"])
