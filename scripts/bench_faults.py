@@ -238,14 +238,18 @@ def scenario_silent(code: str, base: list[str], tmp: Path, n: int = 256) -> dict
                 s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
                           f"X-Stream-Id: silent{i}\r\nContent-Length: 100000\r\n\r\n".encode())
                 socks.append(s)
-            time.sleep(0.5)
-            t0 = time.perf_counter()
-            try:
-                r = c.post("/predict", content=npy(digits(4)), headers={**NPY, "X-Stream-Id": "other"}, timeout=30)
-                status = r.status_code
-            except httpx.HTTPError as exc:
-                status = type(exc).__name__
-            dt = time.perf_counter() - t0
+            time.sleep(2.0)  # let the server take in the 256 requests' headers first
+            lat, status = [], None
+            for _ in range(2):  # a new stream, then the same stream again
+                t0 = time.perf_counter()
+                try:
+                    r = c.post("/predict", content=npy(digits(4)), headers={**NPY, "X-Stream-Id": "other"},
+                               timeout=30)
+                    status = r.status_code if status in (None, 200) else status
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                lat.append(time.perf_counter() - t0)
+            dt = lat[0]
         closed_at: list[float] = []
         t1 = time.perf_counter()
 
@@ -265,6 +269,7 @@ def scenario_silent(code: str, base: list[str], tmp: Path, n: int = 256) -> dict
             t.join(65)
         return {"scenario": "silent", "connections": n, "new_stream_latency_s_without_them": round(baseline, 3),
                 "other_stream_status": status, "other_stream_latency_s": round(dt, 3),
+                "other_stream_second_request_s": round(lat[1], 3),
                 "silent_closed_by_server": len(closed_at),
                 "silent_closed_within_s": round(max(closed_at), 2) if closed_at else None}
     finally:
