@@ -1,10 +1,11 @@
-"""The HTTP ingress of the Ray backend: the service's HTTP API, each stream's calls sent in arrival order to the
-shard replica its id hashes to.
+"""The HTTP ingress of the Ray backend: the service's HTTP API, each stream's calls sent in order to the shard
+replica its id hashes to.
 
 Contract.
-* ``POST /predict``: the request takes its place in its stream's line when it arrives (before the body is read);
-  the line forwards one call at a time, in that order, to the shard deployment with ``session_id=<stream id>``
-  (:mod:`router`: strict hashing, no spill-over). The response is the shard's, plus ``X-Served-By: <replica id>``.
+* ``POST /predict``: once its body is read (as in the single-process service, the order of adaptation is the
+  order in which bodies completed), the request takes its place in its stream's line; the line forwards one call
+  at a time, in that order, to the shard deployment with ``session_id=<stream id>`` (:mod:`router`: strict
+  hashing, no spill-over). The response is the shard's, plus ``X-Served-By: <replica id>``.
   Past ``max_queue_per_stream`` waiting requests on a stream or ``max_queue_total`` overall: 429.
   When the replica dies before answering, the call is retried (same request id: a replica that made the step
   durable before dying answers the retry with the stored response instead of stepping twice).
@@ -180,14 +181,13 @@ class Ingress:
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _stream_call(self, sid: str, method: str, *args: Any, counted: bool = False,
-                           before: Any = None) -> dict[str, Any]:
+    async def _stream_call(self, sid: str, method: str, *args: Any, counted: bool = False) -> dict[str, Any]:
+        """``method(sid, *args)`` on the stream's replica, after every earlier call of the stream (its line)."""
         line, prev, mine = self._enter_line(sid, counted)
         try:
-            payload = await before() if before is not None else ()
             if prev is not None and not prev.done():
                 await asyncio.shield(prev)
-            return await self._call(sid, method, sid, *payload, *args)
+            return await self._call(sid, method, sid, *args)
         finally:
             self._leave_line(sid, line, prev, mine)
 
@@ -225,12 +225,11 @@ class Ingress:
         t0, status = time.perf_counter(), 500
         try:
             sid = check_stream_id(x_stream_id)
-            limit = self.settings.max_body_bytes
-
-            async def read() -> tuple[bytes, str | None, str]:
-                return await read_body(request, limit), request.headers.get("content-type"), uuid.uuid4().hex
-
-            out = await self._stream_call(sid, "predict", counted=True, before=read)
+            # the body first, as in the single-process service: a slow upload holds no place in the stream's line,
+            # and the order of adaptation is the order in which bodies completed
+            body = await read_body(request, self.settings.max_body_bytes)
+            payload = (body, request.headers.get("content-type"), uuid.uuid4().hex)
+            out = await self._stream_call(sid, "predict", *payload, counted=True)
             status = out["status"]
             return _to_response(out)
         except ApiError as exc:

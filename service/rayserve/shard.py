@@ -26,12 +26,13 @@ from ..runtime import ServiceState, load_runtime, warm_up
 from ..settings import ServiceSettings
 from ..store import (
     SNAPSHOT_SUFFIX,
+    PersistError,
     SnapshotRestoreError,
     StoreBusy,
     StoreClosed,
+    StoreFull,
     StreamStore,
     UnknownStream,
-    _parse_iso,
     _Stream,
     valid_stream_id,
 )
@@ -51,57 +52,59 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
 class ShardStore(StreamStore):
     """A StreamStore over a snapshot folder shared with other replicas.
 
-    Differences from the single-process store: the shared ``.tmp`` folder is not wiped at start (other replicas
-    write there); :meth:`adopt` forgets a resident copy so the next access restores the stream from disk; and a
-    snapshot is written only while ``may_write(stream_id)`` holds (this replica still owns the stream's lease):
+    Differences from the single-process store: temp files in the folder are not wiped at start (other replicas
+    are writing them); :meth:`adopt` forgets a resident copy so the next access restores the stream from disk;
+    and files are written only while ``may_write(stream_id)`` holds (this replica still owns the stream's lease):
     an eviction or shutdown snapshot of a stream that moved to another replica is skipped, its copy dropped.
+    ``last_write_s`` keeps the duration of each stream's last durable write (reported in the response).
     """
 
     may_write: Callable[[str], bool] = staticmethod(lambda _sid: True)
 
-    def _write_snapshot(self, stream_id: str, state: Any, meta: dict[str, Any]) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_write_s: dict[str, float] = {}
+
+    def _write_files(self, stream_id: str, state: Any, meta: dict[str, Any], old_size: int) -> int:
         if not self.may_write(stream_id):
             log.warning("stream %s moved to another replica: its stale copy here is dropped, not written", stream_id)
-            return
-        super()._write_snapshot(stream_id, state, meta)
+            return old_size
+        t0 = time.perf_counter()
+        size = super()._write_files(stream_id, state, meta, old_size)
+        self.last_write_s[stream_id] = time.perf_counter() - t0
+        return size
 
     def _scan(self) -> None:
-        """Like StreamStore._scan, without wiping ``.tmp`` (other replicas write their snapshots through it)."""
-        (self.snapshot_dir / ".tmp").mkdir(parents=True, exist_ok=True)
+        """Like StreamStore._scan, without removing temp files (other replicas' writes in progress)."""
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.snapshot_dir.glob("*" + SNAPSHOT_SUFFIX)):
             sid = path.name[: -len(SNAPSHOT_SUFFIX)]
             if valid_stream_id(sid) and path.is_file():
-                self._streams[sid] = _Stream(id=sid, on_disk=True)
-                self._refresh_meta(self._streams[sid])
+                self._streams[sid] = self._from_disk(sid)
 
-    def _refresh_meta(self, entry: _Stream) -> None:
-        loader = getattr(self, "_load_meta_into", None)  # the store's own reader where it has one
-        if loader is not None:
-            if entry.on_disk:
-                loader(entry)
-            return
-        meta = self._read_meta(entry.id) if entry.on_disk else {}
-        entry.step = meta.get("step")
-        entry.nbytes = int(meta.get("bytes") or 0)
-        entry.entropy_ema = meta.get("entropy_ema")
-        entry.last_seen = _parse_iso(meta.get("last_seen"))
-        entry.requests = int(meta.get("requests") or 0)
-        entry.rollbacks = int(meta.get("rollbacks") or 0)
+    def _from_disk(self, sid: str, entry: _Stream | None = None) -> _Stream:
+        entry = entry or _Stream(id=sid)
+        entry.on_disk, entry.invalid = True, None
+        self._load_meta_into(entry)
+        self._set_disk(entry, self._files_size(sid))
+        return entry
 
     def adopt(self, stream_id: str) -> None:
         """Take the snapshot on disk as the truth for ``stream_id``: drop any resident copy, re-read metadata."""
         entry = self._streams.get(stream_id)
         on_disk = self._snapshot_path(stream_id).is_file()
-        if entry is None:
-            if not on_disk:
-                return
-            entry = self._streams[stream_id] = _Stream(id=stream_id)
-        if entry.state is not None:
-            self._drop_state(entry)  # not snapshotted: another replica advanced the stream since
-        entry.on_disk = on_disk
-        self._refresh_meta(entry)
-        if not on_disk and entry.pending == 0:
-            del self._streams[stream_id]
+        if entry is not None and entry.state is not None:
+            self._set_persisted(entry)
+            self._drop_state(entry)  # another replica advanced (or reset, or deleted) the stream since
+        if on_disk:
+            self._streams[stream_id] = self._from_disk(stream_id, entry)
+            if entry is not None:
+                entry.fresh = False
+        elif entry is not None:
+            self._set_disk(entry, 0)
+            entry.on_disk, entry.fresh, entry.invalid = False, False, None
+            if entry.pending == 0:
+                del self._streams[stream_id]
         self._update_gauges()
 
 
@@ -114,7 +117,10 @@ class Shard:
     """
 
     def __init__(self, settings: dict[str, Any], lease_timeout_s: float = 30.0) -> None:
-        self.settings = ServiceSettings(**settings)
+        if settings.get("durability", "step") != "step":
+            log.warning("the Ray backend snapshots every step (durability='step'): another replica may take any "
+                        "stream over; durability=%r is ignored", settings["durability"])
+        self.settings = ServiceSettings(**{**settings, "durability": "step"})
         self.replica_id = _replica_id()
         self.metrics = ServiceMetrics()
         self.svc = ServiceState(self.settings, self.metrics)  # what the service's DataPlane reads
@@ -134,11 +140,13 @@ class Shard:
         async with self._start_lock:
             if self.store is None:
                 s = self.settings
-                store = ShardStore(
+                store = ShardStore(  # the arguments of ServiceState._open_store; durability is always "step"
                     self.runtime.engine, s.snapshot_dir, metrics=self.metrics, budget_bytes=s.state_budget_bytes,
                     max_concurrent=s.max_concurrent_streams, max_queue_per_stream=s.max_queue_per_stream,
                     max_queue_total=s.max_queue_total, idle_seconds=s.idle_seconds,
-                    idle_check_seconds=s.idle_check_seconds,
+                    idle_check_seconds=s.idle_check_seconds, durability="step",
+                    max_streams=s.max_streams, max_snapshot_bytes=s.max_snapshot_bytes,
+                    retention_seconds=s.snapshot_retention_seconds,
                 )
                 store.may_write = self.leases.holds
                 await store.start()
@@ -164,7 +172,11 @@ class Shard:
         except UnknownStream:
             out = error(404, "unknown_stream", f"no stream {sid!r}")
         except SnapshotRestoreError as exc:
-            out = error(500, "snapshot_restore_failed", f"{exc}; POST /reset this stream to start over")
+            out = error(500, "snapshot_restore_failed", f"{exc.message}; POST /reset this stream to start over")
+        except PersistError as exc:
+            out = error(507, "snapshot_disk_full" if exc.disk_full else "snapshot_write_failed", exc.message)
+        except StoreFull as exc:
+            out = error(507, exc.code, exc.message)
         except StoreBusy as exc:
             code = "stream_queue_full" if exc.queue == "stream" else "queue_full"
             out = error(429, code, exc.message, {"Retry-After": str(self.settings.retry_after_seconds)})
@@ -185,11 +197,9 @@ class Shard:
                 return reply(200, lease.record["last_response"], replayed=True)  # a retry of an applied request
             out = await self._predict(store, sid, body, content_type)
             if out["status"] == 200:
-                t0 = time.perf_counter()
-                await store.snapshot(sid, reason="step")
                 timings = out["body"]["timings"]
                 timings["lease"] = lease.wait_s
-                timings["snapshot"] = time.perf_counter() - t0  # the step is durable before the answer
+                timings["snapshot"] = store.last_write_s.get(sid, 0.0)  # durable (store.run) before the answer
                 t0 = time.perf_counter()
                 await asyncio.to_thread(lease.commit, last_request=request_id, last_response=out["body"])
                 timings["commit"] = time.perf_counter() - t0
@@ -204,11 +214,14 @@ class Shard:
         try:
             t0 = time.perf_counter()
             try:
-                batch = await asyncio.to_thread(decode_body, body, content_type, self.svc.limits)
+                batch = await asyncio.to_thread(decode_body, body, content_type, self.svc.limits, self.svc.pixels)
             except DecodeError as exc:
-                raise ApiError(exc.status, exc.code, exc.message) from None
+                raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
             timings["decode"] = time.perf_counter() - t0
-            resp = await self.plane.infer(self.runtime, store, ticket, sid, batch.payload, timings)
+            try:
+                resp = await self.plane.infer(self.runtime, store, ticket, sid, batch, timings)
+            finally:
+                batch.release()
         finally:
             ticket.abandon()
         return reply(200, resp.model_dump(mode="json"))
@@ -257,16 +270,15 @@ class Shard:
                            "stats": store.stats()}, served_by=self.replica_id)
 
     def _disk_listing(self, store: ShardStore) -> dict[str, dict[str, Any]]:
+        """Every snapshot in the shared folder, listed from its sidecar, with its lease holder as ``served_by``."""
         out = {}
-        for path in sorted(Path(store.snapshot_dir).glob("*.safetensors")):
-            sid = path.name[: -len(".safetensors")]
-            meta = store._read_meta(sid)
-            owner = self.leases.read(sid).get("owner")
-            out[sid] = {"stream_id": sid, "step": meta.get("step"), "bytes": int(meta.get("bytes") or 0),
-                        "resident": False, "snapshot": True, "last_seen": meta.get("last_seen"),
-                        "entropy_ema": meta.get("entropy_ema"), "pending": 0,
-                        "requests": int(meta.get("requests") or 0), "rollbacks": int(meta.get("rollbacks") or 0),
-                        "served_by": owner}
+        for path in sorted(Path(store.snapshot_dir).glob("*" + SNAPSHOT_SUFFIX)):
+            sid = path.name[: -len(SNAPSHOT_SUFFIX)]
+            if not valid_stream_id(sid):
+                continue
+            entry = _Stream(id=sid, on_disk=True)
+            store._load_meta_into(entry)
+            out[sid] = {**entry.info(), "resident": False, "served_by": self.leases.read(sid).get("owner")}
         return out
 
     async def metrics_text(self) -> dict[str, Any]:
