@@ -5,7 +5,7 @@ random 28x28 uint8 images (pre-encoded .npy, so the client costs little), after 
 Modes: ``single`` (``uvicorn service.app:create_app`` in a subprocess), ``ray1`` and ``ray2`` (the Ray backend with
 1, then 2 shard replicas on a local cluster of ``--num-cpus`` CPUs). The machine is shared, so rounds alternate
 single and Ray loads and the ratios are taken per round (median over ``--rounds``). Prints img/s and p50/p99
-latency per mode, ray1/single (the overhead of the Ray path: ingress hop + routing + lease + a snapshot after
+latency per mode, ray1/single (the overhead of the Ray path: ingress hop + routing + lease; both sides snapshot
 every step), ray2/single and ray2/ray1; ``--out`` writes them as JSON with the protocol.
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python scripts/bench_ray.py --out docs/results/bench_ray.json
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol = {**vars(args), "images": "random uint8 28x28, .npy bodies", "python": sys.version.split()[0],
                     "ray": ray.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "command": " ".join(["scripts/bench_ray.py", *(argv if argv is not None else sys.argv[1:])]),
-                    "method": "model's default (foa + mgg), snapshot after every step on the Ray path only"}
+                    "method": "model's default (foa + mgg); durability 'step' (the default) on both servers"}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"protocol": protocol, "results": results, "ratios": ratios},
                                              indent=1, default=str))
