@@ -24,8 +24,9 @@ from ..io import atomic_path
 from ..preprocess import Preprocessor
 from ..progress import progress_bar
 
-__all__ = ["DEFAULT_CACHE_DIR", "FISHER_IMAGES", "VAL_IMAGES", "VAL_SEED", "Domain", "PreparedDomain",
-           "card_data", "clean_data_for", "corrupted_images", "source_id", "tree_domains", "load_any_classifier", "stream_domains", "synthetic_domains", "validation_indices"]
+__all__ = ["DEFAULT_CACHE_DIR", "FISHER_IMAGES", "VAL_IMAGES", "VAL_SEED", "Domain", "PreparedDomain", "card_data",
+           "clean_data_for", "corrupted_images", "load_any_classifier", "source_id", "stream_domains",
+           "synthetic_domains", "tree_domains", "validation_indices"]
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MGG_CACHE_DIR", Path.home() / ".cache" / "mgg"))
 VAL_IMAGES = 1000          # held-out validation subset of the TRAIN split (sweeps, MGG checkpoint selection)

@@ -398,10 +398,14 @@ def _fisher(cfg: BenchConfig, spec: StreamSpec, clf, method: str | None) -> tupl
                 f"2000 clean images of {cfg.clean_data}")
     clean, how = clean_data_for(spec.data, clf)
     if clean is not None:
-        vi = validation_indices(_train_size(clean), cfg.val_images)
-        batches = clean_train_batches(clf, clean, FISHER_IMAGES, 64, seed=spec.seed + 1, exclude=vi)
-        origin = f"{FISHER_IMAGES} clean {clean} train images (outside the validation subset; from {how})"
-        return compute_fisher(eng, batches), origin
+        n_train = _train_size(clean)
+        vi = validation_indices(n_train, cfg.val_images)
+        # outside the sweep's validation subset when enough images remain (the Fisher uses no labels either way)
+        exclude = vi if n_train - len(vi) >= 64 else None
+        n = min(FISHER_IMAGES, n_train - (len(vi) if exclude is not None else 0))
+        batches = clean_train_batches(clf, clean, n, 64, seed=spec.seed + 1, exclude=exclude)
+        where = "outside the validation subset" if exclude is not None else "the train split is small: all of it"
+        return compute_fisher(eng, batches), f"{n} clean {clean} train images ({where}; from {how})"
     log_line(f"WARNING: {method} runs WITHOUT its Fisher regulariser: {how}; pass --clean-data DIR/<class>/<image> "
              "(clean images of the source distribution)")
     return None, "none (no clean data found or given): EATA runs without its Fisher regulariser"
