@@ -201,6 +201,7 @@ class _Problem:
 
 
 def _problem(cfg: PretrainConfig) -> _Problem:
+    assert cfg.data is not None, "run_pretrain resolves the data first (resolve_data)"
     cache_dir = DEFAULT_CACHE_DIR if cfg.cache_dir is None else cfg.cache_dir
     bundled = cfg.classifier in DEFAULT_CHECKPOINTS
     ckpt_path = Path(default_checkpoint(cfg.classifier)) if bundled else Path(cfg.classifier)

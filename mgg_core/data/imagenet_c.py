@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,13 +53,12 @@ def load_class_index(mapping: dict[str, int] | Sequence[str] | str | os.PathLike
     A JSON dict whose values are lists (like torchvision's ``imagenet_class_index.json``:
     {"0": ["n01440764", "tench"], ...}) is read as index -> [folder name, label].
     """
-    if isinstance(mapping, (str, os.PathLike)):
-        mapping = json.loads(Path(mapping).read_text())
-    if isinstance(mapping, dict):
-        if mapping and all(isinstance(v, (list, tuple)) for v in mapping.values()):
-            return {str(v[0]): int(k) for k, v in mapping.items()}
-        return {str(k): int(v) for k, v in mapping.items()}
-    return {str(name): i for i, name in enumerate(mapping)}
+    m: Any = json.loads(Path(mapping).read_text()) if isinstance(mapping, (str, os.PathLike)) else mapping
+    if isinstance(m, dict):
+        if m and all(isinstance(v, (list, tuple)) for v in m.values()):
+            return {str(v[0]): int(k) for k, v in m.items()}
+        return {str(k): int(v) for k, v in m.items()}
+    return {str(name): i for i, name in enumerate(m)}
 
 
 class ImageNetC:
@@ -79,7 +79,7 @@ class ImageNetC:
             raise ValueError(f"{self.root} has no domain folders (expected ROOT/<domain>/<class>/<image> or "
                              "ROOT/<domain>/<severity>/<class>/<image>)")
         self._class_to_idx = load_class_index(class_index) if class_index is not None else None
-        self._domains: dict[tuple[str, int], ImageFolderSource] = {}
+        self._domains: dict[DomainKey, ImageFolderSource] = {}
         manifest = self.root / MANIFEST_NAME
         self.manifest: dict | None = json.loads(manifest.read_text()) if manifest.is_file() else None
 
