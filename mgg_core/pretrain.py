@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -302,8 +304,6 @@ def resolve_data(cfg: PretrainConfig) -> PretrainConfig:
     """``cfg`` with ``data`` set to clean labelled data with a TRAIN split: the given data (a make-c tree stands for
     the source in its manifest) or, when None, the classifier card's; never a silent MNIST-5k for a classifier of
     other data. Raises ValueError with what to pass instead."""
-    import dataclasses
-
     from .bench.data import card_data, clean_data_for
     from .classifier import ClassifierCard, card_path_for
 
@@ -437,6 +437,8 @@ def _run(args: argparse.Namespace) -> int:
 
     def job() -> int:
         cfg = resolve_data(PretrainConfig(**config_kwargs(PretrainConfig, args)))
+        if not sys.stderr.isatty():       # no carriage-return bar in a log: the per-epoch lines say where it is
+            cfg = dataclasses.replace(cfg, progress=False)
         if cfg.write_stats:
             ck = default_checkpoint(cfg.classifier) if cfg.classifier in DEFAULT_CHECKPOINTS else cfg.classifier
             source_stats_for(load_classifier(ck), data=cfg.data, write=True)

@@ -113,6 +113,18 @@ def test_bench_own_domain_folders_and_sweep_data(world, capsys):
     res = json.loads((world["root"] / "bench-clean" / "results.json").read_text())
     assert res["protocol"]["stream"]["data"] == str(world["data"])
     assert res["summary"]["noadapt"]["per_domain"]["clean"] > 60
+    # --stream JSON without data, and the library with no spec: the card's data too, never MNIST-5k
+    stream = json.dumps({"domains": ["clean"], "batch_size": 8})
+    assert mgg(_bench(world, "bench-stream", "--stream", stream, "--methods", "noadapt", "--no-progress",
+                      "--quiet")) == 0
+    res = json.loads((world["root"] / "bench-stream" / "results.json").read_text())
+    assert res["protocol"]["stream"]["data"] == str(world["data"])
+    from mgg_core.bench import bench
+
+    lib = bench(world["root"] / "bench-lib", None, classifier=str(world["w"] / "clf.safetensors"),
+                methods=["noadapt"], cache_dir=world["cache"], progress=False, quiet=True)
+    assert lib["protocol"]["stream"]["data"] == str(world["data"])
+    assert len(lib["summary"]["noadapt"]["per_domain"]) == 15
 
 
 def test_eata_without_clean_data_warns_loudly(world, tmp_path, capsys):

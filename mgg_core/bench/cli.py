@@ -8,6 +8,7 @@ on stderr (exit status 1) and leave no empty output folder.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -74,7 +75,11 @@ def _card_data(args: argparse.Namespace) -> str:
 def spec_from_args(args: argparse.Namespace) -> StreamSpec:
     if args.stream:
         is_file = args.stream.endswith(".json") and Path(args.stream).is_file()
-        return StreamSpec.from_json(Path(args.stream).read_text() if is_file else args.stream)
+        d = json.loads(Path(args.stream).read_text() if is_file else args.stream)
+        if not isinstance(d, dict):
+            raise ValueError("--stream: a StreamSpec JSON object")
+        d.setdefault("data", _card_data(args))             # a spec without data: the card's, not MNIST-5k
+        return StreamSpec.from_dict(d)
     data = _card_data(args)
     if data != "mnist5k" and not Path(data).is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder (and not 'mnist5k')")
