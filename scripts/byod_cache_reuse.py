@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from test_custom_data import write_folder  # noqa: E402
+from test_custom_data import write_folder
 
-from mgg_core.cli import main as mgg  # noqa: E402
+from mgg_core.cli import main as mgg
 
 
 def main() -> int:
