@@ -222,3 +222,18 @@ def test_replay_own_data_against_the_service(world, tmp_path):
             assert rep["summary"]["images_answered"] == 8 * len(expect)
     finally:
         srv.stop()
+
+
+def test_bench_refuses_a_folder_split_other_than_the_classifiers(world, tmp_path):
+    import shutil
+
+    for f in ("clf.safetensors", "clf.json", "clf_foa_stats.safetensors"):
+        shutil.copy(world["w"] / f, tmp_path / f)
+    card = json.loads((tmp_path / "clf.json").read_text())
+    card["split"]["split_seed"] = 3
+    (tmp_path / "clf.json").write_text(json.dumps(card))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        mgg(["bench", "--classifier", str(tmp_path / "clf.safetensors"), "--methods", "noadapt", "--out", str(out),
+             "--cache-dir", str(world["cache"])])
+    assert "--split-seed 3" in str(e.value.code) and not out.exists()

@@ -535,6 +535,23 @@ def bench_spec(cfg: BenchConfig, clf) -> StreamSpec:
     return default_stream_spec(data=data)
 
 
+def check_split(spec: StreamSpec, clf) -> None:
+    """Refuse to test on a plain folder split differently from the classifier's training split: streams split a
+    folder with seed 0, so a classifier trained with ``--split-seed N`` (N != 0) would be tested on its own
+    training images."""
+    if spec.data == "mnist5k" or not Path(spec.data).is_dir() or is_domain_tree(spec.data):
+        return
+    split = getattr(clf.card, "split", {}) or {}
+    seed = int(split.get("split_seed", 0) or 0)
+    trained_on = card_data(clf)
+    same = trained_on is not None and Path(trained_on).resolve() == Path(spec.data).resolve()
+    is_split_folder = (Path(spec.data) / "train").is_dir() and (Path(spec.data) / "test").is_dir()
+    if same and seed != 0 and not is_split_folder:
+        raise ValueError(f"the classifier was trained on {spec.data} split with --split-seed {seed}, but streams split "
+                         "a folder with seed 0 (test images would overlap its training images); write the split "
+                         "out as DIR/train/ + DIR/test/ or make-c the test split with --split-seed")
+
+
 def remove_if_empty(path: Path) -> None:
     """Remove ``path`` and the folders below it when they hold no file (a failed job leaves no empty folders)."""
     if not path.is_dir():
@@ -565,6 +582,7 @@ def _run_bench(cfg: BenchConfig, out: Path) -> dict:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else DEFAULT_CACHE_DIR
     clf = load_any_classifier(cfg.classifier, cfg.model, cfg.weights, num_classes=cfg.num_classes, device=cfg.device)
     spec = bench_spec(cfg, clf)
+    check_split(spec, clf)
     reset = "domain" if spec.reset == "per_domain" else spec.reset
     needs_bn = [n for n, b in BENCH_METHODS.items() if b.method.requires_batchnorm]
     methods = [m for m in cfg.methods if m not in needs_bn or has_batchnorm(clf.model)]
