@@ -79,10 +79,7 @@ def _tree_domains(root: str, severity: int, names: list[str] | None = None) -> l
 
     if not is_imagenet_c_tree(root):
         return [_on_the_fly_domain(c, severity) for c in (names or DEFAULT_MNIST_C_CORRUPTIONS)]
-    tree = ImageNetC(root)
-    if not names:
-        return tree.domains(severity)
-    return [CLEAN if n == CLEAN and not tree.has_domain(CLEAN) else tree.resolve(n, severity) for n in names]
+    return ImageNetC(root).select(names, severity)
 
 
 CLEAN = "clean"

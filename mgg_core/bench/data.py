@@ -19,7 +19,7 @@ from ..classifier import DEFAULT_CHECKPOINTS, LoadedClassifier, default_checkpoi
 from ..data.corruptions import check_corruption, corrupt_image, prepare_image
 from ..data.imagenet_c import ImageNetC, is_domain_tree
 from ..data.sources import ImageFolderSource, content_fingerprint, open_source
-from ..data.streams import CLEAN, open_stream_source, stream_plan
+from ..data.streams import open_stream_source, stream_plan
 from ..io import atomic_path
 from ..preprocess import Preprocessor
 from ..progress import progress_bar
@@ -159,13 +159,8 @@ def clean_data_for(data: str | None, clf=None) -> tuple[str | None, str]:
 
 
 def tree_domains(data: str, names: Sequence[str] | None, severity: int | None) -> list:
-    """Domain keys of a domain-folder tree: the named ones (resolved against the tree: any folder name, a name at
-    ``severity``, or "name-severity"; "clean" stays "clean") or, with no names, every domain at ``severity``
-    (flat domain folders as they are)."""
-    tree = ImageNetC(data)
-    if not names:
-        return tree.domains(severity)
-    return [CLEAN if n == CLEAN and not tree.has_domain(CLEAN) else tree.resolve(n, severity) for n in names]
+    """Domain keys of a domain-folder tree (:meth:`~mgg_core.data.imagenet_c.ImageNetC.select`)."""
+    return ImageNetC(data).select(names, severity)
 
 
 def synthetic_domains(data: str, split: str, corruptions: Sequence[str], severity: int, seed: int,

@@ -132,6 +132,14 @@ class ImageNetC:
         raise ValueError(f"domain {name!r} not found under {self.root}; it has {', '.join(names[:20])}"
                          + (" ..." if len(names) > 20 else ""))
 
+    def select(self, names: Sequence[str] | None = None, severity: int | None = None) -> list[DomainKey]:
+        """Domain keys for a user's list: every domain at ``severity`` when ``names`` is empty, else each name
+        resolved (:meth:`resolve`); "clean" stays "clean" (a tree's ``clean/`` folder or, for readers that have
+        one, the uncorrupted source)."""
+        if not names:
+            return self.domains(severity)
+        return ["clean" if n == "clean" and not self.has_domain(n) else self.resolve(n, severity) for n in names]
+
     @property
     def class_to_idx(self) -> dict[str, int]:
         """Explicit mapping if given; else the manifest's class names (make-c trees); else sorted folder names
