@@ -309,46 +309,50 @@ def _check_refused(http, r, status: int, words: str) -> None:
 
 
 def test_same_queue_429_with_retry_after_and_the_model_name_setting(live_server, tmp_path, digit_images):
-    """A V2 request joins the very queue of /predict: a slow /predict upload holding stream q's only place makes
-    a V2 request on sequence q a 429 with Retry-After (V2 error body); the model name comes from the setting."""
+    """A V2 request joins the very queue of /predict: a /predict step held at a gate keeps stream q's only place,
+    so a V2 request on sequence q is a 429 with Retry-After (V2 error body); the model name comes from the setting."""
     import threading
     import time
 
     srv = live_server(settings_for(tmp_path / "q", max_queue_per_stream=1, model_name="digits"))
-    gate, done = threading.Event(), {}
-    body = npy_bytes(digit_images[:4])
+    engine = srv.app.state.svc.runtime.engine
+    real_step, gate, done = engine.step, threading.Event(), {}
 
-    def slow_upload() -> None:
-        def chunks():
-            yield body[:64]
-            gate.wait(30)
-            yield body[64:]
+    def gated_step(*a, **kw):
+        gate.wait(30)
+        return real_step(*a, **kw)
 
+    def send() -> None:
         with srv.client() as c:
-            done["r"] = c.post("/predict", content=chunks(), headers={"Content-Type": "application/x-npy",
-                                                                     "X-Stream-Id": "q"})
+            done["r"] = c.post("/predict", content=npy_bytes(digit_images[:4]),
+                               headers={"Content-Type": "application/x-npy", "X-Stream-Id": "q"})
 
-    t = threading.Thread(target=slow_upload)
-    with srv.client() as c:
-        assert c.get("/v2/models/digits").json()["name"] == "digits"
-        assert c.get(f"/v2/models/{MODEL}").status_code == 404
-        t.start()
-        deadline = time.monotonic() + 30
-        while "tta_queue_depth 1.0" not in c.get("/metrics").text:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-        assert list(r.json()) == ["error"] and "queued" in r.json()["error"]
+    t = threading.Thread(target=send)
+    engine.step = gated_step
+    try:
+        with srv.client() as c:
+            assert c.get("/v2/models/digits").json()["name"] == "digits"
+            assert c.get(f"/v2/models/{MODEL}").status_code == 404
+            t.start()
+            deadline = time.monotonic() + 30
+            while "tta_queue_depth 1.0" not in c.get("/metrics").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            assert list(r.json()) == ["error"] and "queued" in r.json()["error"]
+            gate.set()
+            t.join(60)
+            assert done["r"].status_code == 200 and done["r"].json()["step"] == 1
+            r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
+            assert r.status_code == 200 and r.json()["parameters"]["step"] == 2
+            metrics = c.get("/metrics").text
+            assert 'tta_requests_rejected_total{queue="stream"} 1.0' in metrics
+            assert "tta_images_total 8.0" in metrics  # both protocols count their images in one place
+            assert 'route="/v2/models/{model_name}/infer",status="429"' in metrics  # templates: no names as labels
+    finally:
         gate.set()
-        t.join(60)
-        assert done["r"].status_code == 200 and done["r"].json()["step"] == 1
-        r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
-        assert r.status_code == 200 and r.json()["parameters"]["step"] == 2
-        metrics = c.get("/metrics").text
-        assert 'tta_requests_rejected_total{queue="stream"} 1.0' in metrics
-        assert "tta_images_total 8.0" in metrics  # both protocols count their images in one place
-        assert 'route="/v2/models/{model_name}/infer",status="429"' in metrics  # templates: no names as labels
+        engine.step = real_step
 
 
 # ------------------------------------------------------------------------------- the load client's codec

@@ -5,8 +5,8 @@ per-stream ordering, backpressure and metrics as ``/predict``).
 - ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``; ``GET /v2/models/{name}[/versions/{v}]`` (metadata),
   ``.../ready``; ``POST /v2/models/{name}[/versions/{v}]/infer``; ``POST /v2/repository/index`` (the model list of
   Triton's repository extension, read-only).
-- The stream is ``parameters.sequence_id`` (see :data:`service.v2.codec.REQUEST_PARAMETERS`); the request takes
-  its place in the stream's queue as soon as the JSON header is in, before the binary tensor data is read.
+- The stream is ``parameters.sequence_id`` (see :data:`service.v2.codec.REQUEST_PARAMETERS`); as on ``/predict``,
+  the request takes its place in the stream's queue once its whole body has arrived (a slow upload holds no slot).
 - Every error under ``/v2`` is ``{"error": "<message>"}`` (the protocol's shape, not the V1 ``{"error": {code,
   message}}``): :class:`V2Route` converts the service's errors, request validation errors and HTTP errors, and
   answers anything unexpected with an opaque 500.
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..dataplane import DataPlane, StepOutcome, finite, softmax_outputs
-from ..decode import DecodeError, decode_npy
+from ..decode import DecodedBatch, DecodeError, decode_body
 from ..errors import ApiError
 from ..routes.deps import get_dataplane, get_service
 from ..runtime import Runtime, ServiceState
@@ -47,6 +47,8 @@ from .codec import (
 )
 
 log = logging.getLogger("mgg.service.v2")
+
+NPY_MEDIA_TYPE = "application/x-npy"  # the V2 tensor is handed to decode_body as the npy body it is
 
 SERVER_NAME = "mgg-tta"
 MODEL_VERSION = "1"
@@ -232,8 +234,8 @@ async def _read_header(request: Request, body: _Body) -> tuple[InferRequest, int
     return req, hlen
 
 
-async def _decode(svc: ServiceState, req: InferRequest, body: _Body, hlen: int) -> Any:
-    """The input tensor as validated uint8 images (the npy checks and limits of /predict)."""
+async def _decode(svc: ServiceState, req: InferRequest, body: _Body, hlen: int) -> DecodedBatch:
+    """The input tensor as a decoded batch: the npy path of /predict (its checks, limits and pixel budget)."""
     tail = memoryview(body.buf)[hlen:]
     if req.binary_size is not None and req.binary_size != len(tail):
         raise V2Error(400, f"input {INPUT.name!r} declares binary_data_size {req.binary_size} but {len(tail)} bytes "
@@ -241,9 +243,10 @@ async def _decode(svc: ServiceState, req: InferRequest, body: _Body, hlen: int) 
     if req.binary_size is None and len(tail):
         raise V2Error(400, f"{len(tail)} bytes follow the JSON header but no input declares binary_data_size")
     try:
-        return await asyncio.to_thread(lambda: decode_npy(input_as_npy(req, tail), svc.limits))
+        return await asyncio.to_thread(
+            lambda: decode_body(input_as_npy(req, tail), NPY_MEDIA_TYPE, svc.limits, svc.pixels))
     except DecodeError as exc:
-        raise V2Error(exc.status, exc.message) from None
+        raise V2Error(exc.status, exc.message, exc.headers) from None
 
 
 def _response(svc: ServiceState, rt: Runtime, name: str, req: InferRequest, out: StepOutcome,
@@ -275,14 +278,19 @@ async def _infer(request: Request, name: str, version: str | None, svc: ServiceS
     _, store = plane.ready()
     body = _Body(request, svc.settings.max_body_bytes)
     req, hlen = await _read_header(request, body)
-    ticket = plane.reserve(store, req.stream_id)  # the stream's order is fixed here, before the tensor data
+    # the whole body first, as /predict does (bounded in size here and in time by HttpGuard): a slow or silent
+    # upload holds no queue slot; the order of adaptation is the order in which bodies completed
+    await body.read_until(None)
+    ticket = plane.reserve(store, req.stream_id)
     timings: dict[str, float] = {}
     try:
-        await body.read_until(None)
         t0 = time.perf_counter()
-        images = await _decode(svc, req, body, hlen)
+        batch = await _decode(svc, req, body, hlen)
         timings["decode"] = time.perf_counter() - t0
-        out = await plane.step(rt, store, ticket, images, timings, reset_first=req.sequence_start)
+        try:
+            out = await plane.step(rt, store, ticket, batch, timings, reset_first=req.sequence_start)
+        finally:
+            batch.release()  # no-op once step has released it after preprocessing
     finally:
         ticket.abandon()  # no-op once the job owns the ticket
     unloaded = await _end_sequence(store, req.stream_id) if req.sequence_end else None
