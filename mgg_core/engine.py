@@ -23,6 +23,7 @@ from .losses import softmax_entropy
 from .methods import GradOutput, Method, StepContext, Timer, build_method
 from .optim import Optimizer, build_optimizer
 from .params import ParamSpec, initial_vector, select_norm_params, use_batch_statistics
+from .reasons import ResetReason, RollbackReason, SkipReason
 from .state import StreamState
 
 #: default step sizes per optimizer (reference: ViT-B/16, batch 64)
@@ -67,15 +68,15 @@ class EngineConfig:
 class StepResult:
     logits: torch.Tensor                    # (N, C), pre-update, on CPU
     adapted: bool
-    skipped_reason: str | None
+    skipped_reason: SkipReason | None
     loss: float | None
     batch_entropy: float                    # mean entropy / ln C, in [0, 1]
     sample_entropy: torch.Tensor            # (N,) entropy / ln C
     n_selected: int
     step: int                               # updates the stream has taken after this batch
     rolled_back: bool = False
-    rollback_reason: str | None = None
-    reset_reason: str | None = None
+    rollback_reason: RollbackReason | None = None
+    reset_reason: ResetReason | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -201,7 +202,7 @@ class AdaptationEngine:
             with torch.no_grad(), timer("forward"):
                 logits = self._forward(state.theta, x)[0]
             out = GradOutput(logits, skipped_reason=self.method.no_update_reason if not self.method.needs_grad
-                             else "adaptation_disabled")
+                             else SkipReason.ADAPTATION_DISABLED)
             adapted = False
         else:
             gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))
@@ -210,12 +211,12 @@ class AdaptationEngine:
             out = self.method.gradient(ctx)
             adapted = False
             if out.skipped_reason is None and not bool(torch.isfinite(out.grad).all()):
-                out.skipped_reason = "non_finite_grad"
+                out.skipped_reason = SkipReason.NON_FINITE_GRAD
             if out.skipped_reason is None:
                 with timer("optimizer"):
                     new_theta, new_opt = self.optimizer.update(state.theta, out.grad, state.group("opt"))
                 if not bool(torch.isfinite(new_theta).all()):
-                    out.skipped_reason = "non_finite_update"
+                    out.skipped_reason = SkipReason.NON_FINITE_UPDATE
                 else:
                     state.tensors["theta"] = new_theta.detach()
                     state.set_group("opt", {k: v.detach() for k, v in new_opt.items()})
@@ -237,7 +238,7 @@ class AdaptationEngine:
         self._guard(state, logits, float(ent.mean()), result)
         if out.request_reset and not result.rolled_back:
             self.reset(state)
-            result.reset_reason = f"{self.method.name}_recovery"
+            result.reset_reason = self.method.recovery_reason
         result.step = state.step
         return result
 
@@ -253,12 +254,12 @@ class AdaptationEngine:
         state.tensors["guard.class_share"] = hist.to(share) if float(share.sum()) == 0 else m * share + (1 - m) * hist.to(share)
         if not (g.enabled and self.method.needs_grad):
             return
-        reason = None
+        reason: RollbackReason | None = None
         if state.batches >= g.warmup_batches:
             if (state.top_class_share or 0.0) >= g.max_class_share:
-                reason = "class_collapse"
+                reason = RollbackReason.CLASS_COLLAPSE
             elif (state.entropy_ema or 0.0) >= g.max_entropy:
-                reason = "entropy_divergence"
+                reason = RollbackReason.ENTROPY_DIVERGENCE
         if reason is None:
             if result.adapted:
                 state.healthy_streak += 1

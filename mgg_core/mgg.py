@@ -40,7 +40,8 @@ def layer_norm_l2_grad(z: torch.Tensor, target: torch.Tensor, gamma: torch.Tenso
     std = torch.sqrt(z.var(dim=-1, keepdim=True, unbiased=False) + eps)
     z_hat = (z - mu) / std
     grad_hat = (gamma * z_hat + beta - target) * gamma
-    return (d * grad_hat - grad_hat.sum(-1, keepdim=True) - z_hat * (grad_hat * z_hat).sum(-1, keepdim=True)) / (d * std)
+    proj = z_hat * (grad_hat * z_hat).sum(-1, keepdim=True)
+    return (d * grad_hat - grad_hat.sum(-1, keepdim=True) - proj) / (d * std)
 
 
 class GradientMemoryLayer(nn.Module):

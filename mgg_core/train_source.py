@@ -126,7 +126,8 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
                  epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
                  weight_decay: float = DEFAULTS["weight_decay"], optimizer: str = DEFAULTS["optimizer"],
                  warmup_epochs: float = DEFAULTS["warmup_epochs"], label_smoothing: float = DEFAULTS["label_smoothing"],
-                 seed: int = DEFAULTS["seed"], split_seed: int = DEFAULTS["split_seed"], img_size: int = DEFAULTS["img_size"],
+                 seed: int = DEFAULTS["seed"], split_seed: int = DEFAULTS["split_seed"],
+                 img_size: int = DEFAULTS["img_size"],
                  model_kwargs: dict | None = None, augment: str = DEFAULTS["augment"], resume: bool = False,
                  device: str | torch.device = "cpu", keep_train_state: bool = False, quiet: bool = False,
                  progress: bool = True, stop_after_epochs: int | None = None):
@@ -201,7 +202,10 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
     start_epoch, elapsed_before = 0, 0.0
     if resume and state_file.is_file():
         st = torch.load(state_file, map_location="cpu", weights_only=False)
-        same = {k: v for k, v in st["settings"].items() if k != "epochs"} == {k: v for k, v in settings.items() if k != "epochs"}
+        def but_epochs(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k != "epochs"}
+
+        same = but_epochs(st["settings"]) == but_epochs(settings)
         if not same:
             raise ValueError(f"{state_file} was written with different settings: {st['settings']}")
         model.load_state_dict(st["model"])
@@ -248,7 +252,8 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
     bar.close()
     train_time = elapsed_before + time.perf_counter() - t_train
     if end_epoch < epochs:
-        _log(f"stopped after epoch {end_epoch}/{epochs}; training state in {state_file} (continue with --resume)", quiet)
+        _log(f"stopped after epoch {end_epoch}/{epochs}; training state in {state_file} (continue with --resume)",
+             quiet)
         return None
 
     # 4) write weights + card, then measure the card's accuracy through the deployed loading path

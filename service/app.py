@@ -195,7 +195,7 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
 
     mgg_checkpoint = settings.mgg_checkpoint
     if optimizer == "mgg" and mgg_checkpoint is None:
-        from mgg_core.pretrain import DEFAULT_MGG_CHECKPOINTS, mgg_checkpoint_for
+        from mgg_core.assets import DEFAULT_MGG_CHECKPOINTS, mgg_checkpoint_for
 
         found = mgg_checkpoint_for(clf) or DEFAULT_MGG_CHECKPOINTS.get(settings.model)
         if found is None or not Path(found).is_file():
@@ -211,7 +211,7 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
 
             stats, stats_from = load_stats(settings.source_stats), str(settings.source_stats)
         else:
-            from mgg_core.pretrain import source_stats_for, stats_path_for
+            from mgg_core.assets import source_stats_for, stats_path_for
 
             stats = source_stats_for(clf, data=settings.source_data, device=device)
             beside = stats_path_for(checkpoint)

@@ -87,8 +87,8 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
                 "seed": seed, "limit_per_class": limit_per_class, "profile": profile}
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        mismatched = [k for k in ("data", "split", "split_seed", "seed", "limit_per_class", "profile")
-                      if old.get(k, DEFAULT_PROFILE if k == "profile" else None) != protocol[k]]
+        keys = ("data", "split", "split_seed", "seed", "limit_per_class", "profile")
+        mismatched = [k for k in keys if old.get(k, DEFAULT_PROFILE if k == "profile" else None) != protocol[k]]
         if mismatched:
             raise ValueError(f"{out} was generated with different {mismatched}; use another --out")
     todo = []
