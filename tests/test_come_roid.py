@@ -6,8 +6,6 @@ import math
 import pytest
 import torch
 
-import mgg_core.come
-import mgg_core.roid  # noqa: F401  (registers 'roid')
 from mgg_core.losses import (
     entropy_of_opinion,
     smoothed_prior,
@@ -87,7 +85,7 @@ def test_symmetric_cross_entropy_and_prior():
 
 
 def test_roid_weights_match_the_paper():
-    from mgg_core.roid import roid_weights
+    from mgg_core.methods.roid import roid_weights
 
     probs = torch.randn(12, 10).mul(2).softmax(1)
     ema = torch.randn(10).softmax(0)
@@ -129,7 +127,7 @@ def test_roid_prior_correction_is_a_distribution():
 
 
 def test_random_affine_is_seeded_and_keeps_shape():
-    from mgg_core.roid import random_affine
+    from mgg_core.methods.roid import random_affine
 
     x = torch.randn(4, 3, 32, 32)
     a = random_affine(x, torch.Generator().manual_seed(1))
@@ -138,3 +136,69 @@ def test_random_affine_is_seeded_and_keeps_shape():
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
     ident = random_affine(x, None, degrees=0, translate=0, scale=(1, 1))
     assert torch.allclose(ident, x, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ in the engine
+def _vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=4).eval()
+
+
+def _engine(method: str, optimizer: str = "sgd", lr: float = 0.05, **kw):
+    from mgg_core.engine import AdaptationEngine, EngineConfig
+    from mgg_core.mgg import GradientMemoryLayer
+    from mgg_core.optim import MGG
+
+    opt = MGG(GradientMemoryLayer(seed=0), lr=lr) if optimizer == "mgg" else None
+    cfg = EngineConfig(method=method, optimizer=None if optimizer == "mgg" else optimizer, lr=lr, method_kwargs=kw)
+    return AdaptationEngine(_vit(), cfg, num_classes=10, optimizer=opt)
+
+
+def test_roid_step_in_the_engine_is_sgd_then_weight_ensembling():
+    eng = _engine("roid", lr=0.05)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    state = eng.new_state(seed=3)
+    # the gradient the method hands the optimizer, recomputed with the same per-step generator
+    from mgg_core.methods.base import StepContext, Timer
+
+    gen = torch.Generator().manual_seed((3 * 1_000_003 + 0) % (2 ** 63))
+    ctx = StepContext(x=x, theta=state.theta, theta0=eng.theta0, state=state.group("method"), forward=eng._forward,
+                      timer=Timer(), generator=gen)
+    out = eng.method.gradient(ctx)
+    res = eng.step(state, x)
+    assert res.adapted and 0 < res.n_selected <= 8
+    expected = 0.99 * (eng.theta0 - 0.05 * out.grad) + 0.01 * eng.theta0   # first SGD step: buffer = g
+    assert torch.allclose(state.theta, expected, atol=1e-6)
+    # the returned predictions are the prior-corrected ones of the pre-update forward
+    with torch.no_grad():
+        raw = eng._forward(eng.theta0, x)[0]
+    assert torch.allclose(res.logits, eng.method.predictions(raw), atol=1e-5)
+    # the EMA of mean predictions moved from uniform
+    assert not torch.allclose(state.tensors["method.probs_ema"], torch.full((10,), 0.1))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "mgg"])
+@pytest.mark.parametrize("method", ["come", "roid"])
+def test_any_optimizer_drives_come_and_roid(method, optimizer):
+    eng = _engine(method, optimizer, lr=1e-2)
+    state = eng.new_state()
+    gen = torch.Generator().manual_seed(1)
+    taken = sum(eng.step(state, torch.randn(8, 3, 32, 32, generator=gen)).adapted for _ in range(3))
+    assert taken == 3 and not torch.equal(state.theta, eng.theta0)
+    eng.reset(state)
+    assert torch.equal(state.theta, eng.theta0)
+
+
+def test_come_lowers_the_opinion_entropy_on_a_batch():
+    eng = _engine("come", "sgd", lr=0.05)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    state = eng.new_state()
+    with torch.no_grad():
+        before = float(entropy_of_opinion(eng._forward(state.theta, x)[0]).mean())
+    for _ in range(5):
+        eng.step(state, x)
+    with torch.no_grad():
+        after = float(entropy_of_opinion(eng._forward(state.theta, x)[0]).mean())
+    assert after < before

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from .losses import entropy_of_opinion
-from .methods import Method, register
+from ..losses import entropy_of_opinion
+from .base import Method, register
 
 __all__ = ["COME"]
 
@@ -31,6 +31,7 @@ class COME(Method):
     """
 
     name: ClassVar[str] = "come"
+    order: ClassVar[int] = 7
     prior_mass: float | None = None
     e_margin: float | None = None
 

@@ -27,8 +27,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .losses import smoothed_prior, soft_likelihood_ratio, symmetric_cross_entropy
-from .methods import GradOutput, Method, register
+from ..losses import smoothed_prior, soft_likelihood_ratio, symmetric_cross_entropy
+from ..reasons import SkipReason
+from .base import GradOutput, Method, register
 
 __all__ = ["ROID", "random_affine", "roid_weights"]
 
@@ -75,6 +76,7 @@ class ROID(Method):
     """
 
     name: ClassVar[str] = "roid"
+    order: ClassVar[int] = 8
     temperature: float = 1 / 3
     momentum_probs: float = 0.9
     momentum_src: float = 0.99
@@ -116,7 +118,7 @@ class ROID(Method):
                 loss = loss + (symmetric_cross_entropy(logits_aug, logits[keep]) * w[keep]).sum() / n
         shown = self.predictions(logits.detach())
         if not torch.isfinite(loss):
-            return GradOutput(shown, loss=float(loss.detach()), skipped_reason="non_finite_loss")
+            return GradOutput(shown, loss=float(loss.detach()), skipped_reason=SkipReason.NON_FINITE_LOSS)
         with ctx.timer("backward"):
             (grad,) = torch.autograd.grad(loss, theta)
         return GradOutput(shown, float(loss.detach()), grad, state_updates={"probs_ema": ema},
