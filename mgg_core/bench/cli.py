@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..cli import add_config_arguments, add_threads_argument, config_kwargs
 from ..data.cli import expand_corruptions
+from ..data.corruptions import DEFAULT_PROFILE, PROFILES
 from ..data.streams import StreamSpec
 from . import __doc__ as BENCH_DOC
 from .runner import BenchConfig, run_bench
@@ -31,6 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--corruptions", nargs="+", default=["test"], metavar="NAME",
                    help="corruption names, or 'test' (the 15), 'heldout' (4)")
     g.add_argument("--severity", type=int, default=5)
+    g.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES,
+                   help="corruption constants: imagenet-c (224 px photos, default) or cifar-c (CIFAR-10-C's, 32 px)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--reset", choices=("per_domain", "never"), default="per_domain",
                    help="'per_domain': reset at every corruption; 'never': continual")
@@ -48,7 +51,7 @@ def spec_from_args(args: argparse.Namespace) -> StreamSpec:
         return StreamSpec.from_json(Path(args.stream).read_text() if is_file else args.stream)
     return StreamSpec(domains=[(c, args.severity) for c in expand_corruptions(args.corruptions)], order="sequential",
                       batch_size=args.batch_size, reset=args.reset, label_shift=args.label_shift, seed=args.seed,
-                      limit=args.limit, data=args.data, split=args.split)
+                      limit=args.limit, data=args.data, split=args.split, profile=args.profile)
 
 
 def _run(args: argparse.Namespace) -> int:
