@@ -705,6 +705,7 @@ class SpecOptions:
     spec_file: str | None = None  # a StreamSpec JSON: the base spec (CLI stream options are then ignored)
     corruptions: list[str] | None = None  # None = DEFAULT_MNIST_C_CORRUPTIONS / every domain of the tree
     severity: int = 5
+    profile: str = "imagenet-c"  # StreamSpec.profile: corruption constants, imagenet-c | cifar-c
     images_per_domain: int | None = 256  # StreamSpec.limit
     batch_size: int = 64
     order: str = "sequential"  # StreamSpec.order
@@ -748,7 +749,8 @@ def base_spec(opts: SpecOptions) -> Any:
     else:
         domains = _tree_domains(data, opts.severity)
     return StreamSpec(domains=domains, order=opts.order, batch_size=opts.batch_size, reset=_parse_reset(opts.reset),
-                      label_shift=opts.label_shift, seed=opts.seed, limit=opts.images_per_domain, data=data)
+                      label_shift=opts.label_shift, seed=opts.seed, limit=opts.images_per_domain, data=data,
+                      profile=opts.profile)
 
 
 def stream_specs(opts: SpecOptions) -> list[Any]:
@@ -885,6 +887,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"comma-separated domains, 'name' (at --severity) or 'name-severity' or 'clean' (default: "
                         f"{','.join(DEFAULT_MNIST_C_CORRUPTIONS)} for {MNIST_C}; every domain of a tree)")
     g.add_argument("--severity", type=int, default=5)
+    g.add_argument("--profile", choices=("imagenet-c", "cifar-c"), default="imagenet-c",
+                   help="corruption constants of on-the-fly domains: imagenet-c (224 px photos) or cifar-c "
+                        "(CIFAR-10-C's, for 32 px data)")
     g.add_argument("--images-per-domain", type=int, default=256,
                    help="images per domain per stream (StreamSpec.limit, class-stratified); 0 = all")
     g.add_argument("--batch-size", type=int, default=64, help="images per request")
@@ -936,6 +941,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _spec_options(args: argparse.Namespace) -> SpecOptions:
     corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()] if args.corruptions else None
     return SpecOptions(data=args.data, spec_file=args.spec, corruptions=corruptions, severity=args.severity,
+                       profile=args.profile,
                        images_per_domain=args.images_per_domain or None, batch_size=args.batch_size,
                        order=args.order, reset=args.reset, label_shift=args.label_shift,
                        domain_order=args.domain_order, seed=args.seed, streams=args.streams)

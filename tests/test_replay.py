@@ -212,3 +212,11 @@ def test_adaptation_beats_the_noadapt_baseline_on_the_default_stream(servers, tm
     table = capsys.readouterr().out
     assert "ALL (online accuracy)" in table and "baseline (noadapt)" in table and "adapt (foa)" in table
     assert "Comparison with the baseline" in (out / "baseline.md").read_text()
+
+
+def test_profile_option_reaches_every_stream_spec():
+    specs = rp.stream_specs(rp._spec_options(parse("--profile", "cifar-c", "--streams", "2")))
+    assert [s.profile for s in specs] == ["cifar-c", "cifar-c"]
+    assert rp.stream_specs(rp._spec_options(parse()))[0].profile == "imagenet-c"
+    with pytest.raises(SystemExit):
+        parse("--profile", "cifar-100")
