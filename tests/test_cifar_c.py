@@ -100,3 +100,18 @@ def test_make_c_and_stream_agree_and_record_profile(tmp_path, test_src):
     pos = int(np.flatnonzero(batch.sample_indices == idx)[0])
     assert np.array_equal(batch.images[pos], png)
     assert json.loads((out / "manifest.json").read_text())["profile"] == "cifar-c"
+
+
+def test_bench_cache_is_keyed_by_profile(tmp_path, test_src):
+    from mgg_core.bench.data import corrupted_images, synthetic_domains
+
+    idx = np.arange(3)
+    a = corrupted_images(test_src, idx, "contrast", 5, 0, tmp_path, "t", profile="imagenet-c")
+    b = corrupted_images(test_src, idx, "contrast", 5, 0, tmp_path, "t", profile="cifar-c")
+    assert len(list(tmp_path.glob("*.npz"))) == 2 and not np.array_equal(a, b)
+    assert np.array_equal(b[1], C.corrupt_image(test_src.get_image(1), "contrast", 5, 0, 1, profile="cifar-c"))
+    # a cached read returns the same pixels
+    assert np.array_equal(corrupted_images(test_src, idx, "contrast", 5, 0, tmp_path, "t", profile="cifar-c"), b)
+    doms = synthetic_domains("mnist5k", "test", ["fog"], 5, 0, tmp_path, indices=idx, profile="cifar-c",
+                             tag_profile=True)
+    assert doms[0].name == "fog-5@cifar-c"
