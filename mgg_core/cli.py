@@ -16,7 +16,7 @@ from typing import Any
 # subcommand -> module that provides add_parser(subparsers)
 SUBCOMMANDS: dict[str, str] = {
     "serve": "service.cli",
-    "replay": "service.replay",
+    "replay": "mgg_replay.cli",
     "train-source": "mgg_core.train_source",
     "data": "mgg_core.data.cli",
     "pretrain": "mgg_core.pretrain",
