@@ -1,0 +1,124 @@
+"""Markdown tables of round 2 (docs/results.md) from the committed bench folders; prints to stdout.
+
+    python scripts/round2_tables.py docs/results          # reads r2_{vit,resnet}_{reset,continual}{,_mgg}
+
+A setting's two folders (the classic methods + COME + ROID, and MGG with TENT again as its reference) are joined:
+TENT, run in both with the same held-out step size, gives identical numbers in both (checked here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["load_setting", "main"]
+
+SETTINGS = [("vit", "reset", "ViT, reset per domain"), ("vit", "continual", "ViT, continual"),
+            ("resnet", "reset", "ResNet, reset per domain"), ("resnet", "continual", "ResNet, continual")]
+ORDER = ["noadapt", "bn", "tent", "eata", "sar", "deyo", "foa", "come", "roid", "mgg"]
+RIVALS = ["tent", "eata", "sar", "deyo", "foa", "come", "roid"]
+CHANCE = 12.0     # 10 classes: a domain "at chance" when its online accuracy is below 12%
+
+
+def load_setting(root: Path, kind: str, reset: str) -> dict | None:
+    """{"summary", "per_domain", "lrs", "sweep", "ref"} of one setting, or None when not run."""
+    folders = [root / f"r2_{kind}_{reset}", root / f"r2_{kind}_{reset}_mgg"]
+    runs = [json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()]
+    if not runs:
+        return None
+    summary: dict = {}
+    lrs: dict = {}
+    sweep: dict = {}
+    for r in runs:
+        for m, s in r["summary"].items():
+            if m in summary and not m.startswith("_") and abs(summary[m]["mean_accuracy"] - s["mean_accuracy"]) > 1e-9:
+                raise ValueError(f"{kind}/{reset}: {m} differs between the two runs")
+            summary.setdefault(m, s)
+        for m, d in r["protocol"]["methods"].items():
+            lrs.setdefault(m, d.get("lr"))
+        sw = r["protocol"].get("lr_sweep") or {}
+        for m, accs in (sw.get("held_out_mean_accuracy") or {}).items():
+            sweep.setdefault(m, accs)
+    return {"summary": summary, "lrs": lrs, "sweep": sweep, "ref": summary.get("_reference", {}),
+            "sha": runs[0]["protocol"]["weights_sha256"]}
+
+
+def _means_table(settings: dict) -> list[str]:
+    head = "| setting | " + " | ".join(ORDER) + " | MGG - best rival |"
+    lines = [head, "| --- |" + " ---: |" * (len(ORDER) + 1)]
+    for (_kind, _reset, title), st in settings.items():
+        s = st["summary"]
+        vals = {m: s[m]["mean_accuracy"] for m in ORDER if m in s}
+        best = max((vals[m] for m in RIVALS if m in vals), default=np.nan)
+        top = max(vals.values())
+        cells = [("**%.1f**" if v == top else "%.1f") % v if (v := vals.get(m)) is not None else "-" for m in ORDER]
+        diff = vals["mgg"] - best if "mgg" in vals else np.nan
+        lines.append(f"| {title} | " + " | ".join(cells) + f" | {diff:+.1f} |")
+    return lines
+
+
+def _reach_table(settings: dict) -> list[str]:
+    lines = ["| setting | TENT's final (updates) | " + " | ".join(m for m in ORDER if m != "noadapt") + " |",
+             "| --- | ---: |" + " ---: |" * (len(ORDER) - 1)]
+    for (_kind, _reset, title), st in settings.items():
+        s, ref = st["summary"], st["ref"]
+        cells = []
+        for m in ORDER[1:]:
+            k = s.get(m, {}).get("batches_to_reference_final", "n/a") if m in s else "-"
+            cells.append("never" if k is None else (str(k - 1) if isinstance(k, int) else k))
+        final, n = ref.get("final_online_accuracy", float("nan")), ref.get("batches", 1) - 1
+        lines.append(f"| {title} | {final:.1f}% ({n}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _domain_table(settings: dict) -> list[str]:
+    """Per test domain: unadapted accuracy and the best method's, over all settings."""
+    lines = []
+    for (_kind, _reset, title), st in settings.items():
+        s = st["summary"]
+        doms = list(s["noadapt"]["per_domain"])
+        best = {d: max((s[m]["per_domain"][d], m) for m in s if not m.startswith("_")) for d in doms}
+        at_chance = [d for d in doms if best[d][0] < CHANCE]
+        na = s["noadapt"]["per_domain"]
+        lines.append(f"* {title}: no adaptation " + ", ".join(f"{d.rsplit('-', 1)[0]} {na[d]:.1f}" for d in doms))
+        lines.append("  best method per domain: " + ", ".join(f"{d.rsplit('-', 1)[0]} {a:.1f} ({m})"
+                                                            for d, (a, m) in best.items()))
+        lines.append(f"  domains where every method stays below {CHANCE:.0f}%: "
+                     + (", ".join(at_chance) if at_chance else "none"))
+    return lines
+
+
+def _sweep_tables(settings: dict) -> list[str]:
+    out = []
+    for (_kind, _reset, title), st in settings.items():
+        grid = sorted({float(k) for accs in st["sweep"].values() for k in accs})
+        out += [f"{title} (held-out mean accuracy per step size):", "",
+                "| method | " + " | ".join(f"{g:g}" for g in grid) + " | chosen |",
+                "| --- |" + " ---: |" * (len(grid) + 1)]
+        for m in ORDER:
+            accs = st["sweep"].get(m)
+            if not accs:
+                continue
+            vals = {float(k): v for k, v in accs.items()}
+            top = max(vals.values())
+            cells = [("**%.1f**" if vals.get(g) == top else "%.1f") % vals[g] if g in vals else "-" for g in grid]
+            out.append(f"| {m} | " + " | ".join(cells) + f" | {st['lrs'].get(m):g} |")
+        out.append("")
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", nargs="?", default="docs/results")
+    args = ap.parse_args(argv)
+    root = Path(args.root)
+    settings = {key: st for key in SETTINGS if (st := load_setting(root, key[0], key[1])) is not None}
+    blocks = [_means_table(settings), ["", "Updates to reach TENT's final online accuracy (and stay there):", ""],
+              _reach_table(settings), [""], _domain_table(settings), [""], _sweep_tables(settings)]
+    print("\n".join(line for b in blocks for line in b))
+
+
+if __name__ == "__main__":
+    main()
