@@ -1,17 +1,17 @@
 """Markdown tables of round 2 (docs/results.md) from the committed bench folders; prints to stdout.
 
-    python scripts/round2_tables.py docs/results          # reads r2_{vit,resnet}_{reset,continual}{,_mgg}
+    python scripts/round2_tables.py docs/results          # reads r2_{vit,resnet}_{reset,continual}_<part>
 
-A setting's two folders (the classic methods + COME + ROID, and MGG with TENT again as its reference) are joined:
-TENT, run in both with the same held-out step size, gives identical numbers in both (checked here).
+A setting's bench folders (methods run as separate jobs) are joined by ``scripts/summary.py``'s ``load_settings``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+
+from mgg_core.bench.report import summarize
 
 __all__ = ["load_setting", "main"]
 
@@ -23,26 +23,15 @@ CHANCE = 12.0     # 10 classes: a domain "at chance" when its online accuracy is
 
 
 def load_setting(root: Path, kind: str, reset: str) -> dict | None:
-    """{"summary", "per_domain", "lrs", "sweep", "ref"} of one setting, or None when not run."""
-    folders = [root / f"r2_{kind}_{reset}", root / f"r2_{kind}_{reset}_mgg"]
-    runs = [json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()]
-    if not runs:
+    """{"summary", "lrs", "sweep", "ref"} of one setting (its bench folders joined), or None when not run."""
+    from summary import POLICIES, load_settings
+
+    st = load_settings(root).get((kind, reset))
+    if st is None:
         return None
-    summary: dict = {}
-    lrs: dict = {}
-    sweep: dict = {}
-    for r in runs:
-        for m, s in r["summary"].items():
-            if m in summary and not m.startswith("_") and abs(summary[m]["mean_accuracy"] - s["mean_accuracy"]) > 1e-9:
-                raise ValueError(f"{kind}/{reset}: {m} differs between the two runs")
-            summary.setdefault(m, s)
-        for m, d in r["protocol"]["methods"].items():
-            lrs.setdefault(m, d.get("lr"))
-        sw = r["protocol"].get("lr_sweep") or {}
-        for m, accs in (sw.get("held_out_mean_accuracy") or {}).items():
-            sweep.setdefault(m, accs)
-    return {"summary": summary, "lrs": lrs, "sweep": sweep, "ref": summary.get("_reference", {}),
-            "sha": runs[0]["protocol"]["weights_sha256"]}
+    return {"summary": summarize(st["results"], POLICIES[reset]), "sweep": st["sweep"],
+            "lrs": {m: d.get("lr") for m, d in st["methods"].items()},
+            "ref": summarize(st["results"], POLICIES[reset]).get("_reference", {})}
 
 
 def _means_table(settings: dict) -> list[str]:

@@ -1,15 +1,18 @@
-"""docs/results/summary.json: one row per (model, protocol, method) from the committed ``mgg bench`` results.
+"""docs/results/summary.json: one row per (model, protocol, method) from the committed round-2 ``mgg bench`` folders.
 
-    python scripts/summary.py docs/results/r2_vit_reset docs/results/r2_vit_continual ... \
-        --out docs/results/summary.json
+    python scripts/summary.py docs/results --out docs/results/summary.json [--plots]
 
-Row fields: model; weights_sha256 (the classifier; mgg_sha256 too where the optimizer is MGG); protocol (the
-setting's folder name) and its stream (profile, severity, batch size, reset); method; lr and where it came from;
+A setting (model x reset policy) may be split over several bench folders ``r2_<kind>_<reset|continual>_<part>``
+(methods run as separate jobs: same stream, same held-out sweep protocol); the folders of one setting are joined
+here, and TENT's curve (in one of them) is the reference of every method's "updates to reach TENT's final".
+
+Row fields: model; weights_sha256 (the classifier; mgg_sha256 too where the optimizer is MGG); protocol
+(``<kind>_<reset>``) and its stream (profile, severity, batch size, reset); method; lr and where it came from;
 mean_online_accuracy (mean over the domains of the online top-1 of the predictions made before each update, %);
 updates_to_reach_tent_final (the number of updates after which the method's online-accuracy curve reaches TENT's
 final online accuracy and stays at or above it; the predictions of batch k come from a model updated k - 1 times,
-so this is ``batches_to_reference_final - 1``; null: never); tent_updates (TENT's updates over the same curve: per
-domain when reset per domain, the whole stream when continual); fraction_of_tent_updates.
+so this is the batch count minus one; null: never); tent_updates (TENT's updates over the same curve: per domain
+when reset per domain, the whole stream when continual); fraction_of_tent_updates.
 """
 from __future__ import annotations
 
@@ -17,46 +20,80 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
+from mgg_core.bench.report import batches_to_reach, online_curve, plot_curves
+from mgg_core.bench.runner import DomainResult
 from mgg_core.io import atomic_write_text
 
-__all__ = ["rows_of", "main"]
+__all__ = ["load_settings", "main", "rows_of"]
+
+POLICIES = {"reset": "domain", "continual": "never"}
 
 
-def rows_of(folder: Path) -> list[dict]:
-    res = json.loads((folder / "results.json").read_text())
-    proto, summary = res["protocol"], res["summary"]
-    ref = summary.get("_reference") or {}
-    ref_updates = (ref.get("batches") or 0) - 1 if ref else None
-    stream = proto.get("stream") or {}
-    out = []
-    for method, s in summary.items():
-        if method.startswith("_"):
+def load_settings(root: Path) -> dict[tuple[str, str], dict]:
+    """(kind, "reset" | "continual") -> joined setting: results, protocol, lrs, sweeps, folders."""
+    out: dict[tuple[str, str], dict] = {}
+    for folder in sorted(root.glob("r2_*_*_*")):
+        if not (folder / "results.json").is_file():
             continue
-        k = s.get("batches_to_reference_final")
-        upd = None if k is None else k - 1
-        m = (proto.get("methods") or {}).get(method, {})
-        opt = ((m.get("engine") or {}).get("optimizer") or {}).get("name")
-        out.append({
-            "model": proto.get("model"), "weights_sha256": proto.get("weights_sha256"),
-            "protocol": folder.name, "profile": stream.get("profile", "imagenet-c"),
-            "severity": proto.get("severity"), "batch_size": proto.get("batch_size"), "reset": proto.get("reset"),
-            "method": method, "lr": m.get("lr"), "lr_source": m.get("lr_source"),
-            "mean_online_accuracy": round(float(s["mean_accuracy"]), 2),
-            "updates_to_reach_tent_final": upd, "tent_updates": ref_updates,
-            "fraction_of_tent_updates": (None if upd is None or not ref_updates else round(upd / ref_updates, 3)),
-            "tent_final_online_accuracy": None if not ref else round(float(ref["final_online_accuracy"]), 2),
-            "mgg_sha256": proto.get("mgg_checkpoint_sha256") if opt == "mgg" else None,
-        })
+        _, kind, policy, _part = folder.name.split("_", 3)
+        res = json.loads((folder / "results.json").read_text())
+        st = out.setdefault((kind, policy), {"results": {}, "methods": {}, "sweep": {}, "folders": [],
+                                             "protocol": res["protocol"], "mgg_sha256": None})
+        st["folders"].append(folder.name)
+        for m, rs in res["results"].items():
+            st["results"].setdefault(m, [DomainResult.from_dict(r) for r in rs])
+        st["methods"].update(res["protocol"]["methods"])
+        sweep = (res["protocol"].get("lr_sweep") or {}).get("held_out_mean_accuracy") or {}
+        st["sweep"].update(sweep)
+        if res["protocol"].get("mgg_checkpoint_sha256"):
+            st["mgg_sha256"] = res["protocol"]["mgg_checkpoint_sha256"]
     return out
+
+
+def rows_of(kind: str, policy: str, st: dict) -> list[dict]:
+    reset = POLICIES[policy]
+    curves = {m: online_curve(rs, reset) for m, rs in st["results"].items()}
+    proto, stream = st["protocol"], st["protocol"].get("stream") or {}
+    target = float(curves["tent"][-1]) if "tent" in curves else None
+    n_ref = len(curves["tent"]) - 1 if "tent" in curves else None
+    rows = []
+    for m, rs in st["results"].items():
+        k = batches_to_reach(curves[m], target) if target is not None else None
+        upd = None if k is None else k - 1
+        info = st["methods"].get(m, {})
+        opt = ((info.get("engine") or {}).get("optimizer") or {}).get("name")
+        rows.append({
+            "model": proto.get("model"), "weights_sha256": proto.get("weights_sha256"),
+            "protocol": f"{kind}_{policy}", "profile": stream.get("profile", "imagenet-c"),
+            "severity": proto.get("severity"), "batch_size": proto.get("batch_size"), "reset": proto.get("reset"),
+            "method": m, "lr": info.get("lr"), "lr_source": info.get("lr_source"),
+            "mean_online_accuracy": round(float(np.mean([r.accuracy for r in rs])), 2),
+            "updates_to_reach_tent_final": upd, "tent_updates": n_ref,
+            "fraction_of_tent_updates": None if upd is None or not n_ref else round(upd / n_ref, 3),
+            "tent_final_online_accuracy": None if target is None else round(target, 2),
+            "mgg_sha256": st["mgg_sha256"] if opt == "mgg" else None,
+        })
+    return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folders", nargs="+", help="mgg bench output folders (each with results.json)")
+    ap.add_argument("root", help="folder holding the r2_* bench folders")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--plots", action="store_true", help="also write ROOT/r2_<kind>_<policy>.png (joined curves)")
     args = ap.parse_args(argv)
-    rows = [r for f in args.folders for r in rows_of(Path(f))]
-    atomic_write_text(args.out, json.dumps({"rows": rows}, indent=1) + "\n")
+    root = Path(args.root)
+    settings = load_settings(root)
+    rows = [r for (kind, policy), st in settings.items() for r in rows_of(kind, policy, st)]
+    folders = {f"{k}_{p}": st["folders"] for (k, p), st in settings.items()}
+    atomic_write_text(args.out, json.dumps({"folders": folders, "rows": rows}, indent=1) + "\n")
+    if args.plots:
+        for (kind, policy), st in settings.items():
+            plot_curves(st["results"], POLICIES[policy], root / f"r2_{kind}_{policy}.png",
+                        f"{kind}, {policy}: online accuracy (cifar-c, severity 5, batch 16)",
+                        batch_size=int(st["protocol"].get("batch_size") or 16), highlight=("mgg",))
     print(f"{len(rows)} rows -> {args.out}")
 
 
