@@ -115,3 +115,23 @@ def test_bench_cache_is_keyed_by_profile(tmp_path, test_src):
     doms = synthetic_domains("mnist5k", "test", ["fog"], 5, 0, tmp_path, indices=idx, profile="cifar-c",
                              tag_profile=True)
     assert doms[0].name == "fog-5@cifar-c"
+
+
+def test_pretraining_samples_spread_over_severities_and_profiles():
+    from collections import Counter
+
+    from mgg_core.pretrain import pretraining_samples
+
+    val = np.arange(0, 4000, 4)
+    one = pretraining_samples(4000, 128, 0, val)
+    # one severity and profile: the pairs of the original recipe (corruptions in equal shares, same draw)
+    rng = np.random.Generator(np.random.PCG64([0, 7]))
+    idx = rng.choice(np.setdiff1d(np.arange(4000), val), size=128, replace=False)
+    corr = [C.HELDOUT_CORRUPTIONS[i % 4] for i in range(128)]
+    rng.shuffle(corr)
+    assert [(i, c) for i, (c, _, _) in one] == list(zip(idx.tolist(), corr, strict=True))
+    assert {(s, p) for _, (_, s, p) in one} == {(5, "imagenet-c")}
+    many = pretraining_samples(4000, 480, 0, val, severities=(3, 4, 5), profiles=("cifar-c", "imagenet-c"))
+    counts = Counter(c for _, c in many)
+    assert len(counts) == 4 * 3 * 2 and set(counts.values()) == {20}
+    assert not set(i for i, _ in many) & set(val.tolist())
