@@ -31,25 +31,66 @@ __all__ = ["load_settings", "main", "rows_of"]
 POLICIES = {"reset": "domain", "continual": "never"}
 
 
+def _from_cache(folder: Path, policy: str, n_domains: int = 15) -> dict:
+    """Results of a bench job stopped before it wrote results.json: the methods whose every domain is in its
+    per-(method, domain) cache, with the lr its held-out sweep cache picks (the same argmax as ``sweep_lrs``)."""
+    reset = POLICIES[policy]
+    results, methods, sweep = {}, {}, {}
+    for mdir in sorted((folder / "cache" / f"reset-{reset}").glob("*")):
+        files = sorted(mdir.glob("[0-9][0-9][0-9]_*.json"))
+        if len(files) < n_domains:
+            continue
+        results[mdir.name] = [json.loads(f.read_text()) for f in files]
+    for sdir in sorted((folder / "cache" / f"sweep-{reset}").glob("*@*"), key=lambda p: float(p.name.split("@")[1])):
+        m, lr = sdir.name.split("@")
+        accs = [json.loads(f.read_text())["accuracy"] for f in sorted(sdir.glob("[0-9][0-9][0-9]_*.json"))]
+        if accs:
+            sweep.setdefault(m, {})[lr] = float(np.mean(accs))
+    for m in results:
+        if m in sweep:
+            lr = max(sweep[m], key=lambda k: sweep[m][k])
+            methods[m] = {"lr": float(lr), "lr_source": "held-out sweep (from the job's cache: stopped before "
+                                                        "results.json)"}
+        else:
+            methods[m] = {"lr": None, "lr_source": None}
+    return {"results": results, "protocol": {"methods": methods,
+                                             "lr_sweep": {"held_out_mean_accuracy": sweep}}}
+
+
 def load_settings(root: Path) -> dict[tuple[str, str], dict]:
     """(kind, "reset" | "continual") -> joined setting: results, protocol, lrs, sweeps, folders."""
     out: dict[tuple[str, str], dict] = {}
+    partial: list[tuple[str, str, Path]] = []
     for folder in sorted(root.glob("r2_*_*_*")):
-        if not (folder / "results.json").is_file():
+        if not folder.is_dir():
             continue
         _, kind, policy, _part = folder.name.split("_", 3)
-        res = json.loads((folder / "results.json").read_text())
-        st = out.setdefault((kind, policy), {"results": {}, "methods": {}, "sweep": {}, "folders": [],
-                                             "protocol": res["protocol"], "mgg_sha256": None})
-        st["folders"].append(folder.name)
-        for m, rs in res["results"].items():
-            st["results"].setdefault(m, [DomainResult.from_dict(r) for r in rs])
-        st["methods"].update(res["protocol"]["methods"])
-        sweep = (res["protocol"].get("lr_sweep") or {}).get("held_out_mean_accuracy") or {}
-        st["sweep"].update(sweep)
-        if res["protocol"].get("mgg_checkpoint_sha256"):
-            st["mgg_sha256"] = res["protocol"]["mgg_checkpoint_sha256"]
+        if not (folder / "results.json").is_file():
+            partial.append((kind, policy, folder))
+            continue
+        _add(out, kind, policy, folder, json.loads((folder / "results.json").read_text()))
+    for kind, policy, folder in partial:
+        if (kind, policy) in out:                 # the stream's protocol comes from a finished job of the setting
+            res = _from_cache(folder, policy)
+            if res["results"]:
+                res["protocol"] = dict(out[(kind, policy)]["protocol"], **res["protocol"])
+                _add(out, kind, policy, folder, res, partial=True)
     return out
+
+
+def _add(out: dict, kind: str, policy: str, folder: Path, res: dict, partial: bool = False) -> None:
+    st = out.setdefault((kind, policy), {"results": {}, "methods": {}, "sweep": {}, "folders": [],
+                                         "protocol": res["protocol"], "mgg_sha256": None})
+    st["folders"].append(folder.name + (" (stopped; finished methods read from its cache)" if partial else ""))
+    for m, rs in res["results"].items():
+        st["results"].setdefault(m, [DomainResult.from_dict(r) for r in rs])
+    for m, d in res["protocol"]["methods"].items():
+        st["methods"].setdefault(m, d)
+    sweep = (res["protocol"].get("lr_sweep") or {}).get("held_out_mean_accuracy") or {}
+    for m, accs in sweep.items():
+        st["sweep"].setdefault(m, accs)
+    if res["protocol"].get("mgg_checkpoint_sha256") and not partial:
+        st["mgg_sha256"] = res["protocol"]["mgg_checkpoint_sha256"]
 
 
 def rows_of(kind: str, policy: str, st: dict) -> list[dict]:
