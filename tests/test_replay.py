@@ -17,8 +17,8 @@ pytestmark = pytest.mark.timeout(300)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = os.environ.get("MGG_REPLAY_TEST_MODEL", "resnet")
-# the service's own default adaptation: FOA loss + MGG with the bundled checkpoint pretrained for the model
-ADAPT_ENV = {"MGG_MODEL": MODEL, "MGG_DEVICE": "cpu"}
+# FOA loss + MGG with the bundled checkpoint pretrained for the model (the service default is EATA; one switch)
+ADAPT_ENV = {"MGG_MODEL": MODEL, "MGG_DEVICE": "cpu", "MGG_METHOD": "foa"}  # FOA + MGG (one switch from the default)
 
 
 def parse(*argv: str) -> argparse.Namespace:
