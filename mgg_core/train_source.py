@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .cli import add_threads_argument
+from .io import atomic_path
 
 DEFAULTS: dict[str, Any] = {
     "epochs": 10,
@@ -182,10 +183,12 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
     torch.manual_seed(seed)
     model, model_kwargs = _make_model(model_name, num_classes, model_kwargs, img_size)
     model.to(device)
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt: torch.optim.Optimizer
     if optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     else:
@@ -245,8 +248,9 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n_seen:.3f}")
         elapsed = elapsed_before + time.perf_counter() - t_train
-        torch.save({"settings": settings, "epoch": epoch + 1, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "train_time_s": elapsed}, state_file)
+        with atomic_path(state_file) as tmp:
+            torch.save({"settings": settings, "epoch": epoch + 1, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "train_time_s": elapsed}, tmp)
         if not bar.disable:
             bar.write(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / n_seen:.4f}")
     bar.close()
@@ -259,10 +263,9 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
     # 4) write weights + card, then measure the card's accuracy through the deployed loading path
     model.eval()
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "model": model_name})
-    os.replace(tmp, out)
-    os.chmod(out, 0o644)
+    with atomic_path(out) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "model": model_name})
+        os.chmod(tmp, 0o644)
     in_memory_acc = accuracy(model, x_test, y_test, device)
     card = ClassifierCard(
         model_name=model_name, model_kwargs=model_kwargs, num_classes=num_classes, class_names=class_names,

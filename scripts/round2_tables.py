@@ -93,7 +93,8 @@ def _sweep_tables(settings: dict) -> list[str]:
             vals = {float(k): v for k, v in accs.items()}
             top = max(vals.values())
             cells = [("**%.1f**" if vals.get(g) == top else "%.1f") % vals[g] if g in vals else "-" for g in grid]
-            out.append(f"| {m} | " + " | ".join(cells) + f" | {st['lrs'].get(m):g} |")
+            lr = st["lrs"].get(m)
+            out.append(f"| {m} | " + " | ".join(cells) + f" | {'-' if lr is None else f'{lr:g}'} |")
         out.append("")
     return out
 

@@ -1,4 +1,5 @@
-"""`mgg serve`: run the adaptation service with uvicorn (one process: stream states live in it)."""
+"""`mgg serve`: run the adaptation service with uvicorn (one process: stream states live in it), or with
+`--backend ray` on Ray Serve (N replicas, each stream pinned to one; see service/rayserve)."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,17 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-concurrent-streams", "max_concurrent_streams", {"type": int, "help": "streams adapting at once"}),
     ("--max-queue-per-stream", "max_queue_per_stream", {"type": int, "help": "queued requests per stream"}),
     ("--max-queue-total", "max_queue_total", {"type": int, "help": "queued requests in total"}),
-    ("--admin-token", "admin_token", {"help": "Bearer token for /reset and /streams (prefer MGG_ADMIN_TOKEN)"}),
+    ("--max-request-pixels", "max_request_pixels", {"type": int, "help": "decoded pixels per request"}),
+    ("--max-pixels-in-flight", "max_pixels_in_flight", {"type": int, "help": "decoded pixels held at once"}),
+    ("--body-timeout-seconds", "body_timeout_seconds", {"type": float, "help": "time to receive a whole body"}),
+    ("--body-idle-timeout-seconds", "body_idle_timeout_seconds",
+     {"type": float, "help": "longest wait for the next body chunk"}),
+    ("--durability", "durability", {"choices": ["step", "interval"],
+                                    "help": "step (default): persist before each answer; interval: in the background"}),
+    ("--max-streams", "max_streams", {"type": int, "help": "streams known at once"}),
+    ("--max-snapshot-bytes", "max_snapshot_bytes", {"type": int, "help": "bytes of snapshots on disk"}),
+    ("--admin-token", "admin_token", {"help": "Bearer token for /reset and /streams (prefer MGG_ADMIN_TOKEN); "
+                                      "generated and printed when binding beyond loopback without one"}),
     ("--log-level", "log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
 ]
 
@@ -52,6 +63,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="return predictions made after the update")
     post.add_argument("--pre-update-predictions", dest="opt_return_post_update", action="store_false")
     p.add_argument("--print-settings", action="store_true", help="print the resolved settings and exit")
+    from .rayserve.cli import add_ray_flags  # imports no Ray: the flags exist without the extra
+
+    add_ray_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -75,7 +89,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.print_settings:
         print(settings.model_dump_json(indent=2))
-        return 0
+        if args.backend != "ray":
+            return 0
+    if args.backend == "ray":  # N replicas on Ray Serve, streams pinned by id (service/rayserve)
+        from .rayserve.cli import run_ray
+
+        return run_ray(args, settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = f"http://{settings.host}:{settings.port}"
     print(f"mgg serve: {settings.model} / {settings.method} + {settings.optimizer or 'default optimizer'} "

@@ -22,7 +22,8 @@ import torch
 from ..reasons import ResetReason, SkipReason
 from ..registry import Registry
 
-__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "register"]
+__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "register",
+           "resolved"]
 
 MethodState = dict[str, torch.Tensor]
 
@@ -128,6 +129,13 @@ class Method:
         with ctx.timer("backward"):
             (grad,) = torch.autograd.grad(loss, theta)
         return GradOutput(logits.detach(), float(loss.detach()), grad, state_updates=updates, n_selected=n)
+
+
+def resolved(value: float | None) -> float:
+    """A class-count dependent hyper-parameter that ``__post_init__`` filled in (never None after construction)."""
+    if value is None:
+        raise RuntimeError("hyper-parameter read before __post_init__ resolved it")
+    return value
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import softmax_entropy
-from .base import Method, register
+from .base import Method, register, resolved
 
 __all__ = ["DeYO", "patch_shuffle"]
 
@@ -47,7 +47,7 @@ class DeYO(Method):
 
     def objective(self, ctx, theta, logits, features):
         ent = softmax_entropy(logits)
-        sel = ent < self.e_margin
+        sel = ent < resolved(self.e_margin)
         if not sel.any():
             return None, {}, 0
         x_sel = ctx.x[sel]
@@ -61,5 +61,5 @@ class DeYO(Method):
         if not keep.any():
             return None, {}, 0
         ent_k = ent[sel][keep]
-        coeff = torch.exp(-(ent_k.detach() - self.e_margin0)) + torch.exp(plpd[keep].detach())
+        coeff = torch.exp(-(ent_k.detach() - resolved(self.e_margin0))) + torch.exp(plpd[keep].detach())
         return (ent_k * coeff).mean(), {}, int(keep.sum())

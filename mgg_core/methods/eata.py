@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import softmax_entropy
-from .base import Method, register
+from .base import Method, register, resolved
 
 __all__ = ["EATA"]
 
@@ -41,18 +41,18 @@ class EATA(Method):
 
     def objective(self, ctx, theta, logits, features):
         ent = softmax_entropy(logits)
-        reliable = ent < self.e_margin
+        reliable = ent < resolved(self.e_margin)
         probs = logits.softmax(1).detach()
         mean_probs, is_set = ctx.state["mean_probs"], bool(ctx.state["mean_probs_set"] > 0)
         keep = reliable.clone()
         if is_set and reliable.any():
             cos = F.cosine_similarity(mean_probs.unsqueeze(0), probs, dim=1)
-            keep = reliable & (cos.abs() < self.d_margin)
+            keep = reliable & (cos.abs() < resolved(self.d_margin))
         if not keep.any():
             return None, {}, 0
         sel_probs = probs[keep].mean(0)
         new_mean = self.prob_momentum * mean_probs + (1 - self.prob_momentum) * sel_probs if is_set else sel_probs
-        coeff = torch.exp(-(ent[keep].detach() - self.e_margin))
+        coeff = torch.exp(-(ent[keep].detach() - resolved(self.e_margin)))
         loss = (ent[keep] * coeff).mean()
         if self.fisher is not None and self.fisher_alpha:
             loss = loss + self.fisher_alpha * (self.fisher * (theta - ctx.theta0) ** 2).sum()

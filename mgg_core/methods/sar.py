@@ -9,7 +9,7 @@ import torch
 
 from ..losses import softmax_entropy
 from ..reasons import ResetReason, SkipReason
-from .base import GradOutput, Method, register
+from .base import GradOutput, Method, register, resolved
 
 __all__ = ["SAR"]
 
@@ -44,7 +44,7 @@ class SAR(Method):
         with ctx.timer("forward"):
             logits, _ = ctx.forward(theta, ctx.x, False)
             ent = softmax_entropy(logits)
-            sel1 = ent < self.e_margin
+            sel1 = ent < resolved(self.e_margin)
         if not sel1.any():
             return GradOutput(logits.detach(), skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
         loss1 = ent[sel1].mean()
@@ -58,7 +58,7 @@ class SAR(Method):
         with ctx.timer("forward"):
             logits2, _ = ctx.forward(theta_adv, ctx.x, False)
             ent2 = softmax_entropy(logits2)[sel1]
-            sel2 = ent2 < self.e_margin
+            sel2 = ent2 < resolved(self.e_margin)
         if not sel2.any():
             return GradOutput(logits.detach(), loss=float(loss1.detach()),
                               skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
@@ -70,4 +70,4 @@ class SAR(Method):
         old = ctx.state["loss_ema"]
         ema = loss2.detach() if torch.isnan(old) else self.ema_momentum * old + (1 - self.ema_momentum) * loss2.detach()
         return GradOutput(logits.detach(), float(loss2.detach()), grad, state_updates={"loss_ema": ema},
-                          n_selected=int(sel2.sum()), request_reset=bool(ema < self.reset_constant))
+                          n_selected=int(sel2.sum()), request_reset=bool(ema < resolved(self.reset_constant)))
