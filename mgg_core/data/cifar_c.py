@@ -208,6 +208,8 @@ def _frost_texture(name: str) -> np.ndarray:
         ref = importlib.resources.files("imagecorruptions") / "frost" / name
         with importlib.resources.as_file(ref) as path:
             img = cv2.imread(str(path))
+        if img is None:
+            raise FileNotFoundError(f"frost texture {name} missing from the imagecorruptions package")
         _FROST_CACHE[name] = cv2.resize(img, (0, 0), fx=0.2, fy=0.2)[..., ::-1]   # BGR -> RGB, scale as CIFAR-C
     return _FROST_CACHE[name]
 
@@ -281,8 +283,8 @@ def jpeg_compression(x, c, rng):
 
 def pixelate(x, c, rng):
     h, w = x.shape[:2]
-    img = Image.fromarray(np.asarray(x, np.uint8)).resize((int(w * c), int(h * c)), Image.BOX)
-    return np.asarray(img.resize((w, h), Image.BOX), np.float64)
+    img = Image.fromarray(np.asarray(x, np.uint8)).resize((int(w * c), int(h * c)), Image.Resampling.BOX)
+    return np.asarray(img.resize((w, h), Image.Resampling.BOX), np.float64)
 
 
 def elastic_transform(x, c, rng):
@@ -290,11 +292,12 @@ def elastic_transform(x, c, rng):
     shape = img.shape
     size = min(shape[:2])
     alpha, sigma, affine = size * c[0], size * c[1], size * c[2]
-    center = np.float32(shape[:2]) // 2
+    center = np.asarray(shape[:2], np.float32) // 2
     sq = min(shape[:2]) // 3
-    pts1 = np.float32([center + sq, [center[0] + sq, center[1] - sq], center - sq])
+    pts1 = np.asarray([center + sq, [center[0] + sq, center[1] - sq], center - sq], np.float32)
     pts2 = pts1 + rng.uniform(-affine, affine, size=pts1.shape).astype(np.float32)
-    img = cv2.warpAffine(img, cv2.getAffineTransform(pts1, pts2), shape[:2][::-1], borderMode=cv2.BORDER_REFLECT_101)
+    img = np.asarray(cv2.warpAffine(img, cv2.getAffineTransform(pts1, pts2), shape[:2][::-1],
+                                    borderMode=cv2.BORDER_REFLECT_101), np.float32)
     dx = gaussian(rng.uniform(-1, 1, size=shape[:2]), sigma, mode="reflect", truncate=3) * alpha
     dy = gaussian(rng.uniform(-1, 1, size=shape[:2]), sigma, mode="reflect", truncate=3) * alpha
     xx, yy, zz = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]), np.arange(shape[2]))
