@@ -3,9 +3,10 @@ ImageNet-C layout OUT/<corruption>/<severity>/<class>/<index>.png plus OUT/manif
 
     mgg data make-c --data mnist5k --out data/mnist5k-c                      # 15 corruptions x 5 severities
     mgg data make-c --data mnist5k --out data/mnist5k-c --severities 5 --corruptions gaussian_noise fog
+    mgg data make-c --data mnist5k --out data/mnist5k-cc --profile cifar-c     # CIFAR-10-C constants (32 px data)
 
 File names are the sample's index in the (split of the) source, which is also the index the corruption is
-seeded with: OUT/<c>/<s>/<class>/<i>.png equals ``corrupt_image(source.get_image(i), c, s, seed, i)``, the
+seeded with: OUT/<c>/<s>/<class>/<i>.png equals ``corrupt_image(source.get_image(i), c, s, seed, i, profile)``, the
 same pixels the on-the-fly streams produce. Each finished <corruption>/<severity> folder gets a
 ``.complete`` marker; a re-run skips complete folders and finishes incomplete ones (existing PNGs are kept).
 """
@@ -23,11 +24,15 @@ from PIL import Image
 from ..io import atomic_path, atomic_write_text
 from .corruptions import (
     ALL_CORRUPTIONS,
+    DEFAULT_PROFILE,
+    PROFILES,
     SEVERITIES,
     TEST_CORRUPTIONS,
     check_corruption,
+    check_profile,
     corrupt_image,
     imagecorruptions_version,
+    profile_version,
 )
 
 COMPLETE_MARKER = ".complete"
@@ -52,13 +57,19 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
 
 
 def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, severities=SEVERITIES, split: str = "test",
-           seed: int = 0, limit_per_class: int | None = None, split_seed: int = 0, progress: bool = True) -> dict:
-    """Write the corrupted tree and its manifest; returns the manifest dict."""
+           seed: int = 0, limit_per_class: int | None = None, split_seed: int = 0, progress: bool = True,
+           profile: str = DEFAULT_PROFILE) -> dict:
+    """Write the corrupted tree and its manifest; returns the manifest dict.
+
+    Args:
+        profile: corruption constants, ``"imagenet-c"`` (224 px photos) or ``"cifar-c"`` (32 px images).
+    """
     from tqdm import tqdm
 
     from ..classifier import library_versions
     from .sources import open_source
 
+    check_profile(profile)
     corruptions = list(corruptions)
     severities = [int(s) for s in severities]
     for c in corruptions:
@@ -75,11 +86,11 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
 
     manifest_path = out / "manifest.json"
     protocol = {"source": source.describe(), "data": str(data), "split": split, "split_seed": split_seed,
-                "seed": seed, "limit_per_class": limit_per_class}
+                "seed": seed, "limit_per_class": limit_per_class, "profile": profile}
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        keys = ("data", "split", "split_seed", "seed", "limit_per_class")
-        mismatched = [k for k in keys if old.get(k) != protocol[k]]
+        keys = ("data", "split", "split_seed", "seed", "limit_per_class", "profile")
+        mismatched = [k for k in keys if old.get(k, DEFAULT_PROFILE if k == "profile" else None) != protocol[k]]
         if mismatched:
             raise ValueError(f"{out} was generated with different {mismatched}; use another --out")
     todo = []
@@ -101,7 +112,8 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
             label = int(source.labels[i])
             path = d / name_of[label] / f"{int(i):05d}.png"
             if not path.is_file():
-                _write_png(path, corrupt_image(source.get_image(int(i)), c, s, seed=seed, index=int(i)))
+                _write_png(path, corrupt_image(source.get_image(int(i)), c, s, seed=seed, index=int(i),
+                                                 profile=profile))
             bar.update(1)
         atomic_write_text(d / COMPLETE_MARKER, json.dumps({"images": int(len(indices))}) + "\n")
     bar.close()
@@ -117,9 +129,10 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
         images_per_domain=int(len(indices)),
         per_class=np.bincount(source.labels[indices], minlength=len(class_names)).tolist(),
         domains=[[c, s] for c, s in all_domains],
-        corruption_seeding="corrupt_image(image, corruption, severity, seed, index=source index)",
+        corruption_seeding="corrupt_image(image, corruption, severity, seed, index=source index, profile)",
         preprocessing="input converted to RGB and upscaled (bilinear) to a shorter side of >= 32 px before corrupting",
-        versions=dict(library_versions(), imagecorruptions=imagecorruptions_version()),
+        versions=dict(library_versions(), imagecorruptions=imagecorruptions_version(),
+                      corruptions=profile_version(profile)),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         last_run={"written_domains": len(todo), "skipped_complete_domains": skipped,
                   "seconds": round(time.perf_counter() - t0, 1)},
@@ -144,6 +157,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="corruption seed")
     m.add_argument("--split-seed", type=int, default=0, help="train/test split seed for a plain folder")
     m.add_argument("--limit-per-class", type=int, default=None)
+    m.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES,
+                   help="corruption constants: imagenet-c (224 px photos, default) or cifar-c (CIFAR-10-C's, 32 px)")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=_run_make_c)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -165,7 +180,7 @@ def expand_corruptions(names: list[str]) -> list[str]:
 def _run_make_c(args: argparse.Namespace) -> int:
     manifest = make_c(args.data, args.out, corruptions=expand_corruptions(args.corruptions), severities=args.severities,
                       split=args.split, seed=args.seed, limit_per_class=args.limit_per_class,
-                      split_seed=args.split_seed, progress=not args.no_progress)
+                      split_seed=args.split_seed, progress=not args.no_progress, profile=args.profile)
     run = manifest["last_run"]
     print(f"make-c: {run['written_domains']} domain(s) written, {run['skipped_complete_domains']} already complete; "
           f"{manifest['images_per_domain']} images per domain under {args.out}")
