@@ -340,7 +340,7 @@ def _train(run: _Run) -> tuple[int, float]:
     return end_epoch, run.elapsed_before + time.perf_counter() - t_train
 
 
-def _train_epoch(run: _Run, epoch: int, bar: Any) -> float:
+def _train_epoch(run: _Run, epoch: int, bar: tqdm) -> float:
     """One epoch; batch order and augmentation come from a generator seeded by (seed, epoch), so a resumed run
     draws what an uninterrupted one would. Returns the mean training loss."""
     cfg, data, spe = run.cfg, run.data, run.steps_per_epoch
