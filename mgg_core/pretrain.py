@@ -71,6 +71,7 @@ from .io import atomic_path
 from .methods.foa import FOALoss
 from .mgg import GradientMemoryLayer, num_meta_parameters
 from .optim import MGG
+from .reasons import ResetPolicy
 
 
 # ============================================================================================== meta-training
@@ -114,7 +115,7 @@ def validate(setup: Setup, gml: GradientMemoryLayer, domains, lr: float, batch_s
              lam: float = 0.4) -> tuple[float, dict]:
     """Mean accuracy of the full online protocol (reset per domain) with this GML on held-out domains."""
     eng = build_engine(setup, "mgg", lr, method_kwargs={"lam": lam}, gml=copy.deepcopy(gml).eval())
-    res = run_stream(eng, domains, batch_size, reset="domain")
+    res = run_stream(eng, domains, batch_size, reset=ResetPolicy.PER_DOMAIN.results_name)
     per = {r.domain: r.accuracy for r in res}
     return float(np.mean(list(per.values()))), per
 

@@ -3,10 +3,9 @@ ImageNet-C layout OUT/<corruption>/<severity>/<class>/<index>.png plus OUT/manif
 
     mgg data make-c --data mnist5k --out data/mnist5k-c                      # 15 corruptions x 5 severities
     mgg data make-c --data mnist5k --out data/mnist5k-c --severities 5 --corruptions gaussian_noise fog
-    mgg data make-c --data mnist5k --out data/mnist5k-cc --profile cifar-c     # CIFAR-10-C constants (32 px data)
 
 File names are the sample's index in the (split of the) source, which is also the index the corruption is
-seeded with: OUT/<c>/<s>/<class>/<i>.png equals ``corrupt_image(source.get_image(i), c, s, seed, i, profile)``, the
+seeded with: OUT/<c>/<s>/<class>/<i>.png equals ``corrupt_image(source.get_image(i), c, s, seed, i)``, the
 same pixels the on-the-fly streams produce. Each finished <corruption>/<severity> folder gets a
 ``.complete`` marker; a re-run skips complete folders and finishes incomplete ones (existing PNGs are kept).
 """
@@ -16,15 +15,19 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from ..classifier import library_versions
 from ..io import atomic_path, atomic_write_text
 from .corruptions import (
     ALL_CORRUPTIONS,
     DEFAULT_PROFILE,
+    HELDOUT_CORRUPTIONS,
     PROFILES,
     SEVERITIES,
     TEST_CORRUPTIONS,
@@ -34,6 +37,7 @@ from .corruptions import (
     imagecorruptions_version,
     profile_version,
 )
+from .sources import LabelledSource, open_source
 
 COMPLETE_MARKER = ".complete"
 
@@ -56,19 +60,22 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
         os.chmod(tmp, 0o644)
 
 
-def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, severities=SEVERITIES, split: str = "test",
-           seed: int = 0, limit_per_class: int | None = None, split_seed: int = 0, progress: bool = True,
+def make_c(data: str, out: str | os.PathLike, corruptions: Iterable[str] = TEST_CORRUPTIONS,
+           severities: Iterable[int] = SEVERITIES, split: str = "test", seed: int = 0,
+           limit_per_class: int | None = None, split_seed: int = 0, progress: bool = True,
            profile: str = DEFAULT_PROFILE) -> dict:
     """Write the corrupted tree and its manifest; returns the manifest dict.
 
     Args:
+        data: ``"mnist5k"`` or a folder of labelled images (see :func:`mgg_core.data.sources.open_source`).
+        out: the tree's root; a re-run with the same protocol skips complete domains.
+        corruptions, severities: the domains to write.
+        split, split_seed: which part of the source (and the seed of a plain folder's train/test split).
+        seed: the corruption seed (each image is also seeded with its source index).
+        limit_per_class: keep only the first N images of every class.
+        progress: show a progress bar.
         profile: corruption constants, ``"imagenet-c"`` (224 px photos) or ``"cifar-c"`` (32 px images).
     """
-    from tqdm import tqdm
-
-    from ..classifier import library_versions
-    from .sources import open_source
-
     check_profile(profile)
     corruptions = list(corruptions)
     severities = [int(s) for s in severities]
@@ -79,30 +86,62 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
     out.mkdir(parents=True, exist_ok=True)
     source = open_source(data, split, seed=split_seed)
     indices = select_indices(source.labels, limit_per_class)
-    class_names = list(source.class_names)
-    name_of = [str(n) for n in class_names]
-    if len(set(name_of)) != len(name_of) or any(not n or "/" in n or n.startswith(".") for n in name_of):
-        raise ValueError("class names must be unique, non-empty folder names")
-
+    name_of = _class_folder_names(source)
     manifest_path = out / "manifest.json"
     protocol = {"source": source.describe(), "data": str(data), "split": split, "split_seed": split_seed,
                 "seed": seed, "limit_per_class": limit_per_class, "profile": profile}
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        keys = ("data", "split", "split_seed", "seed", "limit_per_class", "profile")
-        mismatched = [k for k in keys if old.get(k, DEFAULT_PROFILE if k == "profile" else None) != protocol[k]]
-        if mismatched:
-            raise ValueError(f"{out} was generated with different {mismatched}; use another --out")
-    todo = []
-    for c in corruptions:
-        for s in severities:
-            d = out / c / str(s)
-            if (d / COMPLETE_MARKER).is_file():
-                continue
-            todo.append((c, s))
-    skipped = len(corruptions) * len(severities) - len(todo)
-    bar = tqdm(total=len(todo) * len(indices), desc="make-c", unit="img", disable=not progress, dynamic_ncols=True)
+    _check_same_protocol(manifest_path, protocol)
+    todo = [(c, s) for c in corruptions for s in severities if not (out / c / str(s) / COMPLETE_MARKER).is_file()]
     t0 = time.perf_counter()
+    _write_domains(out, todo, source, indices, name_of, seed, progress, profile)
+    all_domains = sorted({(c, s) for c in corruptions for s in severities})
+    if manifest_path.is_file():
+        prev = json.loads(manifest_path.read_text())
+        all_domains = sorted({tuple(x) for x in prev.get("domains", [])} | set(all_domains))
+    manifest = dict(
+        protocol,
+        layout="OUT/<corruption>/<severity>/<class>/<source index:05d>.png",
+        class_names=name_of,
+        images_per_domain=int(len(indices)),
+        per_class=np.bincount(source.labels[indices], minlength=len(name_of)).tolist(),
+        domains=[[c, s] for c, s in all_domains],
+        corruption_seeding="corrupt_image(image, corruption, severity, seed, index=source index, profile)",
+        preprocessing="input converted to RGB and upscaled (bilinear) to a shorter side of >= 32 px before corrupting",
+        versions=dict(library_versions(), imagecorruptions=imagecorruptions_version(),
+                      corruptions=profile_version(profile)),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        last_run={"written_domains": len(todo), "skipped_complete_domains": len(corruptions) * len(severities)
+                  - len(todo), "seconds": round(time.perf_counter() - t0, 1)},
+    )
+    with atomic_path(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+    return manifest
+
+
+def _class_folder_names(source: LabelledSource) -> list[str]:
+    """The class names as folder names; they must be unique, non-empty, without '/' and not hidden."""
+    name_of = [str(n) for n in source.class_names]
+    if len(set(name_of)) != len(name_of) or any(not n or "/" in n or n.startswith(".") for n in name_of):
+        raise ValueError("class names must be unique, non-empty folder names")
+    return name_of
+
+
+def _check_same_protocol(manifest_path: Path, protocol: dict) -> None:
+    """A tree is only ever extended with the protocol it was started with."""
+    if not manifest_path.is_file():
+        return
+    old = json.loads(manifest_path.read_text())
+    keys = ("data", "split", "split_seed", "seed", "limit_per_class", "profile")
+    mismatched = [k for k in keys if old.get(k, DEFAULT_PROFILE if k == "profile" else None) != protocol[k]]
+    if mismatched:
+        raise ValueError(f"{manifest_path.parent} was generated with different {mismatched}; use another --out")
+
+
+def _write_domains(out: Path, todo: Sequence[tuple[str, int]], source: LabelledSource, indices: np.ndarray,
+                   name_of: list[str], seed: int, progress: bool, profile: str = DEFAULT_PROFILE) -> None:
+    """Write the PNGs of each (corruption, severity) in ``todo`` (keeping existing ones), then its marker."""
+    bar = tqdm(total=len(todo) * len(indices), desc="make-c", unit="img", disable=not progress, dynamic_ncols=True)
     for c, s in todo:
         d = out / c / str(s)
         for name in name_of:
@@ -117,30 +156,6 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
             bar.update(1)
         atomic_write_text(d / COMPLETE_MARKER, json.dumps({"images": int(len(indices))}) + "\n")
     bar.close()
-
-    all_domains = sorted({(c, s) for c in corruptions for s in severities})
-    if manifest_path.is_file():
-        prev = json.loads(manifest_path.read_text())
-        all_domains = sorted({tuple(x) for x in prev.get("domains", [])} | set(all_domains))
-    manifest = dict(
-        protocol,
-        layout="OUT/<corruption>/<severity>/<class>/<source index:05d>.png",
-        class_names=name_of,
-        images_per_domain=int(len(indices)),
-        per_class=np.bincount(source.labels[indices], minlength=len(class_names)).tolist(),
-        domains=[[c, s] for c, s in all_domains],
-        corruption_seeding="corrupt_image(image, corruption, severity, seed, index=source index, profile)",
-        preprocessing="input converted to RGB and upscaled (bilinear) to a shorter side of >= 32 px before corrupting",
-        versions=dict(library_versions(), imagecorruptions=imagecorruptions_version(),
-                      corruptions=profile_version(profile)),
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        last_run={"written_domains": len(todo), "skipped_complete_domains": skipped,
-                  "seconds": round(time.perf_counter() - t0, 1)},
-    )
-    with atomic_path(manifest_path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o644)
-    return manifest
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -166,8 +181,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def expand_corruptions(names: list[str]) -> list[str]:
-    from .corruptions import HELDOUT_CORRUPTIONS
-
+    """Corruption names with the groups 'test', 'heldout' and 'all' expanded, duplicates dropped, order kept."""
     groups = {"test": list(TEST_CORRUPTIONS), "heldout": list(HELDOUT_CORRUPTIONS), "all": list(ALL_CORRUPTIONS)}
     out: list[str] = []
     for n in names:
