@@ -97,6 +97,8 @@ def pretraining_samples(n_train: int, samples: int, seed: int, val_idx: np.ndarr
 
 
 def load_pretraining_data(classifier, cfg: PretrainConfig, cache_dir) -> tuple[torch.Tensor, list]:
+    if cfg.data is None:
+        raise ValueError("pretraining data not resolved: call resolve_data(cfg) first")
     src = open_source(cfg.data, "train")
     val_idx = validation_indices(len(src), cfg.val_images)
     pairs = pretraining_samples(len(src), cfg.samples, cfg.seed, val_idx, cfg.train_severities, cfg.profiles)

@@ -106,7 +106,7 @@ def prepare_image(image: np.ndarray | Image.Image, min_size: int = MIN_SIZE) -> 
         scale = min_size / short
         new_w = max(min_size, int(round(w * scale)))
         new_h = max(min_size, int(round(h * scale)))
-        pil = pil.resize((new_w, new_h), Image.BILINEAR)
+        pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
     return np.asarray(pil, dtype=np.uint8).copy()
 
 
@@ -139,7 +139,7 @@ def _corrupt_imagenet_c(x: np.ndarray, corruption: str, severity: int, s: int) -
     if out.dtype != np.uint8:
         out = np.clip(out, 0, 255).astype(np.uint8)
     if out.shape != x.shape:  # the library keeps the shape; guard against surprises in other versions
-        out = np.asarray(Image.fromarray(out).resize((x.shape[1], x.shape[0]), Image.BILINEAR))
+        out = np.asarray(Image.fromarray(out).resize((x.shape[1], x.shape[0]), Image.Resampling.BILINEAR))
     return out
 
 
