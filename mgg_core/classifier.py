@@ -16,12 +16,19 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy
+import PIL
+import timm
+import timm.data
 import torch
+import torchvision
 
 from .io import atomic_path
+from .preprocess import Preprocessor
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_CHECKPOINTS = {
@@ -123,13 +130,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import numpy
-    import PIL
-    import timm
-    import torchvision
-
     try:
         mgg = version("mgg-tta")
     except PackageNotFoundError:
@@ -143,7 +143,7 @@ class LoadedClassifier:
     model: torch.nn.Module  # eval mode, every parameter requires_grad=False
     card: ClassifierCard
     data_config: dict[str, Any]  # timm's resolved data config
-    preprocessor: Any  # mgg_core.preprocess.Preprocessor
+    preprocessor: Preprocessor
     checkpoint_path: Path
     device: torch.device = torch.device("cpu")
 
@@ -165,8 +165,6 @@ class LoadedClassifier:
 
 def build_model(card: ClassifierCard, checkpoint: str | os.PathLike | None, device: str | torch.device = "cpu"):
     """timm model from the card; with ``checkpoint``, weights are loaded by timm's pretrained machinery."""
-    import timm
-
     kwargs = dict(card.model_kwargs)
     if checkpoint is None:
         return timm.create_model(card.model_name, pretrained=False, num_classes=card.num_classes, **kwargs).to(device)
@@ -187,10 +185,6 @@ def build_model(card: ClassifierCard, checkpoint: str | os.PathLike | None, devi
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedClassifier:
     """Load ``path`` (.safetensors) and its card (same stem, .json) onto ``device``; frozen, eval mode."""
-    import timm.data
-
-    from .preprocess import Preprocessor
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"expected a .safetensors checkpoint, got {path}")

@@ -215,6 +215,7 @@ class AdaptationEngine:
             if out.skipped_reason is None:
                 with timer("optimizer"):
                     new_theta, new_opt = self.optimizer.update(state.theta, out.grad, state.group("opt"))
+                    new_theta = self.method.post_update(new_theta, self.theta0)
                 if not bool(torch.isfinite(new_theta).all()):
                     out.skipped_reason = SkipReason.NON_FINITE_UPDATE
                 else:

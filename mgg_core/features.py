@@ -7,13 +7,17 @@ space (or over tokens). Taps record into a thread-local collector, so concurrent
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .io import atomic_path
 
 _local = threading.local()
 
@@ -94,14 +98,13 @@ def compute_source_stats(forward, batches: Iterable[torch.Tensor]) -> dict[str, 
 
 
 def save_stats(stats: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
+    """Write ``stats`` (safetensors, world-readable) atomically: a reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in stats.items()}, str(path), metadata=meta or {})
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp), metadata=meta or {})
+        os.chmod(tmp, 0o644)
 
 
 def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(path))

@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .io import atomic_path
@@ -119,8 +121,6 @@ class GradientMemoryLayer(nn.Module):
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def save(self, path: str | Path, card: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"hidden": str(self.hidden), "token_dim": str(self.token_dim)}
@@ -135,9 +135,6 @@ class GradientMemoryLayer(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> GradientMemoryLayer:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"MGG checkpoint not found: {path}")

@@ -8,22 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from timm import layers as _timm_layers
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-try:  # timm's norm layers that do not subclass a torch norm layer
-    from timm import layers as _timm_layers
-
-    _TIMM_NORMS: tuple[type, ...] = tuple(
-        getattr(_timm_layers, name)
-        for name in (
-            "RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d",
-            "SimpleNormFp32", "SimpleNorm2dFp32", "FrozenBatchNormAct2d",
-        )
-        if hasattr(_timm_layers, name)
+# timm's norm layers that do not subclass a torch norm layer (those this timm version has)
+_TIMM_NORMS: tuple[type, ...] = tuple(
+    getattr(_timm_layers, name)
+    for name in (
+        "RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d",
+        "SimpleNormFp32", "SimpleNorm2dFp32", "FrozenBatchNormAct2d",
     )
-except ImportError:  # pragma: no cover - timm is a hard dependency
-    _TIMM_NORMS = ()
+    if hasattr(_timm_layers, name)
+)
 
 #: Layer types whose affine parameters are adapted. timm's BatchNormAct2d, GroupNormAct, LayerNorm2d,
 #: LayerNormAct... subclass the torch types and are covered through them.

@@ -16,8 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import timm.data
 import torch
 from PIL import Image
+from torchvision import transforms as T
+
+from .data.sources import pil_to_uint8
 
 _DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
@@ -32,8 +36,6 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
     """Convert a PIL image to mode RGB (channels=3) or L (channels=1)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        from .data.sources import pil_to_uint8
-
         img = Image.fromarray(pil_to_uint8(img))
         mode = "L"
     if channels == 3:
@@ -68,9 +70,6 @@ class Preprocessor:
     """The model's eval transform, batched. ``pre(images) -> float32 tensor (N, C, H, W)``."""
 
     def __init__(self, data_config: dict):
-        import timm.data
-        from torchvision import transforms as T
-
         missing = [k for k in ("input_size", "mean", "std") if k not in data_config]
         if missing:
             raise ValueError(f"data_config lacks {missing}")
@@ -82,20 +81,23 @@ class Preprocessor:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean/std must have one value per input channel")
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
-        # Split timm's Compose into the PIL stages (per image) and the tensor stages (on the whole batch).
+        self._batched = self._split_transform()
+
+    def _split_transform(self) -> bool:
+        """Split timm's Compose into the PIL stages (per image) and the tensor stages (to-tensor + normalise, on
+        the whole batch). False for an unexpected transform: timm's transform then runs image by image."""
         stages = list(self.transform.transforms) if isinstance(self.transform, T.Compose) else [self.transform]
         names = [type(t).__name__ for t in stages]
         cut = next((i for i, n in enumerate(names) if n in ("ToTensor", "MaybeToTensor", "PILToTensor")), None)
-        tail = stages[cut:] if cut is not None else []
-        tail_ok = (len(tail) == 2 and names[cut] in ("ToTensor", "MaybeToTensor") and names[cut + 1] == "Normalize")
-        if tail_ok:
-            self._pil_stages = T.Compose(stages[:cut])
-            norm = tail[1]
-            self._mean = torch.as_tensor(norm.mean, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
-            self._std = torch.as_tensor(norm.std, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
-            self._batched = True
-        else:  # an unexpected transform: fall back to timm's transform image by image
-            self._batched = False
+        if cut is None or len(stages) - cut != 2:
+            return False
+        if names[cut] not in ("ToTensor", "MaybeToTensor") or names[cut + 1] != "Normalize":
+            return False
+        self._pil_stages = T.Compose(stages[:cut])
+        norm = stages[cut + 1]
+        self._mean = torch.as_tensor(norm.mean, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
+        self._std = torch.as_tensor(norm.std, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
+        return True
 
     def __repr__(self) -> str:
         return f"Preprocessor(input_size={self.input_size}, mean={self.mean}, std={self.std})"

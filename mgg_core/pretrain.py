@@ -14,8 +14,11 @@ Protocol (MGTTA's, see docs/results.md for the values used for the bundled check
   meta-loss = the same FOA loss on the NEXT batch at theta_{t+1}; Adam (``--meta-lr`` 1e-2) on the GML weights.
   ``--unroll 1`` (default) is truncation 1: g_t, theta_t and the memory are detached inputs. ``--unroll K`` keeps
   theta and the memory differentiable over K steps and sums the K next-batch losses (gradients stay first order);
-* after each epoch: the full online protocol (batch 64, reset per corruption, one pass) with the candidate MGG at
-  the deployment step ``--val-lr`` on the 4 held-out corruptions of the validation subset of the TRAIN split;
+* ``--severities`` and ``--profiles`` widen the training set: the samples are spread in equal shares over every
+  (held-out corruption, severity, profile) combination; the validation domains are the 4 held-out corruptions at
+  ``--severity`` under each of ``--profiles`` (``imagenet-c`` / ``cifar-c`` constants);
+* after each epoch: the full online protocol (batch ``--val-batch-size`` 64, reset per corruption, one pass) with
+  the candidate MGG at the deployment step ``--val-lr`` on the held-out validation domains of the TRAIN split;
   the best epoch is kept (labels of this held-out validation data only);
 * resumable: ``OUT`` stem + ``.pretrain-state.pt`` holds the GML, Adam state, RNG state, history and the best GML
   after every epoch; ``--resume`` continues and gives the same result as an uninterrupted run.
@@ -32,6 +35,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,13 +64,14 @@ from .classifier import (
     load_classifier,
 )
 from .cli import add_config_arguments, add_threads_argument, config_kwargs
-from .data.corruptions import HELDOUT_CORRUPTIONS
+from .data.corruptions import DEFAULT_PROFILE, HELDOUT_CORRUPTIONS, PROFILES, SEVERITIES, check_profile
 from .data.sources import open_source
 from .engine import AdaptationEngine, EngineConfig
 from .io import atomic_path
 from .methods.foa import FOALoss
 from .mgg import GradientMemoryLayer, num_meta_parameters
 from .optim import MGG
+from .reasons import ResetPolicy
 
 
 # ============================================================================================== meta-training
@@ -76,30 +81,35 @@ def _foa_loss(engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return engine.method.loss(logits, feats, engine.source_stats)
 
 
-def pretraining_samples(n_train: int, samples: int, seed: int, val_idx: np.ndarray) -> list[tuple[int, str]]:
-    """(train index, held-out corruption) pairs: ``samples`` indices outside the validation subset, corruptions
-    assigned in equal shares, drawn once by ``seed``."""
+def pretraining_samples(n_train: int, samples: int, seed: int, val_idx: np.ndarray,
+                        severities: Sequence[int] = (5,), profiles: Sequence[str] = (DEFAULT_PROFILE,),
+                        ) -> list[tuple[int, tuple[str, int, str]]]:
+    """(train index, (held-out corruption, severity, profile)) pairs: ``samples`` indices outside the validation
+    subset, the (corruption, severity, profile) combinations assigned in equal shares, drawn once by ``seed`` (one
+    severity and profile: the same pairs as before the options existed)."""
     rng = np.random.Generator(np.random.PCG64([seed, 7]))
     pool = np.setdiff1d(np.arange(n_train), val_idx)
     idx = rng.choice(pool, size=min(samples, len(pool)), replace=False)
-    corr = [HELDOUT_CORRUPTIONS[i % len(HELDOUT_CORRUPTIONS)] for i in range(len(idx))]
+    combos = [(c, int(s), p) for c in HELDOUT_CORRUPTIONS for s in severities for p in profiles]
+    corr = [combos[i % len(combos)] for i in range(len(idx))]
     rng.shuffle(corr)
     return [(int(i), c) for i, c in zip(idx, corr, strict=True)]
 
 
-def load_pretraining_data(classifier, data: str, samples: int, seed: int, severity: int, cache_dir,
-                          val_images: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    src = open_source(data, "train")
-    val_idx = validation_indices(len(src), val_images)
-    pairs = pretraining_samples(len(src), samples, seed, val_idx)
-    sid = f"{data}-train" if data == "mnist5k" else None
-    imgs: list[tuple[int, str, np.ndarray]] = []
-    for c in HELDOUT_CORRUPTIONS:
-        idx = np.asarray([i for i, cc in pairs if cc == c], dtype=np.int64)
-        if idx.size:
-            arr = corrupted_images(src, idx, c, severity, seed, cache_dir if sid else None, sid or "folder")
-            imgs.extend(zip(idx.tolist(), [c] * len(idx), arr, strict=True))
-    by_key = {(i, c): a for i, c, a in imgs}
+def load_pretraining_data(classifier, cfg: PretrainConfig, cache_dir) -> tuple[torch.Tensor, list]:
+    if cfg.data is None:
+        raise ValueError("pretraining data not resolved: call resolve_data(cfg) first")
+    src = open_source(cfg.data, "train")
+    val_idx = validation_indices(len(src), cfg.val_images)
+    pairs = pretraining_samples(len(src), cfg.samples, cfg.seed, val_idx, cfg.train_severities, cfg.profiles)
+    sid = f"{cfg.data}-train" if cfg.data == "mnist5k" else None
+    by_key: dict[tuple[int, tuple[str, int, str]], np.ndarray] = {}
+    for combo in sorted(set(c for _, c in pairs)):
+        idx = np.asarray([i for i, cc in pairs if cc == combo], dtype=np.int64)
+        c, sev, prof = combo
+        arr = corrupted_images(src, idx, c, sev, cfg.seed, cache_dir if sid else None, sid or "folder",
+                               profile=prof)
+        by_key.update({(i, combo): a for i, a in zip(idx.tolist(), arr, strict=True)})
     return classifier.preprocessor(np.stack([by_key[(i, c)] for i, c in pairs])), pairs
 
 
@@ -107,7 +117,7 @@ def validate(setup: Setup, gml: GradientMemoryLayer, domains, lr: float, batch_s
              lam: float = 0.4) -> tuple[float, dict]:
     """Mean accuracy of the full online protocol (reset per domain) with this GML on held-out domains."""
     eng = build_engine(setup, "mgg", lr, method_kwargs={"lam": lam}, gml=copy.deepcopy(gml).eval())
-    res = run_stream(eng, domains, batch_size, reset="domain")
+    res = run_stream(eng, domains, batch_size, reset=ResetPolicy.PER_DOMAIN.results_name)
     per = {r.domain: r.accuracy for r in res}
     return float(np.mean(list(per.values()))), per
 
@@ -150,9 +160,16 @@ class PretrainConfig:
     val_lr: float = field(default=1e-3, metadata=_arg("deployment step used for validation", type=float))
     unroll: int = field(default=1, metadata=_arg("meta-gradient truncation length", type=int))
     seed: int = field(default=0, metadata=_arg("sample, order and GML seed", type=int))
-    severity: int = field(default=5, metadata=_arg("corruption severity", type=int))
+    severity: int = field(default=5, metadata=_arg("corruption severity (validation; training too unless "
+                                                   "--severities)", type=int))
+    severities: Sequence[int] | None = field(default=None, metadata=_arg(
+        "severities of the meta-training samples (default: --severity)", type=int, nargs="+"))
+    profiles: Sequence[str] = field(default=(DEFAULT_PROFILE,), metadata=_arg(
+        "corruption profiles of the meta-training samples and of the validation domains", nargs="+",
+        choices=list(PROFILES)))
     val_images: int = field(default=1000, metadata=_arg("held-out validation images of the train split", type=int))
-    val_batch_size: int = 64
+    val_batch_size: int = field(default=64, metadata=_arg("batch size of the validation protocol (deployment's)",
+                                                          type=int))
     hidden: int = field(default=8, metadata=_arg("GML hidden width", type=int))
     lam: float = field(default=0.4, metadata=_arg(
         "weight of FOA's feature-discrepancy term in the loss (0: entropy only, TENT's loss)", type=float))
@@ -172,13 +189,26 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.unroll < 1:
             raise ValueError("unroll must be >= 1")
+        object.__setattr__(self, "profiles", tuple(check_profile(p) for p in self.profiles))
+        if not self.profiles:
+            raise ValueError("profiles must name at least one corruption profile")
+        if self.severities is not None:
+            object.__setattr__(self, "severities", tuple(int(s) for s in self.severities))
+        for sev in self.train_severities + (self.severity,):
+            if sev not in SEVERITIES:
+                raise ValueError(f"severities must be in 1..5, not {sev}")
         for name in ("samples", "batch_size", "epochs", "val_images", "val_batch_size", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
 
+    @property
+    def train_severities(self) -> tuple[int, ...]:
+        return tuple(self.severities) if self.severities else (self.severity,)
+
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(out=str(self.out), cache_dir=str(self.cache_dir) if self.cache_dir is not None else None)
+        d.update(out=str(self.out), cache_dir=str(self.cache_dir) if self.cache_dir is not None else None,
+                 profiles=list(self.profiles), severities=list(self.severities) if self.severities else None)
         return d
 
 
@@ -196,7 +226,7 @@ class _Problem:
     stats: dict
     engine: AdaptationEngine
     x_all: torch.Tensor
-    pairs: list[tuple[int, str]]
+    pairs: list[tuple[int, tuple[str, int, str]]]
     val_idx: np.ndarray
     val_domains: list[PreparedDomain]
     setup: Setup
@@ -211,12 +241,13 @@ def _problem(cfg: PretrainConfig) -> _Problem:
     stats = source_stats_for(clf, data=cfg.data, device=cfg.device)
     engine = AdaptationEngine(clf, EngineConfig(method="foa", optimizer="sgd", method_kwargs={"lam": cfg.lam},
                                                 device=cfg.device), source_stats=stats)
-    x_all, pairs = load_pretraining_data(clf, cfg.data, cfg.samples, cfg.seed, cfg.severity, cache_dir,
-                                         cfg.val_images)
+    x_all, pairs = load_pretraining_data(clf, cfg, cache_dir)
     val_idx = validation_indices(len(open_source(cfg.data, "train")), cfg.val_images)
     val_domains = [PreparedDomain(d, clf.preprocessor, order_seed=cfg.seed)
+                   for p in cfg.profiles
                    for d in synthetic_domains(cfg.data, "train", HELDOUT_CORRUPTIONS, cfg.severity, cfg.seed,
-                                              cache_dir, indices=val_idx)]
+                                              cache_dir, indices=val_idx, profile=p,
+                                              tag_profile=len(cfg.profiles) > 1)]
     return _Problem(ckpt_path, clf, stats, engine, x_all.to(engine.device), pairs, val_idx, val_domains,
                     Setup(classifier=clf, source_stats=stats, device=cfg.device))
 
@@ -385,12 +416,14 @@ def _card(cfg: PretrainConfig, prob: _Problem, tr: _Training, final: GradientMem
                  "source_stats": stats_path_for(prob.ckpt_path).name,
                  "source_stats_data": f"{cfg.data} train, clean"},
         "data": {"source": cfg.data, "split": "train", "samples": len(prob.pairs),
-                 "corruptions": list(HELDOUT_CORRUPTIONS), "severity": cfg.severity, "sample_seed": cfg.seed,
+                 "corruptions": list(HELDOUT_CORRUPTIONS), "severity": cfg.severity,
+                 "severities": list(cfg.train_severities), "profiles": list(cfg.profiles), "sample_seed": cfg.seed,
                  "sample_rule": "drawn once from the TRAIN split outside the validation subset, corruptions in "
                                 "equal shares",
                  "validation": {"split": "train", "images": int(len(prob.val_idx)),
                                 "corruptions": list(HELDOUT_CORRUPTIONS), "severity": cfg.severity,
-                                "batch_size": cfg.val_batch_size, "reset": "per corruption", "lr": cfg.val_lr}},
+                                "profiles": list(cfg.profiles), "batch_size": cfg.val_batch_size,
+                                "reset": "per corruption", "lr": cfg.val_lr}},
         "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "meta_optimizer": "adam",
                      "meta_lr": cfg.meta_lr, "alpha_train": cfg.alpha_train, "unroll": cfg.unroll,
                      "truncation": cfg.unroll,

@@ -1,13 +1,18 @@
-"""Why a batch was not applied, rolled back or reset: one enum each, in one place.
+"""Why a batch was not applied, rolled back or reset: one enum each, in one place; and the reset policy of a stream.
 
 The members are ``StrEnum`` values, so ``str()``, f-strings, JSON and HTTP bodies show exactly the historical
 strings (``"non_finite_loss"``, ...); compare with the members, never with string literals.
+
+:class:`ResetPolicy` is the one spelling of "when a stream goes back to the source model" (``per_domain`` or
+``never``); :meth:`ResetPolicy.parse` normalises the accepted spellings at a boundary (``"domain"`` is the
+benchmark's historical spelling of ``per_domain``), and :attr:`ResetPolicy.results_name` is what a benchmark's
+results JSON records as ``reset_policy`` (unchanged, so committed results stay byte-identical).
 """
 from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["ResetReason", "RollbackReason", "SkipReason", "StrEnum"]
+__all__ = ["ResetPolicy", "ResetReason", "RollbackReason", "SkipReason", "StrEnum"]
 
 
 class StrEnum(str, Enum):
@@ -43,3 +48,27 @@ class ResetReason(StrEnum):
     ``<method>_recovery``; a method declares its member as ``Method.recovery_reason``)."""
 
     SAR_RECOVERY = "sar_recovery"
+
+
+class ResetPolicy(StrEnum):
+    """When a stream's adapted state goes back to the source model (a stream spec may also reset every N batches)."""
+
+    PER_DOMAIN = "per_domain"  # at every domain (corruption) boundary of a sequential stream
+    NEVER = "never"  # continual adaptation
+
+    @classmethod
+    def parse(cls, value: str) -> ResetPolicy:
+        """The policy for an accepted spelling: a member's value or ``"domain"`` (the benchmark's old spelling)."""
+        policy = _RESET_SPELLINGS.get(str(value))
+        if policy is None:
+            raise ValueError(f"reset policy must be one of {sorted(_RESET_SPELLINGS)}, not {value!r}")
+        return policy
+
+    @property
+    def results_name(self) -> str:
+        """The spelling a benchmark's results JSON records as ``reset_policy`` (``"domain"`` or ``"never"``)."""
+        return "domain" if self is ResetPolicy.PER_DOMAIN else self.value
+
+
+_RESET_SPELLINGS: dict[str, ResetPolicy] = {"per_domain": ResetPolicy.PER_DOMAIN, "domain": ResetPolicy.PER_DOMAIN,
+                                            "never": ResetPolicy.NEVER}

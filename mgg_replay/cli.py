@@ -63,6 +63,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "where it has severities), 'name-severity', or 'clean' (the uncorrupted split) (default: "
                         f"{','.join(DEFAULT_MNIST_C_CORRUPTIONS)} for {MNIST_C}; every domain of a tree)")
     g.add_argument("--severity", type=int, default=5)
+    g.add_argument("--profile", choices=("imagenet-c", "cifar-c"), default="imagenet-c",
+                   help="corruption constants of on-the-fly domains: imagenet-c (224 px photos) or cifar-c "
+                        "(CIFAR-10-C's, for 32 px data)")
     g.add_argument("--images-per-domain", type=int, default=256,
                    help="images per domain per stream (StreamSpec.limit, class-stratified); 0 = all")
     g.add_argument("--batch-size", type=int, default=64, help="images per request")
@@ -121,7 +124,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _spec_options(args: argparse.Namespace) -> SpecOptions:
     corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()] if args.corruptions else None
     return SpecOptions(data=args.data, spec_file=args.spec, corruptions=corruptions, severity=args.severity,
-                       images_per_domain=args.images_per_domain or None, batch_size=args.batch_size,
+                       profile=args.profile, images_per_domain=args.images_per_domain or None,
+                       batch_size=args.batch_size,
                        order=args.order, reset=args.reset, label_shift=args.label_shift,
                        domain_order=args.domain_order, seed=args.seed, streams=args.streams)
 

@@ -55,6 +55,7 @@ class SpecOptions:
     spec_file: str | None = None  # a StreamSpec JSON: the base spec (CLI stream options are then ignored)
     corruptions: list[str] | None = None  # None = DEFAULT_MNIST_C_CORRUPTIONS / every domain of the tree
     severity: int = 5
+    profile: str = "imagenet-c"  # StreamSpec.profile: corruption constants, imagenet-c | cifar-c
     images_per_domain: int | None = 256  # StreamSpec.limit
     batch_size: int = 64
     order: str = "sequential"  # StreamSpec.order
@@ -107,7 +108,8 @@ def base_spec(opts: SpecOptions) -> Any:
     else:
         domains = list(_tree_domains(data, opts.severity, opts.corruptions))
     return StreamSpec(domains=domains, order=opts.order, batch_size=opts.batch_size, reset=_parse_reset(opts.reset),
-                      label_shift=opts.label_shift, seed=opts.seed, limit=opts.images_per_domain, data=data)
+                      label_shift=opts.label_shift, seed=opts.seed, limit=opts.images_per_domain, data=data,
+                      profile=opts.profile)
 
 
 def stream_specs(opts: SpecOptions) -> list[Any]:

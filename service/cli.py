@@ -12,7 +12,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
     ("--port", "port", {"type": int, "help": "port (default 8000; 0 = any free port)"}),
     ("--model", "model", {"help": "bundled classifier 'vit' or 'resnet', or a classifier checkpoint .safetensors"}),
-    ("--method", "method", {"help": "adaptation method: noadapt, bn, tent, eata, sar, deyo, foa (default foa)"}),
+    ("--method", "method", {"help": "adaptation method: noadapt, bn, tent, eata, sar, deyo, foa, come, roid "
+                                    "(default eata; foa = FOA loss + MGG)"}),
     ("--optimizer", "optimizer", {"help": "sgd, adam or mgg (default: the method's; foa: mgg)"}),
     ("--lr", "lr", {"type": float, "help": "step size (default: the optimizer's)"}),
     ("--mgg-checkpoint", "mgg_checkpoint", {"help": "MGG meta-network checkpoint (default: bundled)"}),

@@ -64,7 +64,9 @@ class ServiceSettings(BaseSettings):
     # --- model / adaptation -------------------------------------------------------------------
     model: str = Field("resnet", description="bundled classifier ('resnet': BatchNorm, the default; 'vit': LayerNorm, "
                        "the paper's setting) or a path to a classifier checkpoint")
-    method: str = Field("foa", description="adaptation method (noadapt, bn, tent, eata, sar, deyo, foa)")
+    method: str = Field("eata", description="adaptation method (noadapt, bn, tent, eata, sar, deyo, foa, come, roid); "
+                        "'foa' = FOA's loss with the MGG optimizer (docs/results.md: MGG wins reset-per-domain "
+                        "streams on the ViT, EATA long continual ones)")
     optimizer: str | None = Field(
         None, description="optimizer (sgd, adam, mgg); None = the method's default (foa: mgg)")
     lr: float | None = Field(None, gt=0, description="step size; None = the method/optimizer default")

@@ -153,7 +153,7 @@ def test_preprocessor_uses_card_mean_std(pre):
     assert list(p.mean) == card.mean and list(p.std) == card.std
     v = 200
     x = p(np.full((2, 32, 32, 3), v, np.uint8))
-    expected = torch.tensor([(v / 255 - m) / s for m, s in zip(card.mean, card.std)])
+    expected = torch.tensor([(v / 255 - m) / s for m, s in zip(card.mean, card.std, strict=True)])
     assert torch.allclose(x[0, :, 5, 5], expected, atol=1e-6)
 
 
@@ -231,3 +231,23 @@ def test_train_source_on_a_folder_resumes_exactly(tmp_path):
     a, b = load_file(str(full)), load_file(str(part))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert card_res.clean_test_accuracy == card_full.clean_test_accuracy
+
+
+def test_train_source_config_validates_and_builds_its_flags():
+    from mgg_core.cli import build_parser, config_kwargs
+    from mgg_core.train_source import TrainSourceConfig
+
+    for bad in (dict(out="m.pt"), dict(augment="mixup"), dict(optimizer="adam"), dict(epochs=0),
+                dict(batch_size=0), dict(img_size=0), dict(stop_after_epochs=-1)):
+        with pytest.raises(ValueError):
+            TrainSourceConfig(**bad)
+    args = build_parser("train-source").parse_args(
+        ["train-source", "--out", "m.safetensors", "--model", "test_vit", "--model-kwargs", '{"patch_size": 8}',
+         "--optimizer", "sgd", "--epochs", "3", "--stop-after-epochs", "1", "--resume"])
+    cfg = TrainSourceConfig(**config_kwargs(TrainSourceConfig, args))
+    assert (cfg.model_name, cfg.model_kwargs, cfg.optimizer, cfg.epochs, cfg.stop_after_epochs, cfg.resume) == (
+        "test_vit", {"patch_size": 8}, "sgd", 3, 1, True)
+    d = cfg.to_dict()
+    assert d["out"] == "m.safetensors" and d["lr"] == TrainSourceConfig.lr and d["augment"] == "affine"
+    assert json.loads(json.dumps(d)) == d
+    assert cfg.settings({"patch_size": 8, "img_size": 32})["model"] == "test_vit"

@@ -169,7 +169,8 @@ def test_make_c_writes_layout_and_manifest(small_tree, test_src):
     assert manifest["images_per_domain"] == 20 and manifest["per_class"] == [2] * 10
     assert manifest["seed"] == 3 and manifest["split"] == "test"
     assert "imagecorruptions" in manifest["versions"] and "torch" in manifest["versions"]
-    assert json.loads((out / "manifest.json").read_text())["domains"] == [[c, s] for c in sorted(CORR_SMALL) for s in (1, 5)]
+    domains = json.loads((out / "manifest.json").read_text())["domains"]
+    assert domains == [[c, s] for c in sorted(CORR_SMALL) for s in (1, 5)]
     pngs = sorted(out.glob("*/*/*/*.png"))
     assert len(pngs) == 3 * 2 * 20
     # file = the on-the-fly corruption of that source index (lossless PNG)
@@ -255,7 +256,7 @@ def _check_coverage(spec, source, per_domain):
         assert len(b.labels) == len(b.domains) == len(b.sample_indices) == len(b.images)
         assert np.asarray(b.images).dtype == np.uint8 and np.asarray(b.images).shape[1:] == (32, 32, 3)
         assert np.array_equal(b.labels, source.labels[b.sample_indices])
-        seen.extend(zip(b.domains, b.sample_indices.tolist()))
+        seen.extend(zip(b.domains, b.sample_indices.tolist(), strict=True))
         sizes.append(len(b))
     assert len(seen) == len(set(seen)) == per_domain * len(spec.domains)
     if spec.order == "sequential" and spec.reset == "per_domain":
@@ -307,8 +308,9 @@ def test_stream_reset_every_and_determinism(test_src):
     assert [b.reset_before for b in batches] == [i > 0 and i % 4 == 0 for i in range(10)]
     again = list(iter_batches(spec, test_src))
     assert all(np.array_equal(a.sample_indices, b.sample_indices) and np.array_equal(a.images, b.images)
-               for a, b in zip(batches, again))
-    other = list(iter_batches(StreamSpec(domains=["clean"], batch_size=10, reset=("every", 4), limit=100, seed=8), test_src))
+               for a, b in zip(batches, again, strict=True))
+    other = list(iter_batches(StreamSpec(domains=["clean"], batch_size=10, reset=("every", 4), limit=100, seed=8),
+                              test_src))
     assert not np.array_equal(np.concatenate([b.sample_indices for b in batches]),
                               np.concatenate([b.sample_indices for b in other]))
     # start= resumes a stream without changing its batches
@@ -321,7 +323,7 @@ def test_sample_pixels_independent_of_batching(test_src):
     b = StreamSpec(domains=[("impulse_noise", 4)], batch_size=16, limit=30, seed=2, label_shift=0.1)
     pix_a = {int(bt.sample_indices[0]): bt.images[0] for bt in iter_batches(a, test_src)}
     for bt in iter_batches(b, test_src):
-        for i, im in zip(bt.sample_indices.tolist(), bt.images):
+        for i, im in zip(bt.sample_indices.tolist(), bt.images, strict=True):
             assert np.array_equal(pix_a[i], im)
 
 
@@ -383,6 +385,7 @@ def test_stream_from_generated_tree(small_tree, test_src):
     i = int(b.sample_indices[0])
     src_index = int(os.path.basename(dom.paths[i]).split(".")[0])
     # the tree's pixels equal the on-the-fly corruption with the same seed
-    assert np.array_equal(b.images[0], C.corrupt_image(test_src.get_image(src_index), "fog", 5, seed=3, index=src_index))
+    expected = C.corrupt_image(test_src.get_image(src_index), "fog", 5, seed=3, index=src_index)
+    assert np.array_equal(b.images[0], expected)
     with pytest.raises(ValueError):
         list(iter_batches(StreamSpec(domains=["clean"], data=str(out))))

@@ -294,11 +294,12 @@ def test_registries_reject_duplicate_names_and_keep_order():
 def test_bench_lists_come_from_the_registries():
     from mgg_core.bench import ALL_METHODS, METHOD_PARTS, REFERENCE_LR
 
-    assert ALL_METHODS == ("noadapt", "bn", "tent", "eata", "sar", "deyo", "foa", "mgg")
+    assert ALL_METHODS == ("noadapt", "bn", "tent", "eata", "sar", "deyo", "foa", "come", "roid", "mgg")
     assert METHOD_PARTS == {"noadapt": ("noadapt", None), "bn": ("bn", None), "tent": ("tent", "sgd"),
                             "eata": ("eata", "sgd"), "sar": ("sar", "sgd"), "deyo": ("deyo", "sgd"),
-                            "foa": ("foa", "sgd"), "mgg": ("foa", "mgg")}
-    assert {m: 1e-3 for m in ("tent", "eata", "sar", "deyo", "foa", "mgg")} == REFERENCE_LR
+                            "foa": ("foa", "sgd"), "come": ("come", "sgd"), "roid": ("roid", "sgd"),
+                            "mgg": ("foa", "mgg")}
+    assert {m: 1e-3 for m in ("tent", "eata", "sar", "deyo", "foa", "come", "roid", "mgg")} == REFERENCE_LR
 
 
 def test_reasons_print_as_their_historical_strings():

@@ -138,7 +138,7 @@ def test_mgg_checkpoint_round_trip(tmp_path):
     g = GradientMemoryLayer(seed=5)
     g.save(tmp_path / "m.safetensors", card={"note": "test"})
     h = GradientMemoryLayer.load(tmp_path / "m.safetensors")
-    for (n1, p1), (n2, p2) in zip(g.state_dict().items(), h.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(g.state_dict().items(), h.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
     x, W, b = _inputs(seed=2)
     assert torch.equal(g.double()(x, W, b)[0], h.double()(x, W, b)[0])

@@ -68,7 +68,8 @@ def test_pretrain_writes_checkpoint_and_card_and_resumes_exactly(clf_path, tmp_p
     assert full.is_file() and full.with_suffix(".json").is_file()
     on_disk = json.loads(full.with_suffix(".json").read_text())
     assert on_disk == json.loads(json.dumps(card))
-    for key in ("classifier", "data", "training", "best_epoch", "best_val_accuracy", "versions", "history", "deployment"):
+    for key in ("classifier", "data", "training", "best_epoch", "best_val_accuracy", "versions", "history",
+                "deployment"):
         assert key in card
     assert card["classifier"]["sha256"] and card["data"]["samples"] == 12
     assert card["data"]["corruptions"] == ["speckle_noise", "spatter", "gaussian_blur", "saturate"]

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.timeout(300)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = os.environ.get("MGG_REPLAY_TEST_MODEL", "resnet")
-# the service's own default adaptation: FOA loss + MGG with the bundled checkpoint pretrained for the model
-ADAPT_ENV = {"MGG_MODEL": MODEL, "MGG_DEVICE": "cpu"}
+# FOA loss + MGG with the bundled checkpoint pretrained for the model (the service default is EATA; one switch)
+ADAPT_ENV = {"MGG_MODEL": MODEL, "MGG_DEVICE": "cpu", "MGG_METHOD": "foa"}  # FOA + MGG (one switch from the default)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -226,3 +226,13 @@ def test_server_process_fails_fast_with_the_output_when_the_server_exits(tmp_pat
     assert time.monotonic() - t0 < 30  # not the 60 s timeout
     with pytest.raises(RuntimeError, match="stopped before it was ready"):
         rp.wait_ready(None, "http://127.0.0.1:9", 60, alive=lambda: False)
+
+
+def test_profile_option_reaches_every_stream_spec():
+    from mgg_replay.cli import _spec_options
+
+    specs = rp.stream_specs(_spec_options(parse("--profile", "cifar-c", "--streams", "2")))
+    assert [s.profile for s in specs] == ["cifar-c", "cifar-c"]
+    assert rp.stream_specs(_spec_options(parse()))[0].profile == "imagenet-c"
+    with pytest.raises(SystemExit):
+        parse("--profile", "cifar-100")

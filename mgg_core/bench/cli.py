@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from ..cli import add_config_arguments, add_threads_argument, config_kwargs
 from ..data.cli import expand_corruptions
+from ..data.corruptions import DEFAULT_PROFILE, PROFILES
 from ..data.imagenet_c import is_domain_tree
 from ..data.streams import StreamSpec
 from . import __doc__ as BENCH_DOC
@@ -42,6 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="corruption names, 'test' (the 15), 'heldout' (4), 'clean'; for a tree: its domain folder "
                         "names (default: every domain of a tree at --severity, else the 15 test corruptions)")
     g.add_argument("--severity", type=int, default=5)
+    g.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES,
+                   help="corruption constants: imagenet-c (224 px photos, default) or cifar-c (CIFAR-10-C's, 32 px)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--reset", choices=("per_domain", "never"), default="per_domain",
                    help="'per_domain': reset at every corruption; 'never': continual")
@@ -92,7 +95,8 @@ def spec_from_args(args: argparse.Namespace) -> StreamSpec:
         domains = [n if n == "clean" or ("-" in n and n.rpartition("-")[2].isdigit()) else (n, args.severity)
                    for n in names]
     return StreamSpec(domains=domains, order="sequential", batch_size=args.batch_size, reset=args.reset,
-                      label_shift=args.label_shift, seed=args.seed, limit=args.limit, data=data, split=args.split)
+                      label_shift=args.label_shift, seed=args.seed, limit=args.limit, data=data, split=args.split,
+                      profile=args.profile)
 
 
 def user_errors(command: str, run, *args):

@@ -16,7 +16,7 @@ import timm.data
 import torch
 
 from ..classifier import DEFAULT_CHECKPOINTS, LoadedClassifier, default_checkpoint, load_classifier
-from ..data.corruptions import check_corruption, corrupt_image, prepare_image
+from ..data.corruptions import DEFAULT_PROFILE, check_corruption, check_profile, corrupt_image, prepare_image
 from ..data.imagenet_c import ImageNetC, is_domain_tree
 from ..data.sources import ImageFolderSource, content_fingerprint, open_source
 from ..data.streams import open_stream_source, stream_plan
@@ -67,12 +67,17 @@ class Domain:
 
 
 def corrupted_images(source, indices: np.ndarray, corruption: str, severity: int, seed: int,
-                     cache_dir: str | os.PathLike | None, source_id: str, progress: bool = False) -> np.ndarray:
-    """uint8 (N, H, W, 3) of ``corrupt_image(source.get_image(i), corruption, severity, seed, index=i)`` for i in
-    ``indices`` (the seeding of ``mgg data make-c`` and of ``data.streams``: the same pixels), cached as one npz
-    per domain. ``corruption == "clean"`` gives the prepared clean images."""
+                     cache_dir: str | os.PathLike | None, source_id: str, progress: bool = False,
+                     profile: str = DEFAULT_PROFILE) -> np.ndarray:
+    """uint8 (N, H, W, 3) of ``corrupt_image(source.get_image(i), corruption, severity, seed, index=i, profile)`` for
+    i in ``indices`` (the seeding of ``mgg data make-c`` and of ``data.streams``: the same pixels), cached as one npz
+    per domain (the profile is part of the key). ``corruption == "clean"`` gives the prepared clean images."""
     indices = np.asarray(indices, dtype=np.int64)
-    key = _fingerprint([source_id, corruption, int(severity), int(seed), hashlib.sha1(indices.tobytes()).hexdigest()])
+    check_profile(profile)
+    key_parts = [source_id, corruption, int(severity), int(seed), hashlib.sha1(indices.tobytes()).hexdigest()]
+    if profile != DEFAULT_PROFILE and corruption != "clean":    # default-profile keys stay those of earlier caches
+        key_parts.append(profile)
+    key = _fingerprint(key_parts)
     path = Path(cache_dir) / f"{source_id}-{corruption}-{severity}-{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
         with np.load(path) as z:
@@ -84,7 +89,7 @@ def corrupted_images(source, indices: np.ndarray, corruption: str, severity: int
     for i in indices:
         img = source.get_image(int(i))
         out.append(prepare_image(img) if corruption == "clean"
-                   else corrupt_image(img, corruption, severity, seed, int(i)))
+                   else corrupt_image(img, corruption, severity, seed, int(i), profile=profile))
         bar.update(1)
     bar.close()
     arr = np.stack(out)
@@ -164,15 +169,19 @@ def tree_domains(data: str, names: Sequence[str] | None, severity: int | None) -
 
 
 def synthetic_domains(data: str, split: str, corruptions: Sequence[str], severity: int, seed: int,
-                      cache_dir, indices: np.ndarray | None = None, progress: bool = False) -> list[Domain]:
-    """Corrupted copies (generated once, cached) of ``indices`` of ``data`` ("mnist5k" or a folder) ``split``."""
+                      cache_dir, indices: np.ndarray | None = None, progress: bool = False,
+                      profile: str = DEFAULT_PROFILE, tag_profile: bool = False) -> list[Domain]:
+    """Corrupted copies (generated once, cached) of ``indices`` of ``data`` ("mnist5k" or a folder) ``split``, with
+    the corruption constants of ``profile``; ``tag_profile`` appends the profile to the domain names
+    (``"spatter-5@cifar-c"``), for lists that mix profiles."""
     source = open_source(data, split)
     indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     sid = source_id(source, split)
     out = []
     for c in corruptions:
-        imgs = corrupted_images(source, indices, c, severity, seed, cache_dir, sid, progress)
-        out.append(Domain(name=f"{c}-{severity}", corruption=c, severity=severity,
+        imgs = corrupted_images(source, indices, c, severity, seed, cache_dir, sid, progress, profile=profile)
+        out.append(Domain(name=f"{c}-{severity}" + (f"@{profile}" if tag_profile else ""), corruption=c,
+                          severity=severity,
                           labels=np.asarray(source.labels)[indices], index=indices, images=imgs,
                           description={"source": source.describe(), "num_samples": int(len(indices))}))
     return out
@@ -200,7 +209,7 @@ def stream_domains(spec, cache_dir, progress: bool = False) -> list[tuple[Domain
             d = Domain(dd.name, c, s, labels=dd.labels[used], index=used, source=dd.src, description=dd.src.describe())
         else:
             assert sid is not None
-            imgs = corrupted_images(source, used, c, s, spec.seed, cache_dir, sid, progress)
+            imgs = corrupted_images(source, used, c, s, spec.seed, cache_dir, sid, progress, profile=spec.profile)
             d = Domain(dd.name, c, s, labels=np.asarray(source.labels)[used], index=used, images=imgs,
                        description={"source": source.describe(), "num_samples": int(len(used))})
         out.append((d, order))

@@ -24,7 +24,7 @@ from ..assets import (
     stats_path_for,
 )
 from ..classifier import LoadedClassifier, file_sha256
-from ..data.corruptions import HELDOUT_CORRUPTIONS
+from ..data.corruptions import HELDOUT_CORRUPTIONS, PROFILES, check_profile
 from ..data.imagenet_c import ImageNetC, is_domain_tree
 from ..data.streams import StreamSpec, default_stream_spec
 from ..engine import AdaptationEngine, EngineConfig, compute_fisher
@@ -313,6 +313,9 @@ class BenchConfig:
         "reuse the lrs chosen by the sweep recorded in this results.json"))
     val_images: int = field(default=VAL_IMAGES, metadata=_arg(
         "held-out validation images of the train split (sweeps)", type=int))
+    heldout_profiles: Sequence[str] | None = field(default=None, metadata=_arg(
+        "corruption profiles of the held-out sweep domains (default: the stream's profile; several: the 4 held-out "
+        "corruptions under each)", nargs="+", choices=list(PROFILES)))
     mgg_checkpoint: str | None = field(default=None, metadata=_arg(
         "MGG checkpoint (default: the bundled one pretrained for the classifier)"))
     source_stats: str | None = field(default=None, metadata=_arg("FOA source statistics (safetensors) for --model"))
@@ -332,6 +335,8 @@ class BenchConfig:
             BENCH_METHODS.get(m)                         # unknown names raise, listing the known ones
         if self.sweep is not None:
             object.__setattr__(self, "sweep", tuple(float(v) for v in self.sweep))
+        if self.heldout_profiles is not None:
+            object.__setattr__(self, "heldout_profiles", tuple(check_profile(p) for p in self.heldout_profiles))
         if self.val_images < 1:
             raise ValueError(f"val_images must be >= 1, not {self.val_images}")
         if self.num_classes < 1:
@@ -345,6 +350,7 @@ class BenchConfig:
         d.update(out=str(self.out), spec=self.spec.to_dict() if self.spec is not None else None,
                  methods=list(self.methods), lrs=dict(self.lrs) if self.lrs else None,
                  sweep=list(self.sweep) if self.sweep is not None else None,
+                 heldout_profiles=list(self.heldout_profiles) if self.heldout_profiles else None,
                  cache_dir=str(self.cache_dir) if self.cache_dir is not None else None)
         return d
 
@@ -472,13 +478,15 @@ def _sweep_domains(cfg: BenchConfig, spec: StreamSpec, setup: Setup, cache_dir: 
     if test_like:
         raise ValueError(f"the test stream contains the held-out corruptions {test_like}; pass --sweep-data")
     vi = validation_indices(_train_size(clean), cfg.val_images)
+    profiles = list(cfg.heldout_profiles or [spec.profile])
     val = [PreparedDomain(d, setup.classifier.preprocessor, order_seed=seed)
+           for p in profiles
            for d in synthetic_domains(clean, "train", HELDOUT_CORRUPTIONS, 5, seed, cache_dir, indices=vi,
-                                      progress=cfg.progress)]
+                                      progress=cfg.progress, profile=p, tag_profile=len(profiles) > 1)]
     record = {"split": "train", "clean_data": str(clean), "clean_data_from": how, "images": int(len(vi)),
-              "corruptions": list(HELDOUT_CORRUPTIONS), "severity": 5}
+              "corruptions": list(HELDOUT_CORRUPTIONS), "severity": 5, "profiles": profiles}
     return val, record, {"split": "train", "held_out": list(HELDOUT_CORRUPTIONS), "val_images": cfg.val_images,
-                         "clean": clean if clean == "mnist5k" else "folder"}
+                         "clean": clean if clean == "mnist5k" else "folder", "profiles": profiles}
 
 
 def _held_out_sweep(cfg: BenchConfig, spec: StreamSpec, reset: str, setup: Setup, methods: Sequence[str],

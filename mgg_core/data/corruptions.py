@@ -9,8 +9,12 @@ makes this safe from several threads.
 
 The library requires images of at least 32x32 pixels. :func:`prepare_image` converts any input to RGB
 and upscales it (bilinear, the same PIL resize timm's eval transform uses) so that its shorter side is at
-least 32; MNIST's 28x28 digits become 32x32 RGB. At 32x32 the corruptions use the ImageNet-C severity
-parameters, which are harsher than CIFAR-10-C's.
+least 32; MNIST's 28x28 digits become 32x32 RGB.
+
+Two parameter profiles (``profile=``): ``"imagenet-c"`` (the default; the ``imagecorruptions`` library, ImageNet-C's
+constants, made for 224 px photos) and ``"cifar-c"`` (``cifar_c.py``: the same corruption family with the constants
+of CIFAR-10-C's ``make_cifar_c.py``, the field's convention for 32 px images). The cifar-c functions draw only from
+a ``numpy.random.Generator`` seeded with the same per-(seed, corruption, severity, index) seed.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ HELDOUT_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "spatter", "gaussian_bl
 ALL_CORRUPTIONS: tuple[str, ...] = TEST_CORRUPTIONS + HELDOUT_CORRUPTIONS
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 32
+PROFILES: tuple[str, ...] = ("imagenet-c", "cifar-c")
+DEFAULT_PROFILE = "imagenet-c"
 
 _SEEDED_BY_ARGUMENT = {"impulse_noise", "glass_blur"}
 _RNG_LOCK = threading.RLock()
@@ -42,6 +48,12 @@ def check_corruption(name: str, severity: int) -> None:
         raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(ALL_CORRUPTIONS)}")
     if int(severity) != severity or int(severity) not in SEVERITIES:
         raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown corruption profile {profile!r}; choose from {', '.join(PROFILES)}")
+    return profile
 
 
 def corruption_seed(seed: int, corruption: str, severity: int, index: int) -> int:
@@ -94,31 +106,58 @@ def prepare_image(image: np.ndarray | Image.Image, min_size: int = MIN_SIZE) -> 
         scale = min_size / short
         new_w = max(min_size, int(round(w * scale)))
         new_h = max(min_size, int(round(h * scale)))
-        pil = pil.resize((new_w, new_h), Image.BILINEAR)
+        pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
     return np.asarray(pil, dtype=np.uint8).copy()
 
 
 def corrupt_image(image: np.ndarray | Image.Image, corruption: str, severity: int, seed: int = 0,
-                  index: int = 0) -> np.ndarray:
+                  index: int = 0, profile: str = DEFAULT_PROFILE) -> np.ndarray:
     """Corrupt one image; returns uint8 (H, W, 3) with H, W >= 32.
 
-    The result depends only on (image, corruption, severity, seed, index): the same arguments give the
+    Args:
+        image: uint8 image or PIL image (any size; upscaled to a shorter side of 32 first).
+        corruption, severity: one of ``ALL_CORRUPTIONS``, 1..5.
+        seed, index: with (corruption, severity) they fix every random draw.
+        profile: ``"imagenet-c"`` (ImageNet-C constants) or ``"cifar-c"`` (CIFAR-10-C constants).
+
+    The result depends only on (image, corruption, severity, seed, index, profile): the same arguments give the
     same pixels in any process, and the caller's global RNG states are left untouched.
     """
-    from imagecorruptions import corrupt
-
     check_corruption(corruption, severity)
     x = prepare_image(image)
     s = corruption_seed(seed, corruption, severity, index)
+    return _CORRUPTERS[check_profile(profile)](x, corruption, int(severity), s)
+
+
+def _corrupt_imagenet_c(x: np.ndarray, corruption: str, severity: int, s: int) -> np.ndarray:
+    from imagecorruptions import corrupt
+
     kwargs = {"seed": s} if corruption in _SEEDED_BY_ARGUMENT else {}
     with seeded_global_rngs(s):
-        out = corrupt(x, severity=int(severity), corruption_name=corruption, **kwargs)
+        out = corrupt(x, severity=severity, corruption_name=corruption, **kwargs)
     out = np.asarray(out)
     if out.dtype != np.uint8:
         out = np.clip(out, 0, 255).astype(np.uint8)
     if out.shape != x.shape:  # the library keeps the shape; guard against surprises in other versions
-        out = np.asarray(Image.fromarray(out).resize((x.shape[1], x.shape[0]), Image.BILINEAR))
+        out = np.asarray(Image.fromarray(out).resize((x.shape[1], x.shape[0]), Image.Resampling.BILINEAR))
     return out
+
+
+def _corrupt_cifar_c(x: np.ndarray, corruption: str, severity: int, s: int) -> np.ndarray:
+    from .cifar_c import corrupt_cifar
+
+    return corrupt_cifar(x, corruption, severity, s)
+
+
+#: profile name -> corrupter(prepared image, corruption, severity, derived seed)
+_CORRUPTERS = {"imagenet-c": _corrupt_imagenet_c, "cifar-c": _corrupt_cifar_c}
+
+
+def profile_version(profile: str = DEFAULT_PROFILE) -> str:
+    """What produced the pixels of ``profile`` (recorded in manifests and protocols)."""
+    if check_profile(profile) == "cifar-c":
+        return "mgg_core.data.cifar_c (CIFAR-10-C constants of make_cifar_c.py)"
+    return imagecorruptions_version()
 
 
 def imagecorruptions_version() -> str:

@@ -27,7 +27,8 @@ appear and disappear over time); large alpha spreads every class over all slots 
 
 The corruption of on-the-fly domains is seeded per (spec.seed, corruption, severity, source index), so a
 sample's corrupted pixels do not depend on batch size, order or label shift, and equal the PNG that
-``mgg data make-c --seed <spec.seed>`` writes for it.
+``mgg data make-c --seed <spec.seed> --profile <spec.profile>`` writes for it. ``profile`` picks the corruption
+constants: ``"imagenet-c"`` (224 px photos) or ``"cifar-c"`` (CIFAR-10-C's table, for 32 px images).
 """
 from __future__ import annotations
 
@@ -40,7 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from .corruptions import TEST_CORRUPTIONS, check_corruption, corrupt_image, prepare_image
+from .corruptions import (
+    DEFAULT_PROFILE,
+    TEST_CORRUPTIONS,
+    check_corruption,
+    check_profile,
+    corrupt_image,
+    prepare_image,
+)
 
 CLEAN = "clean"
 Domain = Any  # "clean" | tuple[str, int]
@@ -98,8 +106,10 @@ class StreamSpec:
     limit: int | None = None
     data: str = "mnist5k"  # where samples come from when iter_batches() gets no source: "mnist5k", a folder or a tree
     split: str = "test"
+    profile: str = DEFAULT_PROFILE  # corruption constants of on-the-fly domains: "imagenet-c" | "cifar-c"
 
     def __post_init__(self) -> None:
+        check_profile(self.profile)
         self.domains = [normalise_domain(d) for d in self.domains]
         if not self.domains:
             raise ValueError("a stream needs at least one domain")
@@ -233,8 +243,9 @@ def _rng(seed: int, *keys: int | str) -> np.random.Generator:
 class _DomainData:
     """Labels + lazy image access for one domain, from a source (on the fly) or a tree."""
 
-    def __init__(self, domain, source, tree, seed: int):
+    def __init__(self, domain, source, tree, seed: int, profile: str = DEFAULT_PROFILE):
         self.domain = domain
+        self.profile = profile
         self.name = domain_name(domain)
         self.seed = seed
         if tree is not None:
@@ -264,7 +275,7 @@ class _DomainData:
         if self.domain == CLEAN:
             return prepare_image(img)  # RGB, >= 32 px: the same form as the corrupted images
         c, s = self.domain
-        return corrupt_image(img, c, s, seed=self.seed, index=int(i))
+        return corrupt_image(img, c, s, seed=self.seed, index=int(i), profile=self.profile)
 
 
 def open_stream_source(spec: StreamSpec):
@@ -286,7 +297,7 @@ def stream_plan(spec: StreamSpec, source=None) -> tuple[list[_DomainData], list[
     tree = source if isinstance(source, ImageNetC) else None
     if tree is None:
         check_on_the_fly(spec.domains)
-    doms = [_DomainData(d, None if tree is not None else source, tree, spec.seed) for d in spec.domains]
+    doms = [_DomainData(d, None if tree is not None else source, tree, spec.seed, spec.profile) for d in spec.domains]
     per_domain: list[tuple[np.ndarray, np.ndarray]] = []
     for k, dd in enumerate(doms):
         rng = _rng(spec.seed, "subset")  # the same subset in every domain (same labels -> same picks)

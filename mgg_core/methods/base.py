@@ -108,6 +108,11 @@ class Method:
     def init_state(self, device) -> MethodState:
         return {}
 
+    def post_update(self, theta: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+        """The adapted scalars to commit after the optimizer's step (default: the step's result unchanged; ROID
+        merges them with the source ones). ``theta0``: the source values."""
+        return theta
+
     def objective(self, ctx: StepContext, theta: torch.Tensor, logits: torch.Tensor, features):
         """-> (loss or None when no sample qualifies, state_updates, n_selected)."""
         raise NotImplementedError

@@ -31,18 +31,18 @@ def build_app(settings: ServiceSettings, ray: RaySettings) -> Any:
     dumped["snapshot_dir"] = str(settings.snapshot_dir.resolve())
     autoscaling = ray.autoscaling_config()
     shard = serve.deployment(
-        Shard,
         name=ray.shard_deployment,
         num_replicas=None if autoscaling else ray.replicas,
         autoscaling_config=autoscaling,
         max_ongoing_requests=ray.max_ongoing_requests,
         ray_actor_options={"num_cpus": ray.replica_num_cpus, "num_gpus": ray.replica_num_gpus},
-        request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
+        # Serve accepts the router's import path as a string (it must not pickle the class); its stub says dict
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),  # type: ignore[arg-type]
         health_check_period_s=2,
         graceful_shutdown_timeout_s=30,
-    )
-    ingress = serve.deployment(Ingress, name="TTAIngress", num_replicas=ray.ingress_replicas,
-                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    )(Shard)
+    ingress = serve.deployment(name="TTAIngress", num_replicas=ray.ingress_replicas,
+                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)(Ingress)
     return ingress.bind(shard.bind(dumped, ray.lease_timeout_s), dumped, ray.shard_deployment,
                         ray.request_timeout_s, ray.retries)
 

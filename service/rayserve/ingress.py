@@ -76,7 +76,10 @@ def running_replicas(app: str, deployment: str) -> list[str] | None:
     try:
         from ray.serve.context import _get_global_client
 
-        details = _get_global_client().get_serve_details()
+        client = _get_global_client()
+        if client is None:
+            return None
+        details = client.get_serve_details()
         reps = details["applications"][app]["deployments"][deployment]["replicas"]
     except (KeyError, TypeError, AttributeError, RuntimeError):
         return None
