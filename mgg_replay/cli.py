@@ -37,6 +37,7 @@ from .client import DEFAULT_URL, ReplayConfig, Replayer, server_info, server_met
 from .plans import DEFAULT_MNIST_C_CORRUPTIONS, MNIST_C, SpecOptions, build_plans
 from .report import REPORT_SCHEMA, compare_table, fmt_num, fmt_pct, load_report, summarize, write_report
 from .server import LocalServer, wait_ready
+from .v2 import infer_path, served_model
 
 # ------------------------------------------------------------------------------------------------ CLI
 
@@ -85,6 +86,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--duration", type=float, default=None, help="stop all streams after this many seconds")
     b.add_argument("--format", dest="fmt", choices=("npy", "png"), default="npy",
                    help="request body: application/x-npy (default) or multipart PNG files")
+    b.add_argument("--protocol", choices=("predict", "v2"), default="predict",
+                   help="predict: POST /predict with X-Stream-Id (default); v2: the Open Inference Protocol, "
+                        "POST /v2/models/<model>/infer with binary tensors, the stream as sequence_id and resets "
+                        "as sequence_start (no admin token needed; --format is then ignored)")
+    b.add_argument("--model-name", default=None,
+                   help="with --protocol v2: the model name (default: the one the server lists in "
+                        "/v2/repository/index)")
     b.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     b.add_argument("--max-retries", type=int, default=20, help="retries of a batch answered 429/503")
     b.add_argument("--wait-ready", type=float, default=30.0, help="seconds to wait for the server's /readyz")
@@ -129,11 +137,13 @@ def replay(args: argparse.Namespace, url: str, mode: str, run_id: str,
 
     opts = _spec_options(args)
     prefix = args.stream_prefix or f"replay-{run_id}"
-    plans, class_names, spec = build_plans(opts, prefix, args.fmt)
-    cfg = ReplayConfig(url=url.rstrip("/"), fmt=args.fmt, duration_s=args.duration,
+    v2 = getattr(args, "protocol", "predict") == "v2"
+    plans, class_names, spec = build_plans(opts, prefix, "npy" if v2 else args.fmt)
+    cfg = ReplayConfig(url=url.rstrip("/"), fmt="v2" if v2 else args.fmt, duration_s=args.duration,
                        images_per_stream=args.images_per_stream, timeout_s=args.timeout,
                        max_retries=args.max_retries, reset_at_start=not args.no_reset, token=args.token,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, protocol="v2" if v2 else "predict",
+                       model_name=getattr(args, "model_name", None))
     with httpx.Client() as client:
         try:
             wait_ready(client, cfg.url, max(float(args.wait_ready), 0.5))
@@ -143,6 +153,8 @@ def replay(args: argparse.Namespace, url: str, mode: str, run_id: str,
                 detail = client.get(cfg.url + "/readyz", timeout=5).text[:400]
             raise SystemExit(f"mgg replay: {exc} {detail}".rstrip()) from None
         info = server_info(client, cfg.url)
+        if v2 and not cfg.model_name:
+            cfg.model_name = served_model(client, cfg.url)
     replayer = Replayer(cfg, plans, class_names)
     try:
         wall = replayer.run()
@@ -160,6 +172,10 @@ def replay(args: argparse.Namespace, url: str, mode: str, run_id: str,
         "command": ["mgg", "replay", *getattr(args, "argv", [])],
         "protocol": {
             "url": cfg.url, "data": opts.data, "format": cfg.fmt, "streams": opts.streams,
+            "transport": ({"protocol": "v2", "model_name": cfg.model_name, "endpoint": infer_path(cfg.model_name or ""),
+                           "stream": "parameters.sequence_id", "resets": "parameters.sequence_start"}
+                          if v2 else {"protocol": "predict", "endpoint": "/predict", "stream": "X-Stream-Id",
+                                      "resets": "POST /reset"}),
             "batch_size": batch_size, "images_per_stream": cfg.images_per_stream, "duration_s": cfg.duration_s,
             "reset_at_start": cfg.reset_at_start, "timeout_s": cfg.timeout_s, "max_retries": cfg.max_retries,
             "stream_spec": spec,

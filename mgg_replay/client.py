@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .plans import Batch, StreamPlan
+from .v2 import as_predict_body, decode_infer, encode_infer, infer_path
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STREAM_HEADER = "X-Stream-Id"
@@ -54,11 +55,14 @@ class Encoded:
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     files: list | None = None
+    array: np.ndarray | None = None  # v2: the batch, encoded per request (its header names the sequence)
 
     @property
     def nbytes(self) -> int:
         if self.content is not None:
             return len(self.content)
+        if self.array is not None:
+            return int(self.array.nbytes)
         return sum(len(f[1][1]) for f in self.files or [])
 
 
@@ -68,7 +72,9 @@ def encode_batch(images: np.ndarray, fmt: str) -> Encoded:
         return Encoded("npy", content=body, headers=headers)
     if fmt == "png":
         return Encoded("png", files=encode_png_files(images))
-    raise ValueError(f"unknown body format {fmt!r}; choose npy or png")
+    if fmt == "v2":  # Open Inference Protocol binary tensor; the JSON header is written per request
+        return Encoded("v2", array=np.ascontiguousarray(images, dtype=np.uint8))
+    raise ValueError(f"unknown body format {fmt!r}; choose npy, png or v2")
 
 
 
@@ -152,6 +158,8 @@ class ReplayConfig:
     token: str | None = None
     progress: bool = True
     prefetch: int = 4
+    protocol: str = "predict"  # "predict" (POST /predict, X-Stream-Id) or "v2" (Open Inference Protocol, sequence_id)
+    model_name: str | None = None  # the V2 model (protocol "v2")
 
 
 @dataclass
@@ -274,21 +282,26 @@ class Replayer:
         if r.status_code not in (200, 204, 404):
             raise RuntimeError(f"POST /reset for {stream_id!r} answered {r.status_code}: {r.text[:300]}")
 
-    def _send(self, stream_id: str, enc: Encoded) -> tuple[Any, float, int, list[int | str]]:
+    def _post(self, stream_id: str, enc: Encoded, start: bool) -> Any:
+        if enc.array is not None:  # V2: sequence_id is the stream; sequence_start resets it in its order
+            body, headers = encode_infer(enc.array, stream_id, start=start)
+            return self.client.post(self.cfg.url + infer_path(str(self.cfg.model_name)), content=body, headers=headers)
+        headers = {STREAM_HEADER: stream_id, **enc.headers}
+        if enc.content is not None:
+            return self.client.post(self.cfg.url + "/predict", content=enc.content, headers=headers)
+        return self.client.post(self.cfg.url + "/predict", files=enc.files, headers=headers)
+
+    def _send(self, stream_id: str, enc: Encoded, start: bool = False) -> tuple[Any, float, int, list[int | str]]:
         """POST one batch; retries 429/503 after Retry-After. Returns (response|None, latency, attempts, failures)."""
         import httpx
 
-        headers = {STREAM_HEADER: stream_id, **enc.headers}
         failures: list[int | str] = []
         attempt = 0
         while True:
             attempt += 1
             t = time.perf_counter()
             try:
-                if enc.content is not None:
-                    r = self.client.post(self.cfg.url + "/predict", content=enc.content, headers=headers)
-                else:
-                    r = self.client.post(self.cfg.url + "/predict", files=enc.files, headers=headers)
+                r = self._post(stream_id, enc, start)
             except httpx.HTTPError as exc:
                 latency = time.perf_counter() - t
                 failures.append(f"exception:{type(exc).__name__}")
@@ -309,8 +322,7 @@ class Replayer:
 
     # -- one stream
     def _run_stream(self, plan: StreamPlan, deadline: float | None) -> None:
-        if self.cfg.reset_at_start:
-            self.reset(plan.stream_id, "start")
+        v2 = self.cfg.protocol == "v2"
         sent = 0
         cap = self.cfg.images_per_stream
         prefetched = _Prefetcher(plan.make_batches(), self.cfg.fmt, self.cfg.prefetch, self._stop)
@@ -324,9 +336,17 @@ class Replayer:
                 batch = Batch(batch.images[:keep], batch.labels[:keep], batch.domain, batch.reset_before,
                               batch.sample_domains[:keep] if batch.sample_domains else None)
                 enc = encode_batch(batch.images, self.cfg.fmt)
-            if batch.reset_before and seq > 0:
-                self.reset(plan.stream_id, f"domain:{batch.domain}")
-            r, latency, attempts, failures = self._send(plan.stream_id, enc)
+            # /predict: POST /reset before the batch; V2: sequence_start on the batch itself (in the stream's order)
+            reason = "start" if seq == 0 and self.cfg.reset_at_start else (
+                f"domain:{batch.domain}" if batch.reset_before and seq > 0 else None)
+            if reason is not None and not v2:
+                self.reset(plan.stream_id, reason)
+            r, latency, attempts, failures = self._send(plan.stream_id, enc, start=v2 and reason is not None)
+            if v2 and reason is not None:
+                with self._lock:
+                    self.resets.append({"stream_id": plan.stream_id, "reason": reason, "via": "sequence_start",
+                                        "status": r.status_code if r is not None else "exception",
+                                        "t_s": time.perf_counter() - self._t0})
             rec = RequestRecord(plan.stream_id, seq, batch.domain, len(batch.labels), "exception", latency,
                                 time.perf_counter() - self._t0, attempts)
             if r is None:
@@ -334,7 +354,7 @@ class Replayer:
             else:
                 rec.status = r.status_code
                 if r.status_code == 200:
-                    body = r.json()
+                    body = as_predict_body(*decode_infer(r.content, r.headers)) if v2 else r.json()
                     rec.step = body.get("step")
                     rec.adapted = body.get("adapted")
                     rec.skipped_reason = body.get("skipped_reason")

@@ -26,6 +26,7 @@ from .middleware import HttpGuard
 from .routes import register_routes
 from .runtime import Runtime, ServiceState, load_runtime
 from .settings import ServiceSettings
+from .v2 import router as v2_router
 
 log = logging.getLogger("mgg.service")
 
@@ -77,6 +78,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                        body_idle_timeout=settings.body_idle_timeout_seconds)
     register_error_handlers(app)
     register_routes(app)
+    app.include_router(v2_router)  # the Open Inference Protocol (KServe V2) beside /predict
     return app
 
 

@@ -19,6 +19,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--mgg-checkpoint", "mgg_checkpoint", {"help": "MGG meta-network checkpoint (default: bundled)"}),
     ("--source-stats", "source_stats", {"help": "FOA source feature statistics (.safetensors)"}),
     ("--source-data", "source_data", {"help": "clean data to compute the source statistics from"}),
+    ("--model-name", "model_name", {"help": "model name of the V2 endpoints /v2/models/<name> (default: the "
+                                      "classifier card's name)"}),
     ("--device", "device", {"help": "auto (cuda when available), cpu, cuda, cuda:N"}),
     ("--torch-threads", "torch_threads", {"type": int, "help": "torch CPU threads (default: one per core)"}),
     ("--snapshot-dir", "snapshot_dir", {"help": "per-stream snapshots (default ./mgg-snapshots: in the working dir)"}),

@@ -6,9 +6,10 @@ their own request format, then call the same :class:`DataPlane`:
 1. :meth:`DataPlane.reserve` fixes the request's place in the stream's queue once its body has arrived (a slow or
    silent upload holds no queue slot; requests are adapted in the order their bodies completed) or answers
    429/503/507;
-2. :meth:`DataPlane.infer` preprocesses decoded uint8 images, runs ``engine.step`` (and ``engine.predict`` when
+2. :meth:`DataPlane.step` preprocesses a decoded batch, runs ``engine.step`` (and ``engine.predict`` when
    predictions after the update are configured) under the stream's lock, records metrics and returns a
-   :class:`~service.schemas.PredictResponse`.
+   :class:`StepOutcome` (logits, step, engine result); :meth:`DataPlane.infer` wraps it into the V1
+   :class:`~service.schemas.PredictResponse`, the V2 routes (:mod:`service.v2`) into V2 output tensors.
 
 The caller must call ``ticket.abandon()`` in a ``finally`` (a no-op once :meth:`infer` owns the ticket).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .decode import DecodedBatch
@@ -32,14 +34,21 @@ if TYPE_CHECKING:
     from mgg_core.state import StreamState
 
 
-def make_predictions(logits: torch.Tensor, class_names: list[str], topk: int) -> list[dict[str, Any]]:
-    """Per-row label, class name, softmax score, entropy (nats) and the ``topk`` best classes."""
+def softmax_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (N x C) and prediction entropies in nats (N), float32 on the CPU: the numbers every
+    protocol answers, computed in one place so that /predict and /v2 agree bit for bit."""
     import torch
 
     logits = logits.detach().float().cpu()
     logp = torch.log_softmax(logits, dim=1)
     p = logp.exp()
     ent = -(p * logp).nan_to_num(0.0).sum(dim=1)
+    return p, ent
+
+
+def make_predictions(logits: torch.Tensor, class_names: list[str], topk: int) -> list[dict[str, Any]]:
+    """Per-row label, class name, softmax score, entropy (nats) and the ``topk`` best classes."""
+    p, ent = softmax_outputs(logits)
     k = min(topk, p.shape[1])
     top_p, top_i = p.topk(k, dim=1)
     out = []
@@ -74,6 +83,17 @@ def finite(v: float | None) -> float | None:
     return f if math.isfinite(f) else None
 
 
+@dataclass
+class StepOutcome:
+    """What one step on a stream gives every protocol: the engine's result, the answered logits (CPU, float32;
+    before the update unless ``post_update``) and the stream's step count after it."""
+
+    result: StepResult
+    logits: torch.Tensor
+    step: int
+    post_update: bool
+
+
 class DataPlane:
     """Predict-and-adapt on a stream, shared by every protocol's routes."""
 
@@ -96,14 +116,17 @@ class DataPlane:
         except StoreClosed as exc:
             raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
 
-    async def infer(
-        self, rt: Runtime, store: StreamStore, ticket: Ticket, stream_id: str, batch: DecodedBatch,
-        timings: dict[str, float],
-    ) -> PredictResponse:
-        """Preprocess the decoded ``batch``, step the stream, and answer; ``timings`` gains phases.
+    async def step(
+        self, rt: Runtime, store: StreamStore, ticket: Ticket, batch: DecodedBatch, timings: dict[str, float],
+        *, reset_first: bool = False,
+    ) -> StepOutcome:
+        """Preprocess the decoded ``batch``, step the stream under its lock, record metrics; ``timings`` gains phases.
 
         The batch's decoded images (and their share of the in-flight pixel budget) are released as soon as they
         are preprocessed: a request waiting for its stream's turn holds only the model-sized input tensor.
+        ``reset_first`` restores the stream's source state exactly (``engine.reset``) inside the same job, just
+        before the step: in the stream's order, after every earlier request of the stream (the V2 protocol's
+        ``sequence_start``).
         """
         settings = self.svc.settings
         t0 = time.perf_counter()
@@ -117,23 +140,37 @@ class DataPlane:
         post = settings.return_post_update
         engine = rt.engine
 
-        def adapt(state: StreamState) -> tuple[StepResult, list[dict[str, Any]], int]:
+        def adapt(state: StreamState) -> StepOutcome:
+            if reset_first:
+                engine.reset(state)
             xd = x.to(rt.device, non_blocking=True)
             res = engine.step(state, xd)
             logits = engine.predict(state, xd) if post else res.logits
-            return res, make_predictions(logits, rt.class_names, settings.topk), int(state.step)
+            return StepOutcome(res, logits.detach().float().cpu(), int(state.step), post)
 
         try:
-            res, preds, step = await store.run(ticket, adapt)
+            out = await store.run(ticket, adapt)
         except SnapshotRestoreError as exc:
             hint = "" if "POST /reset" in exc.message else "; POST /reset this stream to start over"
             raise ApiError(500, "snapshot_restore_failed", exc.message + hint) from None
         except PersistError as exc:
             raise persist_error(exc) from None
-        self._record(res, len(preds), timings)
+        if reset_first:
+            self.svc.metrics.resets.labels(reason="sequence_start").inc()
+        self._record(out.result, int(out.logits.shape[0]), timings)
+        return out
+
+    async def infer(
+        self, rt: Runtime, store: StreamStore, ticket: Ticket, stream_id: str, batch: DecodedBatch,
+        timings: dict[str, float],
+    ) -> PredictResponse:
+        """Step the stream on the decoded ``batch`` (:meth:`step`) and answer as ``POST /predict`` does."""
+        out = await self.step(rt, store, ticket, batch, timings)
+        res = out.result
+        preds = make_predictions(out.logits, rt.class_names, self.svc.settings.topk)
         return PredictResponse(
             stream_id=stream_id,
-            step=step,
+            step=out.step,
             adapted=bool(res.adapted),
             skipped_reason=None if res.adapted else res.skipped_reason,
             rolled_back=res.rolled_back,
@@ -141,7 +178,7 @@ class DataPlane:
             reset_reason=res.reset_reason,
             batch_entropy=finite(res.batch_entropy),
             loss=finite(res.loss),
-            predictions_after_update=post,
+            predictions_after_update=out.post_update,
             predictions=preds,  # pydantic validates the dicts into Prediction
             timings=timings,
         )
@@ -168,4 +205,4 @@ class DataPlane:
             metrics.rollbacks.labels(reason=str(res.rollback_reason or "unknown")).inc()
 
 
-__all__ = ["DataPlane", "finite", "make_predictions", "persist_error"]
+__all__ = ["DataPlane", "StepOutcome", "finite", "make_predictions", "persist_error", "softmax_outputs"]

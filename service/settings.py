@@ -90,6 +90,10 @@ class ServiceSettings(BaseSettings):
         False, description="return predictions made after the update instead of before it (costs one more forward)"
     )
     topk: int = Field(5, ge=1, le=100)
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="model name of the Open Inference Protocol (V2) endpoints (/v2/models/<name>); None = the "
+        "classifier card's model name")
 
     # --- server ---------------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -715,6 +715,13 @@ class StreamStore:
             raise PersistError(stream_id, disk_full=self._disk_total + self._file_estimate > self.max_snapshot_bytes)
         return entry.info()
 
+    async def unload(self, stream_id: str, reason: str = "request") -> bool:
+        """Snapshot the stream (when changed) and drop it from memory, in its order; True when it is on disk."""
+        entry = self._streams.get(stream_id)
+        if entry is None or not entry.known:
+            raise UnknownStream(stream_id)
+        return await self._snapshot_job(entry, reason=reason, unload=True)
+
     # ------------------------------------------------------------------------------------- queries
 
     def info(self, stream_id: str) -> dict[str, Any]:
