@@ -121,6 +121,7 @@ class Ingress:
         self.request_timeout_s = float(request_timeout_s)
         self.retries = int(retries)
         self.lines: dict[str, _Line] = {}
+        self.model_card: dict[str, Any] | None = None  # a shard's whoami (model info), for the V2 endpoints
         self.total = 0
         admin = self.settings.admin_token
         self.admin_token = admin.get_secret_value() if admin is not None else None
@@ -352,15 +353,18 @@ class Ingress:
         except ApiError as exc:
             return v2_error(exc.status, exc.message, exc.headers)
 
-    async def _model(self, name: str, version: str | None) -> dict[str, Any]:
-        """A replica's ``whoami`` when ``name``/``version`` is the served model; else 404 (503: no replica)."""
-        out = await self._call(uuid.uuid4().hex, "whoami")
-        known = self.settings.model_name or str(out["body"]["info"]["model"])
+    async def _model(self, name: str, version: str | None, *, ask: bool = True) -> dict[str, Any]:
+        """A replica's ``whoami`` when ``name``/``version`` is the served model; else 404 (503: no replica).
+        ``ask=False`` reuses the last answer (every replica serves the same model): no extra call per infer."""
+        if ask or self.model_card is None:
+            self.model_card = dict((await self._call(uuid.uuid4().hex, "whoami"))["body"])
+        card = self.model_card
+        known = self.settings.model_name or str(card["info"]["model"])
         if name != known:
             raise V2Error(404, f"unknown model {name!r}; this server serves {known!r}")
         if version is not None and version != MODEL_VERSION:
             raise V2Error(404, f"unknown version {version!r} of model {name!r}; its only version is {MODEL_VERSION!r}")
-        return dict(out["body"])
+        return card
 
     async def _v2_metadata(self, name: str, version: str | None) -> Response:
         n = int((await self._model(name, version))["num_classes"])
@@ -390,7 +394,7 @@ class Ingress:
     async def _v2_infer(self, request: Request, name: str, version: str | None) -> Response:
         t0, status = time.perf_counter(), 500
         try:
-            await self._model(name, version)
+            await self._model(name, version, ask=False)
             req, npy = await self._v2_request(request)
             args = (npy, uuid.uuid4().hex, req.sequence_id, req.sequence_start, req.sequence_end)
             out = await self._stream_call(req.stream_id, "infer_v2", *args, counted=True)
