@@ -1,0 +1,124 @@
+"""Batch-size sweep of the service's default engine, in process (no HTTP), on the replay stream.
+
+Reproduces what ``mgg replay --streams 1 --images-per-domain 64 --batch-size B`` measures against the default
+service (FOA + MGG, collapse guard on), for both bundled models, but without a server: the same StreamSpec (the
+replay's default domains, 64 images per domain, one stream, seed 0, continual), the same images, re-chunked into
+requests of B images. Engine knobs can be overridden to compare designs::
+
+    nice -n 10 .venv/bin/python scripts/smallbatch_sweep.py --models resnet vit --batch-sizes 64 16 4 1
+    nice -n 10 .venv/bin/python scripts/smallbatch_sweep.py --set norm_stats=batch --set update_images=0
+
+Prints one row per (model, variant): no adaptation, then accuracy at each batch size, plus seconds per image
+relative to batch 64 (timings are noisy on a shared CPU: read them as ratios within one run).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def replay_stream(images_per_domain: int = 64, seed: int = 0, label_shift: float | None = None,
+                  corruptions: list[str] | None = None, domain_order: str = "shuffled"):
+    """(domain name, uint8 images, labels) per domain of ``mgg replay``'s first stream."""
+    from mgg_core.data.streams import iter_batches, open_stream_source
+    from service.replay import SpecOptions, stream_specs
+
+    opts = SpecOptions(images_per_domain=images_per_domain, streams=1, batch_size=64, seed=seed,
+                       label_shift=label_shift, corruptions=corruptions, domain_order=domain_order)
+    spec = stream_specs(opts)[0]
+    source = open_stream_source(spec)
+    out: dict[str, list] = {}
+    for b in iter_batches(spec, source):
+        out.setdefault(b.domains[0], []).append((np.asarray(b.images), np.asarray(b.labels)))
+    return spec, [(d, np.concatenate([i for i, _ in v]), np.concatenate([y for _, y in v])) for d, v in out.items()]
+
+
+def load_default_runtime(model: str):
+    from service.app import load_runtime
+    from service.settings import ServiceSettings
+
+    return load_runtime(ServiceSettings(model=model, device="cpu"))
+
+
+def engine_variant(rt, method: str | None = None, **overrides):
+    from mgg_core.engine import AdaptationEngine
+
+    cfg = dataclasses.replace(rt.engine.config, **overrides)
+    if method is not None:
+        cfg = dataclasses.replace(cfg, method=method, optimizer=None, mgg_checkpoint=None)
+    return AdaptationEngine(rt.classifier, cfg, source_stats=rt.engine.source_stats)
+
+
+def run(engine, domains, batch_size: int, seed: int = 0) -> dict:
+    state = engine.new_state(seed=seed)
+    per_domain, t0, fallbacks = {}, time.perf_counter(), 0
+    for name, x, y in domains:
+        correct = 0
+        for i in range(0, len(y), batch_size):
+            res = engine.step(state, x[i:i + batch_size])
+            correct += int((res.logits.argmax(1) == y[i:i + batch_size]).sum())
+            fallbacks += int(res.rolled_back)
+        per_domain[name] = 100.0 * correct / len(y)
+    n = sum(len(y) for _, _, y in domains)
+    acc = 100.0 * sum(per_domain[d] * len(y) / 100.0 for d, _, y in domains) / n
+    return {"accuracy": acc, "per_domain": per_domain, "seconds": time.perf_counter() - t0, "images": n,
+            "rollbacks": fallbacks, "rollbacks_total": state.rollbacks}
+
+
+def _parse_set(items):
+    out = {}
+    for it in items or []:
+        k, _, v = it.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet", "vit"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 16, 4, 1])
+    p.add_argument("--images-per-domain", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", help="EngineConfig override KEY=JSON (repeatable)")
+    p.add_argument("--guard", default=None, help="GuardConfig overrides as JSON")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    spec, raw = replay_stream(args.images_per_domain, args.seed)
+    overrides = _parse_set(args.set)
+    results = {"spec": spec.to_dict(), "overrides": overrides, "models": {}}
+    for model in args.models:
+        rt = load_default_runtime(model)
+        doms = [(d, rt.preprocessor(imgs), torch.as_tensor(y)) for d, imgs, y in raw]
+        if args.guard:
+            overrides["guard"] = dataclasses.replace(rt.engine.config.guard, **json.loads(args.guard))
+        row = {"noadapt": run(engine_variant(rt, method="noadapt"), doms, 64)}
+        eng = engine_variant(rt, **overrides)
+        for b in args.batch_sizes:
+            row[b] = run(eng, doms, b, args.seed)
+        results["models"][model] = row
+        base = row[args.batch_sizes[0]]["seconds"] / row[args.batch_sizes[0]]["images"]
+        cells = " ".join(f"b{b}={row[b]['accuracy']:.1f}(x{row[b]['seconds'] / row[b]['images'] / base:.1f},"
+                         f"rb{row[b]['rollbacks']})" for b in args.batch_sizes)
+        knobs = json.dumps({k: str(v) for k, v in overrides.items()})
+        print(f"{model:6s} {knobs} noadapt={row['noadapt']['accuracy']:.1f} {cells}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
