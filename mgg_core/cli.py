@@ -14,7 +14,7 @@ import sys
 # subcommand -> module that provides add_parser(subparsers)
 SUBCOMMANDS: dict[str, str] = {
     "serve": "service.cli",
-    "replay": "service.replay",
+    "replay": "mgg_replay.cli",
     "train-source": "mgg_core.train_source",
     "data": "mgg_core.data.cli",
     "pretrain": "mgg_core.pretrain",

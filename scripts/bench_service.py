@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,40 +93,20 @@ class InProcess:
                 "step_only_img_s": n_img / t_step}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(args, snapshot_dir: str):
+    """`mgg serve` in its own process (as deployed), same settings as the in-process loop; started and ready."""
+    from mgg_replay.server import ServerProcess, serve_command
 
-
-def start_server(args, snapshot_dir: str) -> tuple[subprocess.Popen, str]:
-    """`mgg serve` in its own process (as deployed), same settings as the in-process loop."""
-    import httpx
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "mgg_core.cli", "serve", "--port", str(port), "--snapshot-dir", snapshot_dir,
-           "--model", args.model, "--device", args.device, "--log-level", "warning",
-           "--max-images", str(max(64, args.batch_size)), "--max-body-bytes", str(256 * 1024 * 1024)]
+    flags = ["--snapshot-dir", snapshot_dir, "--model", args.model, "--device", args.device, "--log-level", "warning",
+             "--max-images", str(max(64, args.batch_size)), "--max-body-bytes", str(256 * 1024 * 1024)]
     for flag in ("method", "optimizer", "lr", "mgg_checkpoint"):
         v = getattr(args, flag)
         if v is not None:
-            cmd += [f"--{flag.replace('_', '-')}", str(v)]
+            flags += [f"--{flag.replace('_', '-')}", str(v)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("server not ready")
+    return ServerProcess(lambda port: serve_command(port, *flags), env, ready_timeout=300, capture=True,
+                         inherit_env=False).start()
 
 
 def over_http(client, bodies: list[tuple[bytes, str]], n_images: list[int], stream: str) -> dict[str, float]:
@@ -178,16 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [len(b) for b in timed]
     rows: dict[str, list[float]] = {"in-process": [], "npy": [], "multipart PNG": []}
     with tempfile.TemporaryDirectory() as snaps:
-        proc, url = start_server(args, snaps)
+        server = start_server(args, snaps)
         try:
-            with httpx.Client(base_url=url, timeout=600) as client:
+            with httpx.Client(base_url=server.url, timeout=600) as client:
                 for name, bodies in encoded.items():  # warm the server's paths
                     over_http(client, bodies[:args.warmup], [len(b) for b in warm], f"warm-{name[:3]}")
                 # rounds alternate the three loops so that load from other processes hits them alike
                 for r in range(args.rounds):
                     res = local.run(timed)
                     rows["in-process"].append(res["img_s"])
-                    line = f"round {r + 1}: in-process {res['img_s']:8.1f} img/s (step alone {res['step_only_img_s']:.1f})"
+                    line = (f"round {r + 1}: in-process {res['img_s']:8.1f} img/s "
+                            f"(step alone {res['step_only_img_s']:.1f})")
                     for name, bodies in encoded.items():
                         h = over_http(client, bodies[args.warmup:], sizes, f"bench-{name[:3]}-{r}")
                         assert h["adapted_batches"] == len(timed), h
@@ -195,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         line += f" | {name} {h['img_s']:8.1f} img/s"
                     print(line, flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            server.stop(timeout=60)
     base = float(np.median(rows["in-process"]))
     kib = {name: sum(len(b) for b, _ in bodies[args.warmup:]) / len(timed) / 1024 for name, bodies in encoded.items()}
     print(f"median over {args.rounds} rounds ({len(timed)} batches of {args.batch_size} each); the ratio is the "
@@ -207,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  in-process adapt loop (preprocess + step) {base:9.1f} img/s")
     for name in ("npy", "multipart PNG"):
         m = float(np.median(rows[name]))
-        ratio = float(np.median([h / i for h, i in zip(rows[name], rows["in-process"])]))
+        ratio = float(np.median([h / i for h, i in zip(rows[name], rows["in-process"], strict=False)]))
         print(f"  HTTP /predict, {name:<14}            {m:9.1f} img/s   ratio {ratio:.2f}"
               f"   ({kib[name]:.0f} KiB/request)")
     return 0

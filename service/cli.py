@@ -19,7 +19,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--source-data", "source_data", {"help": "clean data to compute the source statistics from"}),
     ("--device", "device", {"help": "auto (cuda when available), cpu, cuda, cuda:N"}),
     ("--torch-threads", "torch_threads", {"type": int, "help": "torch CPU threads (default: one per core)"}),
-    ("--snapshot-dir", "snapshot_dir", {"help": "folder of per-stream snapshots (default ./mgg-snapshots)"}),
+    ("--snapshot-dir", "snapshot_dir", {"help": "per-stream snapshots (default ./mgg-snapshots: in the working dir)"}),
     ("--state-budget-bytes", "state_budget_bytes", {"type": int, "help": "bytes of stream state kept in memory"}),
     ("--idle-seconds", "idle_seconds", {"type": float, "help": "unload streams idle this long"}),
     ("--max-images", "max_images", {"type": int, "help": "images per request"}),
@@ -40,8 +40,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "MGG_* environment variables, a .env file, the --config file, then defaults.",
     )
     p.add_argument("--config", help="settings file: .env, .yaml/.yml or .json")
-    for flag, _dest, kw in _FLAGS:
-        p.add_argument(flag, dest=f"opt_{_dest}", default=None, **kw)
+    for flag, dest, kw in _FLAGS:
+        metavar = None if "choices" in kw else dest.upper()  # `--host HOST`, not argparse's `--host OPT_HOST`
+        p.add_argument(flag, dest=f"opt_{dest}", default=None, metavar=metavar, **kw)
     guard = p.add_mutually_exclusive_group()
     guard.add_argument("--collapse-guard", dest="opt_collapse_guard", action="store_true", default=None)
     guard.add_argument("--no-collapse-guard", dest="opt_collapse_guard", action="store_false")
@@ -76,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = f"http://{settings.host}:{settings.port}"
-    print(f"mgg serve: {settings.model} / {settings.method} + {settings.optimizer or 'default optimizer'} on device {settings.device}; "
-          f"snapshots in {settings.snapshot_dir}", flush=True)
+    print(f"mgg serve: {settings.model} / {settings.method} + {settings.optimizer or 'default optimizer'} "
+          f"on device {settings.device}; snapshots in {settings.snapshot_dir}", flush=True)
     print(f"mgg serve: API docs at {base}/docs (OpenAPI: {base}/openapi.json); readiness at {base}/readyz",
           flush=True)
     app = create_app(settings)

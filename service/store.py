@@ -20,6 +20,7 @@ fsynced and renamed into place, so a crash never leaves a half-written snapshot 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -33,9 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .metrics import ServiceMetrics
+
+if TYPE_CHECKING:  # torch loads lazily
+    from mgg_core.engine import AdaptationEngine
+    from mgg_core.state import StreamState
 
 log = logging.getLogger("mgg.service.store")
 
@@ -77,7 +82,7 @@ class SnapshotRestoreError(RuntimeError):
 @dataclass
 class _Stream:
     id: str
-    state: Any = None  # StreamState when resident
+    state: StreamState | None = None  # when resident
     on_disk: bool = False  # a snapshot file exists
     dirty: bool = False  # resident state differs from the snapshot on disk (or there is none)
     tail: asyncio.Future | None = None  # completion of the last ticket in this stream's chain
@@ -95,12 +100,12 @@ class _Stream:
     def known(self) -> bool:
         return self.state is not None or self.on_disk
 
-    def refresh(self, state: Any) -> None:
+    def refresh(self, state: StreamState) -> None:
         self.step = int(state.step)
-        ema = getattr(state, "entropy_ema", None)
+        ema = state.entropy_ema
         self.entropy_ema = None if ema is None else float(ema)
         self.nbytes = int(state.nbytes())
-        self.rollbacks = int(getattr(state, "rollbacks", 0) or 0)  # the collapse guard's count, kept in snapshots
+        self.rollbacks = int(state.rollbacks)  # the collapse guard's count, kept in snapshots
 
     def info(self) -> dict[str, Any]:
         return {
@@ -174,7 +179,7 @@ class Ticket:
         if prev is None or prev.done():
             done.set_result(None)
         else:  # our turn never came (cancelled while waiting): finish only after prev does
-            prev.add_done_callback(lambda _f: done.done() or done.set_result(None))
+            prev.add_done_callback(lambda _f: done.done() or done.set_result(None))  # type: ignore[func-returns-value]
         if entry.pending == 0 and not entry.known and store._streams.get(entry.id) is entry:
             del store._streams[entry.id]  # a placeholder that never got state
 
@@ -182,7 +187,7 @@ class Ticket:
 class StreamStore:
     def __init__(
         self,
-        engine: Any,
+        engine: AdaptationEngine,
         snapshot_dir: str | os.PathLike[str],
         *,
         metrics: ServiceMetrics,
@@ -280,7 +285,7 @@ class StreamStore:
             entry = self._streams[stream_id] = _Stream(id=stream_id)
         return Ticket(self, entry, counted=True)
 
-    async def run(self, ticket: Ticket, fn: Callable[[Any], T]) -> T:
+    async def run(self, ticket: Ticket, fn: Callable[[StreamState], T]) -> T:
         """Run ``fn(state)`` in a worker thread once the ticket's turn has come; state is loaded or created first.
 
         The job runs as its own task and releases the ticket itself, whatever happens to the caller.
@@ -291,7 +296,7 @@ class StreamStore:
         task.add_done_callback(self._jobs.discard)
         return await asyncio.shield(task)
 
-    async def _run_job(self, ticket: Ticket, fn: Callable[[Any], T]) -> T:
+    async def _run_job(self, ticket: Ticket, fn: Callable[[StreamState], T]) -> T:
         entry = ticket.entry
         try:
             await ticket.wait_turn()
@@ -310,7 +315,7 @@ class StreamStore:
         await self._enforce_budget()
         return result
 
-    async def _ensure_resident(self, entry: _Stream) -> Any:
+    async def _ensure_resident(self, entry: _Stream) -> StreamState:
         if entry.state is not None:
             return entry.state
         if entry.on_disk:
@@ -333,13 +338,8 @@ class StreamStore:
         self._touch(entry)
         return state
 
-    def _load_state(self, path: Path) -> Any:
-        loader = getattr(self.engine, "load_state", None)
-        if loader is not None:
-            return loader(path)  # checks the snapshot was made by an engine of the same configuration
-        from mgg_core.state import StreamState
-
-        return StreamState.load(path, self.engine)
+    def _load_state(self, path: Path) -> StreamState:
+        return self.engine.load_state(path)  # checks the snapshot was made by an engine of the same configuration
 
     # ------------------------------------------------------------------------------------ admin ops
 
@@ -481,7 +481,7 @@ class StreamStore:
             except Exception:
                 log.exception("idle eviction failed")
 
-    async def evict_idle(self, now: float | None = None) -> list[str]:
+    async def evict_idle(self, now: float | None = None) -> builtins.list[str]:  # `list` is a method of this class
         now = time.monotonic() if now is None else now
         evicted = []
         for sid in list(self._lru):
@@ -539,7 +539,7 @@ class StreamStore:
         except (OSError, ValueError):
             return {}
 
-    def _write_snapshot(self, stream_id: str, state: Any, meta: dict[str, Any]) -> None:
+    def _write_snapshot(self, stream_id: str, state: StreamState, meta: dict[str, Any]) -> None:
         tmp_dir = self.snapshot_dir / TMP_DIRNAME
         tmp_dir.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex

@@ -9,7 +9,6 @@ import contextlib
 import io
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,25 +46,22 @@ class LiveServer:
     def _wait_ready(self, timeout: float) -> None:
         import httpx
 
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if not self._thread.is_alive():
-                raise RuntimeError("uvicorn thread exited during start-up")
-            try:
-                r = httpx.get(self.url + "/readyz", timeout=5)
-                last = r.text
-                if r.status_code == 200:
-                    return
-                if "model_load_failed" in r.text:
-                    live = httpx.get(self.url + "/healthz", timeout=5).status_code
-                    self.stop()
-                    raise RuntimeError(f"service failed to load its model (healthz {live}): {r.text}")
-            except httpx.TransportError as exc:
-                last = repr(exc)
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"service not ready after {timeout}s (last answer: {last})")
+        from mgg_replay.server import wait_ready
+
+        try:
+            with httpx.Client() as client:
+                wait_ready(client, self.url, timeout, alive=self._thread.is_alive)
+        except RuntimeError as exc:
+            if "model_load_failed" not in str(exc):
+                self.stop()
+                raise
+            live = httpx.get(self.url + "/healthz", timeout=5).status_code  # still live while never ready
+            body = httpx.get(self.url + "/readyz", timeout=5).text
+            self.stop()
+            raise RuntimeError(f"service failed to load its model (healthz {live}): {body}") from exc
+        except BaseException:
+            self.stop()
+            raise
 
     def client(self, **kw: Any):
         import httpx

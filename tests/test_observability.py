@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service import replay as rp
+import mgg_replay as rp
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -36,7 +36,9 @@ COMPOSE = REPO / "docker-compose.yml"
 ADAPT_JOB, BASELINE_JOB = "mgg-tta", "mgg-tta-baseline"
 # Grafana variables -> what they stand for here ($job "All" = both service jobs; windows cover the whole test)
 GRAFANA_VARS = {"$__rate_interval": "2m", "$__interval": "5s", "$__range": "5m", "$job": f"{ADAPT_JOB}|{BASELINE_JOB}"}
-COMPARISON = re.compile(r"^(?P<lhs>.+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<threshold>-?[0-9.]+(?:e[+-]?[0-9]+)?)\s*$", re.S)
+COMPARISON = re.compile(
+    r"^(?P<lhs>.+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<threshold>-?[0-9.]+(?:e[+-]?[0-9]+)?)\s*$", re.S
+)
 
 pytestmark = pytest.mark.timeout(300)
 WARMUP_IMAGES = 4
@@ -182,23 +184,10 @@ def test_compose_file_validates_with_docker_compose():
 
 class Prometheus:
     def __init__(self, binary: str, config: Path, storage: Path, port: int, log: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={storage}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn", "--web.enable-lifecycle"],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(self.url + "/-/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("prometheus not ready")
+        cmd = [binary, f"--config.file={config}", f"--storage.tsdb.path={storage}",
+               f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn", "--web.enable-lifecycle"]
+        self.server = rp.ServerProcess(cmd, port=port, ready_timeout=60, log_path=log, ready_path="/-/ready").start()
+        self.url = self.server.url
 
     def query(self, expr: str) -> list[dict]:
         r = httpx.post(self.url + "/api/v1/query", data={"query": expr}, timeout=10)
@@ -207,12 +196,7 @@ class Prometheus:
         return body["data"]["result"]
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
+        self.server.stop()
 
 
 def _finite_values(result: list[dict]) -> list[float]:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from service import replay as rp
+import mgg_replay as rp
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -204,7 +204,8 @@ def test_adaptation_beats_the_noadapt_baseline_on_the_default_stream(servers, tm
     assert base["protocol"]["baseline"]["how"].startswith("spawned local server")
     assert base["protocol"]["baseline"]["url"] != adapt.url
     # the very same images in the very same order
-    assert [p["stream_spec"] for p in base["protocol"]["plans"]] == [p["stream_spec"] for p in adapted["protocol"]["plans"]]
+    specs = [[p["stream_spec"] for p in r["protocol"]["plans"]] for r in (base, adapted)]
+    assert specs[0] == specs[1]
     sa, sb = adapted["summary"], base["summary"]
     assert sa["images_answered"] == sb["images_answered"] == 2 * 6 * 256
     assert sb["adapted_batches"] == 0 and sa["adapted_batches"] > 0
@@ -212,3 +213,16 @@ def test_adaptation_beats_the_noadapt_baseline_on_the_default_stream(servers, tm
     table = capsys.readouterr().out
     assert "ALL (online accuracy)" in table and "baseline (noadapt)" in table and "adapt (foa)" in table
     assert "Comparison with the baseline" in (out / "baseline.md").read_text()
+
+
+def test_server_process_fails_fast_with_the_output_when_the_server_exits(tmp_path):
+    import sys
+
+    cmd = [sys.executable, "-c", "import sys; print('cannot start: no model'); sys.exit(3)"]
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 3") as info:
+        rp.ServerProcess(cmd, capture=True, ready_timeout=60).start()
+    assert "cannot start: no model" in str(info.value)
+    assert time.monotonic() - t0 < 30  # not the 60 s timeout
+    with pytest.raises(RuntimeError, match="stopped before it was ready"):
+        rp.wait_ready(None, "http://127.0.0.1:9", 60, alive=lambda: False)

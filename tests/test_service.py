@@ -146,7 +146,7 @@ def test_streams_never_see_each_others_updates(client, digit_images):
     ref = [predict_npy(client, "iso-ref", x) for x in xs]
     # the same batches on A, interleaved with other batches on B
     got = []
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=False):
         got.append(predict_npy(client, "iso-a", x))
         predict_npy(client, "iso-b", y)
     assert [scores(r) for r in got] == [scores(r) for r in ref]

@@ -4,17 +4,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from conftest import npy_bytes, service_test_model
+
+from mgg_replay.server import ServerProcess, serve_command
 
 REPO = Path(__file__).resolve().parents[1]
 NPY = {"Content-Type": "application/x-npy"}
@@ -51,53 +50,12 @@ def test_settings_precedence_flags_env_dotenv_config(tmp_path):
     assert r.returncode == 2 and "no_such_setting" in r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServeProcess:
-    def __init__(self, cwd: Path, snapshot_dir: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mgg_core.cli", "serve", "--model", service_test_model(), "--device", "cpu",
-               "--port", str(self.port), "--snapshot-dir", str(snapshot_dir), "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._wait_ready()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def _wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("mgg serve exited:\n" + "".join(self.lines))
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise TimeoutError("mgg serve not ready:\n" + "".join(self.lines))
-
-    def terminate(self, timeout: float = 90) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self._reader.join(5)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+def serve_process(cwd: Path, snapshot_dir: Path, *extra: str) -> ServerProcess:
+    """`mgg serve` in a subprocess (output kept in ``.lines``), started and ready."""
+    flags = ["--model", service_test_model(), "--device", "cpu", "--snapshot-dir", str(snapshot_dir),
+             "--log-level", "warning", *extra]
+    return ServerProcess(lambda port: serve_command(port, *flags), clean_env(), capture=True, cwd=cwd,
+                         inherit_env=False).start()
 
 
 def _predict(c: httpx.Client, sid: str, x: np.ndarray) -> dict:
@@ -115,7 +73,7 @@ def test_restart_finds_the_stream_at_the_same_step_with_the_same_predictions(tmp
     snaps = tmp_path / "snaps"
     x, probe = digit_images[:8], digit_images[8:16]
     args = ("--method", "tent", "--optimizer", "sgd", "--lr", "0.05")
-    first = ServeProcess(tmp_path, snaps, *args)
+    first = serve_process(tmp_path, snaps, *args)
     try:
         out = "".join(first.lines)
         assert f"{first.url}/docs" in out  # it says where the docs are
@@ -134,7 +92,7 @@ def test_restart_finds_the_stream_at_the_same_step_with_the_same_predictions(tmp
     assert (snaps / "keep.safetensors").is_file()
     assert not list((snaps / ".tmp").glob("*"))  # no half-written snapshot left behind
 
-    second = ServeProcess(tmp_path, snaps, *args)
+    second = serve_process(tmp_path, snaps, *args)
     try:
         with httpx.Client(base_url=second.url, timeout=60) as c:
             info = c.get("/streams/keep").json()
@@ -147,3 +105,25 @@ def test_restart_finds_the_stream_at_the_same_step_with_the_same_predictions(tmp
         assert second.terminate() in (0, -signal.SIGTERM)
     finally:
         second.kill()
+
+
+def test_serve_help_names_values_after_their_settings(tmp_path):
+    r = mgg("serve", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--host HOST" in r.stdout and "--snapshot-dir SNAPSHOT_DIR" in r.stdout
+    assert "OPT_" not in r.stdout
+
+
+def test_readme_sample_images_exist_and_are_the_digits_they_are_named_after():
+    from PIL import Image
+
+    from mgg_core.data.sources import mnist5k
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    source = mnist5k("test")
+    for name in ("digit0.png", "digit1.png"):
+        assert f"docs/samples/{name}" in readme
+        image = np.asarray(Image.open(REPO / "docs" / "samples" / name))
+        digit = int(name[5])
+        first = source.images[int((source.labels == digit).nonzero()[0][0])]
+        assert image.dtype == np.uint8 and np.array_equal(image, first)

@@ -46,7 +46,7 @@ def test_multipart_decodes_every_image_in_order_losslessly():
     batch = decode_body(body, ctype, LIMITS)
     assert batch.kind == "multipart" and len(batch) == 3
     assert batch.filenames == ["0.png", "1.png", "2.png"]
-    for got, want in zip(batch.images, imgs):
+    for got, want in zip(batch.images, imgs, strict=False):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 

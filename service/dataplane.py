@@ -1,0 +1,154 @@
+"""The protocol-independent inference path: "classify this batch on stream X, then adapt X on it".
+
+Routes for a protocol (today ``POST /predict``; later the Open Inference Protocol V2 beside it) read and decode
+their own request format, then call the same :class:`DataPlane`:
+
+1. :meth:`DataPlane.reserve` fixes the request's place in the stream's queue (before the body is read, so arrival
+   order is the order of adaptation) or answers 429/503;
+2. :meth:`DataPlane.infer` preprocesses decoded uint8 images, runs ``engine.step`` (and ``engine.predict`` when
+   predictions after the update are configured) under the stream's lock, records metrics and returns a
+   :class:`~service.schemas.PredictResponse`.
+
+The caller must call ``ticket.abandon()`` in a ``finally`` (a no-op once :meth:`infer` owns the ticket).
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import ApiError
+from .runtime import Runtime, ServiceState
+from .schemas import PredictResponse
+from .store import SnapshotRestoreError, StoreBusy, StoreClosed, StreamStore, Ticket
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from mgg_core.engine import StepResult
+    from mgg_core.state import StreamState
+
+
+def make_predictions(logits: torch.Tensor, class_names: list[str], topk: int) -> list[dict[str, Any]]:
+    """Per-row label, class name, softmax score, entropy (nats) and the ``topk`` best classes."""
+    import torch
+
+    logits = logits.detach().float().cpu()
+    logp = torch.log_softmax(logits, dim=1)
+    p = logp.exp()
+    ent = -(p * logp).nan_to_num(0.0).sum(dim=1)
+    k = min(topk, p.shape[1])
+    top_p, top_i = p.topk(k, dim=1)
+    out = []
+    for row in range(p.shape[0]):
+        idx = top_i[row].tolist()
+        sc = top_p[row].tolist()
+        out.append(
+            {
+                "label": idx[0],
+                "class_name": class_names[idx[0]],
+                "score": sc[0],
+                "entropy": float(ent[row]),
+                "topk": [{"label": i, "class_name": class_names[i], "score": s} for i, s in zip(idx, sc, strict=True)],
+            }
+        )
+    return out
+
+
+def finite(v: float | None) -> float | None:
+    """``v`` as a float, or None when it is missing or not finite (JSON has no NaN)."""
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class DataPlane:
+    """Predict-and-adapt on a stream, shared by every protocol's routes."""
+
+    def __init__(self, svc: ServiceState) -> None:
+        self.svc = svc
+
+    def ready(self) -> tuple[Runtime, StreamStore]:
+        return self.svc.require_ready()
+
+    def reserve(self, store: StreamStore, stream_id: str) -> Ticket:
+        """A place in ``stream_id``'s queue, or 429 (a queue is full) / 503 (shutting down)."""
+        try:
+            return store.reserve(stream_id)
+        except StoreBusy as exc:
+            code = "stream_queue_full" if exc.queue == "stream" else "queue_full"
+            retry = {"Retry-After": str(self.svc.settings.retry_after_seconds)}
+            raise ApiError(429, code, exc.message, retry) from None
+        except StoreClosed as exc:
+            raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
+
+    async def infer(
+        self, rt: Runtime, store: StreamStore, ticket: Ticket, stream_id: str, images: np.ndarray,
+        timings: dict[str, float],
+    ) -> PredictResponse:
+        """Preprocess ``images`` (uint8, N x H x W x C), step the stream, and answer; ``timings`` gains phases."""
+        settings = self.svc.settings
+        t0 = time.perf_counter()
+        try:
+            x = await asyncio.to_thread(rt.preprocessor, images)
+        except (ValueError, TypeError, OSError) as exc:
+            raise ApiError(400, "invalid_image", f"cannot preprocess the images: {exc}") from None
+        timings["preprocess"] = time.perf_counter() - t0
+        post = settings.return_post_update
+        engine = rt.engine
+
+        def adapt(state: StreamState) -> tuple[StepResult, list[dict[str, Any]], int]:
+            xd = x.to(rt.device, non_blocking=True)
+            res = engine.step(state, xd)
+            logits = engine.predict(state, xd) if post else res.logits
+            return res, make_predictions(logits, rt.class_names, settings.topk), int(state.step)
+
+        try:
+            res, preds, step = await store.run(ticket, adapt)
+        except SnapshotRestoreError as exc:
+            raise ApiError(500, "snapshot_restore_failed", f"{exc}; POST /reset this stream to start over") from None
+        self._record(res, len(preds), timings)
+        return PredictResponse(
+            stream_id=stream_id,
+            step=step,
+            adapted=bool(res.adapted),
+            skipped_reason=None if res.adapted else res.skipped_reason,
+            rolled_back=res.rolled_back,
+            rollback_reason=res.rollback_reason if res.rolled_back else None,
+            reset_reason=res.reset_reason,
+            batch_entropy=finite(res.batch_entropy),
+            loss=finite(res.loss),
+            predictions_after_update=post,
+            predictions=preds,  # pydantic validates the dicts into Prediction
+            timings=timings,
+        )
+
+    def _record(self, res: StepResult, n_images: int, timings: dict[str, float]) -> None:
+        """Metrics of one request; the engine's own phase timings are merged into ``timings``."""
+        metrics = self.svc.metrics
+        metrics.images.inc(n_images)
+        for phase, sec in timings.items():
+            metrics.observe_phase(phase, sec)
+        for phase, sec in res.timings.items():
+            timings[phase] = float(sec)
+            metrics.observe_phase(phase, sec)
+        if res.adapted:
+            metrics.steps.inc()
+        else:  # methods without gradient steps (noadapt, bn) report no reason
+            metrics.skipped.labels(reason=str(res.skipped_reason or "method_takes_no_step")).inc()
+        if res.reset_reason:
+            metrics.resets.labels(reason=str(res.reset_reason)).inc()
+        be = finite(res.batch_entropy)
+        if be is not None:
+            metrics.batch_entropy.observe(be)
+        if res.rolled_back:
+            metrics.rollbacks.labels(reason=str(res.rollback_reason or "unknown")).inc()
+
+
+__all__ = ["DataPlane", "finite", "make_predictions"]

@@ -1,0 +1,82 @@
+"""FastAPI dependencies shared by the routes: the service state, readiness, admin auth and stream-id checks.
+
+The service state lives on ``app.state.svc`` (set by :func:`service.app.create_app`); dependencies read it from the
+request, so routers hold no closures over one app.
+"""
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, Header, Request
+
+from ..dataplane import DataPlane
+from ..errors import ApiError
+from ..runtime import Runtime, ServiceState
+from ..store import StreamStore, valid_stream_id
+
+DEFAULT_STREAM = "default"
+
+
+def get_service(request: Request) -> ServiceState:
+    svc: ServiceState = request.app.state.svc
+    return svc
+
+
+def get_dataplane(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.dataplane
+    return plane
+
+
+def require_ready(svc: ServiceState = Depends(get_service)) -> tuple[Runtime, StreamStore]:
+    """The runtime and the store, or 503 (loading, load failed, shutting down)."""
+    return svc.require_ready()
+
+
+def require_admin(
+    svc: ServiceState = Depends(get_service),
+    authorization: str | None = Header(None, include_in_schema=False),
+) -> None:
+    """401 without, 403 with a wrong ``Authorization: Bearer`` token; open when no admin token is set."""
+    token = svc.admin_token
+    if token is None:
+        return
+    if not authorization:
+        raise ApiError(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <admin token>'",
+                       {"WWW-Authenticate": "Bearer"})
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(403, "forbidden", "the admin token is wrong", {"WWW-Authenticate": "Bearer"})
+
+
+def check_stream_id(stream_id: str) -> str:
+    """``stream_id`` itself, or 400 ``invalid_stream_id`` naming the rule."""
+    if not valid_stream_id(stream_id):
+        shown = stream_id if len(stream_id) <= 40 else stream_id[:40] + "..."
+        raise ApiError(
+            400, "invalid_stream_id",
+            f"stream id {shown!r} is invalid: use 1-128 characters of letters, digits, '.', '_', '-'",
+        )
+    return stream_id
+
+
+def header_stream_id(
+    x_stream_id: str = Header(
+        DEFAULT_STREAM, alias="X-Stream-Id",
+        description="stream whose state is used and updated: 1-128 of letters, digits, '.', '_', '-'",
+    ),
+) -> str:
+    """The request's stream from the ``X-Stream-Id`` header (default ``default``), checked."""
+    return check_stream_id(x_stream_id)
+
+
+def path_stream_id(stream_id: str) -> str:
+    """The ``{stream_id}`` path parameter, checked."""
+    return check_stream_id(stream_id)
+
+
+ADMIN = [Depends(require_admin)]
+
+__all__ = [
+    "ADMIN", "DEFAULT_STREAM", "check_stream_id", "get_dataplane", "get_service", "header_stream_id",
+    "path_stream_id", "require_admin", "require_ready",
+]

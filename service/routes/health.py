@@ -1,0 +1,67 @@
+"""Probes and introspection: /healthz (liveness), /readyz, /info, /metrics (Prometheus) and / (to /docs)."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import RedirectResponse, Response
+
+from .. import __version__
+from ..runtime import ServiceState
+from ..schemas import error_doc
+from .deps import get_service, require_ready
+
+router = APIRouter()
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: model loaded and warmed up", responses={503: error_doc("not ready")})
+async def readyz(svc: ServiceState = Depends(get_service), _: Any = Depends(require_ready)) -> dict[str, Any]:
+    return {"status": "ready", "warmup_seconds": svc.warmup_seconds}
+
+
+def _limits(svc: ServiceState) -> dict[str, Any]:
+    s = svc.settings
+    return {
+        "max_images": s.max_images,
+        "max_body_bytes": s.max_body_bytes,
+        "max_image_pixels": s.max_image_pixels,
+        "max_concurrent_streams": s.max_concurrent_streams,
+        "max_queue_per_stream": s.max_queue_per_stream,
+        "max_queue_total": s.max_queue_total,
+        "state_budget_bytes": s.state_budget_bytes,
+        "idle_seconds": s.idle_seconds,
+    }
+
+
+@router.get("/info", summary="Model, method and limits")
+async def info(svc: ServiceState = Depends(get_service)) -> dict[str, Any]:
+    rt = svc.runtime
+    return {
+        "version": __version__,
+        "ready": svc.ready,
+        "model": rt.info if rt is not None else None,
+        "return_post_update": svc.settings.return_post_update,
+        "limits": _limits(svc),
+        "admin_token_required": svc.admin_token is not None,
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus(svc: ServiceState = Depends(get_service)) -> Response:
+    if svc.store is not None:
+        svc.store._update_gauges()
+    body, ctype = svc.metrics.render()
+    return Response(content=body, media_type=ctype)
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    return RedirectResponse("/docs")
+
+
+__all__ = ["router"]

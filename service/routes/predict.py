@@ -1,0 +1,106 @@
+"""``POST /predict``: multipart images or an ``.npy`` array in, predictions out, then one adaptation step.
+
+This module owns only the protocol: reading the body under its byte limit and decoding it; the rest is
+:class:`service.dataplane.DataPlane`, which a V2 (Open Inference Protocol) router can call the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from ..dataplane import DataPlane
+from ..decode import IMAGE_FIELD, DecodeError, decode_body
+from ..errors import ApiError
+from ..runtime import Runtime, ServiceState
+from ..schemas import PredictResponse, error_doc
+from ..store import StreamStore
+from .deps import get_dataplane, get_service, header_stream_id, require_ready
+
+router = APIRouter()
+
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {
+                        IMAGE_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more image files (PNG, JPEG, ... any format PIL reads)",
+                        }
+                    },
+                }
+            },
+            "application/x-npy": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": ".npy array, dtype uint8, shape N x H x W x C (C = 1, 3 or 4) or N x H x W",
+            },
+        },
+    }
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as the declared or streamed size passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise ApiError(400, "invalid_request", "Content-Length is not an integer") from None
+        if n > limit:
+            raise ApiError(413, "body_too_large", f"request body of {n} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    openapi_extra=PREDICT_BODY,
+    summary="Classify a batch, then adapt the stream on it",
+    responses={
+        400: error_doc("invalid image, npy array, multipart body or stream id"),
+        413: error_doc("body, image or batch over a limit"),
+        415: error_doc("unsupported Content-Type"),
+        429: error_doc("the stream's queue or the global queue is full (see Retry-After)"),
+        503: error_doc("not ready or shutting down"),
+    },
+)
+async def predict(
+    request: Request,
+    ready: tuple[Runtime, StreamStore] = Depends(require_ready),
+    sid: str = Depends(header_stream_id),
+    svc: ServiceState = Depends(get_service),
+    plane: DataPlane = Depends(get_dataplane),
+) -> PredictResponse:
+    rt, store = ready
+    ticket = plane.reserve(store, sid)  # arrival order is fixed here, before the body is read
+    timings: dict[str, float] = {}
+    try:
+        body = await read_body(request, svc.settings.max_body_bytes)
+        t0 = time.perf_counter()
+        try:
+            batch = await asyncio.to_thread(decode_body, body, request.headers.get("content-type"), svc.limits)
+        except DecodeError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        del body
+        timings["decode"] = time.perf_counter() - t0
+        return await plane.infer(rt, store, ticket, sid, batch.payload, timings)
+    finally:
+        ticket.abandon()  # no-op once the job owns the ticket
+
+
+__all__ = ["PREDICT_BODY", "read_body", "router"]
