@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .features import FeatureTaps
-from .guard import Fallback, GuardConfig, check_count, guard_init_state, judge, observe
+from .guard import HOLD_REASONS, Fallback, GuardConfig, check_count, guard_init_state, judge, observe
 from .losses import softmax_entropy
 from .methods import GradOutput, Method, StepContext, Timer, build_method
 from .normstats import StreamNormStats
@@ -239,14 +239,17 @@ class AdaptationEngine:
         x = x.to(self.device)
         state.last_seen = time.time()
         norm_sink: dict[str, torch.Tensor] = {}
-        if not (self.method.needs_grad and adapt):
+        hold = float(state.tensors.get("guard.hold", torch.zeros(())))
+        if hold > 0:   # the guard found the source better here: no adaptation for a while
+            state.tensors["guard.hold"] = torch.clamp(state.tensors["guard.hold"] - x.shape[0], min=0)
+        if not (self.method.needs_grad and adapt and hold <= 0):
             with torch.no_grad(), timer("forward"):
                 logits = self._forward(state.theta, x, norm=state.group("norm"), norm_sink=norm_sink,
-                                       update_norm=adapt)[0]
+                                       update_norm=adapt and hold <= 0)[0]
             out = GradOutput(logits, skipped_reason=self.method.no_update_reason if not self.method.needs_grad
-                             else "adaptation_disabled")
+                             else "guard_hold" if hold > 0 and adapt else "adaptation_disabled")
             adapted = False
-            if adapt:
+            if adapt and hold <= 0:
                 state.set_group("norm", norm_sink)
         else:
             out, adapted = self._adapt(state, x, timer, norm_sink)
@@ -349,7 +352,13 @@ class AdaptationEngine:
     def _fall_back(self, state: StreamState, reason: Fallback, result: StepResult) -> None:
         result.rolled_back, result.rollback_reason = True, reason
         rollbacks = state.rollbacks + 1
-        if state.anchor is not None:
+        if reason in HOLD_REASONS:              # the source is better here: back to it, and stay a while
+            resets = state.resets
+            self.reset(state)
+            state.resets = resets
+            state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"],
+                                                          float(self.config.guard.hold_images))
+        elif state.anchor is not None:
             state.tensors = state.anchor
             state.step = state.anchor_step
             state.anchor = None                 # a second fallback before a new healthy anchor goes to source

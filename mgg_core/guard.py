@@ -24,9 +24,16 @@ time with the source parameters and statistics (one extra forward over those ima
 * ``entropy_gap``: the adapted model's mean entropy minus the source's on the same images; adaptation that
   leaves the model *less* certain than the source is not helping.
 
+The source signals are only used while the source is a usable reference: its predictions on the checked images
+are diverse (normalised entropy of their histogram >= ``min_source_diversity``; under strong corruption a
+source model often predicts one class for everything, and then any disagreement with it is a gain), and, for
+``agreement``, it is confident on at least ``min_source_confident`` of them.
+
 A stream is judged only after ``warmup_images`` images (and ``warmup_checks`` checked images for the source
-signals). Judgement returns a :class:`Fallback` reason or None; the engine then restores the last healthy anchor
-(taken every ``anchor_every_images`` healthy images) or, without one, the source.
+signals). Judgement returns a :class:`Fallback` reason or None. For the collapse reasons the engine restores the
+last healthy anchor (taken every ``anchor_every_images`` healthy images) or, without one, the source; for the
+reasons that say the source is better here (:data:`HOLD_REASONS`) it resets the stream to source and holds it
+there (no adaptation) for ``hold_images`` images before adapting again.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ import torch
 
 from .losses import softmax_entropy
 
-__all__ = ["Fallback", "GuardConfig", "guard_init_state", "observe", "judge", "check_count"]
+__all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "check_count", "guard_init_state", "judge", "observe",
+           "source_diversity"]
 
 
 class Fallback(str, Enum):
@@ -70,6 +78,9 @@ class GuardConfig:
     max_excess_share: float = 0.3
     max_entropy_gap: float = 0.1
     anchor_every_images: int = 512
+    min_source_diversity: float = 0.5
+    min_source_confident: float = 0.5
+    hold_images: int = 512
 
     def __post_init__(self) -> None:
         if self.horizon_images < 1 or self.anchor_every_images < 1:
@@ -83,7 +94,8 @@ def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
     z = torch.zeros((), device=device)
     return {"entropy_ema": torch.full((), float("nan"), device=device),
             "class_share": torch.zeros(num_classes, device=device),
-            "credit": z.clone(), "checked": z.clone(), "confident": z.clone(),
+            "credit": z.clone(), "checked": z.clone(), "confident": z.clone(), "hold": z.clone(),
+            "confident_share": torch.full((), float("nan"), device=device),
             "adapted_hist": torch.zeros(num_classes, device=device),
             "source_hist": torch.zeros(num_classes, device=device),
             "agreement": torch.full((), float("nan"), device=device),
@@ -135,12 +147,27 @@ def observe(cfg: GuardConfig, g: dict[str, torch.Tensor], logits: torch.Tensor,
     gap = (softmax_entropy(a) - softmax_entropy(s)).mean() / ln_c
     out["entropy_gap"] = _ema(g["entropy_gap"], gap, keep_k)
     conf = s_prob.max(1).values >= cfg.source_confidence
+    out["confident_share"] = _ema(g["confident_share"], conf.float().mean(), keep_k)
     if bool(conf.any()):
         agree = (a_pred[conf] == s_prob.argmax(1)[conf]).float().mean()
         out["agreement"] = _ema(g["agreement"], agree, _keep(cfg, int(conf.sum())))
         out["confident"] = g["confident"] + int(conf.sum())
     out["checked"] = g["checked"] + k
     return out
+
+
+def source_diversity(hist: torch.Tensor) -> float:
+    """Normalised entropy (0: one class, 1: uniform) of a prediction histogram."""
+    total = float(hist.sum())
+    if total <= 0:
+        return 0.0
+    p = hist / total
+    p = p[p > 0]
+    return float(-(p * p.log()).sum() / math.log(hist.numel()))
+
+
+#: fallbacks that say "the source model is better here": the stream holds at source for hold_images images
+HOLD_REASONS = frozenset({Fallback.SOURCE_DISAGREEMENT, Fallback.LESS_CERTAIN_THAN_SOURCE})
 
 
 def judge(cfg: GuardConfig, g: dict[str, torch.Tensor], images: int) -> Fallback | None:
@@ -159,10 +186,13 @@ def judge(cfg: GuardConfig, g: dict[str, torch.Tensor], images: int) -> Fallback
     if float(g["checked"]) < cfg.warmup_checks:
         return None
     ah, sh = g["adapted_hist"], g["source_hist"]
+    if source_diversity(sh) < cfg.min_source_diversity:
+        return None      # the source itself predicts (nearly) one class: it is no reference to judge against
     top = int(ah.argmax())
     if float(ah[top] - sh[top]) > cfg.max_excess_share:
         return Fallback.PARTIAL_COLLAPSE
     if (float(g["confident"]) >= cfg.warmup_checks / 2 and not bool(torch.isnan(g["agreement"]))
+            and float(g["confident_share"]) >= cfg.min_source_confident
             and float(g["agreement"]) < cfg.min_agreement):
         return Fallback.SOURCE_DISAGREEMENT
     if not bool(torch.isnan(g["entropy_gap"])) and float(g["entropy_gap"]) > cfg.max_entropy_gap:

@@ -29,7 +29,7 @@ def replay_stream(images_per_domain: int = 64, seed: int = 0, label_shift: float
                   corruptions: list[str] | None = None, domain_order: str = "shuffled"):
     """(domain name, uint8 images, labels) per domain of ``mgg replay``'s first stream."""
     from mgg_core.data.streams import iter_batches, open_stream_source
-    from service.replay import SpecOptions, stream_specs
+    from mgg_replay.plans import SpecOptions, stream_specs
 
     opts = SpecOptions(images_per_domain=images_per_domain, streams=1, batch_size=64, seed=seed,
                        label_shift=label_shift, corruptions=corruptions, domain_order=domain_order)
@@ -53,7 +53,7 @@ def engine_variant(rt, method: str | None = None, **overrides):
 
     cfg = dataclasses.replace(rt.engine.config, **overrides)
     if method is not None:
-        cfg = dataclasses.replace(cfg, method=method, optimizer=None, mgg_checkpoint=None)
+        cfg = dataclasses.replace(cfg, method=method, optimizer=None, mgg_checkpoint=None, bn_stats=None)
     return AdaptationEngine(rt.classifier, cfg, source_stats=rt.engine.source_stats)
 
 
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", help="EngineConfig override KEY=JSON (repeatable)")
     p.add_argument("--guard", default=None, help="GuardConfig overrides as JSON")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--out", default=None, help="folder for results.json (protocol + numbers) and README.md")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -117,7 +118,49 @@ def main(argv=None) -> int:
         print(f"{model:6s} {knobs} noadapt={row['noadapt']['accuracy']:.1f} {cells}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    if args.out:
+        write_results(Path(args.out), results, args, argv)
     return 0
+
+
+def write_results(out: Path, results: dict, args, argv) -> None:
+    """``results.json`` (protocol + numbers) and ``README.md`` (the table) under ``out``."""
+    import platform
+
+    from mgg_core.io import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "nice -n 10 .venv/bin/python scripts/smallbatch_sweep.py " + " ".join(argv if argv is not None
+                                                                                else sys.argv[1:])
+    results["protocol"] = {
+        "command": cmd, "stream_spec": results["spec"], "images_per_domain": args.images_per_domain,
+        "streams": 1, "seed": args.seed, "reset": "never (continual, as mgg replay)",
+        "order": "replay's default domains in the stream's shuffled order; the same images for every batch size",
+        "service": "default ServiceSettings (FOA + MGG, guard on) built by service.runtime.load_runtime, cpu",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "threads": args.threads,
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    sizes = args.batch_sizes
+    lines = ["# Batch-size sweep of the default service engine (in process)", "",
+             f"Command: `{cmd}`", "",
+             "Stream: `mgg replay`'s default domains (" + ", ".join(results["spec"]["domains"] and
+                                                                 [f"{d[0]}-{d[1]}" for d in results["spec"]["domains"]])
+             + f"), {args.images_per_domain} images per domain, one stream, seed {args.seed}, never reset. "
+             "Accuracy (%) of the predictions made before each update; cost = seconds per image relative to "
+             f"batch {sizes[0]} (same run, shared CPU: read as ratios).", "",
+             "| model | no adaptation | " + " | ".join(f"batch {b}" for b in sizes) + " | "
+             + " | ".join(f"cost b{b}" for b in sizes[1:]) + " | guard fallbacks |",
+             "| --- | ---: | " + " | ".join("---:" for _ in sizes) + " | " + " | ".join("---:" for _ in sizes[1:])
+             + " | ---: |"]
+    for model, row in results["models"].items():
+        base = row[sizes[0]]["seconds"] / row[sizes[0]]["images"]
+        cost = [row[b]["seconds"] / row[b]["images"] / base for b in sizes[1:]]
+        lines.append(f"| {model} | {row['noadapt']['accuracy']:.1f} | "
+                     + " | ".join(f"{row[b]['accuracy']:.1f}" for b in sizes) + " | "
+                     + " | ".join(f"{c:.1f}x" for c in cost) + " | "
+                     + ", ".join(f"b{b}: {row[b]['rollbacks']}" for b in sizes) + " |")
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,8 @@ def test_collapse_guard_rolls_back_to_anchor_then_source():
     src = mnist5k("test")
     order = np.random.default_rng(0).permutation(len(src))[:64]
     varied = list(clf.preprocessor(np.stack([src.get_image(int(i)) for i in order])).split(16))
-    guard = GuardConfig(enabled=True, momentum=0.0, max_class_share=0.99, warmup_batches=1, anchor_every=2)
+    guard = GuardConfig(enabled=True, horizon_images=1, max_class_share=0.99, warmup_images=16,
+                        anchor_every_images=32, check_share=0.0)
     eng = AdaptationEngine(clf, EngineConfig(method="tent", optimizer="sgd", lr=0.01, guard=guard))
     st = eng.new_state()
     for x in varied:

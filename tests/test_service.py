@@ -21,6 +21,9 @@ def settings_for(snapshot_dir: Path, **kw) -> ServiceSettings:
         model=service_test_model(), method="tent", optimizer="sgd", lr=0.05, device="cpu",
         snapshot_dir=snapshot_dir, state_budget_bytes=40_000, max_images=16, max_body_bytes=200_000,
         admin_token=TOKEN, max_concurrent_streams=2, idle_seconds=600, log_level="warning",
+        # one update per request and no source checks: these tests look at single updates (test_smallbatch
+        # covers the small-batch defaults)
+        update_images=1, bn_stats="batch", guard_check_share=0.0,
     )
     base.update(kw)
     return ServiceSettings(_env_file=None, **base)
@@ -196,7 +199,7 @@ def test_state_budget_evicts_to_disk_and_restores_exactly(client, server, digit_
 
 def test_collapse_guard_rolls_back_and_says_so(client, digit_images):
     one_image = np.repeat(digit_images[:1], 8, axis=0)  # every prediction the same class: the share guard fires
-    responses = [predict_npy(client, "collapse", one_image) for _ in range(12)]
+    responses = [predict_npy(client, "collapse", one_image) for _ in range(20)]   # warm-up: 128 images
     rolled = [r for r in responses if r["rolled_back"]]
     assert rolled, "the collapse guard never fired"
     assert rolled[0]["rollback_reason"] == "class_collapse"

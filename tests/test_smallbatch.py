@@ -164,7 +164,7 @@ def test_small_batch_snapshot_restore_continue_is_bit_identical(tmp_path, model_
     assert _same(restored.tensors, st.tensors)
     a = _stream(eng, st, [1, 1, 4, 2, 1], seed=5)
     b = _stream(eng, restored, [1, 1, 4, 2, 1], seed=5)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert _same(restored.tensors, st.tensors) and restored.step == st.step
 
 
@@ -188,7 +188,7 @@ def test_interleaved_small_batch_streams_equal_streams_run_alone(model_name, met
     alone_a = _stream(eng, eng.new_state(seed=1), sizes_a, seed=10)
     alone_b = _stream(eng, eng.new_state(seed=2), sizes_b, seed=20)
     sa, sb = eng.new_state(seed=1), eng.new_state(seed=2)
-    for i, (na, nb) in enumerate(zip(sizes_a, sizes_b)):
+    for i, (na, nb) in enumerate(zip(sizes_a, sizes_b, strict=True)):
         assert torch.equal(eng.step(sa, _images(na, 1000 + i)).logits, alone_a[i])
         assert torch.equal(eng.step(sb, _images(nb, 2000 + i)).logits, alone_b[i])
 
@@ -231,7 +231,11 @@ def test_guard_tells_label_shift_from_partial_collapse():
         Fallback.SOURCE_DISAGREEMENT
     unsure = _onehot(source, scale=2.0)                                # less certain than the source
     assert judge(cfg, _signals(cfg, unsure, _onehot(source)), 10_000) == Fallback.LESS_CERTAIN_THAN_SOURCE
-    assert judge(cfg, _signals(cfg, _onehot(partial), _onehot(source)), 10) is None   # warm-up
+    warm = dataclasses.replace(cfg, warmup_images=100)
+    assert judge(warm, _signals(cfg, _onehot(partial), _onehot(source)), 10) is None   # warm-up
+    # a source that predicts one class for everything (common under strong corruption) is no reference
+    collapsed_source = _onehot([0] * 16)
+    assert judge(cfg, _signals(cfg, _onehot(diverse_but_wrong), collapsed_source), 10_000) is None
     assert str(Fallback.PARTIAL_COLLAPSE) == "partial_collapse"
 
 
