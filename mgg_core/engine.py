@@ -19,7 +19,17 @@ from torch import nn
 from torch.func import functional_call
 
 from .features import FeatureTaps
-from .guard import HOLD_REASONS, Fallback, GuardConfig, check_count, guard_init_state, judge, observe
+from .guard import (
+    HOLD_REASONS,
+    Fallback,
+    GuardConfig,
+    check_count,
+    guard_init_state,
+    hold_length,
+    judge,
+    observe,
+    source_failing,
+)
 from .losses import softmax_entropy
 from .methods import GradOutput, Method, StepContext, Timer, build_method
 from .normstats import StreamNormStats
@@ -330,7 +340,7 @@ class AdaptationEngine:
         judged = g.enabled and self.method.needs_grad
         sig = state.group("guard")
         source_logits = None
-        if judged and g.check_share > 0:
+        if judged and g.check_share > 0:   # also while holding: source_failing() ends a hold
             k, sig["credit"] = check_count(g, sig, x.shape[0])
             if k:
                 with timer("guard"):
@@ -338,12 +348,17 @@ class AdaptationEngine:
         state.set_group("guard", observe(g, sig, logits, source_logits))
         if not judged:
             return
+        if float(state.tensors["guard.hold"]) > 0:
+            if source_failing(g, state.group("guard")):
+                state.tensors["guard.hold"] = torch.zeros_like(state.tensors["guard.hold"])
+            return
         reason = judge(g, state.group("guard"), state.images)
         if reason is None:
             if result.adapted:
                 before = state.healthy_streak
                 state.healthy_streak += x.shape[0]
                 if state.healthy_streak // g.anchor_every_images > before // g.anchor_every_images:
+                    state.tensors["guard.backoff"] = torch.zeros_like(state.tensors["guard.backoff"])
                     state.anchor = {k: v.clone() for k, v in state.tensors.items()}
                     state.anchor_step = state.step
             return
@@ -353,11 +368,12 @@ class AdaptationEngine:
         result.rolled_back, result.rollback_reason = True, reason
         rollbacks = state.rollbacks + 1
         if reason in HOLD_REASONS:              # the source is better here: back to it, and stay a while
-            resets = state.resets
+            resets, backoff = state.resets, state.tensors["guard.backoff"] + 1
             self.reset(state)
             state.resets = resets
-            state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"],
-                                                          float(self.config.guard.hold_images))
+            state.tensors["guard.backoff"] = backoff
+            hold = hold_length(self.config.guard, state.group("guard"))
+            state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"], hold)
         elif state.anchor is not None:
             state.tensors = state.anchor
             state.step = state.anchor_step

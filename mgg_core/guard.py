@@ -33,7 +33,9 @@ A stream is judged only after ``warmup_images`` images (and ``warmup_checks`` ch
 signals). Judgement returns a :class:`Fallback` reason or None. For the collapse reasons the engine restores the
 last healthy anchor (taken every ``anchor_every_images`` healthy images) or, without one, the source; for the
 reasons that say the source is better here (:data:`HOLD_REASONS`) it resets the stream to source and holds it
-there (no adaptation) for ``hold_images`` images before adapting again.
+there (no adaptation) for ``hold_images`` images, doubled for every such fallback in a row (up to 8x; the count
+is cleared by a healthy anchor), before adapting again; the hold ends early when the source stops being a usable
+reference (:func:`source_failing`: the data changed under the stream, and the source is no longer better).
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ import torch
 
 from .losses import softmax_entropy
 
-__all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "check_count", "guard_init_state", "judge", "observe",
-           "source_diversity"]
+__all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "check_count", "guard_init_state", "hold_length", "judge",
+           "observe", "source_diversity", "source_failing"]
 
 
 class Fallback(str, Enum):
@@ -94,7 +96,7 @@ def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
     z = torch.zeros((), device=device)
     return {"entropy_ema": torch.full((), float("nan"), device=device),
             "class_share": torch.zeros(num_classes, device=device),
-            "credit": z.clone(), "checked": z.clone(), "confident": z.clone(), "hold": z.clone(),
+            "credit": z.clone(), "checked": z.clone(), "confident": z.clone(), "hold": z.clone(), "backoff": z.clone(),
             "confident_share": torch.full((), float("nan"), device=device),
             "adapted_hist": torch.zeros(num_classes, device=device),
             "source_hist": torch.zeros(num_classes, device=device),
@@ -168,6 +170,16 @@ def source_diversity(hist: torch.Tensor) -> float:
 
 #: fallbacks that say "the source model is better here": the stream holds at source for hold_images images
 HOLD_REASONS = frozenset({Fallback.SOURCE_DISAGREEMENT, Fallback.LESS_CERTAIN_THAN_SOURCE})
+
+
+def hold_length(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
+    """Images to hold at source after a fallback of :data:`HOLD_REASONS` (``g``: signals after the reset)."""
+    return float(cfg.hold_images) * 2.0 ** min(max(float(g["backoff"]) - 1.0, 0.0), 3.0)
+
+
+def source_failing(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
+    """While holding at source: the source now predicts (nearly) one class, so it is no longer the better model."""
+    return float(g["checked"]) >= cfg.warmup_checks and source_diversity(g["source_hist"]) < cfg.min_source_diversity
 
 
 def judge(cfg: GuardConfig, g: dict[str, torch.Tensor], images: int) -> Fallback | None:
