@@ -76,7 +76,7 @@ class GuardConfig:
     max_entropy: float = 0.95
     check_share: float = 0.25
     source_confidence: float = 0.9
-    min_agreement: float = 0.6
+    min_agreement: float = 0.97
     max_excess_share: float = 0.3
     max_entropy_gap: float = 0.1
     anchor_every_images: int = 512

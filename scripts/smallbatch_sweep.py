@@ -48,12 +48,23 @@ def load_default_runtime(model: str):
     return load_runtime(ServiceSettings(model=model, device="cpu"))
 
 
-def engine_variant(rt, method: str | None = None, **overrides):
+#: bench method name -> (engine method, optimizer); "default" = the service's default engine (FOA + MGG)
+METHOD_PARTS = {"default": (None, None), "bn": ("bn", None), "tent": ("tent", "sgd"), "eata": ("eata", "sgd"),
+                "sar": ("sar", "sgd"), "deyo": ("deyo", "sgd"), "foa": ("foa", "sgd"), "mgg": ("foa", "mgg")}
+
+
+def engine_variant(rt, method: str | None = None, optimizer: str | None = None, **overrides):
+    """The service's engine with ``overrides``; ``method`` swaps the method (its default optimizer unless given;
+    BatchNorm statistics as configured, except for methods that keep the source's)."""
     from mgg_core.engine import AdaptationEngine
+    from mgg_core.methods import build_method
 
     cfg = dataclasses.replace(rt.engine.config, **overrides)
     if method is not None:
-        cfg = dataclasses.replace(cfg, method=method, optimizer=None, mgg_checkpoint=None, bn_stats=None)
+        keeps_source = build_method(method, rt.engine.num_classes).bn_stats == "source"
+        cfg = dataclasses.replace(cfg, method=method, optimizer=optimizer,
+                                  mgg_checkpoint=cfg.mgg_checkpoint if optimizer == "mgg" else None,
+                                  bn_stats=None if keeps_source else cfg.bn_stats)
     return AdaptationEngine(rt.classifier, cfg, source_stats=rt.engine.source_stats)
 
 
@@ -88,6 +99,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet", "vit"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 16, 4, 1])
+    p.add_argument("--methods", nargs="+", default=["default"], choices=sorted(METHOD_PARTS),
+                   help="'default' = the service's default engine; others swap the method (bench names)")
     p.add_argument("--images-per-domain", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -106,16 +119,20 @@ def main(argv=None) -> int:
         doms = [(d, rt.preprocessor(imgs), torch.as_tensor(y)) for d, imgs, y in raw]
         if args.guard:
             overrides["guard"] = dataclasses.replace(rt.engine.config.guard, **json.loads(args.guard))
-        row = {"noadapt": run(engine_variant(rt, method="noadapt"), doms, 64)}
-        eng = engine_variant(rt, **overrides)
-        for b in args.batch_sizes:
-            row[b] = run(eng, doms, b, args.seed)
-        results["models"][model] = row
-        base = row[args.batch_sizes[0]]["seconds"] / row[args.batch_sizes[0]]["images"]
-        cells = " ".join(f"b{b}={row[b]['accuracy']:.1f}(x{row[b]['seconds'] / row[b]['images'] / base:.1f},"
-                         f"rb{row[b]['rollbacks']})" for b in args.batch_sizes)
-        knobs = json.dumps({k: str(v) for k, v in overrides.items()})
-        print(f"{model:6s} {knobs} noadapt={row['noadapt']['accuracy']:.1f} {cells}", flush=True)
+        noadapt = run(engine_variant(rt, method="noadapt"), doms, 64)
+        results["models"][model] = {}
+        for name in args.methods:
+            method, optimizer = METHOD_PARTS[name]
+            eng = engine_variant(rt, method, optimizer, **overrides)
+            row = {"noadapt": noadapt, "engine": eng.describe()}
+            for b in args.batch_sizes:
+                row[b] = run(eng, doms, b, args.seed)
+            results["models"][model][name] = row
+            base = row[args.batch_sizes[0]]["seconds"] / row[args.batch_sizes[0]]["images"]
+            cells = " ".join(f"b{b}={row[b]['accuracy']:.1f}(x{row[b]['seconds'] / row[b]['images'] / base:.1f},"
+                             f"rb{row[b]['rollbacks']})" for b in args.batch_sizes)
+            knobs = json.dumps({k: str(v) for k, v in overrides.items()})
+            print(f"{model:6s} {name:7s} {knobs} noadapt={noadapt['accuracy']:.1f} {cells}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     if args.out:
@@ -149,19 +166,23 @@ def write_results(out: Path, results: dict, args, argv) -> None:
              + f"), {args.images_per_domain} images per domain, one stream, seed {args.seed}, never reset. "
              "Accuracy (%) of the predictions made before each update; cost = seconds per image relative to "
              f"batch {sizes[0]} (same run, shared CPU: read as ratios).", "",
-             "| model | no adaptation | " + " | ".join(f"batch {b}" for b in sizes) + " | "
+             "| model / method | no adaptation | " + " | ".join(f"batch {b}" for b in sizes) + " | "
              + " | ".join(f"cost b{b}" for b in sizes[1:]) + " | guard fallbacks |",
              "| --- | ---: | " + " | ".join("---:" for _ in sizes) + " | " + " | ".join("---:" for _ in sizes[1:])
              + " | ---: |"]
-    for model, row in results["models"].items():
-        base = row[sizes[0]]["seconds"] / row[sizes[0]]["images"]
-        cost = [row[b]["seconds"] / row[b]["images"] / base for b in sizes[1:]]
-        lines.append(f"| {model} | {row['noadapt']['accuracy']:.1f} | "
-                     + " | ".join(f"{row[b]['accuracy']:.1f}" for b in sizes) + " | "
-                     + " | ".join(f"{c:.1f}x" for c in cost) + " | "
-                     + ", ".join(f"b{b}: {row[b]['rollbacks']}" for b in sizes) + " |")
+    for model, rows in results["models"].items():
+        for name, row in rows.items():
+            lines.append(_row(f"{model} / {name}", row, sizes))
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
 
+
+def _row(label: str, row: dict, sizes) -> str:
+    base = row[sizes[0]]["seconds"] / row[sizes[0]]["images"]
+    cost = [row[b]["seconds"] / row[b]["images"] / base for b in sizes[1:]]
+    return (f"| {label} | {row['noadapt']['accuracy']:.1f} | "
+            + " | ".join(f"{row[b]['accuracy']:.1f}" for b in sizes) + " | "
+            + " | ".join(f"{c:.1f}x" for c in cost) + " | "
+            + ", ".join(f"b{b}: {row[b]['rollbacks']}" for b in sizes) + " |")
 
 if __name__ == "__main__":
     sys.exit(main())
