@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .io import atomic_path
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_CHECKPOINTS = {
     "vit": ASSETS_DIR / "mnist5k_test_vit.safetensors",
@@ -83,9 +85,9 @@ class ClassifierCard:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json())
+            os.chmod(tmp, 0o644)                 # a published card (atomic_path's temp file is 0600)
         return path
 
     @classmethod

@@ -8,8 +8,10 @@ dependency only breaks its own subcommand.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+from typing import Any
 
 # subcommand -> module that provides add_parser(subparsers)
 SUBCOMMANDS: dict[str, str] = {
@@ -18,7 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train-source": "mgg_core.train_source",
     "data": "mgg_core.data.cli",
     "pretrain": "mgg_core.pretrain",
-    "bench": "mgg_core.bench",
+    "bench": "mgg_core.bench.cli",
 }
 
 
@@ -27,6 +29,30 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: int | None,
                                      "oversubscribe a busy CPU)") -> None:
     """``--threads``: ``main`` applies it for the job and restores the caller's count afterwards."""
     parser.add_argument("--threads", type=int, default=default, help=help)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass ``cls`` whose metadata has a ``help``: ``--field-name`` (or
+    ``metadata["flag"]``), the field's default, and the other metadata as ``add_argument`` keywords
+    (``parse`` excluded: :func:`config_kwargs` applies it). So a job parameter is written once, in its config."""
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kw = {k: v for k, v in f.metadata.items() if k not in ("flag", "parse")}
+        if f.default is not dataclasses.MISSING and kw.get("action") not in ("store_true", "store_false"):
+            kw["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
+        parser.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, **kw)
+
+
+def config_kwargs(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` that :func:`add_config_arguments` put on ``args``."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "help" in f.metadata and hasattr(args, f.name):
+            parse = f.metadata.get("parse")
+            value = getattr(args, f.name)
+            out[f.name] = parse(value) if parse else value
+    return out
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

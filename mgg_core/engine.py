@@ -21,7 +21,6 @@ from torch.func import functional_call
 from .features import FeatureTaps
 from .guard import (
     HOLD_REASONS,
-    Fallback,
     GuardConfig,
     check_count,
     guard_init_state,
@@ -35,6 +34,7 @@ from .methods import GradOutput, Method, StepContext, Timer, build_method
 from .normstats import StreamNormStats
 from .optim import Optimizer, build_optimizer
 from .params import ParamSpec, initial_vector, select_norm_params
+from .reasons import ResetReason, RollbackReason, SkipReason
 from .state import StreamState
 
 #: default step sizes per optimizer (reference: ViT-B/16, batch 64)
@@ -66,15 +66,15 @@ class EngineConfig:
 class StepResult:
     logits: torch.Tensor                    # (N, C), pre-update, on CPU
     adapted: bool
-    skipped_reason: str | None
+    skipped_reason: SkipReason | None
     loss: float | None
     batch_entropy: float                    # mean entropy / ln C, in [0, 1]
     sample_entropy: torch.Tensor            # (N,) entropy / ln C
     n_selected: int
     step: int                               # updates the stream has taken after this batch
     rolled_back: bool = False
-    rollback_reason: str | None = None
-    reset_reason: str | None = None
+    rollback_reason: RollbackReason | None = None
+    reset_reason: ResetReason | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -257,7 +257,7 @@ class AdaptationEngine:
                 logits = self._forward(state.theta, x, norm=state.group("norm"), norm_sink=norm_sink,
                                        update_norm=adapt and hold <= 0)[0]
             out = GradOutput(logits, skipped_reason=self.method.no_update_reason if not self.method.needs_grad
-                             else "guard_hold" if hold > 0 and adapt else "adaptation_disabled")
+                             else SkipReason.GUARD_HOLD if hold > 0 and adapt else SkipReason.ADAPTATION_DISABLED)
             adapted = False
             if adapt and hold <= 0:
                 state.set_group("norm", norm_sink)
@@ -276,7 +276,7 @@ class AdaptationEngine:
         self._guard(state, x, logits, result, timer)
         if out.request_reset and not result.rolled_back:
             self.reset(state)
-            result.reset_reason = f"{self.method.name}_recovery"
+            result.reset_reason = self.method.recovery_reason
         result.step = state.step
         return result
 
@@ -291,7 +291,7 @@ class AdaptationEngine:
                           source_stats=self.source_stats)
         out = self.method.gradient(ctx)
         if out.skipped_reason is None and not bool(torch.isfinite(out.grad).all()):
-            out.skipped_reason = "non_finite_grad"
+            out.skipped_reason = SkipReason.NON_FINITE_GRAD
         if out.skipped_reason is not None:
             state.skipped += 1
             return out, False
@@ -304,12 +304,12 @@ class AdaptationEngine:
             commit["accum"] = {"grad": state.tensors["accum.grad"] + n * out.grad,
                                "images": state.tensors["accum.images"] + n}
             self._commit(state, commit, window_sink)
-            out.skipped_reason = "accumulating"
+            out.skipped_reason = SkipReason.ACCUMULATING
             return out, False
         with timer("optimizer"):
             new_theta, new_opt = self.optimizer.update(state.theta, grad, state.group("opt"))
         if not bool(torch.isfinite(new_theta).all()):
-            out.skipped_reason = "non_finite_update"
+            out.skipped_reason = SkipReason.NON_FINITE_UPDATE
             state.skipped += 1
             return out, False
         if "accum.grad" in state.tensors:
@@ -364,7 +364,7 @@ class AdaptationEngine:
             return
         self._fall_back(state, reason, result)
 
-    def _fall_back(self, state: StreamState, reason: Fallback, result: StepResult) -> None:
+    def _fall_back(self, state: StreamState, reason: RollbackReason, result: StepResult) -> None:
         result.rolled_back, result.rollback_reason = True, reason
         rollbacks = state.rollbacks + 1
         if reason in HOLD_REASONS:              # the source is better here: back to it, and stay a while

@@ -41,27 +41,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from .losses import softmax_entropy
+from .reasons import RollbackReason
 
 __all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "check_count", "guard_init_state", "hold_length", "judge",
            "observe", "source_diversity", "source_failing"]
 
 
-class Fallback(str, Enum):
-    """Why the guard rolled a stream back (``StepResult.rollback_reason``; a metric label value)."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    CLASS_COLLAPSE = "class_collapse"              # one class takes over the predictions (extreme)
-    ENTROPY_DIVERGENCE = "entropy_divergence"      # predictions spread out to near-uniform
-    PARTIAL_COLLAPSE = "partial_collapse"          # one class far more often than the source predicts it
-    SOURCE_DISAGREEMENT = "source_disagreement"    # overturns many of the source's confident predictions
-    LESS_CERTAIN_THAN_SOURCE = "less_certain_than_source"
+#: why the guard fell back (``StepResult.rollback_reason``; a metric label value): the engine's RollbackReason
+Fallback = RollbackReason
 
 
 @dataclass

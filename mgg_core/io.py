@@ -65,7 +65,7 @@ def atomic_path(path: str | os.PathLike[str], durable: bool = True) -> Iterator[
             tmp.unlink()
 
 
-def _write_with(path: str | os.PathLike[str], write: Callable[[Path], None], durable: bool) -> Path:
+def _write_with(path: str | os.PathLike[str], write: Callable[[Path], object], durable: bool) -> Path:
     with atomic_path(path, durable=durable) as tmp:
         write(tmp)
     return Path(path)

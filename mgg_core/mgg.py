@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .io import atomic_path
 
 LN_EPS = 1e-6
 
@@ -40,7 +43,8 @@ def layer_norm_l2_grad(z: torch.Tensor, target: torch.Tensor, gamma: torch.Tenso
     std = torch.sqrt(z.var(dim=-1, keepdim=True, unbiased=False) + eps)
     z_hat = (z - mu) / std
     grad_hat = (gamma * z_hat + beta - target) * gamma
-    return (d * grad_hat - grad_hat.sum(-1, keepdim=True) - z_hat * (grad_hat * z_hat).sum(-1, keepdim=True)) / (d * std)
+    proj = z_hat * (grad_hat * z_hat).sum(-1, keepdim=True)
+    return (d * grad_hat - grad_hat.sum(-1, keepdim=True) - proj) / (d * std)
 
 
 class GradientMemoryLayer(nn.Module):
@@ -120,9 +124,14 @@ class GradientMemoryLayer(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"hidden": str(self.hidden), "token_dim": str(self.token_dim)}
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp),
+                      metadata=meta)
+            os.chmod(tmp, 0o644)                 # a published checkpoint (atomic_path's temp file is 0600)
         if card is not None:
-            path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+            with atomic_path(path.with_suffix(".json")) as tmp:
+                tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+                os.chmod(tmp, 0o644)
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> GradientMemoryLayer:

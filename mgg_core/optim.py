@@ -5,6 +5,9 @@ the result only after checking it, so a rejected step leaves the stream exactly 
 """
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -12,6 +15,10 @@ from typing import ClassVar
 import torch
 
 from .mgg import GradientMemoryLayer
+from .registry import Registry
+
+__all__ = ["MGG", "OPTIMIZERS", "SGD", "Adam", "OptState", "OptimInfo", "Optimizer", "build_optimizer", "mgg_card",
+           "mgg_tokens", "register_optimizer"]
 
 OptState = dict[str, torch.Tensor]
 
@@ -116,8 +123,8 @@ class MGG(Optimizer):
         W, b = self.gml.initial_memory(theta.numel(), device=theta.device, dtype=theta.dtype,
                                        in_graph=memory_in_graph)
         z = torch.zeros_like(theta)
-        return {"exp_avg": z, "exp_avg_sq": z.clone(), "step": torch.zeros((), dtype=torch.float64, device=theta.device),
-                "memory_W": W, "memory_b": b}
+        step = torch.zeros((), dtype=torch.float64, device=theta.device)
+        return {"exp_avg": z, "exp_avg_sq": z.clone(), "step": step, "memory_W": W, "memory_b": b}
 
     def direction(self, grad: torch.Tensor, state: OptState, detach_memory: bool = True):
         """(u, new state) without applying it; differentiable in the GML's weights when grad mode is on.
@@ -141,29 +148,74 @@ class MGG(Optimizer):
                 "checkpoint": self.checkpoint}
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "mgg": MGG}
-
-
-def mgg_card(checkpoint: str | Path) -> dict:
+def mgg_card(checkpoint: str | os.PathLike) -> dict:
     """The JSON card beside an MGG checkpoint ({} when there is none)."""
-    import json
-
     card = Path(checkpoint).with_suffix(".json")
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
+def _load_mgg(lr: float, checkpoint: str | Path | None, device, **kwargs) -> MGG:
+    if checkpoint is None:                    # build_optimizer checks needs_checkpoint first
+        raise ValueError("optimizer 'mgg' needs an MGG checkpoint")
+    gml = GradientMemoryLayer.load(checkpoint, device=device)
+    return MGG(gml, lr=lr, checkpoint=str(checkpoint), **kwargs)
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """An optimizer's entry in :data:`OPTIMIZERS`: how to build it and what it needs, as data.
+
+    ``factory(lr=, checkpoint=, device=, **kwargs)`` builds it. ``needs_checkpoint``: it loads learned weights
+    (``mgg_checkpoint``); ``lr_from_checkpoint_card``: ``lr=None`` takes the card's deployment step;
+    ``loss_from_checkpoint_card``: it is deployed with the loss hyper-parameters recorded in its card;
+    ``bench_method``: ``mgg bench`` lists it as a method of its own name (this loss + this optimizer);
+    ``highlight``: drawn bold in the bench plot (the project's own optimizer)."""
+
+    name: str
+    factory: Callable[..., Optimizer]
+    default_lr: float = 1e-3
+    needs_checkpoint: bool = False
+    lr_from_checkpoint_card: bool = False
+    loss_from_checkpoint_card: bool = False
+    bench_method: str | None = None
+    highlight: bool = False
+    description: str = ""
+
+
+OPTIMIZERS: Registry[OptimInfo] = Registry("optimizer")
+
+
+def register_optimizer(info: OptimInfo) -> OptimInfo:
+    """Add an optimizer to :data:`OPTIMIZERS` (a duplicate name raises ``ValueError``)."""
+    return OPTIMIZERS.add(info.name, info)
+
+
+register_optimizer(OptimInfo("sgd", lambda lr, checkpoint, device, **kw: SGD(lr=lr, **kw),
+                             description="SGD with momentum (torch.optim.SGD semantics)"))
+register_optimizer(OptimInfo("adam", lambda lr, checkpoint, device, **kw: Adam(lr=lr, **kw),
+                             description="Adam (torch.optim.Adam semantics)"))
+register_optimizer(OptimInfo("mgg", _load_mgg, needs_checkpoint=True, lr_from_checkpoint_card=True,
+                             loss_from_checkpoint_card=True, bench_method="foa", highlight=True,
+                             description="the learned optimizer (gradient memory layer)"))
+
+
 def build_optimizer(name: str, lr: float | None, mgg_checkpoint: str | Path | None = None, device=None,
                     default_lr: float = 1e-3, **kwargs) -> Optimizer:
-    """``lr=None`` takes the step size recorded for deployment in the MGG checkpoint's card (the one its
-    checkpoint selection validated), else ``default_lr``."""
-    name = name.lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
-    if name == "mgg":
-        if mgg_checkpoint is None:
-            raise ValueError("optimizer 'mgg' needs an MGG checkpoint (mgg_checkpoint=...); train one with `mgg pretrain`")
-        if lr is None:
-            lr = float(mgg_card(mgg_checkpoint).get("deployment", {}).get("lr", default_lr))
-        gml = GradientMemoryLayer.load(mgg_checkpoint, device=device)
-        return MGG(gml, lr=lr, checkpoint=str(mgg_checkpoint), **kwargs)
-    return OPTIMIZERS[name](lr=default_lr if lr is None else lr, **kwargs)
+    """A configured optimizer.
+
+    Args:
+        name: a registered optimizer name (case-insensitive).
+        lr: step size; ``None`` takes the step recorded for deployment in the checkpoint's card (the one its
+            checkpoint selection validated) where the optimizer has one, else ``default_lr``.
+        mgg_checkpoint: learned weights, for optimizers that need them (``OptimInfo.needs_checkpoint``).
+        device: where learned weights are loaded.
+        default_lr: the step when ``lr`` is None and no card gives one.
+        **kwargs: the optimizer's own hyper-parameters.
+    """
+    info = OPTIMIZERS.get(name)
+    if info.needs_checkpoint and mgg_checkpoint is None:
+        raise ValueError(f"optimizer {info.name!r} needs an MGG checkpoint (mgg_checkpoint=...); "
+                         "train one with `mgg pretrain`")
+    if lr is None and info.lr_from_checkpoint_card and mgg_checkpoint is not None:
+        lr = float(mgg_card(mgg_checkpoint).get("deployment", {}).get("lr", default_lr))
+    return info.factory(lr=default_lr if lr is None else lr, checkpoint=mgg_checkpoint, device=device, **kwargs)

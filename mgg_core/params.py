@@ -52,7 +52,7 @@ class ParamSpec:
         """Named views into ``flat`` (autograd flows back to ``flat``)."""
         return {
             name: flat[off: off + _prod(shape)].view(shape)
-            for name, shape, off in zip(self.names, self.shapes, self.offsets)
+            for name, shape, off in zip(self.names, self.shapes, self.offsets, strict=True)
         }
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -60,7 +60,7 @@ class ParamSpec:
 
     def layer_of(self, index: int) -> str:
         """Name of the parameter that holds flat index ``index``."""
-        for name, shape, off in zip(self.names, self.shapes, self.offsets):
+        for name, shape, off in zip(self.names, self.shapes, self.offsets, strict=True):
             if off <= index < off + _prod(shape):
                 return name
         raise IndexError(index)

@@ -21,139 +21,49 @@ Protocol (MGTTA's, see docs/results.md for the values used for the bundled check
   after every epoch; ``--resume`` continues and gives the same result as an uninterrupted run.
 
 The output is ``OUT`` (GML safetensors via ``GradientMemoryLayer.save``) plus the JSON card beside it.
-Also here: the lookup of bundled MGG checkpoints and FOA source statistics (``default_mgg_checkpoint``,
-``source_stats_for``).
+Bundled checkpoints and FOA statistics are found through :mod:`mgg_core.assets`.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import random
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from .cli import add_threads_argument
+from .assets import source_stats_for, stats_path_for
+from .bench import (
+    DEFAULT_CACHE_DIR,
+    PreparedDomain,
+    Setup,
+    build_engine,
+    corrupted_images,
+    run_stream,
+    synthetic_domains,
+    validation_indices,
+)
+from .classifier import (
+    DEFAULT_CHECKPOINTS,
+    LoadedClassifier,
+    default_checkpoint,
+    file_sha256,
+    library_versions,
+    load_classifier,
+)
+from .cli import add_config_arguments, add_threads_argument, config_kwargs
 from .data.corruptions import HELDOUT_CORRUPTIONS
+from .data.sources import open_source
+from .engine import AdaptationEngine, EngineConfig
+from .io import atomic_path
+from .methods.foa import FOALoss
 from .mgg import GradientMemoryLayer, num_meta_parameters
-
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-DEFAULT_MGG_CHECKPOINTS = {
-    "vit": ASSETS_DIR / "mgg_mnist5k_test_vit.safetensors",
-    "resnet": ASSETS_DIR / "mgg_mnist5k_test_resnet.safetensors",
-}
-STATS_SUFFIX = "_foa_stats.safetensors"
-
-DEFAULTS = {
-    "samples": 128, "batch_size": 2, "epochs": 40, "meta_lr": 1e-2, "alpha_train": 1e-4, "val_lr": 1e-3,
-    "unroll": 1, "seed": 0, "severity": 5, "val_images": 1000, "val_batch_size": 64, "hidden": 8,
-}
-
-
-# ============================================================================================== bundled assets
-def default_mgg_checkpoint(kind: str = "vit") -> Path:
-    """The bundled MGG checkpoint (GML safetensors; card = same stem .json) for a default classifier."""
-    try:
-        return DEFAULT_MGG_CHECKPOINTS[kind]
-    except KeyError:
-        raise ValueError(f"unknown default classifier {kind!r}; choose from {sorted(DEFAULT_MGG_CHECKPOINTS)}") from None
-
-
-def mgg_checkpoint_for(classifier) -> Path | None:
-    """The bundled MGG checkpoint that was pretrained for ``classifier`` (a LoadedClassifier or checkpoint path),
-    or None. Matched by the classifier weights' sha256 recorded in the MGG card."""
-    from .classifier import file_sha256
-
-    path = Path(getattr(classifier, "checkpoint_path", classifier))
-    sha = file_sha256(path)
-    for ckpt in DEFAULT_MGG_CHECKPOINTS.values():
-        card = ckpt.with_suffix(".json")
-        if ckpt.is_file() and card.is_file():
-            if json.loads(card.read_text()).get("classifier", {}).get("sha256") == sha:
-                return ckpt
-    return None
-
-
-def stats_path_for(checkpoint: str | os.PathLike) -> Path:
-    p = Path(checkpoint)
-    return p.with_name(p.stem + STATS_SUFFIX)
-
-
-def clean_train_batches(classifier, data: str = "mnist5k", n: int | None = None, batch_size: int = 64,
-                        seed: int = 0, exclude: np.ndarray | None = None):
-    """Preprocessed clean TRAIN images of ``data`` (first ``n`` of a seeded permutation) in batches."""
-    from .data.corruptions import prepare_image
-    from .data.sources import open_source
-
-    src = open_source(data, "train")
-    idx = np.random.Generator(np.random.PCG64(seed)).permutation(len(src))
-    if exclude is not None:
-        idx = idx[~np.isin(idx, exclude)]
-    if n is not None:
-        idx = idx[:n]
-    pre = classifier.preprocessor
-    for i in range(0, len(idx), batch_size):
-        yield pre(np.stack([prepare_image(src.get_image(int(j))) for j in idx[i:i + batch_size]]))
-
-
-def compute_foa_stats(classifier, data: str = "mnist5k", n: int | None = None, batch_size: int = 64,
-                      device: str = "cpu") -> dict[str, torch.Tensor]:
-    """FOA source statistics of ``classifier`` over clean TRAIN data (batch statistics for BatchNorm, as in
-    adaptation)."""
-    from .engine import AdaptationEngine, EngineConfig
-    from .features import compute_source_stats
-
-    eng = AdaptationEngine(classifier, EngineConfig(method="foa", optimizer="sgd", device=device))
-    return compute_source_stats(eng.source_features, clean_train_batches(classifier, data, n, batch_size))
-
-
-def source_stats_for(classifier, data: str | None = None, device: str = "cpu", write: bool = False):
-    """FOA source statistics for ``classifier`` (LoadedClassifier): the file beside its checkpoint
-    (``<stem>_foa_stats.safetensors``, checked against the weights' sha256) or, when absent, computed from clean
-    TRAIN data of ``data`` (default: the card's dataset if it is MNIST-5k) and written there when ``write``."""
-    from .classifier import file_sha256
-    from .features import load_stats, save_stats
-
-    ckpt = Path(classifier.checkpoint_path)
-    path = stats_path_for(ckpt)
-    sha = file_sha256(ckpt)
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("classifier_sha256") in (None, sha):
-            return load_stats(path)
-    if data is None:
-        kind = (getattr(classifier.card, "dataset", {}) or {}).get("kind")
-        if kind != "mnist5k":
-            raise FileNotFoundError(f"no FOA source statistics at {path}; give clean training data (data=...)")
-        data = "mnist5k"
-    stats = compute_foa_stats(classifier, data, device=device)
-    if write:
-        save_stats(stats, path, meta={"classifier_sha256": sha, "classifier": ckpt.name, "data": str(data),
-                                       "split": "train", "images": str(int(stats["count"])),
-                                       "features": "FeatureTaps of mgg_core.features (FOA taps)"})
-    return stats
-
-
-def default_engine(kind: str = "vit", device: str = "cpu", lr: float | None = None):
-    """The default engine of a bundled classifier: method "foa", optimizer "mgg" with its bundled checkpoint and
-    source statistics, at the deployment step recorded in the MGG card."""
-    from .classifier import default_checkpoint, load_classifier
-    from .engine import AdaptationEngine, EngineConfig
-
-    clf = load_classifier(default_checkpoint(kind), device=device)
-    ckpt = default_mgg_checkpoint(kind)
-    from .bench import mgg_loss_kwargs
-
-    cfg = EngineConfig(method="foa", optimizer="mgg", lr=lr, mgg_checkpoint=str(ckpt), device=device,
-                       method_kwargs=mgg_loss_kwargs(ckpt))
-    return AdaptationEngine(clf, cfg, source_stats=source_stats_for(clf, device=device))
+from .optim import MGG
 
 
 # ============================================================================================== meta-training
@@ -171,32 +81,28 @@ def pretraining_samples(n_train: int, samples: int, seed: int, val_idx: np.ndarr
     idx = rng.choice(pool, size=min(samples, len(pool)), replace=False)
     corr = [HELDOUT_CORRUPTIONS[i % len(HELDOUT_CORRUPTIONS)] for i in range(len(idx))]
     rng.shuffle(corr)
-    return [(int(i), c) for i, c in zip(idx, corr)]
+    return [(int(i), c) for i, c in zip(idx, corr, strict=True)]
 
 
 def load_pretraining_data(classifier, data: str, samples: int, seed: int, severity: int, cache_dir,
                           val_images: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    from .bench import corrupted_images, validation_indices
-    from .data.sources import open_source
-
     src = open_source(data, "train")
     val_idx = validation_indices(len(src), val_images)
     pairs = pretraining_samples(len(src), samples, seed, val_idx)
     sid = f"{data}-train" if data == "mnist5k" else None
-    imgs = []
+    imgs: list[tuple[int, str, np.ndarray]] = []
     for c in HELDOUT_CORRUPTIONS:
         idx = np.asarray([i for i, cc in pairs if cc == c], dtype=np.int64)
         if idx.size:
             arr = corrupted_images(src, idx, c, severity, seed, cache_dir if sid else None, sid or "folder")
-            imgs.extend(zip(idx.tolist(), [c] * len(idx), arr))
+            imgs.extend(zip(idx.tolist(), [c] * len(idx), arr, strict=True))
     by_key = {(i, c): a for i, c, a in imgs}
     return classifier.preprocessor(np.stack([by_key[(i, c)] for i, c in pairs])), pairs
 
 
-def validate(setup, gml: GradientMemoryLayer, domains, lr: float, batch_size: int, lam: float = 0.4) -> tuple[float, dict]:
+def validate(setup: Setup, gml: GradientMemoryLayer, domains, lr: float, batch_size: int,
+             lam: float = 0.4) -> tuple[float, dict]:
     """Mean accuracy of the full online protocol (reset per domain) with this GML on held-out domains."""
-    from .bench import build_engine, run_stream
-
     eng = build_engine(setup, "mgg", lr, method_kwargs={"lam": lam}, gml=copy.deepcopy(gml).eval())
     res = run_stream(eng, domains, batch_size, reset="domain")
     per = {r.domain: r.accuracy for r in res}
@@ -218,162 +124,253 @@ def state_path_for(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".pretrain-state.pt")
 
 
-def pretrain(classifier: str = "vit", out: str | os.PathLike = "mgg.safetensors", data: str = "mnist5k",
-             samples: int = DEFAULTS["samples"], batch_size: int = DEFAULTS["batch_size"],
-             epochs: int = DEFAULTS["epochs"], meta_lr: float = DEFAULTS["meta_lr"],
-             alpha_train: float = DEFAULTS["alpha_train"], val_lr: float = DEFAULTS["val_lr"],
-             unroll: int = DEFAULTS["unroll"], seed: int = DEFAULTS["seed"], severity: int = DEFAULTS["severity"],
-             val_images: int = DEFAULTS["val_images"], val_batch_size: int = DEFAULTS["val_batch_size"],
-             hidden: int = DEFAULTS["hidden"], init: str | None = None, resume: bool = False, lam: float = 0.4,
-             cache_dir=None, device: str = "cpu", progress: bool = True, quiet: bool = False,
-             max_steps_per_epoch: int | None = None, keep_state: bool = True, extra_card: dict | None = None) -> dict:
-    """Meta-train a GML for ``classifier`` ("vit" / "resnet" / a checkpoint path); returns the card."""
-    from tqdm import tqdm
+def _arg(help: str, **kw) -> dict:
+    """Field metadata the CLI reads (``mgg_core.cli.add_config_arguments``): each parameter is written once."""
+    return dict(kw, help=help)
 
-    from .bench import DEFAULT_CACHE_DIR, PreparedDomain, Setup, synthetic_domains, validation_indices
-    from .classifier import default_checkpoint, file_sha256, library_versions, load_classifier
-    from .data.sources import open_source
-    from .engine import AdaptationEngine, EngineConfig
-    from .optim import MGG
 
-    if unroll < 1:
-        raise ValueError("unroll must be >= 1")
-    cache_dir = DEFAULT_CACHE_DIR if cache_dir is None else cache_dir
-    t_start = time.perf_counter()
-    out = Path(out)
-    ckpt_path = Path(default_checkpoint(classifier)) if classifier in ("vit", "resnet") else Path(classifier)
-    clf = load_classifier(ckpt_path, device=device)
-    stats = source_stats_for(clf, data=data, device=device)
-    engine = AdaptationEngine(clf, EngineConfig(method="foa", optimizer="sgd", method_kwargs={"lam": lam}, device=device),
-                              source_stats=stats)
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One ``mgg pretrain`` job (the protocol in the module docstring); flags are built from the field metadata."""
 
-    x_all, pairs = load_pretraining_data(clf, data, samples, seed, severity, cache_dir, val_images)
-    x_all = x_all.to(engine.device)
-    n_train = len(open_source(data, "train"))
-    val_idx = validation_indices(n_train, val_images)
-    val_domains = [PreparedDomain(d, clf.preprocessor, order_seed=seed)
-                   for d in synthetic_domains(data, "train", HELDOUT_CORRUPTIONS, severity, seed, cache_dir,
-                                              indices=val_idx)]
-    setup = Setup(classifier=clf, source_stats=stats, device=device)
+    out: str | os.PathLike = field(default="mgg.safetensors", metadata=_arg(
+        "output GML checkpoint (.safetensors); card goes beside it (.json)", required=True))
+    classifier: str = field(default="vit", metadata=_arg("'vit', 'resnet' (bundled) or a classifier .safetensors"))
+    data: str = field(default="mnist5k", metadata=_arg("the classifier's labelled source ('mnist5k' or a folder)"))
+    samples: int = field(default=128, metadata=_arg("corrupted TRAIN images to meta-train on", type=int))
+    batch_size: int = field(default=2, metadata=_arg("meta-training batch", type=int))
+    epochs: int = field(default=40, metadata=_arg("epochs", type=int))
+    meta_lr: float = field(default=1e-2, metadata=_arg("Adam lr on the GML weights", type=float))
+    alpha_train: float = field(default=1e-4, metadata=_arg("inner step during meta-training", type=float))
+    val_lr: float = field(default=1e-3, metadata=_arg("deployment step used for validation", type=float))
+    unroll: int = field(default=1, metadata=_arg("meta-gradient truncation length", type=int))
+    seed: int = field(default=0, metadata=_arg("sample, order and GML seed", type=int))
+    severity: int = field(default=5, metadata=_arg("corruption severity", type=int))
+    val_images: int = field(default=1000, metadata=_arg("held-out validation images of the train split", type=int))
+    val_batch_size: int = 64
+    hidden: int = field(default=8, metadata=_arg("GML hidden width", type=int))
+    lam: float = field(default=0.4, metadata=_arg(
+        "weight of FOA's feature-discrepancy term in the loss (0: entropy only, TENT's loss)", type=float))
+    init: str | None = field(default=None, metadata=_arg("start from this GML checkpoint instead of a fresh one"))
+    resume: bool = field(default=False, metadata=_arg("continue from OUT's .pretrain-state.pt", action="store_true"))
+    write_stats: bool = field(default=False, metadata=_arg(
+        "also write the classifier's FOA source statistics beside its checkpoint if absent", action="store_true"))
+    cache_dir: str | os.PathLike | None = field(default=None, metadata=_arg("corrupted-image cache"))
+    device: str = field(default="cpu", metadata=_arg("torch device"))
+    progress: bool = field(default=True, metadata=_arg("no progress bars", flag="--no-progress",
+                                                       action="store_false"))
+    quiet: bool = field(default=False, metadata=_arg("no log lines", action="store_true"))
+    max_steps_per_epoch: int | None = None
+    keep_state: bool = True
+    extra_card: dict | None = None
 
-    torch.manual_seed(seed)
-    gml = GradientMemoryLayer.load(init) if init else GradientMemoryLayer(hidden=hidden, seed=seed)
-    gml = gml.to(engine.device)
-    opt_helper = MGG(gml, lr=alpha_train)          # tokens (moments) exactly as deployed
+    def __post_init__(self) -> None:
+        if self.unroll < 1:
+            raise ValueError("unroll must be >= 1")
+        for name in ("samples", "batch_size", "epochs", "val_images", "val_batch_size", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(out=str(self.out), cache_dir=str(self.cache_dir) if self.cache_dir is not None else None)
+        return d
+
+
+def pretrain(**kwargs) -> dict:
+    """``run_pretrain(PretrainConfig(**kwargs))`` (the fields of :class:`PretrainConfig`); returns the card."""
+    return run_pretrain(PretrainConfig(**kwargs))
+
+
+@dataclass
+class _Problem:
+    """What meta-training works on: the classifier, its FOA engine, the training samples, the validation domains."""
+
+    ckpt_path: Path
+    clf: LoadedClassifier
+    stats: dict
+    engine: AdaptationEngine
+    x_all: torch.Tensor
+    pairs: list[tuple[int, str]]
+    val_idx: np.ndarray
+    val_domains: list[PreparedDomain]
+    setup: Setup
+
+
+def _problem(cfg: PretrainConfig) -> _Problem:
+    cache_dir = DEFAULT_CACHE_DIR if cfg.cache_dir is None else cfg.cache_dir
+    bundled = cfg.classifier in DEFAULT_CHECKPOINTS
+    ckpt_path = Path(default_checkpoint(cfg.classifier)) if bundled else Path(cfg.classifier)
+    clf = load_classifier(ckpt_path, device=cfg.device)
+    stats = source_stats_for(clf, data=cfg.data, device=cfg.device)
+    engine = AdaptationEngine(clf, EngineConfig(method="foa", optimizer="sgd", method_kwargs={"lam": cfg.lam},
+                                                device=cfg.device), source_stats=stats)
+    x_all, pairs = load_pretraining_data(clf, cfg.data, cfg.samples, cfg.seed, cfg.severity, cache_dir,
+                                         cfg.val_images)
+    val_idx = validation_indices(len(open_source(cfg.data, "train")), cfg.val_images)
+    val_domains = [PreparedDomain(d, clf.preprocessor, order_seed=cfg.seed)
+                   for d in synthetic_domains(cfg.data, "train", HELDOUT_CORRUPTIONS, cfg.severity, cfg.seed,
+                                              cache_dir, indices=val_idx)]
+    return _Problem(ckpt_path, clf, stats, engine, x_all.to(engine.device), pairs, val_idx, val_domains,
+                    Setup(classifier=clf, source_stats=stats, device=cfg.device))
+
+
+@dataclass
+class _Training:
+    """The meta-training state that an epoch advances and the state file keeps."""
+
+    gml: GradientMemoryLayer
+    adam: torch.optim.Adam
+    history: list[dict]
+    best: dict
+    start_epoch: int = 1
+    seconds_before: float = 0.0                   # time spent in earlier (interrupted) invocations
+
+
+def _start_training(cfg: PretrainConfig, prob: _Problem, state_file: Path) -> _Training:
+    torch.manual_seed(cfg.seed)
+    gml = GradientMemoryLayer.load(cfg.init) if cfg.init else GradientMemoryLayer(hidden=cfg.hidden, seed=cfg.seed)
+    gml = gml.to(prob.engine.device)
     gml.requires_grad_(True)
-    adam = torch.optim.Adam(gml.parameters(), lr=meta_lr)
-    history: list[dict] = []
-    best = {"epoch": 0, "val_accuracy": None, "state_dict": copy.deepcopy(gml.state_dict())}
-    start_epoch = 1
-    seconds_before = 0.0                                   # time spent in earlier (interrupted) invocations
-    state_file = state_path_for(out)
-    if resume and state_file.is_file():
+    tr = _Training(gml, torch.optim.Adam(gml.parameters(), lr=cfg.meta_lr), [],
+                   {"epoch": 0, "val_accuracy": None, "state_dict": copy.deepcopy(gml.state_dict())})
+    if cfg.resume and state_file.is_file():
         st = torch.load(state_file, weights_only=False)
         gml.load_state_dict(st["gml"])
-        adam.load_state_dict(st["adam"])
+        tr.adam.load_state_dict(st["adam"])
         _set_rng_state(st["rng"])
-        history, best, start_epoch = st["history"], st["best"], st["epoch"] + 1
-        seconds_before = float(st.get("seconds", 0.0))
-        _log(f"resumed from {state_file} after epoch {st['epoch']}", quiet)
-    if start_epoch == 1:
-        acc0, per0 = validate(setup, gml, val_domains, val_lr, val_batch_size, lam)
-        best = {"epoch": 0, "val_accuracy": acc0, "per_domain": per0, "state_dict": copy.deepcopy(gml.state_dict())}
-        history.append({"epoch": 0, "val_accuracy": acc0, "per_domain": per0})
-        _log(f"epoch 0 (initial GML): held-out val acc {acc0:.2f}", quiet)
+        tr.history, tr.best, tr.start_epoch = st["history"], st["best"], st["epoch"] + 1
+        tr.seconds_before = float(st.get("seconds", 0.0))
+        _log(f"resumed from {state_file} after epoch {st['epoch']}", cfg.quiet)
+    if tr.start_epoch == 1:
+        acc0, per0 = validate(prob.setup, gml, prob.val_domains, cfg.val_lr, cfg.val_batch_size, cfg.lam)
+        tr.best = {"epoch": 0, "val_accuracy": acc0, "per_domain": per0,
+                   "state_dict": copy.deepcopy(gml.state_dict())}
+        tr.history.append({"epoch": 0, "val_accuracy": acc0, "per_domain": per0})
+        _log(f"epoch 0 (initial GML): held-out val acc {acc0:.2f}", cfg.quiet)
+    return tr
 
-    n = x_all.shape[0]
-    n_batches = n // batch_size
-    steps_per_epoch = n_batches - 1
-    if max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+
+def _meta_epoch(cfg: PretrainConfig, prob: _Problem, tr: _Training, opt_helper: MGG, epoch: int,
+                steps_per_epoch: int) -> tuple[list[float], float]:
+    """One epoch of meta-steps (see the module docstring); returns (next-batch losses, summed meta-grad norms)."""
+    engine, x_all, bs, n = prob.engine, prob.x_all, cfg.batch_size, prob.x_all.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    batches = [x_all[order[i * bs:(i + 1) * bs]] for i in range(n // bs)]
+    theta = engine.theta0.clone()                        # classifier restored to source every epoch
+    ostate = opt_helper.init_state(theta, memory_in_graph=True)  # fresh moments, memory = current W0, b0
+    th = theta.clone().requires_grad_(True)              # gradient at theta on the first batch
+    (g,) = torch.autograd.grad(_foa_loss(engine, th, batches[0]), th)
+    meta_losses: list[float] = []
+    grad_norm_sum = 0.0
+    window: list[tuple[torch.Tensor, torch.Tensor]] = []
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False,
+               dynamic_ncols=True)
+    for t in bar:
+        u, new_state = opt_helper.direction(g.detach(), ostate, detach_memory=False)
+        theta_new = theta - cfg.alpha_train * u          # differentiable in phi (and in theta within a window)
+        leaf = theta_new.detach().requires_grad_(True)
+        next_loss = _foa_loss(engine, leaf, batches[t + 1])
+        (g_next,) = torch.autograd.grad(next_loss, leaf)  # d(meta-loss)/d(theta_{t+1}) = next raw gradient
+        window.append((theta_new, g_next))
+        meta_losses.append(float(next_loss))
+        if len(window) == cfg.unroll or t == steps_per_epoch - 1:
+            # sum of the window's next-batch losses; first-order in theta: each loss contributes its gradient
+            torch.autograd.backward([tn for tn, _ in window], [gn for _, gn in window])
+            sq = sum(((p.grad ** 2).sum() for p in tr.gml.parameters() if p.grad is not None), torch.zeros(()))
+            grad_norm_sum += float(torch.sqrt(sq))
+            tr.adam.step()
+            tr.adam.zero_grad(set_to_none=True)
+            window = []
+            theta = theta_new.detach()
+            ostate = {k: v.detach() for k, v in new_state.items()}
+        else:
+            theta = theta_new                            # keep the graph inside the unroll window
+            ostate = new_state
+        g = g_next
+        bar.set_postfix(meta_loss=f"{np.mean(meta_losses[-16:]):.4f}")
+    bar.close()
+    return meta_losses, grad_norm_sum
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    """Meta-train a GML for ``cfg.classifier`` ("vit" / "resnet" / a checkpoint path); returns the card."""
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    prob = _problem(cfg)
+    state_file = state_path_for(out)
+    tr = _start_training(cfg, prob, state_file)
+    opt_helper = MGG(tr.gml, lr=cfg.alpha_train)         # tokens (moments) exactly as deployed
+    tr.gml.requires_grad_(True)
+    n = prob.x_all.shape[0]
+    steps_per_epoch = n // cfg.batch_size - 1
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise ValueError(f"{n} samples at batch {batch_size} give no (batch, next batch) pair")
-    for epoch in range(start_epoch, epochs + 1):
+        raise ValueError(f"{n} samples at batch {cfg.batch_size} give no (batch, next batch) pair")
+    for epoch in range(tr.start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        batches = [x_all[order[i * batch_size:(i + 1) * batch_size]] for i in range(n_batches)]
-        theta = engine.theta0.clone()                        # classifier restored to source every epoch
-        ostate = opt_helper.init_state(theta, memory_in_graph=True)  # fresh moments, memory = current W0, b0
-        # gradient at theta on the first batch
-        th = theta.clone().requires_grad_(True)
-        loss = _foa_loss(engine, th, batches[0])
-        (g,) = torch.autograd.grad(loss, th)
-        meta_losses, losses, grad_norm_sum = [], [], 0.0
-        window: list[torch.Tensor] = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
-                   dynamic_ncols=True)
-        for t in bar:
-            u, new_state = opt_helper.direction(g.detach(), ostate, detach_memory=False)
-            theta_new = theta - alpha_train * u              # differentiable in phi (and in theta within a window)
-            leaf = theta_new.detach().requires_grad_(True)
-            next_loss = _foa_loss(engine, leaf, batches[t + 1])
-            (g_next,) = torch.autograd.grad(next_loss, leaf)  # d(meta-loss)/d(theta_{t+1}) = next raw gradient
-            window.append((theta_new, g_next))
-            meta_losses.append(float(next_loss))
-            if len(window) == unroll or t == steps_per_epoch - 1:
-                # sum of the window's next-batch losses; first-order in theta: each loss contributes its gradient
-                torch.autograd.backward([tn for tn, _ in window], [gn for _, gn in window])
-                grad_norm_sum += float(torch.sqrt(sum((p.grad ** 2).sum() for p in gml.parameters() if p.grad is not None)))
-                adam.step()
-                adam.zero_grad(set_to_none=True)
-                window = []
-                theta = theta_new.detach()
-                ostate = {k: v.detach() for k, v in new_state.items()}
-            else:
-                theta = theta_new                            # keep the graph inside the unroll window
-                ostate = new_state
-            g = g_next
-            bar.set_postfix(meta_loss=f"{np.mean(meta_losses[-16:]):.4f}")
-        bar.close()
-        acc, per = validate(setup, gml, val_domains, val_lr, val_batch_size, lam)
+        meta_losses, grad_norm_sum = _meta_epoch(cfg, prob, tr, opt_helper, epoch, steps_per_epoch)
+        acc, per = validate(prob.setup, tr.gml, prob.val_domains, cfg.val_lr, cfg.val_batch_size, cfg.lam)
         rec = {"epoch": epoch, "meta_loss": float(np.mean(meta_losses)), "val_accuracy": acc, "per_domain": per,
                "meta_grad_norm": grad_norm_sum, "seconds": time.perf_counter() - t0}
-        history.append(rec)
-        if best["val_accuracy"] is None or acc > best["val_accuracy"]:
-            best = {"epoch": epoch, "val_accuracy": acc, "per_domain": per, "state_dict": copy.deepcopy(gml.state_dict())}
-        _log(f"epoch {epoch}: meta-loss {rec['meta_loss']:.4f}  held-out val acc {acc:.2f}  (best {best['val_accuracy']:.2f} @ {best['epoch']})", quiet)
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_name(state_file.name + ".tmp")
-        torch.save({"gml": gml.state_dict(), "adam": adam.state_dict(), "rng": _rng_state(), "history": history,
-                    "best": best, "epoch": epoch, "seconds": seconds_before + time.perf_counter() - t_start}, tmp)
-        os.replace(tmp, state_file)
+        tr.history.append(rec)
+        if tr.best["val_accuracy"] is None or acc > tr.best["val_accuracy"]:
+            tr.best = {"epoch": epoch, "val_accuracy": acc, "per_domain": per,
+                       "state_dict": copy.deepcopy(tr.gml.state_dict())}
+        _log(f"epoch {epoch}: meta-loss {rec['meta_loss']:.4f}  held-out val acc {acc:.2f}  "
+             f"(best {tr.best['val_accuracy']:.2f} @ {tr.best['epoch']})", cfg.quiet)
+        with atomic_path(state_file) as tmp:
+            torch.save({"gml": tr.gml.state_dict(), "adam": tr.adam.state_dict(), "rng": _rng_state(),
+                        "history": tr.history, "best": tr.best, "epoch": epoch,
+                        "seconds": tr.seconds_before + time.perf_counter() - t_start}, tmp)
+    final = GradientMemoryLayer(hidden=tr.gml.hidden, token_dim=tr.gml.token_dim, seed=None)
+    final.load_state_dict(tr.best["state_dict"])
+    card = _card(cfg, prob, tr, final, time.perf_counter() - t_start)
+    final.save(out, card=card)
+    if not cfg.keep_state and state_file.is_file():
+        state_file.unlink()
+    _log(f"wrote {out} (best epoch {tr.best['epoch']}, held-out val acc {tr.best['val_accuracy']:.2f})", cfg.quiet)
+    return card
 
-    final = GradientMemoryLayer(hidden=gml.hidden, token_dim=gml.token_dim, seed=None)
-    final.load_state_dict(best["state_dict"])
+
+def _card(cfg: PretrainConfig, prob: _Problem, tr: _Training, final: GradientMemoryLayer, seconds: float) -> dict:
+    """The JSON card of the written checkpoint (protocol, data, training, history, deployment, versions)."""
+    method = prob.engine.method
+    assert isinstance(method, FOALoss)
     card = {
         "kind": "mgg-gml",
         "meta_parameters": num_meta_parameters(final),
-        "classifier": {"checkpoint": ckpt_path.name, "model": clf.card.model_name, "sha256": file_sha256(ckpt_path),
-                       "adapted_scalars": engine.spec.numel},
-        "loss": {"name": "foa", "lambda": engine.method.lam, "divisor": engine.method.divisor,
-                 "source_stats": stats_path_for(ckpt_path).name, "source_stats_data": f"{data} train, clean"},
-        "data": {"source": data, "split": "train", "samples": len(pairs), "corruptions": list(HELDOUT_CORRUPTIONS),
-                 "severity": severity, "sample_seed": seed,
-                 "sample_rule": "drawn once from the TRAIN split outside the validation subset, corruptions in equal shares",
-                 "validation": {"split": "train", "images": int(len(val_idx)), "corruptions": list(HELDOUT_CORRUPTIONS),
-                                "severity": severity, "batch_size": val_batch_size, "reset": "per corruption",
-                                "lr": val_lr}},
-        "training": {"epochs": epochs, "batch_size": batch_size, "meta_optimizer": "adam", "meta_lr": meta_lr,
-                     "alpha_train": alpha_train, "unroll": unroll, "truncation": unroll,
+        "classifier": {"checkpoint": prob.ckpt_path.name, "model": prob.clf.card.model_name,
+                       "sha256": file_sha256(prob.ckpt_path), "adapted_scalars": prob.engine.spec.numel},
+        "loss": {"name": "foa", "lambda": method.lam, "divisor": method.divisor,
+                 "source_stats": stats_path_for(prob.ckpt_path).name,
+                 "source_stats_data": f"{cfg.data} train, clean"},
+        "data": {"source": cfg.data, "split": "train", "samples": len(prob.pairs),
+                 "corruptions": list(HELDOUT_CORRUPTIONS), "severity": cfg.severity, "sample_seed": cfg.seed,
+                 "sample_rule": "drawn once from the TRAIN split outside the validation subset, corruptions in "
+                                "equal shares",
+                 "validation": {"split": "train", "images": int(len(prob.val_idx)),
+                                "corruptions": list(HELDOUT_CORRUPTIONS), "severity": cfg.severity,
+                                "batch_size": cfg.val_batch_size, "reset": "per corruption", "lr": cfg.val_lr}},
+        "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "meta_optimizer": "adam",
+                     "meta_lr": cfg.meta_lr, "alpha_train": cfg.alpha_train, "unroll": cfg.unroll,
+                     "truncation": cfg.unroll,
                      "meta_objective": "FOA loss on the next batch after the MGG update",
                      "classifier_reset": "norm parameters, moments and memory restored to source every epoch",
-                     "seed": seed, "init": init, "hidden": gml.hidden,
-                     "seconds": round(seconds_before + time.perf_counter() - t_start, 1),
-                     "invocations_resumed": int(resume and seconds_before > 0)},
-        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
-        "best_val_per_domain": best.get("per_domain"),
-        "history": [{k: v for k, v in h.items() if k != "per_domain"} for h in history],
-        "deployment": {"optimizer": "mgg", "method": "foa", "lr": val_lr},
+                     "seed": cfg.seed, "init": cfg.init, "hidden": tr.gml.hidden,
+                     "seconds": round(tr.seconds_before + seconds, 1),
+                     "invocations_resumed": int(cfg.resume and tr.seconds_before > 0)},
+        "best_epoch": tr.best["epoch"], "best_val_accuracy": tr.best["val_accuracy"],
+        "best_val_per_domain": tr.best.get("per_domain"),
+        "history": [{k: v for k, v in h.items() if k != "per_domain"} for h in tr.history],
+        "deployment": {"optimizer": "mgg", "method": "foa", "lr": cfg.val_lr},
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if extra_card:
-        card.update(extra_card)
-    final.save(out, card=card)
-    if not keep_state and state_file.is_file():
-        state_file.unlink()
-    _log(f"wrote {out} (best epoch {best['epoch']}, held-out val acc {best['val_accuracy']:.2f})", quiet)
+    if cfg.extra_card:
+        card.update(cfg.extra_card)
     return card
 
 
@@ -386,44 +383,17 @@ def _log(msg: str, quiet: bool) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("pretrain", help="meta-train MGG (gradient memory layer) for a source classifier",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", default="vit", help="'vit', 'resnet' (bundled) or a classifier .safetensors")
-    p.add_argument("--data", default="mnist5k", help="the classifier's labelled source ('mnist5k' or a folder)")
-    p.add_argument("--out", required=True, help="output GML checkpoint (.safetensors); card goes beside it (.json)")
-    p.add_argument("--samples", type=int, default=DEFAULTS["samples"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    p.add_argument("--meta-lr", type=float, default=DEFAULTS["meta_lr"], help="Adam lr on the GML weights")
-    p.add_argument("--alpha-train", type=float, default=DEFAULTS["alpha_train"], help="inner step during meta-training")
-    p.add_argument("--val-lr", type=float, default=DEFAULTS["val_lr"], help="deployment step used for validation")
-    p.add_argument("--unroll", type=int, default=DEFAULTS["unroll"], help="meta-gradient truncation length")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--severity", type=int, default=DEFAULTS["severity"])
-    p.add_argument("--val-images", type=int, default=DEFAULTS["val_images"])
-    p.add_argument("--hidden", type=int, default=DEFAULTS["hidden"])
-    p.add_argument("--lam", type=float, default=0.4,
-                   help="weight of FOA's feature-discrepancy term in the loss (0: entropy only, TENT's loss)")
-    p.add_argument("--init", default=None, help="start from this GML checkpoint instead of a fresh one")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's .pretrain-state.pt")
-    p.add_argument("--write-stats", action="store_true",
-                   help="also write the classifier's FOA source statistics beside its checkpoint if absent")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_config_arguments(p, PretrainConfig)
+    p.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu")
     add_threads_argument(p, default=1)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.write_stats:
-        from .classifier import default_checkpoint, load_classifier
-
-        ck = default_checkpoint(args.classifier) if args.classifier in ("vit", "resnet") else args.classifier
-        source_stats_for(load_classifier(ck), data=args.data, write=True)
-    pretrain(args.classifier, args.out, data=args.data, samples=args.samples, batch_size=args.batch_size,
-             epochs=args.epochs, meta_lr=args.meta_lr, alpha_train=args.alpha_train, val_lr=args.val_lr,
-             unroll=args.unroll, seed=args.seed, severity=args.severity, val_images=args.val_images,
-             hidden=args.hidden, init=args.init, lam=args.lam, resume=args.resume, cache_dir=args.cache_dir, device=args.device,
-             progress=not args.no_progress, quiet=args.quiet)
+    cfg = PretrainConfig(**config_kwargs(PretrainConfig, args))
+    if cfg.write_stats:
+        ck = default_checkpoint(cfg.classifier) if cfg.classifier in DEFAULT_CHECKPOINTS else cfg.classifier
+        source_stats_for(load_classifier(ck), data=cfg.data, write=True)
+    run_pretrain(cfg)
     return 0

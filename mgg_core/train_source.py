@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .cli import add_threads_argument
+from .io import atomic_path
 
 DEFAULTS: dict[str, Any] = {
     "epochs": 10,
@@ -126,7 +127,8 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
                  epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
                  weight_decay: float = DEFAULTS["weight_decay"], optimizer: str = DEFAULTS["optimizer"],
                  warmup_epochs: float = DEFAULTS["warmup_epochs"], label_smoothing: float = DEFAULTS["label_smoothing"],
-                 seed: int = DEFAULTS["seed"], split_seed: int = DEFAULTS["split_seed"], img_size: int = DEFAULTS["img_size"],
+                 seed: int = DEFAULTS["seed"], split_seed: int = DEFAULTS["split_seed"],
+                 img_size: int = DEFAULTS["img_size"],
                  model_kwargs: dict | None = None, augment: str = DEFAULTS["augment"], resume: bool = False,
                  device: str | torch.device = "cpu", keep_train_state: bool = False, quiet: bool = False,
                  progress: bool = True, stop_after_epochs: int | None = None):
@@ -181,10 +183,12 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
     torch.manual_seed(seed)
     model, model_kwargs = _make_model(model_name, num_classes, model_kwargs, img_size)
     model.to(device)
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt: torch.optim.Optimizer
     if optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     else:
@@ -201,7 +205,10 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
     start_epoch, elapsed_before = 0, 0.0
     if resume and state_file.is_file():
         st = torch.load(state_file, map_location="cpu", weights_only=False)
-        same = {k: v for k, v in st["settings"].items() if k != "epochs"} == {k: v for k, v in settings.items() if k != "epochs"}
+        def but_epochs(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k != "epochs"}
+
+        same = but_epochs(st["settings"]) == but_epochs(settings)
         if not same:
             raise ValueError(f"{state_file} was written with different settings: {st['settings']}")
         model.load_state_dict(st["model"])
@@ -241,23 +248,24 @@ def train_source(data: str = "mnist5k", model_name: str = "test_resnet", out: st
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n_seen:.3f}")
         elapsed = elapsed_before + time.perf_counter() - t_train
-        torch.save({"settings": settings, "epoch": epoch + 1, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "train_time_s": elapsed}, state_file)
+        with atomic_path(state_file) as tmp:
+            torch.save({"settings": settings, "epoch": epoch + 1, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "train_time_s": elapsed}, tmp)
         if not bar.disable:
             bar.write(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / n_seen:.4f}")
     bar.close()
     train_time = elapsed_before + time.perf_counter() - t_train
     if end_epoch < epochs:
-        _log(f"stopped after epoch {end_epoch}/{epochs}; training state in {state_file} (continue with --resume)", quiet)
+        _log(f"stopped after epoch {end_epoch}/{epochs}; training state in {state_file} (continue with --resume)",
+             quiet)
         return None
 
     # 4) write weights + card, then measure the card's accuracy through the deployed loading path
     model.eval()
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "model": model_name})
-    os.replace(tmp, out)
-    os.chmod(out, 0o644)
+    with atomic_path(out) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "model": model_name})
+        os.chmod(tmp, 0o644)
     in_memory_acc = accuracy(model, x_test, y_test, device)
     card = ClassifierCard(
         model_name=model_name, model_kwargs=model_kwargs, num_classes=num_classes, class_names=class_names,

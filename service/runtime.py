@@ -66,7 +66,7 @@ def _mgg_checkpoint_for(settings: ServiceSettings, clf: Classifier, checkpoint: 
     """The MGG checkpoint pretrained for this classifier (by weights' sha256), else the bundled one of its name."""
     if settings.mgg_checkpoint is not None:
         return settings.mgg_checkpoint
-    from mgg_core.pretrain import DEFAULT_MGG_CHECKPOINTS, mgg_checkpoint_for
+    from mgg_core.assets import DEFAULT_MGG_CHECKPOINTS, mgg_checkpoint_for
 
     found = mgg_checkpoint_for(clf) or DEFAULT_MGG_CHECKPOINTS.get(settings.model)
     if found is None or not Path(found).is_file():
@@ -82,7 +82,7 @@ def _source_stats(settings: ServiceSettings, clf: Classifier, checkpoint: Path, 
         from mgg_core.features import load_stats
 
         return load_stats(settings.source_stats), str(settings.source_stats)
-    from mgg_core.pretrain import source_stats_for, stats_path_for
+    from mgg_core.assets import source_stats_for, stats_path_for
 
     stats = source_stats_for(clf, data=settings.source_data, device=device)
     beside = stats_path_for(checkpoint)
@@ -97,7 +97,7 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
             source_data, collapse_guard, bn_stats, bn_momentum, update_images, guard_check_share, device
             and torch_threads.
 
-    Bundled companions are found the way the rest of the project finds them (``mgg_core.pretrain``): the MGG
+    Bundled companions are found the way the rest of the project finds them (``mgg_core.assets``): the MGG
     checkpoint pretrained for this classifier (matched by the weights' sha256, else the bundled one of the same
     default), and FOA's clean source statistics (the file beside the checkpoint, else computed from the card's
     clean training data).

@@ -21,7 +21,7 @@ def setup(request):
     order = np.random.default_rng(0).permutation(len(src))[: 6 * 64]   # the split is sorted by class
     images = [corrupt_image(src.get_image(int(i)), "gaussian_noise", 3, seed=0, index=int(i)) for i in order]
     x = clf.preprocessor(np.stack(images))
-    from mgg_core.pretrain import source_stats_for
+    from mgg_core.assets import source_stats_for
     # five distinct batches to adapt on (a short stream), one held-out batch to measure on
     return request.param, clf, list(x[: 5 * 64].split(64)), x[5 * 64:], source_stats_for(clf)
 
@@ -38,7 +38,7 @@ def test_entropy_decreases_on_a_corrupted_batch(setup, method, optimizer):
     kind, clf, stream, held_out, stats = setup
     cfg = EngineConfig(method=method, optimizer=optimizer, lr=5e-3 if optimizer == "sgd" else None)
     if optimizer == "mgg":
-        from mgg_core.pretrain import default_mgg_checkpoint
+        from mgg_core.assets import default_mgg_checkpoint
         cfg.mgg_checkpoint = str(default_mgg_checkpoint(kind))
     engine = AdaptationEngine(clf, cfg, source_stats=stats)
     state = engine.new_state()

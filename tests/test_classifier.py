@@ -174,17 +174,6 @@ def test_preprocessor_channel_conversion_and_errors(pre):
         p([])
 
 
-def test_preprocessor_is_fast(pre, test_src):
-    import time
-
-    p, _ = pre
-    imgs = test_src.images[:1000]
-    t = time.perf_counter()
-    p(imgs)
-    rate = 1000 / (time.perf_counter() - t)
-    assert rate > 1000, f"{rate:.0f} images/s"
-
-
 # ----------------------------------------------------------------------------------------------- train-source
 
 def _retrain(kind, tmp_path):

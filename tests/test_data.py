@@ -258,7 +258,12 @@ def _check_coverage(spec, source, per_domain):
         seen.extend(zip(b.domains, b.sample_indices.tolist()))
         sizes.append(len(b))
     assert len(seen) == len(set(seen)) == per_domain * len(spec.domains)
-    assert all(s == spec.batch_size for s in sizes[:-1]) or spec.order == "sequential"
+    if spec.order == "sequential" and spec.reset == "per_domain":
+        # batches never straddle a domain boundary: each domain ends in its own (possibly short) batch
+        full, rest = divmod(per_domain, spec.batch_size)
+        assert sizes == ([spec.batch_size] * full + ([rest] if rest else [])) * len(spec.domains)
+    else:
+        assert all(s == spec.batch_size for s in sizes[:-1])
     return seen, sizes
 
 

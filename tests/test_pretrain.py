@@ -14,21 +14,24 @@ from mgg_core.mgg import GradientMemoryLayer
 
 @pytest.fixture(scope="module")
 def clf_path(tmp_path_factory):
+    from mgg_core.assets import source_stats_for, stats_path_for
     from mgg_core.classifier import load_classifier
-    from mgg_core.pretrain import source_stats_for, stats_path_for
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     path = write_random_classifier(tmp_path_factory.mktemp("clf"))
     source_stats_for(load_classifier(path), write=True)
     assert stats_path_for(path).is_file()
-    return path
+    yield path
+    torch.set_num_threads(threads)
 
 
 def test_meta_gradient_reaches_every_gml_weight(clf_path):
+    from mgg_core.assets import source_stats_for
     from mgg_core.classifier import load_classifier
     from mgg_core.engine import AdaptationEngine, EngineConfig
     from mgg_core.optim import MGG
-    from mgg_core.pretrain import _foa_loss, source_stats_for
+    from mgg_core.pretrain import _foa_loss
 
     clf = load_classifier(clf_path)
     eng = AdaptationEngine(clf, EngineConfig(method="foa", optimizer="sgd"), source_stats=source_stats_for(clf))
@@ -93,9 +96,10 @@ def test_pretrain_writes_checkpoint_and_card_and_resumes_exactly(clf_path, tmp_p
 
 
 def test_unroll_longer_than_one_and_the_loss_weight_travel_with_the_checkpoint(clf_path, tmp_path):
+    from mgg_core.assets import source_stats_for
     from mgg_core.bench import Setup, build_engine
     from mgg_core.classifier import load_classifier
-    from mgg_core.pretrain import pretrain, source_stats_for
+    from mgg_core.pretrain import pretrain
 
     out = tmp_path / "u3.safetensors"
     card = pretrain(classifier=str(clf_path), out=out, epochs=1, samples=12, unroll=3, lam=0.0,

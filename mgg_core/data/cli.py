@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io import atomic_path, atomic_write_text
 from .corruptions import (
     ALL_CORRUPTIONS,
     SEVERITIES,
@@ -44,9 +45,10 @@ def select_indices(labels: np.ndarray, limit_per_class: int | None) -> np.ndarra
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    # not fsynced one by one (thousands of files); the domain's COMPLETE marker is written durably after them
+    with atomic_path(path, durable=False) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)
 
 
 def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, severities=SEVERITIES, split: str = "test",
@@ -76,7 +78,8 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
                 "seed": seed, "limit_per_class": limit_per_class}
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        mismatched = [k for k in ("data", "split", "split_seed", "seed", "limit_per_class") if old.get(k) != protocol[k]]
+        keys = ("data", "split", "split_seed", "seed", "limit_per_class")
+        mismatched = [k for k in keys if old.get(k) != protocol[k]]
         if mismatched:
             raise ValueError(f"{out} was generated with different {mismatched}; use another --out")
     todo = []
@@ -100,7 +103,7 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
             if not path.is_file():
                 _write_png(path, corrupt_image(source.get_image(int(i)), c, s, seed=seed, index=int(i)))
             bar.update(1)
-        (d / COMPLETE_MARKER).write_text(json.dumps({"images": int(len(indices))}) + "\n")
+        atomic_write_text(d / COMPLETE_MARKER, json.dumps({"images": int(len(indices))}) + "\n")
     bar.close()
 
     all_domains = sorted({(c, s) for c in corruptions for s in severities})
@@ -121,9 +124,9 @@ def make_c(data: str, out: str | os.PathLike, corruptions=TEST_CORRUPTIONS, seve
         last_run={"written_domains": len(todo), "skipped_complete_domains": skipped,
                   "seconds": round(time.perf_counter() - t0, 1)},
     )
-    tmp = manifest_path.with_name("manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    with atomic_path(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
     return manifest
 
 

@@ -42,7 +42,8 @@ def load_class_index(mapping: dict[str, int] | Sequence[str] | str | os.PathLike
 class ImageNetC:
     """An ImageNet-C style tree. ``domain(corruption, severity)`` gives a lazy labelled source."""
 
-    def __init__(self, root: str | os.PathLike, class_index: dict[str, int] | Sequence[str] | str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike,
+                 class_index: dict[str, int] | Sequence[str] | str | os.PathLike | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageNet-C root {self.root} does not exist")
@@ -147,7 +148,4 @@ def is_imagenet_c_tree(path: str | os.PathLike) -> bool:
         return False
     if (p / MANIFEST_NAME).is_file():
         return True
-    for c in _subdirs(p):
-        if c in ALL_CORRUPTIONS and any(s.isdigit() for s in _subdirs(p / c)):
-            return True
-    return False
+    return any(c in ALL_CORRUPTIONS and any(s.isdigit() for s in _subdirs(p / c)) for c in _subdirs(p))

@@ -151,13 +151,15 @@ class ImageFolderSource:
         return self.get_image(index), int(self.labels[index])
 
     def describe(self) -> dict:
-        return {"kind": "folder", "root": str(self.root), "num_samples": len(self), "num_classes": len(self.class_names)}
+        return {"kind": "folder", "root": str(self.root), "num_samples": len(self),
+                "num_classes": len(self.class_names)}
 
 
 class ArraySource:
     """Labelled images held in one uint8 array (N, H, W) or (N, H, W, C)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], description: dict | None = None):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                 description: dict | None = None):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
             raise ValueError("images must be a uint8 array (N,H,W) or (N,H,W,C)")
@@ -240,7 +242,8 @@ def build_mnist5k_npz(csv_gz: str | os.PathLike, out: str | os.PathLike = MNIST5
     (the fixed default split: ``test_per_class`` per class, stratified, seed ``seed``) and the sha256 of
     the CSV it was made from.
     """
-    raw = gzip.open(csv_gz, "rb").read()
+    with gzip.open(csv_gz, "rb") as f:
+        raw = f.read()
     table = np.loadtxt(raw.decode("ascii").splitlines(), delimiter=",")
     if table.shape[1] != 785:
         raise ValueError(f"expected 785 columns, got {table.shape[1]}")

@@ -80,7 +80,8 @@ class StreamSpec:
     reset: Any = "per_domain"  # "per_domain" | "never" | ("every", N)
     label_shift: float | None = None  # Dirichlet alpha; None = i.i.d.
     seed: int = 0
-    limit: int | None = None  # at most this many samples per domain (a seeded, class-stratified subset, the same in every domain)
+    # at most this many samples per domain (a seeded, class-stratified subset, the same in every domain)
+    limit: int | None = None
     data: str = "mnist5k"  # where samples come from when iter_batches() gets no source: "mnist5k", a folder or a tree
     split: str = "test"
 
@@ -200,7 +201,7 @@ def _subset(labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> 
         frac = counts / n * limit - quota
         quota[np.argsort(-frac, kind="stable")[:rest]] += 1
     keep = []
-    for c, q in zip(classes, quota):
+    for c, q in zip(classes, quota, strict=True):
         idx = np.flatnonzero(labels == c)
         keep.extend(idx[rng.permutation(len(idx))[:q]].tolist())
     return np.sort(np.asarray(keep, dtype=np.int64))
@@ -318,8 +319,8 @@ def iter_batches(spec: StreamSpec, source=None, start: int = 0) -> Iterator[Batc
     flags = _reset_flags(spec, batches)
     for b in range(start, len(batches)):
         dom_ids, idx = batches[b]
-        imgs = [doms[int(k)].image(int(i)) for k, i in zip(dom_ids, idx)]
-        labels = np.asarray([doms[int(k)].labels[int(i)] for k, i in zip(dom_ids, idx)], dtype=np.int64)
+        imgs = [doms[int(k)].image(int(i)) for k, i in zip(dom_ids, idx, strict=True)]
+        labels = np.asarray([doms[int(k)].labels[int(i)] for k, i in zip(dom_ids, idx, strict=True)], dtype=np.int64)
         if all(im.shape == imgs[0].shape for im in imgs):
             images: np.ndarray | list = np.stack(imgs)
         else:

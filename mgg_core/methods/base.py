@@ -1,0 +1,159 @@
+"""The TTA method interface, its registry and ``build_method``; one module per method beside this one.
+
+A method turns a test batch into a gradient for the adapted scalars (its loss, its sample filter, its extra
+passes); the optimizer (``optim.py``) turns that gradient into an update. So TENT + MGG, FOA + MGG (= MGTTA) and
+SAR + SGD are all the same engine with different parts.
+
+Contract for a method module: define a ``Method`` subclass, declare its capabilities as class variables (the
+engine, the bench and the service read them; nobody compares names) and decorate it with ``@register``. The package
+imports every module in it, so adding a method is one file (plus its test).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+
+from ..reasons import ResetReason, SkipReason
+from ..registry import Registry
+
+__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "register",
+           "resolved"]
+
+MethodState = dict[str, torch.Tensor]
+
+
+class Timer:
+    """Accumulates wall time per phase; synchronises CUDA so the numbers mean something on a GPU."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class StepContext:
+    """What the engine hands a method for one batch."""
+
+    x: torch.Tensor
+    theta: torch.Tensor                      # current adapted scalars (detached)
+    theta0: torch.Tensor                     # source values
+    state: MethodState                       # this stream's method state (read only; return updates)
+    forward: Callable                        # forward(theta, x, features: bool) -> (logits, features | None)
+    timer: Timer
+    generator: torch.Generator | None = None  # per-stream, per-step randomness (DeYO)
+    source_stats: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class GradOutput:
+    logits: torch.Tensor                     # predictions of the first forward pass (before the update), detached
+    loss: float | None = None
+    grad: torch.Tensor | None = None
+    skipped_reason: SkipReason | None = None
+    state_updates: MethodState = field(default_factory=dict)
+    n_selected: int = 0
+    request_reset: bool = False
+
+
+@dataclass
+class Method:
+    """Base class. Subclasses set the class variables and implement ``objective`` (or override ``gradient``)."""
+
+    # ---- capabilities, declared as data and read by the engine, the bench and the service (never name checks)
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 100               # position in the registry (bench lists, tables, CLI choices)
+    needs_grad: ClassVar[bool] = True
+    needs_features: ClassVar[bool] = False
+    uses_source_stats: ClassVar[bool] = False  # takes FOA's clean source feature statistics (engine source_stats=)
+    uses_fisher: ClassVar[bool] = False      # takes a diagonal Fisher from clean data (engine fisher=)
+    requires_batchnorm: ClassVar[bool] = False  # meaningful only for models with BatchNorm layers
+    bn_stats: ClassVar[str] = "batch"        # "batch": BatchNorm uses test-batch statistics; "source": running stats
+    default_optimizer: ClassVar[str | None] = "sgd"
+    reference_lr: ClassVar[float | None] = 1e-3  # reference step size (ViT-B/16 / ResNet-50, batch 64); None: no step
+    no_update_reason: ClassVar[SkipReason | None] = None   # skipped_reason reported by methods that never update
+    recovery_reason: ClassVar[ResetReason | None] = None   # reset_reason when the method asks for a reset
+
+    num_classes: int = 1000
+
+    @property
+    def ln_c(self) -> float:
+        return math.log(self.num_classes)
+
+    def hparams(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float, str, bool)) or v is None:
+                out[f.name] = v
+        return out
+
+    def init_state(self, device) -> MethodState:
+        return {}
+
+    def objective(self, ctx: StepContext, theta: torch.Tensor, logits: torch.Tensor, features):
+        """-> (loss or None when no sample qualifies, state_updates, n_selected)."""
+        raise NotImplementedError
+
+    def gradient(self, ctx: StepContext) -> GradOutput:
+        theta = ctx.theta.detach().requires_grad_(True)
+        with ctx.timer("forward"):
+            logits, feats = ctx.forward(theta, ctx.x, self.needs_features)
+            loss, updates, n = self.objective(ctx, theta, logits, feats)
+        if loss is None:
+            return GradOutput(logits.detach(), skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
+        if not torch.isfinite(loss):
+            return GradOutput(logits.detach(), loss=float(loss.detach()), skipped_reason=SkipReason.NON_FINITE_LOSS)
+        with ctx.timer("backward"):
+            (grad,) = torch.autograd.grad(loss, theta)
+        return GradOutput(logits.detach(), float(loss.detach()), grad, state_updates=updates, n_selected=n)
+
+
+def resolved(value: float | None) -> float:
+    """A class-count dependent hyper-parameter that ``__post_init__`` filled in (never None after construction)."""
+    if value is None:
+        raise RuntimeError("hyper-parameter read before __post_init__ resolved it")
+    return value
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to :data:`METHODS` under ``cls.name`` (a duplicate name raises)."""
+    METHODS.add(cls.name, cls)
+    return cls
+
+
+def build_method(name: str, num_classes: int, **kwargs) -> Method:
+    """A configured method.
+
+    Args:
+        name: a registered method name (case-insensitive).
+        num_classes: the classifier's class count (class-count dependent defaults scale with it).
+        **kwargs: the method's hyper-parameters (its dataclass fields); unknown ones raise ``ValueError``.
+    """
+    cls = METHODS.get(name)
+    key = cls.name
+    allowed = {f.name for f in fields(cls)} - {"num_classes"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ValueError(f"method {key!r} has no hyper-parameter(s) {sorted(unknown)}; it has {sorted(allowed)}")
+    return cls(num_classes=num_classes, **kwargs)
