@@ -86,7 +86,8 @@ class AdaptationEngine:
         self.device = resolve_device(config.device)
         model: nn.Module = getattr(classifier, "model", classifier)
         card = getattr(classifier, "card", None)
-        self.num_classes = int(num_classes or getattr(classifier, "num_classes", 0) or model.num_classes)
+        n_model: int = getattr(model, "num_classes", 0)
+        self.num_classes = int(num_classes or getattr(classifier, "num_classes", 0) or n_model)
         self.class_names = list(getattr(classifier, "class_names", None) or [str(i) for i in range(self.num_classes)])
         self.model_id = model_id or (getattr(card, "model_name", None) or type(model).__name__)
 
@@ -190,7 +191,7 @@ class AdaptationEngine:
                     raise RuntimeError("this engine's method uses no feature taps")
                 with self.taps.collect() as sink:
                     logits = functional_call(self.model, params, (x,))
-                out = logits, FeatureTaps.concat(sink)
+                out: tuple[torch.Tensor, torch.Tensor | None] = logits, FeatureTaps.concat(sink)
             else:
                 out = functional_call(self.model, params, (x,)), None
             if norm_sink is not None and not norm_sink:
@@ -290,18 +291,19 @@ class AdaptationEngine:
                           forward=self._stream_forward(state, norm_sink, window_sink), timer=timer, generator=gen,
                           source_stats=self.source_stats)
         out = self.method.gradient(ctx)
-        if out.skipped_reason is None and not bool(torch.isfinite(out.grad).all()):
+        raw = out.grad
+        if out.skipped_reason is None and (raw is None or not bool(torch.isfinite(raw).all())):
             out.skipped_reason = SkipReason.NON_FINITE_GRAD
-        if out.skipped_reason is not None:
+        if out.skipped_reason is not None or raw is None:
             state.skipped += 1
             return out, False
-        grad, n = out.grad, x.shape[0]
+        grad, n = raw, x.shape[0]
         pending = int(state.tensors["accum.images"]) if "accum.images" in state.tensors else 0
         if pending:
             grad = (state.tensors["accum.grad"] + n * grad) / (pending + n)
         commit = {"norm": norm_sink, "method": {k: v.detach() for k, v in out.state_updates.items()}}
         if pending + n < self.update_images:   # not enough images yet: accumulate, update later
-            commit["accum"] = {"grad": state.tensors["accum.grad"] + n * out.grad,
+            commit["accum"] = {"grad": state.tensors["accum.grad"] + n * raw,
                                "images": state.tensors["accum.images"] + n}
             self._commit(state, commit, window_sink)
             out.skipped_reason = SkipReason.ACCUMULATING
