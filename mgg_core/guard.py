@@ -72,7 +72,7 @@ class GuardConfig:
     max_entropy_gap: float = 0.1
     anchor_every_images: int = 512
     min_source_diversity: float = 0.5
-    min_source_confident: float = 0.5
+    min_source_confident: float = 0.3
     hold_images: int = 512
 
     def __post_init__(self) -> None:
@@ -131,7 +131,7 @@ def observe(cfg: GuardConfig, g: dict[str, torch.Tensor], logits: torch.Tensor,
     if source_logits is None or source_logits.shape[0] == 0:
         return out
     k = source_logits.shape[0]
-    keep_k = _keep(cfg, k)
+    keep_k = keep            # time constants in stream images: the checked images stand for the whole request
     a, s = logits[:k].float(), source_logits.float()
     a_pred, s_prob = a.argmax(1), s.softmax(1)
     out["adapted_hist"] = _mix_hist(g["adapted_hist"], torch.bincount(a_pred, minlength=c).float() / k, keep_k)
@@ -143,7 +143,7 @@ def observe(cfg: GuardConfig, g: dict[str, torch.Tensor], logits: torch.Tensor,
     out["confident_share"] = _ema(g["confident_share"], conf.float().mean(), keep_k)
     if bool(conf.any()):
         agree = (a_pred[conf] == s_prob.argmax(1)[conf]).float().mean()
-        out["agreement"] = _ema(g["agreement"], agree, _keep(cfg, int(conf.sum())))
+        out["agreement"] = _ema(g["agreement"], agree, keep)
         out["confident"] = g["confident"] + int(conf.sum())
     out["checked"] = g["checked"] + k
     return out
