@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from . import __version__
 from .dataplane import DataPlane, make_predictions
 from .errors import ApiError, register_error_handlers
 from .metrics import ServiceMetrics
-from .middleware import HttpMetricsMiddleware
+from .middleware import HttpGuard
 from .routes import register_routes
 from .runtime import Runtime, ServiceState, load_runtime
 from .settings import ServiceSettings
+
+log = logging.getLogger("mgg.service")
 
 DESCRIPTION = (
     "Online test-time adaptation of an image classifier, one adapting state per stream "
@@ -54,14 +59,22 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     Args:
         settings: service settings; default: ``ServiceSettings()`` (environment, .env, defaults).
     """
-    settings = settings or ServiceSettings()
+    settings, generated = (settings or ServiceSettings()).with_safe_admin_token()
+    if generated is not None:  # binding beyond loopback: admin routes are never left open
+        print(f"mgg serve: {settings.host} is reachable beyond this machine and no admin token is set; "
+              f"generated admin token for this run: {generated}  (set MGG_ADMIN_TOKEN to choose one)",
+              file=sys.stderr, flush=True)
+        log.warning("no admin token set while binding %s: generated one for this run (printed on stderr)",
+                    settings.host)
     metrics = ServiceMetrics()
     svc = ServiceState(settings, metrics)
-    app = FastAPI(title="MGG test-time adaptation service", version=__version__, description=DESCRIPTION,
-                  lifespan=_lifespan(svc))
+    # FastAPIOffline: /docs and /redoc load swagger-ui/redoc from the package (/static-offline-docs), not a CDN
+    app = FastAPIOffline(title="MGG test-time adaptation service", version=__version__, description=DESCRIPTION,
+                         lifespan=_lifespan(svc))
     app.state.svc = svc
     app.state.dataplane = DataPlane(svc)
-    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.add_middleware(HttpGuard, metrics=metrics, body_timeout=settings.body_timeout_seconds,
+                       body_idle_timeout=settings.body_idle_timeout_seconds)
     register_error_handlers(app)
     register_routes(app)
     return app

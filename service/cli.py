@@ -27,7 +27,17 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-concurrent-streams", "max_concurrent_streams", {"type": int, "help": "streams adapting at once"}),
     ("--max-queue-per-stream", "max_queue_per_stream", {"type": int, "help": "queued requests per stream"}),
     ("--max-queue-total", "max_queue_total", {"type": int, "help": "queued requests in total"}),
-    ("--admin-token", "admin_token", {"help": "Bearer token for /reset and /streams (prefer MGG_ADMIN_TOKEN)"}),
+    ("--max-request-pixels", "max_request_pixels", {"type": int, "help": "decoded pixels per request"}),
+    ("--max-pixels-in-flight", "max_pixels_in_flight", {"type": int, "help": "decoded pixels held at once"}),
+    ("--body-timeout-seconds", "body_timeout_seconds", {"type": float, "help": "time to receive a whole body"}),
+    ("--body-idle-timeout-seconds", "body_idle_timeout_seconds",
+     {"type": float, "help": "longest wait for the next body chunk"}),
+    ("--durability", "durability", {"choices": ["step", "interval"],
+                                    "help": "step (default): persist before each answer; interval: in the background"}),
+    ("--max-streams", "max_streams", {"type": int, "help": "streams known at once"}),
+    ("--max-snapshot-bytes", "max_snapshot_bytes", {"type": int, "help": "bytes of snapshots on disk"}),
+    ("--admin-token", "admin_token", {"help": "Bearer token for /reset and /streams (prefer MGG_ADMIN_TOKEN); "
+                                      "generated and printed when binding beyond loopback without one"}),
     ("--log-level", "log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
 ]
 

@@ -3,8 +3,9 @@
 Routes for a protocol (today ``POST /predict``; later the Open Inference Protocol V2 beside it) read and decode
 their own request format, then call the same :class:`DataPlane`:
 
-1. :meth:`DataPlane.reserve` fixes the request's place in the stream's queue (before the body is read, so arrival
-   order is the order of adaptation) or answers 429/503;
+1. :meth:`DataPlane.reserve` fixes the request's place in the stream's queue once its body has arrived (a slow or
+   silent upload holds no queue slot; requests are adapted in the order their bodies completed) or answers
+   429/503/507;
 2. :meth:`DataPlane.infer` preprocesses decoded uint8 images, runs ``engine.step`` (and ``engine.predict`` when
    predictions after the update are configured) under the stream's lock, records metrics and returns a
    :class:`~service.schemas.PredictResponse`.
@@ -18,13 +19,13 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+from .decode import DecodedBatch
 from .errors import ApiError
 from .runtime import Runtime, ServiceState
 from .schemas import PredictResponse
-from .store import SnapshotRestoreError, StoreBusy, StoreClosed, StreamStore, Ticket
+from .store import PersistError, SnapshotRestoreError, StoreBusy, StoreClosed, StoreFull, StreamStore, Ticket
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from mgg_core.engine import StepResult
@@ -57,6 +58,11 @@ def make_predictions(logits: torch.Tensor, class_names: list[str], topk: int) ->
     return out
 
 
+def persist_error(exc: PersistError) -> ApiError:
+    """507 for a durable write that failed: the disk cap (``snapshot_disk_full``) or the disk itself."""
+    return ApiError(507, "snapshot_disk_full" if exc.disk_full else "snapshot_write_failed", exc.message)
+
+
 def finite(v: float | None) -> float | None:
     """``v`` as a float, or None when it is missing or not finite (JSON has no NaN)."""
     if v is None:
@@ -85,20 +91,28 @@ class DataPlane:
             code = "stream_queue_full" if exc.queue == "stream" else "queue_full"
             retry = {"Retry-After": str(self.svc.settings.retry_after_seconds)}
             raise ApiError(429, code, exc.message, retry) from None
+        except StoreFull as exc:
+            raise ApiError(507, exc.code, exc.message) from None
         except StoreClosed as exc:
             raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
 
     async def infer(
-        self, rt: Runtime, store: StreamStore, ticket: Ticket, stream_id: str, images: np.ndarray,
+        self, rt: Runtime, store: StreamStore, ticket: Ticket, stream_id: str, batch: DecodedBatch,
         timings: dict[str, float],
     ) -> PredictResponse:
-        """Preprocess ``images`` (uint8, N x H x W x C), step the stream, and answer; ``timings`` gains phases."""
+        """Preprocess the decoded ``batch``, step the stream, and answer; ``timings`` gains phases.
+
+        The batch's decoded images (and their share of the in-flight pixel budget) are released as soon as they
+        are preprocessed: a request waiting for its stream's turn holds only the model-sized input tensor.
+        """
         settings = self.svc.settings
         t0 = time.perf_counter()
         try:
-            x = await asyncio.to_thread(rt.preprocessor, images)
+            x = await asyncio.to_thread(rt.preprocessor, batch.payload)
         except (ValueError, TypeError, OSError) as exc:
             raise ApiError(400, "invalid_image", f"cannot preprocess the images: {exc}") from None
+        finally:
+            batch.release()
         timings["preprocess"] = time.perf_counter() - t0
         post = settings.return_post_update
         engine = rt.engine
@@ -112,7 +126,10 @@ class DataPlane:
         try:
             res, preds, step = await store.run(ticket, adapt)
         except SnapshotRestoreError as exc:
-            raise ApiError(500, "snapshot_restore_failed", f"{exc}; POST /reset this stream to start over") from None
+            hint = "" if "POST /reset" in exc.message else "; POST /reset this stream to start over"
+            raise ApiError(500, "snapshot_restore_failed", exc.message + hint) from None
+        except PersistError as exc:
+            raise persist_error(exc) from None
         self._record(res, len(preds), timings)
         return PredictResponse(
             stream_id=stream_id,
@@ -151,4 +168,4 @@ class DataPlane:
             metrics.rollbacks.labels(reason=str(res.rollback_reason or "unknown")).inc()
 
 
-__all__ = ["DataPlane", "finite", "make_predictions"]
+__all__ = ["DataPlane", "finite", "make_predictions", "persist_error"]

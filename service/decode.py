@@ -3,10 +3,20 @@
 Everything a request can get wrong is detected here, before the stream's state is touched:
 ``decode_body`` either returns a :class:`DecodedBatch` or raises :class:`DecodeError` whose
 ``code``/``status`` become the JSON error of the response.
+
+Pixel budget. Image sizes are read from the headers first (PIL's lazy ``Image.open``; ICO files, which PIL
+decodes while opening, are measured from their directory and embedded headers instead) and checked against
+``max_image_pixels`` per image and ``max_request_pixels`` per request *before anything is decoded*. When a
+:class:`PixelBudget` is given, the request's pixels are then reserved from it (the bound on decoded pixels held
+by all requests in flight) and the decoded batch carries the reservation as ``batch.lease``: call
+``batch.release()`` as soon as the images have been preprocessed (it drops the images and frees the budget).
+Messages name the problem and the limit, never a path or an exception's text.
 """
 from __future__ import annotations
 
 import io
+import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,19 +29,74 @@ MULTIPART_MEDIA_TYPE = "multipart/form-data"
 IMAGE_FIELD = "images"
 
 
+__all__ = [
+    "DecodeError", "DecodeLimits", "DecodedBatch", "PixelBudget", "PixelLease", "decode_body", "decode_image",
+    "decode_multipart", "decode_npy", "media_type", "probe_image",
+]
+
+
 class DecodeError(ValueError):
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    def __init__(self, code: str, message: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
     max_images: int = 64
     max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 32 * 1024 * 1024  # all images of one request together, checked before decoding
     max_parts: int = 1000  # all multipart parts, files or fields
+
+
+class PixelLease:
+    """A reservation of decoded pixels from a :class:`PixelBudget`; ``release()`` is idempotent."""
+
+    def __init__(self, budget: PixelBudget | None, pixels: int) -> None:
+        self._budget = budget
+        self.pixels = pixels
+
+    def release(self) -> None:
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget._give_back(self.pixels)
+
+
+class PixelBudget:
+    """Decoded pixels held by all requests in flight, at most ``max_pixels`` (thread-safe).
+
+    ``acquire(n)`` either reserves ``n`` pixels and returns a :class:`PixelLease` or raises ``DecodeError``
+    ``pixels_in_flight`` (503 + Retry-After: other requests hold the budget; the request may be retried as is).
+    """
+
+    def __init__(self, max_pixels: int, retry_after_seconds: int = 1) -> None:
+        self.max_pixels = int(max_pixels)
+        self.retry_after_seconds = int(retry_after_seconds)
+        self._lock = threading.Lock()
+        self._used = 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def acquire(self, pixels: int) -> PixelLease:
+        with self._lock:
+            if self._used + pixels > self.max_pixels:
+                raise DecodeError(
+                    "pixels_in_flight",
+                    f"the server is decoding {self._used} pixels for other requests; this request needs {pixels} "
+                    f"more and the limit is {self.max_pixels} pixels in flight; retry shortly",
+                    503, {"Retry-After": str(self.retry_after_seconds)},
+                )
+            self._used += pixels
+        return PixelLease(self, pixels)
+
+    def _give_back(self, pixels: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - pixels)
 
 
 @dataclass
@@ -42,6 +107,15 @@ class DecodedBatch:
     images: list[Image.Image] | None = None
     array: np.ndarray | None = None
     filenames: list[str] = field(default_factory=list)
+    pixels: int = 0  # decoded pixels the batch holds
+    lease: PixelLease | None = None  # its reservation in the in-flight pixel budget, if any
+
+    def release(self) -> None:
+        """Drop the decoded images and give their pixels back to the budget (call once preprocessed)."""
+        self.images = None
+        self.array = None
+        if self.lease is not None:
+            self.lease.release()
 
     def __len__(self) -> int:
         if self.array is not None:
@@ -57,12 +131,18 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def decode_body(body: bytes, content_type: str | None, limits: DecodeLimits) -> DecodedBatch:
+def decode_body(
+    body: bytes, content_type: str | None, limits: DecodeLimits, budget: PixelBudget | None = None
+) -> DecodedBatch:
+    """Validate and decode a /predict body; pixels are checked (and reserved from ``budget``) before decoding."""
     mt = media_type(content_type)
     if mt == MULTIPART_MEDIA_TYPE:
-        return decode_multipart(body, content_type or "", limits)
+        return decode_multipart(body, content_type or "", limits, budget)
     if mt in NPY_MEDIA_TYPES:
-        return DecodedBatch(kind="npy", array=decode_npy(body, limits))
+        arr = decode_npy(body, limits)
+        pixels = int(arr.shape[0] * arr.shape[1] * arr.shape[2])
+        lease = budget.acquire(pixels) if budget is not None else None
+        return DecodedBatch(kind="npy", array=arr, pixels=pixels, lease=lease)
     raise DecodeError(
         "unsupported_media_type",
         f"Content-Type {mt or '(none)'!r} is not supported; send multipart/form-data with one or more "
@@ -91,6 +171,10 @@ def decode_npy(body: bytes, limits: DecodeLimits) -> np.ndarray:
         raise
     except Exception as exc:
         raise DecodeError("invalid_npy", f"the body is not a valid .npy array: {exc}") from exc
+    if not isinstance(shape, tuple) or any(type(d) is not int or d < 0 for d in shape):
+        raise DecodeError(
+            "invalid_npy_shape", f"array dimensions must be non-negative integers, got shape {shape!r}"
+        )
     if dtype.hasobject:
         raise DecodeError("invalid_npy_dtype", "object arrays are not accepted; send dtype uint8")
     if dtype != np.dtype(np.uint8):
@@ -112,6 +196,7 @@ def decode_npy(body: bytes, limits: DecodeLimits) -> np.ndarray:
         raise DecodeError(
             "image_too_large", f"{h}x{w} = {h * w} pixels per image; the limit is {limits.max_image_pixels}", 413
         )
+    _check_request_pixels(n * h * w, limits)
     expected = int(np.prod(shape))
     data = body[fp.tell():]
     if len(data) != expected:
@@ -196,7 +281,9 @@ def _parse_multipart(body: bytes, content_type: str, limits: DecodeLimits) -> li
     return parts
 
 
-def decode_multipart(body: bytes, content_type: str, limits: DecodeLimits) -> DecodedBatch:
+def decode_multipart(
+    body: bytes, content_type: str, limits: DecodeLimits, budget: PixelBudget | None = None
+) -> DecodedBatch:
     parts = _parse_multipart(body, content_type, limits)
     files: list[tuple[str, bytes]] = []
     for i, part in enumerate(parts):
@@ -209,26 +296,104 @@ def decode_multipart(body: bytes, content_type: str, limits: DecodeLimits) -> De
                 "unexpected_field", f"unexpected form field {name!r}; send images as '{IMAGE_FIELD}' file fields"
             )
         files.append((opts.get("filename") or f"{IMAGE_FIELD}[{len(files)}]", bytes(part.data)))
+    del parts
     if not files:
         raise DecodeError("empty_batch", f"no '{IMAGE_FIELD}' file fields in the request")
     if len(files) > limits.max_images:
         raise DecodeError(
             "too_many_images", f"{len(files)} images in one request; the limit is {limits.max_images}", 413
         )
-    images = [decode_image(data, fname, limits) for fname, data in files]
-    return DecodedBatch(kind="multipart", images=images, filenames=[f for f, _ in files])
+    # headers only: every size is known and checked before the first pixel is decoded
+    pixels = sum(probe_image(data, fname, limits) for fname, data in files)
+    _check_request_pixels(pixels, limits)
+    lease = budget.acquire(pixels) if budget is not None else None
+    try:
+        images = [decode_image(data, fname, limits) for fname, data in files]
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return DecodedBatch(kind="multipart", images=images, filenames=[f for f, _ in files], pixels=pixels, lease=lease)
+
+
+def _check_request_pixels(pixels: int, limits: DecodeLimits) -> None:
+    if pixels > limits.max_request_pixels:
+        raise DecodeError(
+            "too_many_pixels",
+            f"the images of this request hold {pixels} pixels together; the limit is {limits.max_request_pixels} "
+            "pixels per request (send fewer or smaller images)",
+            413,
+        )
+
+
+_ICO_MAGIC = b"\x00\x00\x01\x00"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _ico_pixels(data: bytes) -> int:
+    """Largest pixel count among an ICO's entries, from headers only (PIL decodes an ICO while opening it).
+
+    An entry is a PNG (its IHDR size counts, whatever the directory claims) or a BMP/DIB (width x height/2:
+    the DIB height covers the AND mask too).
+    """
+    if len(data) < 6:
+        raise ValueError("truncated ICO header")
+    count = struct.unpack_from("<H", data, 4)[0]
+    if count == 0 or len(data) < 6 + 16 * count:
+        raise ValueError("truncated ICO directory")
+    largest = 0
+    for i in range(count):
+        entry = data[6 + 16 * i: 22 + 16 * i]
+        w, h = entry[0] or 256, entry[1] or 256
+        size, offset = struct.unpack_from("<II", entry, 8)
+        head = data[offset: offset + 26]
+        if head[:8] == _PNG_MAGIC and len(head) >= 24:
+            w, h = struct.unpack_from(">II", head, 16)
+        elif len(head) >= 12:
+            dw, dh = struct.unpack_from("<ii", head, 4)
+            w, h = max(w, abs(dw)), max(h, abs(dh) // 2)
+        largest = max(largest, int(w) * int(h))
+    return largest
+
+
+def probe_image(data: bytes, name: str, limits: DecodeLimits) -> int:
+    """Pixels of an image file from its headers (nothing is decoded); checks ``max_image_pixels``."""
+    if not data:
+        raise DecodeError("invalid_image", f"{name}: empty file")
+    try:
+        if data[:4] == _ICO_MAGIC:
+            w, h = _ico_pixels(data), 1
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
+                    w, h = img.size
+    except UnidentifiedImageError as exc:
+        raise DecodeError("invalid_image", f"{name}: not a recognised image format (or the file is cut short)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError("image_too_large", f"{name}: the image is too large to decode safely", 413) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise DecodeError("invalid_image", f"{name}: cannot read the image header") from exc
+    if w * h > limits.max_image_pixels:
+        shown = f"{w}x{h} = {w * h}" if h != 1 else f"{w}"
+        raise DecodeError(
+            "image_too_large", f"{name}: {shown} pixels; the limit is {limits.max_image_pixels} per image", 413
+        )
+    return int(w * h)
 
 
 def decode_image(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
-    """Bytes of any PIL format -> fully decoded PIL image (first frame, original mode), or DecodeError."""
-    if not data:
-        raise DecodeError("invalid_image", f"{name}: empty file")
+    """Bytes of any PIL format -> fully decoded PIL image (first frame, original mode), or DecodeError.
+
+    The size is checked from the headers (:func:`probe_image`) before decoding.
+    """
+    probe_image(data, name, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if w * h > limits.max_image_pixels:
+            if w * h > limits.max_image_pixels:  # a format whose header understated its size
                 raise DecodeError(
                     "image_too_large",
                     f"{name}: {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels}",
@@ -236,15 +401,17 @@ def decode_image(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
                 )
             img.load()  # full decode here: truncated files fail now, not inside the model
             # mode conversion (palette, alpha, 16-bit, CMYK ...) is the preprocessor's job
-
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:
         raise DecodeError("invalid_image", f"{name}: not a recognised image format (or the file is cut short)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError("image_too_large", f"{name}: {exc}", 413) from exc
+        raise DecodeError("image_too_large", f"{name}: the image is too large to decode safely", 413) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError("invalid_image", f"{name}: cannot decode image ({exc})") from exc
     if img.width == 0 or img.height == 0:
         raise DecodeError("invalid_image", f"{name}: image has zero width or height")
+    if img.width * img.height > limits.max_image_pixels:  # after load (ICO picks its largest entry)
+        raise DecodeError("image_too_large", f"{name}: {img.width}x{img.height} pixels; the limit is "
+                          f"{limits.max_image_pixels} per image", 413)
     return img

@@ -1,7 +1,8 @@
 """One error body for everything: ``{"error": {"code": ..., "message": ...}}``.
 
 Routes raise :class:`ApiError`; :func:`register_error_handlers` maps it, request validation errors, Starlette's
-HTTP errors (404/405) and anything unhandled to that body. Unhandled errors are logged with their traceback.
+HTTP errors (404/405) and anything unhandled to that body. Unhandled errors are logged with their traceback; their
+body never carries the exception's text or a path.
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+    # normally service.http_guard.HttpGuard answers these first (with a request id); never show the exception
     log.exception("unhandled error")
-    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    return error_response(500, "internal_error", "an internal error occurred; see the server log")
 
 
 def register_error_handlers(app: FastAPI) -> None:

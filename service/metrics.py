@@ -64,6 +64,10 @@ class ServiceMetrics:
             "tta_build_info", "Build and model information (value 1).",
             ["version", "model", "method", "optimizer", "device", "torch"], registry=r,
         )
+        self.pixels_in_flight = Gauge(
+            "tta_pixels_in_flight", "Decoded image pixels held by requests now (bounded by max_pixels_in_flight).",
+            registry=r,
+        )
         self.ready = Gauge("tta_ready", "1 when the model is loaded and warmed up.", registry=r)
         self.started = Gauge("tta_start_time_seconds", "Unix time the app was created.", registry=r)
         self.started.set(time.time())

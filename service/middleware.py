@@ -1,15 +1,43 @@
-"""Pure ASGI middleware: HTTP latency histogram and request counter by method, route template and status.
+"""Pure ASGI middleware, :class:`HttpGuard`: request metrics, body-read timeouts, hang-ups, opaque 500s.
 
-Labels use the route template (``/streams/{stream_id}``), never the raw path, so a stream id cannot grow the
-metrics' cardinality; requests that match no route are labelled ``unmatched``.
+Contracts:
+
+* Body timeouts. While a request's body is being read, each ``receive()`` may wait at most ``body_idle_timeout``
+  seconds for the next chunk and the whole body must have arrived within ``body_timeout`` seconds of the first
+  read. Past either, the request is answered ``408 body_timeout`` with ``Connection: close`` and the server closes
+  the connection. (uvicorn's ``timeout_keep_alive`` only bounds the wait *between* requests, not a body that
+  never comes.) Once the body is complete, ``receive()`` passes through untouched (disconnect listening).
+* Hang-ups. A client that disconnects before its response is sent is not a server error: it is recorded with
+  the status label ``499`` (nginx's "client closed request"), counted in ``tta_client_disconnects_total``,
+  logged as one line without a traceback, and nothing is sent.
+* Unhandled errors. Any other exception becomes ``500 internal_error`` whose body carries only a request id
+  (no exception text, no paths); the traceback goes to the log once, under that id.
+* Metrics. ``tta_http_request_duration_seconds`` and ``tta_http_requests_total`` by method, route template and
+  status (499 included). Labels use the route template (``/streams/{stream_id}``), never the raw path, so a stream
+  id cannot grow the metrics' cardinality; requests that match no route are labelled ``unmatched``.
+
+Why our own: Starlette/uvicorn have no body-read timeout and report a mid-upload hang-up as an unhandled
+exception (HTTP 500 plus two tracebacks); a pure ASGI wrapper is the one place that sees both.
 """
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from prometheus_client import Counter
+from starlette.requests import ClientDisconnect
+
 from .metrics import ServiceMetrics
+
+__all__ = ["BodyTimeout", "HttpGuard", "CLIENT_CLOSED"]
+
+log = logging.getLogger("mgg.service.http")
+CLIENT_CLOSED = 499
 
 Message = MutableMapping[str, Any]
 Scope = MutableMapping[str, Any]
@@ -18,31 +46,116 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class HttpMetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+class BodyTimeout(Exception):
+    """The request body did not arrive in time (raised from ``receive()`` while the body is read)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class HttpGuard:
+    """Pure ASGI middleware; see the module docstring.
+
+    Args:
+        app: the ASGI app to guard.
+        metrics: the app's metrics (the request histogram and counter; a disconnect counter is added).
+        body_timeout: seconds from the first body read until the whole body has arrived.
+        body_idle_timeout: seconds the server waits for each next chunk of a body.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, body_timeout: float = 120.0,
+                 body_idle_timeout: float = 15.0) -> None:
         self.app = app
         self.metrics = metrics
+        self.body_timeout = float(body_timeout)
+        self.body_idle_timeout = float(body_idle_timeout)
+        self.disconnects = _disconnect_counter(metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = {"code": 500}
+        st: dict[str, Any] = {"status": 500, "started": False, "body_done": False, "deadline": None}
 
-        async def send_wrapper(message: Message) -> None:
+        async def guarded_receive() -> Message:
+            if st["body_done"]:
+                return await receive()
+            now = time.monotonic()
+            if st["deadline"] is None:
+                st["deadline"] = now + self.body_timeout
+            wait = min(self.body_idle_timeout, st["deadline"] - now)
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except asyncio.TimeoutError:
+                which = "the next chunk" if wait >= self.body_idle_timeout else "the whole body"
+                limit = self.body_idle_timeout if wait >= self.body_idle_timeout else self.body_timeout
+                raise BodyTimeout(f"the request body did not arrive in time ({which} within {limit:g} s)") from None
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                st["body_done"] = True
+            return message
+
+        async def tracked_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
+                st["status"], st["started"] = message["status"], True
+            try:
+                await send(message)
+            except OSError as exc:  # the client went away while we answered
+                raise _Disconnected() from exc
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, guarded_receive, tracked_send)
+        except (ClientDisconnect, _Disconnected):
+            self._hung_up(scope, st)
+        except BodyTimeout as exc:
+            log.info("%s %s: %s; closing the connection", scope.get("method"), scope.get("path"), exc.message)
+            await self._answer(send, st, 408, "body_timeout", exc.message, close=True)
+        except Exception:
+            rid = uuid.uuid4().hex[:12]
+            log.exception("unhandled error in %s %s (request id %s)", scope.get("method"), scope.get("path"), rid)
+            await self._answer(send, st, 500, "internal_error",
+                               f"an internal error occurred; the server log has the details under request id {rid}")
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"  # starlette sets a Route; Mount or none otherwise
-            labels = {"method": scope.get("method", ""), "route": path, "status": str(status["code"])}
+            path = getattr(route, "path", None) or "unmatched"
+            labels = {"method": scope.get("method", ""), "route": path, "status": str(st["status"])}
             self.metrics.http_duration.labels(**labels).observe(time.perf_counter() - t0)
             self.metrics.http_requests.labels(**labels).inc()
 
+    def _hung_up(self, scope: Scope, st: dict[str, Any]) -> None:
+        st["status"] = CLIENT_CLOSED
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        self.disconnects.labels(route=route).inc()
+        log.info("%s %s: the client disconnected before the response was sent", scope.get("method"),
+                 scope.get("path"))
 
-__all__ = ["HttpMetricsMiddleware"]
+    async def _answer(
+        self, send: Send, st: dict[str, Any], status: int, code: str, message: str, close: bool = False
+    ) -> None:
+        if st["started"]:  # too late for a clean answer: the connection is cut by the server
+            return
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        st["status"] = status
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        except OSError:
+            st["status"] = CLIENT_CLOSED
+
+
+def _disconnect_counter(metrics: ServiceMetrics) -> Counter:
+    existing = getattr(metrics, "client_disconnects", None)
+    if existing is not None:
+        return existing
+    counter = Counter("tta_client_disconnects_total", "Requests whose client hung up before the answer (499).",
+                      ["route"], registry=metrics.registry)
+    metrics.client_disconnects = counter  # type: ignore[attr-defined]
+    return counter

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .decode import DecodeLimits
+from .decode import DecodeLimits, PixelBudget
 from .errors import ApiError
 from .metrics import ServiceMetrics
 from .settings import ServiceSettings
@@ -156,6 +157,14 @@ def warm_up(rt: Runtime) -> float:
     return time.perf_counter() - t0
 
 
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/]+/)+")
+
+
+def without_folders(text: str) -> str:
+    """``text`` with absolute paths cut to their file names (answers never show the server's folders)."""
+    return _ABS_PATH.sub("", text)
+
+
 class ServiceState:
     """The server's shared state: settings, metrics, and (once loaded) the runtime and the stream store."""
 
@@ -167,7 +176,10 @@ class ServiceState:
         self.ready = False
         self.load_error: str | None = None
         self.warmup_seconds: float | None = None
-        self.limits = DecodeLimits(max_images=settings.max_images, max_image_pixels=settings.max_image_pixels)
+        self.limits = DecodeLimits(max_images=settings.max_images, max_image_pixels=settings.max_image_pixels,
+                                   max_request_pixels=settings.max_request_pixels)
+        self.pixels = PixelBudget(settings.max_pixels_in_flight, settings.retry_after_seconds)
+        metrics.pixels_in_flight.set_function(lambda: self.pixels.used)
         admin = settings.admin_token
         self.admin_token: str | None = admin.get_secret_value() if admin is not None else None
 
@@ -183,6 +195,12 @@ class ServiceState:
             max_queue_total=s.max_queue_total,
             idle_seconds=s.idle_seconds,
             idle_check_seconds=s.idle_check_seconds,
+            durability=s.durability,
+            snapshot_interval_steps=s.snapshot_interval_steps,
+            snapshot_interval_seconds=s.snapshot_interval_seconds,
+            max_streams=s.max_streams,
+            max_snapshot_bytes=s.max_snapshot_bytes,
+            retention_seconds=s.snapshot_retention_seconds,
         )
 
     async def startup(self) -> None:
@@ -195,7 +213,7 @@ class ServiceState:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_error = f"{type(exc).__name__}: {without_folders(str(exc))}"
             log.exception("model loading failed")
             return
         self.runtime, self.store = rt, store
@@ -229,4 +247,4 @@ class ServiceState:
         return self.runtime, self.store
 
 
-__all__ = ["Runtime", "ServiceState", "load_runtime", "resolve_checkpoint", "warm_up"]
+__all__ = ["Runtime", "ServiceState", "load_runtime", "resolve_checkpoint", "warm_up", "without_folders"]

@@ -80,15 +80,21 @@ class StreamInfo(BaseModel):
     pending: int
     requests: int
     rollbacks: int
+    unpersisted_steps: int = Field(0, description="acknowledged steps not yet on disk (always 0 with durability=step)")
+    error: str | None = Field(None, description="why the stream's files cannot be restored (POST /reset fixes it)")
 
 
 class StreamList(BaseModel):
-    streams: list[StreamInfo]
+    streams: list[StreamInfo] = Field(..., description="one page, sorted by stream id")
+    next_after: str | None = Field(None, description="pass as ?after= for the next page; null on the last page")
     streams_known: int
     streams_resident: int
     state_bytes: int
     state_budget_bytes: int
     queue_depth: int
+    snapshot_bytes: int = Field(0, description="bytes of snapshots on disk")
+    snapshot_budget_bytes: int = Field(0, description="max_snapshot_bytes")
+    steps_unpersisted: int = Field(0, description="acknowledged steps of all streams not yet on disk")
 
 
 __all__ = [

@@ -6,8 +6,10 @@ Precedence, highest first: explicit overrides (the ``mgg serve`` flags), environ
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +65,8 @@ class ServiceSettings(BaseSettings):
     model: str = Field("resnet", description="bundled classifier ('resnet': BatchNorm, the default; 'vit': LayerNorm, "
                        "the paper's setting) or a path to a classifier checkpoint")
     method: str = Field("foa", description="adaptation method (noadapt, bn, tent, eata, sar, deyo, foa)")
-    optimizer: str | None = Field(None, description="optimizer (sgd, adam, mgg); None = the method's default (foa: mgg)")
+    optimizer: str | None = Field(
+        None, description="optimizer (sgd, adam, mgg); None = the method's default (foa: mgg)")
     lr: float | None = Field(None, gt=0, description="step size; None = the method/optimizer default")
     mgg_checkpoint: str | None = Field(
         None, description="MGG meta-network checkpoint; None = the bundled one pretrained for this classifier"
@@ -106,16 +109,48 @@ class ServiceSettings(BaseSettings):
     max_images: int = Field(64, ge=1, description="images per /predict request")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body size limit")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="pixels per decoded image")
+    max_request_pixels: int = Field(
+        32 * 1024 * 1024, ge=1, description="decoded pixels per request, all images together; checked from the "
+        "image headers before anything is decoded (413 too_many_pixels)")
+    max_pixels_in_flight: int = Field(
+        64 * 1024 * 1024, ge=1, description="decoded pixels held by all requests at once (503 pixels_in_flight + "
+        "Retry-After past it); a request's pixels are released as soon as its images are preprocessed")
     max_concurrent_streams: int = Field(2, ge=1, description="streams adapting at the same time")
     max_queue_per_stream: int = Field(16, ge=1, description="requests waiting or running per stream before 429")
     max_queue_total: int = Field(256, ge=1, description="requests waiting or running in total before 429")
     retry_after_seconds: int = Field(1, ge=1)
+    body_timeout_seconds: float = Field(
+        120.0, gt=0, description="a request body must have arrived this long after it started (408 body_timeout "
+        "and the connection is closed past it)")
+    body_idle_timeout_seconds: float = Field(
+        15.0, gt=0, description="the longest wait for the next chunk of a request body (408 body_timeout past it)")
 
     # --- state ----------------------------------------------------------------------------------
     state_budget_bytes: int = Field(2 * 1024**3, ge=0, description="bytes of stream state kept in memory (LRU)")
     idle_seconds: float = Field(900.0, gt=0, description="streams idle this long are snapshotted and unloaded")
     idle_check_seconds: float = Field(30.0, gt=0)
     snapshot_dir: Path = Field(Path("mgg-snapshots"), description="folder of <stream_id>.safetensors snapshots")
+    durability: Literal["step", "interval"] = Field(
+        "step", description="'step': a stream's state is written and fsynced before each /predict answer, so "
+        "no acknowledged step is lost to a crash (kill -9, power loss); 'interval': snapshots are written in the "
+        "background every snapshot_interval_steps steps or snapshot_interval_seconds, whichever comes first, "
+        "so a crash loses at most that many acknowledged steps per stream (tta_steps_unpersisted shows how many "
+        "are at risk now)")
+    snapshot_interval_steps: int = Field(
+        32, ge=1, description="durability='interval': a stream is snapshotted after this many unpersisted steps")
+    snapshot_interval_seconds: float = Field(
+        5.0, gt=0, description="durability='interval': unpersisted steps are snapshotted at most this long after "
+        "they were acknowledged")
+    max_streams: int = Field(
+        10_000, ge=1, description="streams known at once (in memory, on disk or queued); a request for a new "
+        "stream past it is refused with 507 too_many_streams")
+    max_snapshot_bytes: int = Field(
+        10 * 1024**3, ge=0, description="bytes of snapshots on disk; a new stream that would need more is refused "
+        "with 507 snapshot_disk_full")
+    snapshot_retention_seconds: float | None = Field(
+        30 * 24 * 3600.0, gt=0, description="snapshots of streams idle this long are deleted and the streams "
+        "forgotten (None = keep forever)")
+    max_page_size: int = Field(1000, ge=1, description="GET /streams: most streams per page (?limit=)")
 
     @field_validator("admin_token")
     @classmethod
@@ -141,6 +176,26 @@ class ServiceSettings(BaseSettings):
             file_secret_settings,
             _ConfigFileSource(settings_cls, config_path),
         )
+
+    def binds_loopback_only(self) -> bool:
+        """True when ``host`` is a loopback address or 'localhost' (nothing beyond this machine can connect)."""
+        if self.host.strip().lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False  # a host name: assume it is reachable from elsewhere
+
+    def with_safe_admin_token(self) -> tuple[ServiceSettings, str | None]:
+        """The settings to serve with, and the admin token generated for them if one was needed.
+
+        Binding beyond loopback without ``admin_token`` would let anyone reset or delete every stream: a random
+        token is generated for this run (the caller prints it once) so that admin routes are never open.
+        """
+        if self.admin_token is not None or self.binds_loopback_only():
+            return self, None
+        token = secrets.token_urlsafe(24)
+        return self.model_copy(update={"admin_token": SecretStr(token)}), token
 
     def resolved_device(self) -> str:
         if self.device != "auto":

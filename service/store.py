@@ -1,21 +1,36 @@
-"""StreamStore: per-stream adaptation state with strict ordering, a memory budget and disk snapshots.
+"""StreamStore: per-stream adaptation state with strict ordering, a memory budget and durable disk snapshots.
 
-Ordering. Every operation on a stream (predict, reset, delete, eviction snapshot) takes a *ticket* in
-that stream's chain when it arrives; a ticket's job starts only after the previous ticket of the same
-stream has finished. Predict requests reserve their ticket before their body is read, so batches are
-applied in arrival order even when a later request's body decodes faster. A job runs as its own
-task, so a client that disconnects mid-step cannot let the next batch overtake the running one.
+Ordering. Every operation on a stream (predict, reset, delete, snapshot) takes a *ticket* in that stream's
+chain; a ticket's job starts only after the previous ticket of the same stream has finished. A job runs as its
+own task, so a client that disconnects mid-step cannot let the next batch overtake the running one.
 
-Concurrency. Jobs of different streams run concurrently, at most ``max_concurrent`` at a time (the
-torch work runs in worker threads). Past ``max_queue_per_stream`` waiting/running requests on one
-stream, or ``max_queue_total`` over all streams, :class:`StoreBusy` is raised (HTTP 429).
+Concurrency. Jobs of different streams run concurrently, at most ``max_concurrent`` at a time (the torch work
+runs in worker threads). Past ``max_queue_per_stream`` waiting/running requests on one stream, or
+``max_queue_total`` over all streams, :class:`StoreBusy` is raised (HTTP 429).
 
-Memory. Resident states are kept in LRU order; when their total ``state.nbytes()`` exceeds the
-budget, the least recently used idle streams are snapshotted and unloaded. Streams idle for
-``idle_seconds`` are unloaded too. A stream that is not resident is restored from
-``<snapshot_dir>/<stream_id>.safetensors`` on its next request. Snapshots are written to a temp file,
-fsynced and renamed into place, so a crash never leaves a half-written snapshot under the real name.
-``close()`` snapshots every changed resident stream (graceful shutdown).
+Durability. With ``durability="step"`` (the default) a predict job writes the stream's snapshot
+(``<snapshot_dir>/<id>.safetensors`` + ``<id>.json`` sidecar, through :mod:`mgg_core.io`: temp file, fsync,
+rename, fsync of the folder) before its result is returned, so an acknowledged step survives ``kill -9``. When
+that write fails the in-memory state is dropped (the stream is back at its last durable state) and
+:class:`PersistError` is raised: the step is not acknowledged. With ``durability="interval"`` snapshots are
+written in the background once a stream has ``snapshot_interval_steps`` unpersisted steps or its oldest one is
+``snapshot_interval_seconds`` old; a crash loses at most that much per stream (gauge ``tta_steps_unpersisted``).
+
+Memory. Resident states are kept in LRU order; when their total ``state.nbytes()`` exceeds the budget, the
+least recently used idle streams are unloaded, after the request that tripped the budget has been answered
+(never in its critical path). A stream whose state is on disk is simply dropped; one with unpersisted steps
+(interval mode) is written first and dropped even when the write fails (its lost steps are counted in
+``tta_steps_lost_total``), so the budget holds whatever the disk does. Streams idle for ``idle_seconds`` are
+unloaded too. ``reset_all`` resets non-resident streams on disk without loading them.
+
+Bounds. At most ``max_streams`` streams are known (resident, on disk, at source or queued) and at most
+``max_snapshot_bytes`` of snapshots are on disk: a new stream past either is refused with :class:`StoreFull`
+(HTTP 507), and a write that would pass the disk cap fails. Snapshots of streams idle for
+``retention_seconds`` are deleted and the streams forgotten.
+
+Restore. Snapshots are validated before use (file size, engine fingerprint, tensor keys, shapes, dtypes,
+finiteness, scalar types) and sidecars by field type at start-up; a bad file makes only its own stream answer
+:class:`SnapshotRestoreError` (``reason`` is a safe, path-free description) until it is reset or deleted.
 """
 from __future__ import annotations
 
@@ -28,7 +43,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,13 +50,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import Field as PydField
+
+from mgg_core.io import atomic_path, atomic_write_text, fsync_dir
+
 from .metrics import ServiceMetrics
 
 if TYPE_CHECKING:  # torch loads lazily
     from mgg_core.engine import AdaptationEngine
     from mgg_core.state import StreamState
 
+__all__ = [
+    "DURABILITY_MODES", "PersistError", "SnapshotMeta", "SnapshotRestoreError", "StoreBusy", "StoreClosed",
+    "StoreFull", "StreamStore", "Ticket", "UnknownStream", "valid_stream_id",
+]
+
 log = logging.getLogger("mgg.service.store")
+DURABILITY_MODES = ("step", "interval")
 
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 SNAPSHOT_SUFFIX = ".safetensors"
@@ -63,6 +89,16 @@ class StoreBusy(Exception):
         self.message = message
 
 
+class StoreFull(Exception):
+    """A bound on streams (``kind="streams"``) or snapshot disk (``kind="disk"``) refuses a new stream (507)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = "too_many_streams" if kind == "streams" else "snapshot_disk_full"
+        self.message = message
+
+
 class StoreClosed(Exception):
     pass
 
@@ -74,9 +110,61 @@ class UnknownStream(KeyError):
 
 
 class SnapshotRestoreError(RuntimeError):
-    def __init__(self, stream_id: str, cause: BaseException) -> None:
-        super().__init__(f"stream {stream_id!r}: cannot restore its snapshot ({type(cause).__name__}: {cause})")
+    """A stream's files on disk cannot be used; ``message`` is safe to show (no paths, no exception text)."""
+
+    def __init__(self, stream_id: str, reason: str) -> None:
+        self.message = f"stream {stream_id!r}: its snapshot cannot be restored ({reason})"
+        super().__init__(self.message)
         self.stream_id = stream_id
+        self.reason = reason
+
+
+class PersistError(RuntimeError):
+    """A durable write failed; ``message`` is safe to show. The step it was for is not acknowledged."""
+
+    def __init__(self, stream_id: str, disk_full: bool) -> None:
+        what = "the snapshot disk limit is reached" if disk_full else "the snapshot could not be written"
+        self.message = f"stream {stream_id!r}: {what}; the step was not kept, retry later"
+        super().__init__(self.message)
+        self.stream_id = stream_id
+        self.disk_full = disk_full
+
+
+class _DiskCapReached(OSError):
+    pass
+
+
+class SnapshotMeta(BaseModel):
+    """The ``<id>.json`` sidecar (listing data), validated by type at start-up; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    step: int | None = PydField(None, ge=0)
+    bytes: int = PydField(0, ge=0)
+    entropy_ema: float | None = PydField(None, allow_inf_nan=False)
+    last_seen: str | None = None
+    requests: int = PydField(0, ge=0)
+    rollbacks: int = PydField(0, ge=0)
+
+
+class _StoreMetrics:
+    """The store's own collectors, registered in the app's registry."""
+
+    def __init__(self, m: ServiceMetrics) -> None:
+        r = m.registry
+        self.unpersisted = Gauge(
+            "tta_steps_unpersisted", "Acknowledged adaptation steps not yet on disk (a crash now would lose them).",
+            registry=r)
+        self.lost = Counter("tta_steps_lost_total", "Acknowledged steps dropped without being persisted.",
+                            ["reason"], registry=r)
+        self.disk_bytes = Gauge("tta_snapshot_bytes", "Bytes of stream snapshots on disk.", registry=r)
+        self.disk_budget = Gauge("tta_snapshot_budget_bytes", "Configured snapshot disk limit.", registry=r)
+        self.refused = Counter("tta_streams_refused_total", "New streams refused by a bound (507).", ["reason"],
+                               registry=r)
+        self.restore_failed = Counter("tta_snapshot_restore_failed_total",
+                                      "Requests refused because their stream's files are invalid.", registry=r)
+        self.expired = Counter("tta_streams_expired_total", "Idle streams forgotten after the retention time.",
+                               registry=r)
 
 
 @dataclass
@@ -84,13 +172,18 @@ class _Stream:
     id: str
     state: StreamState | None = None  # when resident
     on_disk: bool = False  # a snapshot file exists
+    fresh: bool = False  # at the exact source state with nothing on disk (after a reset)
     dirty: bool = False  # resident state differs from the snapshot on disk (or there is none)
+    invalid: str | None = None  # why its files cannot be used (safe to show); cleared by reset/delete
     tail: asyncio.Future | None = None  # completion of the last ticket in this stream's chain
     pending: int = 0  # tickets not yet released (requests and internal jobs)
     queued: int = 0  # predict requests among them (what the per-stream queue bound counts)
     last_seen: float | None = None  # unix time of the last request
     last_used: float = field(default_factory=time.monotonic)
     nbytes: int = 0
+    disk_bytes: int = 0  # snapshot + sidecar on disk
+    unpersisted: int = 0  # acknowledged steps not on disk
+    unpersisted_since: float | None = None  # monotonic time of the oldest of them
     step: int | None = None
     entropy_ema: float | None = None
     requests: int = 0
@@ -98,7 +191,7 @@ class _Stream:
 
     @property
     def known(self) -> bool:
-        return self.state is not None or self.on_disk
+        return self.state is not None or self.on_disk or self.fresh
 
     def refresh(self, state: StreamState) -> None:
         self.step = int(state.step)
@@ -119,6 +212,8 @@ class _Stream:
             "pending": self.pending,
             "requests": self.requests,
             "rollbacks": self.rollbacks,
+            "unpersisted_steps": self.unpersisted,
+            "error": self.invalid,
         }
 
 
@@ -197,7 +292,24 @@ class StreamStore:
         max_queue_total: int = 256,
         idle_seconds: float = 900.0,
         idle_check_seconds: float = 30.0,
+        durability: str = "step",
+        snapshot_interval_steps: int = 32,
+        snapshot_interval_seconds: float = 5.0,
+        max_streams: int = 10_000,
+        max_snapshot_bytes: int = 10 * 1024**3,
+        retention_seconds: float | None = None,
     ) -> None:
+        """Args:
+            engine: the shared adaptation engine (``new_state``, ``reset``, ``load_state``, ``fingerprint``).
+            snapshot_dir: folder of ``<id>.safetensors`` snapshots and ``<id>.json`` sidecars.
+            metrics: the app's metrics; the store adds its own collectors to the same registry.
+            budget_bytes: resident state bytes kept in memory (LRU eviction past it).
+            durability: ``"step"`` (persist before answering) or ``"interval"`` (see the module docstring).
+            max_streams, max_snapshot_bytes: bounds on known streams and snapshot bytes on disk.
+            retention_seconds: forget streams idle this long (None: never).
+        """
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
         self.engine = engine
         self.snapshot_dir = Path(snapshot_dir)
         self.budget_bytes = int(budget_bytes)
@@ -205,45 +317,102 @@ class StreamStore:
         self.max_queue_total = int(max_queue_total)
         self.idle_seconds = float(idle_seconds)
         self.idle_check_seconds = float(idle_check_seconds)
+        self.durability = durability
+        self.interval_steps = int(snapshot_interval_steps)
+        self.interval_seconds = float(snapshot_interval_seconds)
+        self.max_streams = int(max_streams)
+        self.max_snapshot_bytes = int(max_snapshot_bytes)
+        self.retention_seconds = None if retention_seconds is None else float(retention_seconds)
         self._metrics = metrics
+        self._m = _StoreMetrics(metrics)
+        self._m.disk_budget.set(self.max_snapshot_bytes)
         self._streams: dict[str, _Stream] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident stream ids, least recent first
         self._sem = asyncio.Semaphore(max_concurrent)
         self._pending_total = 0
+        self._unpersisted_total = 0
+        self._disk_total = 0
+        self._file_estimate = 0  # bytes a new stream's files will take (set in start())
+        self._template: dict[str, tuple[tuple[int, ...], Any, bool]] = {}  # key -> shape, dtype, may be NaN
         self._closed = False
-        self._idle_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
-        self._budget_lock = asyncio.Lock()
+        self._budget_task: asyncio.Task | None = None
         self._jobs: set[asyncio.Task] = set()
         metrics.state_budget_bytes.set(self.budget_bytes)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        await asyncio.to_thread(self._learn_template)
         await asyncio.to_thread(self._scan)
         self._update_gauges()
-        self._idle_task = asyncio.create_task(self._idle_loop(), name="mgg-idle-eviction")
+        self._tasks.append(asyncio.create_task(self._idle_loop(), name="mgg-idle-eviction"))
+        if self.durability == "interval":
+            self._tasks.append(asyncio.create_task(self._flush_loop(), name="mgg-interval-snapshots"))
+
+    def _learn_template(self) -> None:
+        """What a valid state looks like (from a fresh one): keys, shapes, dtypes, which may hold NaN."""
+        import torch
+
+        state = self.engine.new_state()
+        self._template = {
+            k: (tuple(v.shape), v.dtype, bool((~torch.isfinite(v)).any())) for k, v in state.tensors.items()
+        }
+        # a state with an anchor is about twice the fresh one; safetensors header and sidecar on top
+        self._file_estimate = 2 * int(state.nbytes()) + 16 * 1024
 
     def _scan(self) -> None:
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.snapshot_dir / TMP_DIRNAME
-        if tmp.exists():  # leftovers of writes interrupted by a crash
+        if tmp.exists():  # leftovers of an older layout's interrupted writes
             shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(exist_ok=True)
+        for leftover in self.snapshot_dir.glob(".*.tmp"):  # mgg_core.io temp files of interrupted writes
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         for path in sorted(self.snapshot_dir.glob("*" + SNAPSHOT_SUFFIX)):
             sid = path.name[: -len(SNAPSHOT_SUFFIX)]
             if not valid_stream_id(sid) or not path.is_file():
                 continue
             entry = _Stream(id=sid, on_disk=True)
-            meta = self._read_meta(sid)
-            entry.step = meta.get("step")
-            entry.nbytes = int(meta.get("bytes") or 0)
-            entry.entropy_ema = meta.get("entropy_ema")
-            entry.last_seen = _parse_iso(meta.get("last_seen"))
-            entry.requests = int(meta.get("requests") or 0)
-            entry.rollbacks = int(meta.get("rollbacks") or 0)
+            self._load_meta_into(entry)
+            if entry.last_seen is None and entry.invalid is None:  # no date in the sidecar: the file's own
+                with contextlib.suppress(OSError):
+                    entry.last_seen = path.stat().st_mtime
+            self._set_disk(entry, self._files_size(sid))
             self._streams[sid] = entry
         log.info("snapshot dir %s: %d stream(s) found", self.snapshot_dir, len(self._streams))
+
+    def _load_meta_into(self, entry: _Stream) -> None:
+        path = self._meta_path(entry.id)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return  # listing data only: the snapshot itself is authoritative
+        except OSError:
+            text = "\0"
+        if not text.strip():
+            return  # an empty sidecar (a power loss right after its rename): as if missing
+        try:
+            raw = json.loads(text)
+        except (OSError, ValueError):
+            entry.invalid = "its sidecar file is not valid JSON"
+            log.error("stream %s: sidecar %s is not valid JSON", entry.id, path)
+            return
+        try:
+            if not isinstance(raw, dict):
+                raise ValueError("not an object")
+            meta = SnapshotMeta.model_validate(raw)
+        except (ValidationError, ValueError) as exc:
+            fields = sorted({str(e["loc"][0]) for e in exc.errors() if e.get("loc")}) if isinstance(
+                exc, ValidationError) else []
+            entry.invalid = "its sidecar file has invalid fields: " + ", ".join(fields) if fields else \
+                "its sidecar file is not a JSON object"
+            log.error("stream %s: sidecar %s is invalid (%s)", entry.id, path, entry.invalid)
+            return
+        entry.step, entry.nbytes, entry.entropy_ema = meta.step, meta.bytes, meta.entropy_ema
+        entry.last_seen = _parse_iso(meta.last_seen)
+        entry.requests, entry.rollbacks = meta.requests, meta.rollbacks
 
     async def close(self) -> None:
         """Refuse new work, wait for queued work, snapshot every changed resident stream."""
@@ -251,14 +420,17 @@ class StreamStore:
             return
         self._closed = True
         self._stop.set()
-        if self._idle_task is not None:  # let it finish a snapshot it is writing rather than cancel it midway
+        for task in self._tasks:  # let a snapshot being written finish rather than cancel it midway
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._idle_task
-        for entry in list(self._streams.values()):
-            if entry.state is not None:
-                await self._snapshot_job(entry, reason="shutdown", unload=True)
+                await task
+        if self._budget_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._budget_task
         if self._jobs:
-            await asyncio.gather(*self._jobs, return_exceptions=True)
+            await asyncio.gather(*list(self._jobs), return_exceptions=True)
+        for entry in list(self._streams.values()):
+            if entry.state is not None and entry.dirty:
+                await self._snapshot_job(entry, reason="shutdown", unload=True)
         self._update_gauges()
 
     @property
@@ -268,7 +440,7 @@ class StreamStore:
     # ---------------------------------------------------------------------------------- predict path
 
     def reserve(self, stream_id: str) -> Ticket:
-        """Take a place in the stream's queue now (arrival order) or raise StoreBusy/StoreClosed."""
+        """Take a place in the stream's queue now, or raise StoreBusy/StoreFull/StoreClosed."""
         if self._closed:
             raise StoreClosed("the server is shutting down")
         entry = self._streams.get(stream_id)
@@ -280,14 +452,28 @@ class StreamStore:
             )
         if self._pending_total >= self.max_queue_total:
             self._metrics.rejected.labels(queue="global").inc()
-            raise StoreBusy("global", f"{self._pending_total} requests queued (limit {self.max_queue_total}); retry later")
+            raise StoreBusy(
+                "global", f"{self._pending_total} requests queued (limit {self.max_queue_total}); retry later"
+            )
         if entry is None:
+            self._admit_new_stream()
             entry = self._streams[stream_id] = _Stream(id=stream_id)
         return Ticket(self, entry, counted=True)
+
+    def _admit_new_stream(self) -> None:
+        if len(self._streams) >= self.max_streams:
+            self._m.refused.labels(reason="streams").inc()
+            raise StoreFull("streams", f"the server holds {len(self._streams)} streams, its limit; reuse a stream "
+                            "id, or delete or reset streams that are no longer needed")
+        if self._disk_total + self._file_estimate > self.max_snapshot_bytes:
+            self._m.refused.labels(reason="disk").inc()
+            raise StoreFull("disk", f"snapshots take {self._disk_total} bytes on disk and the limit is "
+                            f"{self.max_snapshot_bytes}; delete streams that are no longer needed")
 
     async def run(self, ticket: Ticket, fn: Callable[[StreamState], T]) -> T:
         """Run ``fn(state)`` in a worker thread once the ticket's turn has come; state is loaded or created first.
 
+        Under ``durability="step"`` the new state is on disk before this returns (else :class:`PersistError`).
         The job runs as its own task and releases the ticket itself, whatever happens to the caller.
         """
         ticket._owned_by_job = True
@@ -302,44 +488,155 @@ class StreamStore:
             await ticket.wait_turn()
             async with self._sem:
                 state = await self._ensure_resident(entry)
+                durable = (entry.step, entry.entropy_ema, entry.rollbacks, entry.requests)  # listing, as on disk
                 entry.last_seen = time.time()
                 entry.requests += 1
                 try:
                     result = await asyncio.to_thread(fn, state)
-                finally:
-                    entry.dirty = True
-                    entry.refresh(state)
-                    self._touch(entry)
+                except BaseException:
+                    if self.durability == "step":  # back to the last durable state: nothing half-done survives
+                        self._revert(entry, durable)
+                    else:
+                        self._mark_changed(entry, state)
+                    raise
+                self._mark_changed(entry, state)
+            if self.durability == "step":
+                await self._persist_or_revert(entry, durable)
+            elif entry.unpersisted >= self.interval_steps:
+                self._spawn(self._snapshot_job(entry, reason="interval", unload=False))
         finally:
             ticket.release()
-        await self._enforce_budget()
+            self._enforce_budget_soon()
         return result
+
+    def _mark_changed(self, entry: _Stream, state: Any) -> None:
+        entry.dirty, entry.fresh = True, False
+        entry.refresh(state)
+        self._touch(entry)
+        if entry.unpersisted == 0:
+            entry.unpersisted_since = time.monotonic()
+        entry.unpersisted += 1
+        self._unpersisted_total += 1
+        self._m.unpersisted.set(self._unpersisted_total)
+
+    async def _persist_or_revert(self, entry: _Stream, durable: tuple[Any, ...]) -> None:
+        """Write the stream now; on failure drop it from memory (back to its last durable state) and raise."""
+        try:
+            await self._write(entry)
+        except OSError as exc:
+            self._metrics.snapshot_errors.labels(op="write").inc()
+            log.error("stream %s: durable write failed (%s); the step is not acknowledged", entry.id, exc)
+            self._revert(entry, durable)
+            raise PersistError(entry.id, disk_full=isinstance(exc, _DiskCapReached)) from None
+        self._metrics.snapshots.labels(reason="step").inc()
+
+    def _revert(self, entry: _Stream, durable: tuple[Any, ...]) -> None:
+        """Forget the resident state: the next request restores the last durable one (or the source state)."""
+        self._set_persisted(entry)
+        self._drop_state(entry)
+        entry.step, entry.entropy_ema, entry.rollbacks, entry.requests = durable
+
+    def _forget_unpersisted(self, entry: _Stream, reason: str) -> None:
+        if entry.unpersisted:
+            self._m.lost.labels(reason=reason).inc(entry.unpersisted)
+            self._set_persisted(entry)
+
+    def _set_persisted(self, entry: _Stream) -> None:
+        self._unpersisted_total -= entry.unpersisted
+        entry.unpersisted, entry.unpersisted_since = 0, None
+        self._m.unpersisted.set(self._unpersisted_total)
 
     async def _ensure_resident(self, entry: _Stream) -> StreamState:
         if entry.state is not None:
             return entry.state
+        if entry.invalid is not None:
+            self._m.restore_failed.inc()
+            raise SnapshotRestoreError(entry.id, entry.invalid)
         if entry.on_disk:
-            path = self._snapshot_path(entry.id)
             t0 = time.perf_counter()
             try:
-                state = await asyncio.to_thread(self._load_state, path)
-            except Exception as exc:
+                state = await asyncio.to_thread(self._load_state, entry.id)
+            except _InvalidSnapshot as exc:
                 self._metrics.snapshot_errors.labels(op="restore").inc()
-                log.exception("restoring stream %s from %s failed", entry.id, path)
-                raise SnapshotRestoreError(entry.id, exc) from exc
+                self._m.restore_failed.inc()
+                log.error("stream %s: snapshot %s refused: %s", entry.id, self._snapshot_path(entry.id), exc.reason)
+                raise SnapshotRestoreError(entry.id, exc.reason) from None
             self._metrics.observe_phase("restore", time.perf_counter() - t0)
             self._metrics.snapshot_restores.inc()
             entry.dirty = False
         else:
             state = await asyncio.to_thread(self.engine.new_state)
-            entry.dirty = True
+            entry.dirty = not entry.fresh
         entry.state = state
         entry.refresh(state)
         self._touch(entry)
         return state
 
-    def _load_state(self, path: Path) -> StreamState:
-        return self.engine.load_state(path)  # checks the snapshot was made by an engine of the same configuration
+    # ------------------------------------------------------------------------------ restore checks
+
+    def _load_state(self, stream_id: str) -> StreamState:
+        """Load and validate a snapshot; raises :class:`_InvalidSnapshot` with a safe reason."""
+        path = self._snapshot_path(stream_id)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise _InvalidSnapshot("its snapshot file is missing") from None
+        if size > 4 * self._file_estimate + 1024 * 1024:
+            raise _InvalidSnapshot(f"its snapshot file is {size} bytes, far larger than a state of this engine")
+        self._check_fingerprint(path)
+        try:
+            state = self.engine.load_state(path)
+        except Exception as exc:  # any failure of a tampered file is that stream's problem only
+            log.debug("loading %s failed", path, exc_info=True)
+            raise _InvalidSnapshot("the file is not a readable stream-state snapshot") from exc
+        self._check_state(state)
+        return state
+
+    def _check_fingerprint(self, path: Path) -> None:
+        expected = getattr(self.engine, "fingerprint", None)
+        if not isinstance(expected, dict):
+            return
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:  # reads the header only
+                meta = f.metadata() or {}
+            found = json.loads(meta["fingerprint"])
+        except Exception as exc:
+            raise _InvalidSnapshot("the file is not a readable stream-state snapshot") from exc
+        if found != expected:
+            diff = sorted(str(k) for k in set(found) | set(expected) if found.get(k) != expected.get(k)) \
+                if isinstance(found, dict) else ["fingerprint"]
+            raise _InvalidSnapshot("it was made by a differently configured engine (differs in "
+                                   f"{', '.join(diff)}); POST /reset this stream to start over")
+
+    def _check_state(self, state: Any) -> None:
+        import torch
+
+        groups = [("state", getattr(state, "tensors", None))]
+        anchor = getattr(state, "anchor", None)
+        if anchor is not None:
+            groups.append(("anchor", anchor))
+        for label, tensors in groups:
+            if not isinstance(tensors, dict):
+                raise _InvalidSnapshot(f"its {label} tensors are missing")
+            missing = sorted(set(self._template) - set(tensors)) if label == "state" else []
+            extra = sorted(set(tensors) - set(self._template))
+            if missing or extra:
+                raise _InvalidSnapshot(f"its {label} tensors differ from this engine's: missing {missing[:5]}, "
+                                       f"unexpected {extra[:5]}")
+            for key, t in tensors.items():
+                shape, dtype, may_nan = self._template[key]
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+                    got = (tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise _InvalidSnapshot(f"{label} tensor {key!r} is {got}, expected {shape} {dtype}")
+                bad = torch.isinf(t).any() if may_nan else ~torch.isfinite(t).all()
+                if bool(bad):
+                    raise _InvalidSnapshot(f"{label} tensor {key!r} holds non-finite values")
+        for name in ("step", "batches", "images", "skipped", "resets", "rollbacks", "anchor_step", "healthy_streak"):
+            v = getattr(state, name, 0)
+            if type(v) is not int or v < 0:
+                raise _InvalidSnapshot(f"its scalar {name!r} is not a non-negative integer")
 
     # ------------------------------------------------------------------------------------ admin ops
 
@@ -365,29 +662,31 @@ class StreamStore:
         return await asyncio.shield(task)
 
     async def reset(self, stream_id: str, reason: str = "request") -> dict[str, Any]:
-        """Restore the stream's source state exactly; its snapshot is removed (source needs none)."""
+        """Restore the stream's source state exactly; its files are removed (the source state needs none).
+
+        A resident stream is reset in place; a stream that is only on disk stays there (nothing is loaded).
+        """
 
         async def op(entry: _Stream) -> dict[str, Any]:
+            await asyncio.to_thread(self._remove_files, entry.id)
+            self._set_disk(entry, 0)
+            entry.on_disk, entry.fresh, entry.invalid, entry.dirty = False, True, None, False
+            self._set_persisted(entry)  # nothing before the reset is worth keeping any more
             if entry.state is not None:
                 await asyncio.to_thread(self.engine.reset, entry.state)
+                entry.refresh(entry.state)
+                self._touch(entry)
             else:
-                entry.state = await asyncio.to_thread(self.engine.new_state)
-            await asyncio.to_thread(self._remove_files, entry.id)
-            entry.on_disk = False
-            entry.dirty = True
-            entry.refresh(entry.state)
-            self._touch(entry)
+                entry.step, entry.entropy_ema = 0, None
             self._metrics.resets.labels(reason=reason).inc()
             return entry.info()
 
-        info = await self._admin(stream_id, op)
-        await self._enforce_budget()
-        return info
+        return await self._admin(stream_id, op)
 
-    async def reset_all(self) -> list[str]:
-        ids = [sid for sid, e in self._streams.items() if e.known]
+    async def reset_all(self) -> builtins.list[str]:
+        """Reset every known stream, one at a time in its own chain; memory use does not grow."""
         done = []
-        for sid in ids:
+        for sid in [sid for sid, e in self._streams.items() if e.known]:
             with contextlib.suppress(UnknownStream):
                 await self.reset(sid, reason="all")
                 done.append(sid)
@@ -396,7 +695,9 @@ class StreamStore:
     async def delete(self, stream_id: str) -> None:
         async def op(entry: _Stream) -> None:
             await asyncio.to_thread(self._remove_files, entry.id)
-            entry.on_disk = False
+            self._set_disk(entry, 0)
+            entry.on_disk, entry.fresh, entry.invalid = False, False, None
+            self._set_persisted(entry)
             self._drop_state(entry)
 
         await self._admin(stream_id, op)
@@ -406,10 +707,12 @@ class StreamStore:
         self._update_gauges()
 
     async def snapshot(self, stream_id: str, reason: str = "request") -> dict[str, Any]:
+        """Write the stream's snapshot now; raises :class:`PersistError` when the write fails."""
         entry = self._streams.get(stream_id)
         if entry is None or not entry.known:
             raise UnknownStream(stream_id)
-        await self._snapshot_job(entry, reason=reason, unload=False)
+        if not await self._snapshot_job(entry, reason=reason, unload=False, force=True):
+            raise PersistError(stream_id, disk_full=self._disk_total + self._file_estimate > self.max_snapshot_bytes)
         return entry.info()
 
     # ------------------------------------------------------------------------------------- queries
@@ -420,12 +723,30 @@ class StreamStore:
             raise UnknownStream(stream_id)
         return entry.info()
 
-    def list(self) -> list[dict[str, Any]]:
-        return [e.info() for _, e in sorted(self._streams.items()) if e.known]
+    def list(self) -> builtins.list[dict[str, Any]]:
+        return self.page()[0]
+
+    def page(
+        self, after: str | None = None, limit: int | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], str | None]:
+        """Known streams sorted by id, those after ``after``, at most ``limit``; returns (page, next ``after``)."""
+        ids = sorted(sid for sid, e in self._streams.items() if e.known and (after is None or sid > after))
+        if limit is not None and len(ids) > limit:
+            ids = ids[:limit]
+            return [self._streams[sid].info() for sid in ids], ids[-1]
+        return [self._streams[sid].info() for sid in ids], None
 
     @property
     def resident_bytes(self) -> int:
         return sum(self._streams[sid].nbytes for sid in self._lru)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._disk_total
+
+    @property
+    def unpersisted_steps(self) -> int:
+        return self._unpersisted_total
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -434,6 +755,9 @@ class StreamStore:
             "state_bytes": self.resident_bytes,
             "state_budget_bytes": self.budget_bytes,
             "queue_depth": self._pending_total,
+            "snapshot_bytes": self._disk_total,
+            "snapshot_budget_bytes": self.max_snapshot_bytes,
+            "steps_unpersisted": self._unpersisted_total,
         }
 
     # ---------------------------------------------------------------------------- memory & snapshots
@@ -451,25 +775,47 @@ class StreamStore:
         self._lru.pop(entry.id, None)
         self._update_gauges()
 
+    def _set_disk(self, entry: _Stream, nbytes: int) -> None:
+        self._disk_total += nbytes - entry.disk_bytes
+        entry.disk_bytes = nbytes
+        self._m.disk_bytes.set(self._disk_total)
+
     def _update_gauges(self) -> None:
         self._metrics.streams_active.set(len(self._lru))
         self._metrics.streams_known.set(sum(1 for e in self._streams.values() if e.known))
         self._metrics.state_bytes.set(self.resident_bytes)
+        self._m.unpersisted.set(self._unpersisted_total)
+        self._m.disk_bytes.set(self._disk_total)
 
-    async def _enforce_budget(self) -> None:
-        if self.resident_bytes <= self.budget_bytes or self._budget_lock.locked():
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    def _enforce_budget_soon(self) -> None:
+        """Unload least recently used idle streams past the budget, off the caller's path.
+
+        Streams whose state is on disk (always the case under ``durability="step"``) are dropped at once (no
+        I/O); streams with unpersisted steps are written and dropped by a background task.
+        """
+        if self.resident_bytes <= self.budget_bytes:
             return
-        async with self._budget_lock:
-            while self.resident_bytes > self.budget_bytes:
-                # least recently used first; never a stream with queued work; keep at least one resident
-                victim = next(
-                    (self._streams[sid] for sid in self._lru if self._streams[sid].pending == 0), None
-                )
-                if victim is None or len(self._lru) <= 1:
-                    return
-                ok = await self._snapshot_job(victim, reason="budget", unload=True)
-                if not ok:
-                    return
+        for sid in list(self._lru):
+            if self.resident_bytes <= self.budget_bytes or len(self._lru) <= 1:
+                break
+            entry = self._streams[sid]
+            if entry.pending == 0 and not entry.dirty:
+                self._drop_state(entry)
+                self._metrics.evictions.labels(reason="budget").inc()
+        if self.resident_bytes > self.budget_bytes and (self._budget_task is None or self._budget_task.done()):
+            self._budget_task = asyncio.create_task(self._evict_dirty(), name="mgg-budget-eviction")
+
+    async def _evict_dirty(self) -> None:
+        while self.resident_bytes > self.budget_bytes and len(self._lru) > 1:
+            victim = next((self._streams[sid] for sid in self._lru if self._streams[sid].pending == 0), None)
+            if victim is None:
+                return
+            await self._snapshot_job(victim, reason="budget", unload=True, unload_on_failure=True)
 
     async def _idle_loop(self) -> None:
         while not self._stop.is_set():
@@ -478,10 +824,24 @@ class StreamStore:
                 return
             try:
                 await self.evict_idle()
+                await self.expire()
             except Exception:
                 log.exception("idle eviction failed")
 
-    async def evict_idle(self, now: float | None = None) -> builtins.list[str]:  # `list` is a method of this class
+    async def _flush_loop(self) -> None:
+        """durability='interval': snapshot streams whose oldest unpersisted step is snapshot_interval_seconds old."""
+        period = min(1.0, self.interval_seconds / 4)
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), period)
+                return
+            now = time.monotonic()
+            for entry in list(self._streams.values()):
+                since = entry.unpersisted_since
+                if entry.unpersisted and since is not None and now - since >= self.interval_seconds:
+                    await self._snapshot_job(entry, reason="interval", unload=False)
+
+    async def evict_idle(self, now: float | None = None) -> builtins.list[str]:  # `list` is a method here
         now = time.monotonic() if now is None else now
         evicted = []
         for sid in list(self._lru):
@@ -490,35 +850,58 @@ class StreamStore:
             entry = self._streams.get(sid)
             if entry is None or entry.state is None or entry.pending:
                 continue
-            if now - entry.last_used >= self.idle_seconds:
-                if await self._snapshot_job(entry, reason="idle", unload=True):
-                    evicted.append(sid)
+            if now - entry.last_used >= self.idle_seconds and await self._snapshot_job(
+                entry, reason="idle", unload=True
+            ):
+                evicted.append(sid)
         return evicted
 
-    async def _snapshot_job(self, entry: _Stream, *, reason: str, unload: bool) -> bool:
-        """Snapshot (when changed) and optionally unload, in the stream's chain. True on success."""
+    async def expire(self, now: float | None = None) -> builtins.list[str]:
+        """Forget non-resident streams idle for ``retention_seconds`` and delete their files."""
+        if self.retention_seconds is None:
+            return []
+        now = time.time() if now is None else now
+        gone = []
+        for sid, entry in list(self._streams.items()):
+            if entry.state is not None or entry.pending or not entry.known:
+                continue
+            if entry.last_seen is None or now - entry.last_seen < self.retention_seconds:
+                continue
+            with contextlib.suppress(UnknownStream):
+                await self.delete(sid)
+                self._m.expired.inc()
+                gone.append(sid)
+        return gone
+
+    async def _snapshot_job(
+        self, entry: _Stream, *, reason: str, unload: bool, force: bool = False, unload_on_failure: bool = False
+    ) -> bool:
+        """Snapshot (when changed, or ``force``) and optionally unload, in the stream's chain. True on success.
+
+        ``unload_on_failure`` drops the state even when the write fails (budget eviction: memory first); the
+        unpersisted steps are then counted as lost.
+        """
         ticket = Ticket(self, entry, counted=False)
         ticket._owned_by_job = True
         try:
             await ticket.wait_turn()
-            state = entry.state
-            if state is None:
-                return True
-            if entry.dirty or not entry.on_disk:
-                meta = entry.info()
-                t0 = time.perf_counter()
+            if entry.state is None:
+                return entry.on_disk or entry.fresh or not force
+            if entry.dirty or (force and not entry.on_disk):
                 try:
-                    await asyncio.to_thread(self._write_snapshot, entry.id, state, meta)
-                except Exception:
+                    await self._write(entry)
+                except OSError as exc:
                     self._metrics.snapshot_errors.labels(op="write").inc()
-                    log.exception("snapshot of stream %s failed; keeping it in memory", entry.id)
+                    if unload_on_failure:
+                        log.error("snapshot of stream %s failed (%s); unloading it anyway to stay within the memory "
+                                  "budget: %d unpersisted step(s) lost", entry.id, exc, entry.unpersisted)
+                        self._forget_unpersisted(entry, reason="evicted_write_failed")
+                        self._drop_state(entry)
+                        self._metrics.evictions.labels(reason=reason).inc()
+                    else:
+                        log.error("snapshot of stream %s failed (%s); keeping it in memory", entry.id, exc)
                     return False
-                dt = time.perf_counter() - t0
-                self._metrics.snapshot_duration.observe(dt)
-                self._metrics.observe_phase("snapshot", dt)
                 self._metrics.snapshots.labels(reason=reason).inc()
-                entry.on_disk = True
-                entry.dirty = False
             if unload:
                 self._drop_state(entry)
                 self._metrics.evictions.labels(reason=reason).inc()
@@ -526,57 +909,61 @@ class StreamStore:
         finally:
             ticket.release()
 
+    async def _write(self, entry: _Stream) -> None:
+        """Write the resident state of ``entry`` durably (raises OSError); marks it clean and persisted."""
+        state = entry.state
+        assert state is not None, "only resident streams are written"
+        meta = {k: v for k, v in entry.info().items() if k in SnapshotMeta.model_fields}
+        t0 = time.perf_counter()
+        size = await asyncio.to_thread(self._write_files, entry.id, state, meta, entry.disk_bytes)
+        dt = time.perf_counter() - t0
+        self._metrics.snapshot_duration.observe(dt)
+        self._metrics.observe_phase("snapshot", dt)
+        self._set_disk(entry, size)
+        self._file_estimate = max(self._file_estimate, size)
+        entry.on_disk, entry.dirty, entry.fresh = True, False, False
+        self._set_persisted(entry)
+
+    def _write_files(self, stream_id: str, state: StreamState, meta: dict[str, Any], old_size: int) -> int:
+        """Sidecar, then snapshot, each atomically (mgg_core.io), the snapshot fsynced; returns the bytes both take.
+
+        The snapshot is written last: it is authoritative, and a crash between the two leaves at worst a
+        sidecar one step ahead of it (listing data only; the stream is listed from the snapshot once loaded).
+        """
+        path = self._snapshot_path(stream_id)
+        with atomic_path(path) as tmp:
+            state.save(tmp)
+            size = tmp.stat().st_size
+            sidecar = json.dumps({**meta, "saved_at": _iso(time.time())}, indent=1)
+            total = size + len(sidecar.encode())
+            if self._disk_total - old_size + total > self.max_snapshot_bytes:
+                raise _DiskCapReached(f"snapshot disk limit of {self.max_snapshot_bytes} bytes reached")
+            # listing data only: atomic but not fsynced itself; the snapshot's folder fsync below makes its rename
+            # durable, and an empty sidecar after a power loss is read as a missing one
+            atomic_write_text(self._meta_path(stream_id), sidecar, durable=False)
+        return total
+
     def _snapshot_path(self, stream_id: str) -> Path:
         return self.snapshot_dir / f"{stream_id}{SNAPSHOT_SUFFIX}"
 
     def _meta_path(self, stream_id: str) -> Path:
         return self.snapshot_dir / f"{stream_id}{META_SUFFIX}"
 
-    def _read_meta(self, stream_id: str) -> dict[str, Any]:
-        try:
-            data = json.loads(self._meta_path(stream_id).read_text(encoding="utf-8"))
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _write_snapshot(self, stream_id: str, state: StreamState, meta: dict[str, Any]) -> None:
-        tmp_dir = self.snapshot_dir / TMP_DIRNAME
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex
-        tmp_state = tmp_dir / f"{stream_id}.{token}{SNAPSHOT_SUFFIX}"
-        tmp_meta = tmp_dir / f"{stream_id}.{token}{META_SUFFIX}"
-        try:
-            state.save(tmp_state)
-            _fsync_file(tmp_state)
-            meta = {**meta, "resident": False, "saved_at": _iso(time.time())}
-            tmp_meta.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-            _fsync_file(tmp_meta)
-            os.replace(tmp_state, self._snapshot_path(stream_id))
-            os.replace(tmp_meta, self._meta_path(stream_id))
-            _fsync_dir(self.snapshot_dir)
-        finally:
-            for p in (tmp_state, tmp_meta):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+    def _files_size(self, stream_id: str) -> int:
+        total = 0
+        for p in (self._snapshot_path(stream_id), self._meta_path(stream_id)):
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size
+        return total
 
     def _remove_files(self, stream_id: str) -> None:
         for p in (self._snapshot_path(stream_id), self._meta_path(stream_id)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        fsync_dir(self.snapshot_dir)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+class _InvalidSnapshot(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -383,46 +383,51 @@ def test_two_apps_have_independent_registries(tmp_path):
 
 
 def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_images):
-    """A request holds its place in the stream's queue from arrival (before its body is read), so a slow
-    upload deterministically fills a queue of size 1."""
+    """A request takes its place in the stream's queue once its body has arrived; steps held at a gate keep the
+    places taken, so a queue of size 1 (and a global queue of 2) fill deterministically."""
     import httpx
 
     srv = live_server(settings_for(tmp_path / "q", max_queue_per_stream=1, max_queue_total=2))
+    engine = srv.app.state.svc.runtime.engine
+    real_step, gate = engine.step, threading.Event()
+
+    def gated_step(*a, **kw):
+        gate.wait(30)
+        return real_step(*a, **kw)
+
     body = npy_bytes(digit_images[:4])
-    gates = [threading.Event(), threading.Event()]
     results: dict[str, httpx.Response] = {}
 
-    def slow_upload(sid: str, gate: threading.Event) -> None:
-        def chunks():
-            yield body[:64]
-            gate.wait(30)
-            yield body[64:]
-
+    def send(sid: str) -> None:
         with srv.client() as c:
-            results[sid] = c.post("/predict", content=chunks(), headers={**NPY, "X-Stream-Id": sid})
+            results[sid] = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": sid})
 
-    threads = [threading.Thread(target=slow_upload, args=(f"q{i}", g)) for i, g in enumerate(gates)]
-    with srv.client() as c:
-        threads[0].start()
-        _wait_for(lambda: _queue_depth(c) == 1)
-        r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
-        assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
-        assert int(r.headers["retry-after"]) >= 1
-        threads[1].start()
-        _wait_for(lambda: _queue_depth(c) == 2)
-        r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
-        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
-        assert "retry-after" in r.headers
-        for g in gates:
-            g.set()
-        for t in threads:
-            t.join(60)
-        assert all(results[s].status_code == 200 and results[s].json()["step"] == 1 for s in ("q0", "q1"))
-        # the refused requests changed nothing; the queue is free again
-        assert c.get("/streams/q-other", headers=AUTH).status_code == 404
-        r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
-        assert r.status_code == 200 and r.json()["step"] == 2
-        assert 'tta_requests_rejected_total{queue="stream"} 1.0' in c.get("/metrics").text
+    threads = [threading.Thread(target=send, args=(f"q{i}",)) for i in range(2)]
+    engine.step = gated_step
+    try:
+        with srv.client() as c:
+            threads[0].start()
+            _wait_for(lambda: _queue_depth(c) == 1)
+            r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
+            assert int(r.headers["retry-after"]) >= 1
+            threads[1].start()
+            _wait_for(lambda: _queue_depth(c) == 2)
+            r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+            assert "retry-after" in r.headers
+            gate.set()
+            for t in threads:
+                t.join(60)
+            assert all(results[s].status_code == 200 and results[s].json()["step"] == 1 for s in ("q0", "q1"))
+            # the refused requests changed nothing; the queue is free again
+            assert c.get("/streams/q-other", headers=AUTH).status_code == 404
+            r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
+            assert r.status_code == 200 and r.json()["step"] == 2
+            assert 'tta_requests_rejected_total{queue="stream"} 1.0' in c.get("/metrics").text
+    finally:
+        gate.set()
+        engine.step = real_step
 
 
 def _queue_depth(c) -> float:

@@ -32,6 +32,11 @@ def require_ready(svc: ServiceState = Depends(get_service)) -> tuple[Runtime, St
     return svc.require_ready()
 
 
+def _token_matches(token: str, authorization: str) -> bool:
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 def require_admin(
     svc: ServiceState = Depends(get_service),
     authorization: str | None = Header(None, include_in_schema=False),
@@ -43,9 +48,17 @@ def require_admin(
     if not authorization:
         raise ApiError(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <admin token>'",
                        {"WWW-Authenticate": "Bearer"})
-    scheme, _, given = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not _token_matches(token, authorization):
         raise ApiError(403, "forbidden", "the admin token is wrong", {"WWW-Authenticate": "Bearer"})
+
+
+def is_admin(
+    svc: ServiceState = Depends(get_service),
+    authorization: str | None = Header(None, include_in_schema=False),
+) -> bool:
+    """Whether the request may see admin details (right token, or no admin token configured); never raises."""
+    token = svc.admin_token
+    return token is None or (authorization is not None and _token_matches(token, authorization))
 
 
 def check_stream_id(stream_id: str) -> str:
@@ -77,6 +90,6 @@ def path_stream_id(stream_id: str) -> str:
 ADMIN = [Depends(require_admin)]
 
 __all__ = [
-    "ADMIN", "DEFAULT_STREAM", "check_stream_id", "get_dataplane", "get_service", "header_stream_id",
+    "ADMIN", "DEFAULT_STREAM", "check_stream_id", "get_dataplane", "get_service", "header_stream_id", "is_admin",
     "path_stream_id", "require_admin", "require_ready",
 ]

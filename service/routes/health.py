@@ -1,6 +1,7 @@
 """Probes and introspection: /healthz (liveness), /readyz, /info, /metrics (Prometheus) and / (to /docs)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -9,7 +10,7 @@ from fastapi.responses import RedirectResponse, Response
 from .. import __version__
 from ..runtime import ServiceState
 from ..schemas import error_doc
-from .deps import get_service, require_ready
+from .deps import get_service, is_admin, require_ready
 
 router = APIRouter()
 
@@ -35,16 +36,37 @@ def _limits(svc: ServiceState) -> dict[str, Any]:
         "max_queue_total": s.max_queue_total,
         "state_budget_bytes": s.state_budget_bytes,
         "idle_seconds": s.idle_seconds,
+        "max_request_pixels": s.max_request_pixels,
+        "max_pixels_in_flight": s.max_pixels_in_flight,
+        "body_timeout_seconds": s.body_timeout_seconds,
+        "body_idle_timeout_seconds": s.body_idle_timeout_seconds,
+        "max_streams": s.max_streams,
+        "max_snapshot_bytes": s.max_snapshot_bytes,
+        "snapshot_retention_seconds": s.snapshot_retention_seconds,
+        "max_page_size": s.max_page_size,
+        "durability": s.durability,
+        "snapshot_interval_steps": s.snapshot_interval_steps,
+        "snapshot_interval_seconds": s.snapshot_interval_seconds,
     }
 
 
-@router.get("/info", summary="Model, method and limits")
-async def info(svc: ServiceState = Depends(get_service)) -> dict[str, Any]:
+PATH_FIELDS = ("checkpoint", "mgg_checkpoint", "source_stats")  # file names only, unless the caller is admin
+
+
+def _model_info(info: dict[str, Any], admin: bool) -> dict[str, Any]:
+    if admin:
+        return info
+    return {k: (Path(v).name if k in PATH_FIELDS and isinstance(v, str) and ("/" in v or "\\" in v) else v)
+            for k, v in info.items()}
+
+
+@router.get("/info", summary="Model, method and limits (checkpoint folders only with the admin token)")
+async def info(svc: ServiceState = Depends(get_service), admin: bool = Depends(is_admin)) -> dict[str, Any]:
     rt = svc.runtime
     return {
         "version": __version__,
         "ready": svc.ready,
-        "model": rt.info if rt is not None else None,
+        "model": _model_info(rt.info, admin) if rt is not None else None,
         "return_post_update": svc.settings.return_post_update,
         "limits": _limits(svc),
         "admin_token_required": svc.admin_token is not None,

@@ -1,6 +1,8 @@
 """``POST /predict``: multipart images or an ``.npy`` array in, predictions out, then one adaptation step.
 
-This module owns only the protocol: reading the body under its byte limit and decoding it; the rest is
+This module owns only the protocol: reading the body under its byte limit (and, through
+:class:`service.http_guard.HttpGuard`, its time limits) before taking a queue slot, and decoding it within the
+pixel limits; the rest is
 :class:`service.dataplane.DataPlane`, which a V2 (Open Inference Protocol) router can call the same way.
 """
 from __future__ import annotations
@@ -73,10 +75,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     summary="Classify a batch, then adapt the stream on it",
     responses={
         400: error_doc("invalid image, npy array, multipart body or stream id"),
-        413: error_doc("body, image or batch over a limit"),
+        408: error_doc("the body did not arrive in time (body_timeout_seconds, body_idle_timeout_seconds)"),
+        413: error_doc("body, image, pixels or batch over a limit"),
         415: error_doc("unsupported Content-Type"),
         429: error_doc("the stream's queue or the global queue is full (see Retry-After)"),
-        503: error_doc("not ready or shutting down"),
+        503: error_doc("not ready, shutting down, or too many pixels in flight (see Retry-After)"),
+        507: error_doc("stream or snapshot-disk limit reached, or the durable write failed"),
     },
 )
 async def predict(
@@ -87,18 +91,24 @@ async def predict(
     plane: DataPlane = Depends(get_dataplane),
 ) -> PredictResponse:
     rt, store = ready
-    ticket = plane.reserve(store, sid)  # arrival order is fixed here, before the body is read
+    # the body first (bounded in size and time by read_body and HttpGuard): a slow or silent upload holds no slot
+    body = await read_body(request, svc.settings.max_body_bytes)
+    ticket = plane.reserve(store, sid)  # the order of adaptation is the order in which bodies completed
     timings: dict[str, float] = {}
     try:
-        body = await read_body(request, svc.settings.max_body_bytes)
         t0 = time.perf_counter()
-        try:
-            batch = await asyncio.to_thread(decode_body, body, request.headers.get("content-type"), svc.limits)
+        try:  # sizes are checked from the image headers and reserved from the in-flight budget before decoding
+            batch = await asyncio.to_thread(
+                decode_body, body, request.headers.get("content-type"), svc.limits, svc.pixels
+            )
         except DecodeError as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
+            raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
         del body
         timings["decode"] = time.perf_counter() - t0
-        return await plane.infer(rt, store, ticket, sid, batch.payload, timings)
+        try:
+            return await plane.infer(rt, store, ticket, sid, batch, timings)
+        finally:
+            batch.release()  # no-op once infer has released it after preprocessing
     finally:
         ticket.abandon()  # no-op once the job owns the ticket
 

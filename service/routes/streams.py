@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 
+from ..dataplane import persist_error
 from ..errors import ApiError
 from ..runtime import Runtime, ServiceState
 from ..schemas import ResetRequest, ResetResponse, StreamInfo, StreamList, error_doc
-from ..store import StreamStore, UnknownStream
+from ..store import PersistError, StreamStore, UnknownStream
 from .deps import ADMIN, check_stream_id, get_service, path_stream_id, require_ready
 
 router = APIRouter(dependencies=ADMIN)
@@ -39,10 +40,21 @@ async def reset(req: ResetRequest, svc: ServiceState = Depends(get_service)) -> 
     return ResetResponse(reset=[sid])
 
 
-@router.get("/streams", response_model=StreamList, summary="All known streams")
-async def streams(ready: tuple[Runtime, StreamStore] = Depends(require_ready)) -> StreamList:
+@router.get("/streams", response_model=StreamList, summary="Known streams, one page at a time",
+            responses={422: error_doc("limit over max_page_size")})
+async def streams(
+    ready: tuple[Runtime, StreamStore] = Depends(require_ready),
+    svc: ServiceState = Depends(get_service),
+    after: str | None = Query(None, description="list streams whose id sorts after this one (the previous "
+                              "page's next_after)", max_length=128),
+    limit: int | None = Query(None, ge=1, description="streams per page (default and maximum: max_page_size)"),
+) -> StreamList:
     _, store = ready
-    return StreamList(streams=store.list(), **store.stats())
+    cap = svc.settings.max_page_size
+    if limit is not None and limit > cap:
+        raise ApiError(422, "invalid_request", f"limit: at most {cap} streams per page (max_page_size)")
+    page, next_after = store.page(after=after, limit=limit or cap)
+    return StreamList(streams=[StreamInfo(**i) for i in page], next_after=next_after, **store.stats())
 
 
 @router.get("/streams/{stream_id}", response_model=StreamInfo, summary="One stream", responses=_UNKNOWN)
@@ -58,7 +70,7 @@ async def stream(
 
 @router.post(
     "/streams/{stream_id}/snapshot", response_model=StreamInfo, summary="Write the stream's snapshot now",
-    responses=_UNKNOWN,
+    responses={**_UNKNOWN, 507: error_doc("the snapshot could not be written")},
 )
 async def snapshot(
     ready: tuple[Runtime, StreamStore] = Depends(require_ready), sid: str = Depends(path_stream_id),
@@ -68,6 +80,8 @@ async def snapshot(
         return StreamInfo(**(await store.snapshot(sid)))
     except UnknownStream:
         raise _unknown(sid) from None
+    except PersistError as exc:  # never 200 for a snapshot that is not on disk
+        raise persist_error(exc) from None
 
 
 @router.delete(
