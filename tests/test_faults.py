@@ -38,6 +38,9 @@ def settings_for(snapshot_dir: Path, **kw) -> ServiceSettings:
         model=service_test_model(), device="cpu", snapshot_dir=snapshot_dir, state_budget_bytes=40_000,
         max_images=16, max_body_bytes=200_000, admin_token=TOKEN, max_concurrent_streams=2, idle_seconds=600,
         log_level="warning", **TENT,
+        # one update per request, no source checks: these tests count single updates (issue 9's small-batch
+        # defaults are covered by test_smallbatch*)
+        update_images=1, bn_stats="batch", guard_check_share=0.0,
     )
     base.update(kw)
     return ServiceSettings(_env_file=None, **base)
