@@ -75,15 +75,17 @@ def write_tables(out: Path, command: str) -> None:
 
     lines = ["# Long continual streams: default service engine vs no adaptation", "",
              f"Command: `{command}`", "",
-             "All 15 test corruptions (severity 5) of the MNIST-5k test split in one seeded shuffled order, 1000 "
-             "images per domain, batch 16, never reset; i.i.d. within a domain, or Dirichlet(0.1) label shift. "
+             "All 15 test corruptions (severity 5) of the MNIST-5k test split in one seeded shuffled order "
+             "(images per domain: the stream spec's `limit` in each JSON, all 1000 when null), batch 16, never reset; "
+             "i.i.d. within a domain, or Dirichlet(0.1) label shift. "
              "Accuracy (%) of the predictions made before each update. Engine: the service's default configuration "
              "(see each JSON's `protocol.engine`).", ""]
     for path in sorted(out.glob("*.json")):
         rec = json.loads(path.read_text())
         base, ad = rec["noadapt"]["per_domain"], rec["adapted"]["per_domain"]
         gaps = {d: ad[d] - base[d] for d in base}
-        lines += [f"## {path.stem}", "",
+        limit = rec["protocol"]["stream_spec"].get("limit")
+        lines += [f"## {path.stem} ({limit or 1000} images per domain)", "",
                   f"mean: no adaptation {rec['noadapt']['mean']:.1f}, default engine {rec['adapted']['mean']:.1f}; "
                   f"worst domain gap {min(gaps.values()):+.1f}; guard fallbacks {rec['adapted']['fallbacks'] or 0}", "",
                   "| domain | no adaptation | default engine | gap |", "| --- | ---: | ---: | ---: |"]
