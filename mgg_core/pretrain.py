@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -136,7 +139,9 @@ class PretrainConfig:
     out: str | os.PathLike = field(default="mgg.safetensors", metadata=_arg(
         "output GML checkpoint (.safetensors); card goes beside it (.json)", required=True))
     classifier: str = field(default="vit", metadata=_arg("'vit', 'resnet' (bundled) or a classifier .safetensors"))
-    data: str = field(default="mnist5k", metadata=_arg("the classifier's labelled source ('mnist5k' or a folder)"))
+    data: str | None = field(default=None, metadata=_arg(
+        "the classifier's clean labelled data ('mnist5k', a folder DIR/<class>/<image>, or a make-c tree whose "
+        "manifest names it); default: the data named by the classifier's card"))
     samples: int = field(default=128, metadata=_arg("corrupted TRAIN images to meta-train on", type=int))
     batch_size: int = field(default=2, metadata=_arg("meta-training batch", type=int))
     epochs: int = field(default=40, metadata=_arg("epochs", type=int))
@@ -198,6 +203,7 @@ class _Problem:
 
 
 def _problem(cfg: PretrainConfig) -> _Problem:
+    assert cfg.data is not None, "run_pretrain resolves the data first (resolve_data)"
     cache_dir = DEFAULT_CACHE_DIR if cfg.cache_dir is None else cfg.cache_dir
     bundled = cfg.classifier in DEFAULT_CHECKPOINTS
     ckpt_path = Path(default_checkpoint(cfg.classifier)) if bundled else Path(cfg.classifier)
@@ -294,9 +300,40 @@ def _meta_epoch(cfg: PretrainConfig, prob: _Problem, tr: _Training, opt_helper: 
     return meta_losses, grad_norm_sum
 
 
+def resolve_data(cfg: PretrainConfig) -> PretrainConfig:
+    """``cfg`` with ``data`` set to clean labelled data with a TRAIN split: the given data (a make-c tree stands for
+    the source in its manifest) or, when None, the classifier card's; never a silent MNIST-5k for a classifier of
+    other data. Raises ValueError with what to pass instead."""
+    from .bench.data import card_data, clean_data_for
+    from .classifier import ClassifierCard, card_path_for
+
+    ck = Path(default_checkpoint(cfg.classifier) if cfg.classifier in DEFAULT_CHECKPOINTS else cfg.classifier)
+    if not ck.is_file():
+        raise FileNotFoundError(f"classifier checkpoint {ck} not found")
+    clf = SimpleNamespace(card=ClassifierCard.load(card_path_for(ck)), checkpoint_path=ck)
+    if cfg.data is None:
+        data = card_data(clf)
+        if data is None:
+            raise ValueError(f"the card of {ck} names no dataset found on this machine; pass --data (the clean "
+                             "training data of the classifier)")
+    else:
+        if cfg.data != "mnist5k" and not Path(cfg.data).is_dir():
+            raise FileNotFoundError(f"--data {cfg.data}: no such folder (and not 'mnist5k')")
+        data, how = clean_data_for(cfg.data, None)
+        if data is None:
+            raise ValueError(f"--data {cfg.data}: a tree of domain folders; pretrain needs the clean labelled data "
+                             f"DIR/<class>/<image> ({how})")
+    n_train = len(open_source(str(data), "train"))
+    if n_train - min(cfg.val_images, n_train) < 2 * cfg.batch_size:
+        raise ValueError(f"{data} has {n_train} training images and --val-images {cfg.val_images} holds them back "
+                         "for validation, leaving too few to meta-train on; lower --val-images")
+    return dataclasses.replace(cfg, data=str(data))
+
+
 def run_pretrain(cfg: PretrainConfig) -> dict:
     """Meta-train a GML for ``cfg.classifier`` ("vit" / "resnet" / a checkpoint path); returns the card."""
     t_start = time.perf_counter()
+    cfg = resolve_data(cfg)
     out = Path(cfg.out)
     prob = _problem(cfg)
     state_file = state_path_for(out)
@@ -391,9 +428,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = PretrainConfig(**config_kwargs(PretrainConfig, args))
-    if cfg.write_stats:
-        ck = default_checkpoint(cfg.classifier) if cfg.classifier in DEFAULT_CHECKPOINTS else cfg.classifier
-        source_stats_for(load_classifier(ck), data=cfg.data, write=True)
-    run_pretrain(cfg)
-    return 0
+    """The CLI job: the user's errors are one line on stderr and leave no empty output folder."""
+    from .bench.cli import user_errors
+    from .bench.runner import remove_if_empty
+
+    out_dir = Path(args.out).parent
+    created = not out_dir.exists()
+
+    def job() -> int:
+        cfg = resolve_data(PretrainConfig(**config_kwargs(PretrainConfig, args)))
+        if not sys.stderr.isatty():       # no carriage-return bar in a log: the per-epoch lines say where it is
+            cfg = dataclasses.replace(cfg, progress=False)
+        if cfg.write_stats:
+            ck = default_checkpoint(cfg.classifier) if cfg.classifier in DEFAULT_CHECKPOINTS else cfg.classifier
+            source_stats_for(load_classifier(ck), data=cfg.data, write=True)
+        run_pretrain(cfg)
+        return 0
+    try:
+        return user_errors("pretrain", job)
+    except BaseException:
+        if created:
+            remove_if_empty(out_dir)
+        raise

@@ -49,15 +49,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--url", default=os.environ.get("MGG_REPLAY_URL", DEFAULT_URL), help="service base URL")
     p.add_argument("--data", default=MNIST_C,
-                   help=f"{MNIST_C!r} (embedded MNIST-5k test split, corrupted on the fly) or an ImageNet-C layout "
-                        "folder DIR/<corruption>/<severity>/<class>/<image>")
+                   help=f"{MNIST_C!r} (embedded MNIST-5k test split, corrupted on the fly), a dataset folder "
+                        "DIR/<class>/<image> (its test split corrupted on the fly), or a tree of domain folders with "
+                        "any names: DIR/<domain>/<class>/<image> or DIR/<domain>/<severity>/<class>/<image>")
     g = p.add_argument_group("stream spec (mgg_core.data.streams.StreamSpec, one per stream)")
     g.add_argument("--spec", default=None, metavar="SPEC.json",
                    help="a StreamSpec JSON as the base spec (then --corruptions/--severity/--images-per-domain/"
                         "--batch-size/--order/--reset/--label-shift are ignored)")
     g.add_argument("--streams", type=int, default=2, help="concurrent streams, each with its own X-Stream-Id")
     g.add_argument("--corruptions", default=None,
-                   help=f"comma-separated domains, 'name' (at --severity) or 'name-severity' or 'clean' (default: "
+                   help=f"comma-separated domains: 'name' (a corruption, or a tree's domain folder; at --severity "
+                        "where it has severities), 'name-severity', or 'clean' (the uncorrupted split) (default: "
                         f"{','.join(DEFAULT_MNIST_C_CORRUPTIONS)} for {MNIST_C}; every domain of a tree)")
     g.add_argument("--severity", type=int, default=5)
     g.add_argument("--images-per-domain", type=int, default=256,
@@ -223,7 +225,19 @@ def _checked_baseline(args: argparse.Namespace, url: str, run_id: str, how: str)
     return replay(args, url, "baseline", run_id, {"baseline": {"how": how, "url": url, "server_method": method}})
 
 
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
 def main(args: argparse.Namespace) -> int:
+    """``mgg replay``; the user's errors (a bad --data, domain, spec) are one line on stderr, no traceback."""
+    try:
+        return _main(args)
+    except USER_ERRORS as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise SystemExit(f"mgg replay: error: {' '.join(str(msg).split())}") from None
+
+
+def _main(args: argparse.Namespace) -> int:
     if not hasattr(args, "argv"):
         args.argv = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "replay" else []
     if args.report:

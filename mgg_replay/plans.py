@@ -1,5 +1,10 @@
 """Stream plans: one :class:`mgg_core.data.streams.StreamSpec` per replayed stream, turned into batches.
 
+Data: ``mnist5k-c`` (the embedded MNIST-5k test split, corrupted on the fly), a plain dataset folder
+(DIR/<class>/<image>, its test split corrupted on the fly) or a tree of domain folders with any names
+(DIR/<domain>/<class>/<image> or DIR/<domain>/<severity>/<class>/<image>). Domain ``clean`` is the uncorrupted
+split (or a tree's ``clean`` folder).
+
 Stream ``i`` uses seed ``base.seed + i`` (its own subset, order within domains, corruption noise) and, with
 ``domain_order="shuffled"``, its own domain order drawn from that seed. Batches are uint8 images with labels.
 """
@@ -66,15 +71,26 @@ def _parse_reset(text: Any) -> Any:
     return text
 
 
-def _tree_domains(root: str, severity: int) -> list[tuple[str, int]]:
-    from mgg_core.data.imagenet_c import is_imagenet_c_tree
+def _tree_domains(root: str, severity: int, names: list[str] | None = None) -> list[Any]:
+    """Domains of a tree of domain folders (any names; flat or with severities): the named ones or every domain at
+    ``severity``. A plain dataset folder (DIR/<class>/<image>) is corrupted on the fly: the named corruptions (or
+    the default six) at ``severity``."""
+    from mgg_core.data.imagenet_c import ImageNetC, is_imagenet_c_tree
 
     if not is_imagenet_c_tree(root):
-        return [(c, severity) for c in DEFAULT_MNIST_C_CORRUPTIONS]
-    base = Path(root)
-    doms = sorted((c.name, int(sv.name)) for c in base.iterdir() if c.is_dir() and not c.name.startswith(".")
-                  for sv in c.iterdir() if sv.is_dir() and sv.name.isdigit())
-    return [d for d in doms if d[1] == severity] or doms
+        return [_on_the_fly_domain(c, severity) for c in (names or DEFAULT_MNIST_C_CORRUPTIONS)]
+    return ImageNetC(root).select(names, severity)
+
+
+CLEAN = "clean"
+
+
+def _on_the_fly_domain(name: str, severity: int) -> Any:
+    """'clean' (the uncorrupted split), 'name-severity', or a corruption name at ``severity``."""
+    if name == CLEAN:
+        return CLEAN
+    base, _, sev = name.rpartition("-")
+    return name if base and sev.isdigit() else (name, severity)
 
 
 def base_spec(opts: SpecOptions) -> Any:
@@ -83,15 +99,13 @@ def base_spec(opts: SpecOptions) -> Any:
 
     if opts.spec_file:
         return StreamSpec.from_json(Path(opts.spec_file).read_text(encoding="utf-8"))
-    data = "mnist5k" if opts.data == MNIST_C else str(opts.data)
+    data = "mnist5k" if opts.data in (MNIST_C, "mnist5k") else str(opts.data)
     if data != "mnist5k" and not Path(data).is_dir():
         raise FileNotFoundError(f"--data {data}: not a folder (and not {MNIST_C!r})")
-    if opts.corruptions:
-        domains: list[tuple[str, int] | str] = [(c, opts.severity) if "-" not in c else c for c in opts.corruptions]
-    elif data == "mnist5k":
-        domains = [(c, opts.severity) for c in DEFAULT_MNIST_C_CORRUPTIONS]
+    if data == "mnist5k":
+        domains = [_on_the_fly_domain(c, opts.severity) for c in (opts.corruptions or DEFAULT_MNIST_C_CORRUPTIONS)]
     else:
-        domains = list(_tree_domains(data, opts.severity))
+        domains = list(_tree_domains(data, opts.severity, opts.corruptions))
     return StreamSpec(domains=domains, order=opts.order, batch_size=opts.batch_size, reset=_parse_reset(opts.reset),
                       label_shift=opts.label_shift, seed=opts.seed, limit=opts.images_per_domain, data=data)
 

@@ -1,4 +1,5 @@
-"""`mgg serve`: run the adaptation service with uvicorn (one process: stream states live in it)."""
+"""`mgg serve`: run the adaptation service with uvicorn (one process: stream states live in it), or with
+`--backend ray` on Ray Serve (N replicas, each stream pinned to one; see service/rayserve)."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="return predictions made after the update")
     post.add_argument("--pre-update-predictions", dest="opt_return_post_update", action="store_false")
     p.add_argument("--print-settings", action="store_true", help="print the resolved settings and exit")
+    from .rayserve.cli import add_ray_flags  # imports no Ray: the flags exist without the extra
+
+    add_ray_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -84,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.print_settings:
         print(settings.model_dump_json(indent=2))
-        return 0
+        if args.backend != "ray":
+            return 0
+    if args.backend == "ray":  # N replicas on Ray Serve, streams pinned by id (service/rayserve)
+        from .rayserve.cli import run_ray
+
+        return run_ray(args, settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = f"http://{settings.host}:{settings.port}"
     print(f"mgg serve: {settings.model} / {settings.method} + {settings.optimizer or 'default optimizer'} "

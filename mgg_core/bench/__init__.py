@@ -14,14 +14,24 @@ Every method sees exactly the same batches (the spec's seeded order). Methods: n
 only), tent, eata, sar, deyo, foa (FOA loss + SGD) and mgg (FOA loss + the MGG optimizer): every registered
 method with SGD, plus every optimizer that declares a bench method (see ``--methods``).
 
-Learning rates are NEVER chosen on the test corruptions: ``--sweep-lrs`` runs every gradient method over the same
-grid on the 4 held-out corruptions (speckle_noise, spatter, gaussian_blur, saturate) of a validation subset of the
-source's TRAIN split, streamed with the test stream's reset policy, and picks each method's best; the sweep is
-recorded in the JSON (``--sweep-from`` reuses a recorded one, ``--lr METHOD=LR`` sets one explicitly).
+Data: ``--data`` is 'mnist5k' or a dataset folder DIR/<class>/<image> (its TEST split corrupted on the fly and
+cached), or a tree of domain folders with any names, DIR/<domain>/<class>/<image> or
+DIR/<domain>/<severity>/<class>/<image> (make-c output, ImageNet-C, your own shifts); without ``--data`` the data
+named by the classifier's card (never MNIST-5k for a classifier of other data). See docs/custom-data.md.
+
+Learning rates are NEVER chosen on the test domains: ``--sweep-lrs`` runs every gradient method over the same grid
+on held-out data, streamed with the test stream's reset policy, and picks each method's best: ``--sweep-data`` (a
+tree of your own held-out shifts) or, by default, the 4 held-out corruptions (speckle_noise, spatter,
+gaussian_blur, saturate) of a validation subset of the clean TRAIN split behind the data (the folder itself, a
+make-c tree's manifest, or the classifier card). The sweep is recorded in the JSON (``--sweep-from`` reuses a
+recorded one, ``--lr METHOD=LR`` sets one explicitly). EATA's Fisher comes from ``--clean-data`` or that clean
+TRAIN split; without either the run says so in a WARNING line and in the protocol.
 
 Results are cached per (method, domain) under ``OUT/cache`` (continual streams also keep the stream-state
 snapshot after each domain), keyed by a protocol fingerprint, so an interrupted run resumes where it stopped.
-Corrupted images are generated once into ``--cache-dir`` (uint8 npz per domain, the pixels of ``mgg data make-c``).
+Corrupted images are generated once into ``--cache-dir`` (uint8 npz per domain, the pixels of ``mgg data make-c``),
+keyed by the dataset's content (file list, sizes, mtimes), not its path. Progress: short lines on stderr (a live
+bar on a terminal) and one line per finished (method, domain), with ``--no-progress`` too.
 Updates-to-reference: the first batch from which a method's online accuracy curve reaches TENT's final online
 accuracy and stays there.
 """

@@ -14,18 +14,19 @@ import numpy as np
 import timm
 import timm.data
 import torch
-from tqdm import tqdm
 
 from ..classifier import DEFAULT_CHECKPOINTS, LoadedClassifier, default_checkpoint, load_classifier
 from ..data.corruptions import check_corruption, corrupt_image, prepare_image
-from ..data.imagenet_c import ImageNetC
-from ..data.sources import ImageFolderSource, open_source
-from ..data.streams import CLEAN, open_stream_source, stream_plan
+from ..data.imagenet_c import ImageNetC, is_domain_tree
+from ..data.sources import ImageFolderSource, content_fingerprint, open_source
+from ..data.streams import open_stream_source, stream_plan
 from ..io import atomic_path
 from ..preprocess import Preprocessor
+from ..progress import progress_bar
 
-__all__ = ["DEFAULT_CACHE_DIR", "FISHER_IMAGES", "VAL_IMAGES", "VAL_SEED", "Domain", "PreparedDomain",
-           "corrupted_images", "load_any_classifier", "stream_domains", "synthetic_domains", "validation_indices"]
+__all__ = ["DEFAULT_CACHE_DIR", "FISHER_IMAGES", "VAL_IMAGES", "VAL_SEED", "Domain", "PreparedDomain", "card_data",
+           "clean_data_for", "corrupted_images", "load_any_classifier", "source_id", "stream_domains",
+           "synthetic_domains", "tree_domains", "validation_indices"]
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MGG_CACHE_DIR", Path.home() / ".cache" / "mgg"))
 VAL_IMAGES = 1000          # held-out validation subset of the TRAIN split (sweeps, MGG checkpoint selection)
@@ -79,10 +80,13 @@ def corrupted_images(source, indices: np.ndarray, corruption: str, severity: int
     if corruption != "clean":
         check_corruption(corruption, severity)
     out = []
-    for i in tqdm(indices, desc=f"corrupt {corruption}", disable=not progress, leave=False, dynamic_ncols=True):
+    bar = progress_bar(len(indices), f"corrupt {corruption}-{severity}", enabled=progress, leave=False)
+    for i in indices:
         img = source.get_image(int(i))
         out.append(prepare_image(img) if corruption == "clean"
                    else corrupt_image(img, corruption, severity, seed, int(i)))
+        bar.update(1)
+    bar.close()
     arr = np.stack(out)
     if path is not None:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -100,9 +104,63 @@ def _train_size(data: str) -> int:
     return len(open_source(data, "train"))
 
 
-def _source_id(data: str, split: str) -> str:
-    base = data if data == "mnist5k" else hashlib.sha1(str(Path(data).resolve()).encode()).hexdigest()[:10]
-    return f"{base}-{split}"
+def source_id(source, split: str) -> str:
+    """The cache key of a labelled source: its kind and split plus a hash of its content (file list, sizes and
+    mtimes of a folder; pixels of an array), never its path (:func:`~mgg_core.data.sources.content_fingerprint`)."""
+    kind = "mnist5k" if source.describe().get("kind") == "mnist5k" else "folder"
+    return f"{kind}-{split}-{content_fingerprint(source)}"
+
+
+def _resolve_folder(path: str, base: Path | None = None) -> str | None:
+    for cand in (Path(path), (base / path) if base is not None else None):
+        if cand is not None and cand.is_dir():
+            return str(cand)
+    return None
+
+
+def card_data(clf) -> str | None:
+    """The labelled dataset a classifier was trained on, as ``--data`` takes it ("mnist5k" or a folder that exists
+    here), read from its card (``dataset`` and ``training.data``); None when the card names none found here."""
+    card = clf.card
+    ds = getattr(card, "dataset", {}) or {}
+    if ds.get("kind") == "mnist5k":
+        return "mnist5k"
+    base = Path(clf.checkpoint_path).parent
+    given = (getattr(card, "training", {}) or {}).get("data")
+    if given == "mnist5k":
+        return "mnist5k"
+    if given and (found := _resolve_folder(str(given), base)):
+        return found
+    root = ds.get("root") if ds.get("kind") == "folder" else None
+    if root:
+        r = Path(root)
+        if r.name == "train" and (r.parent / "test").is_dir():
+            r = r.parent
+        return _resolve_folder(str(r), base)
+    return None
+
+
+def clean_data_for(data: str | None, clf=None) -> tuple[str | None, str]:
+    """The clean labelled dataset (with a TRAIN split) behind ``data``, and where that answer came from:
+    ``data`` itself when it is "mnist5k" or a plain/split folder; the source recorded in a make-c tree's manifest;
+    else the classifier's card (:func:`card_data`); (None, reason) when none is found."""
+    if data is not None and (data == "mnist5k" or (Path(data).is_dir() and not is_domain_tree(data))):
+        return data, "the stream's data"
+    if data is not None and Path(data).is_dir():
+        manifest = ImageNetC(data).manifest or {}
+        src = manifest.get("data")
+        if src == "mnist5k":
+            return src, f"the make-c manifest of {data}"
+        if src and (found := _resolve_folder(str(src), Path(data).parent)):
+            return found, f"the make-c manifest of {data}"
+    if clf is not None and (found := card_data(clf)) is not None:
+        return found, "the classifier card"
+    return None, "no clean labelled data found (not the stream's data, a make-c manifest or the classifier card)"
+
+
+def tree_domains(data: str, names: Sequence[str] | None, severity: int | None) -> list:
+    """Domain keys of a domain-folder tree (:meth:`~mgg_core.data.imagenet_c.ImageNetC.select`)."""
+    return ImageNetC(data).select(names, severity)
 
 
 def synthetic_domains(data: str, split: str, corruptions: Sequence[str], severity: int, seed: int,
@@ -110,9 +168,10 @@ def synthetic_domains(data: str, split: str, corruptions: Sequence[str], severit
     """Corrupted copies (generated once, cached) of ``indices`` of ``data`` ("mnist5k" or a folder) ``split``."""
     source = open_source(data, split)
     indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+    sid = source_id(source, split)
     out = []
     for c in corruptions:
-        imgs = corrupted_images(source, indices, c, severity, seed, cache_dir, _source_id(data, split), progress)
+        imgs = corrupted_images(source, indices, c, severity, seed, cache_dir, sid, progress)
         out.append(Domain(name=f"{c}-{severity}", corruption=c, severity=severity,
                           labels=np.asarray(source.labels)[indices], index=indices, images=imgs,
                           description={"source": source.describe(), "num_samples": int(len(indices))}))
@@ -132,14 +191,15 @@ def stream_domains(spec, cache_dir, progress: bool = False) -> list[tuple[Domain
     for dom_ids, idx in plan:
         orders[int(dom_ids[0])].append(idx)
     out = []
+    sid = None if isinstance(source, ImageNetC) else source_id(source, spec.split)
     for k, dd in enumerate(doms):
         order = np.concatenate(orders[k])
         used = np.sort(order)
-        c, s = (CLEAN, 0) if dd.domain == CLEAN else dd.domain
+        c, s = (dd.domain, 0) if isinstance(dd.domain, str) else dd.domain
         if isinstance(source, ImageNetC):
             d = Domain(dd.name, c, s, labels=dd.labels[used], index=used, source=dd.src, description=dd.src.describe())
         else:
-            sid = _source_id(spec.data, spec.split)
+            assert sid is not None
             imgs = corrupted_images(source, used, c, s, spec.seed, cache_dir, sid, progress)
             d = Domain(dd.name, c, s, labels=np.asarray(source.labels)[used], index=used, images=imgs,
                        description={"source": source.describe(), "num_samples": int(len(used))})

@@ -73,7 +73,7 @@ def summarize(all_results: dict[str, list[DomainResult]], reset: str, reference:
 
 # ============================================================================================== report
 def markdown_table(summary: dict, domains: Sequence[str], methods: Sequence[str], title: str = "") -> str:
-    short = [d.rsplit("-", 1)[0] for d in domains]
+    short = [d.rsplit("-", 1)[0] if d.rpartition("-")[2].isdigit() else d for d in domains]
     lines = [f"### {title}", ""] if title else []
     lines.append("| method | mean | " + " | ".join(short) + " |")
     lines.append("| --- | ---: | " + " | ".join("---:" for _ in short) + " |")
@@ -142,13 +142,15 @@ class BenchRun:
 
     @property
     def severity(self) -> int | list[int]:
-        severities = sorted({d[1] for d in self.spec.domains if d != "clean"})
+        severities = sorted({d[1] for d in self.spec.domains if isinstance(d, tuple)})
         return severities[0] if len(severities) == 1 else severities
 
     def title(self) -> str:
         setting = "reset per corruption" if self.reset == "domain" else "continual (no reset)"
-        return self.cfg.title or (f"{self.base_protocol['model']} | {len(self.domains)} corruptions, severity "
-                                  f"{self.severity} | batch {self.spec.batch_size} | {setting}")
+        sev = f", severity {self.severity}" if self.severity != [] else ""
+        kind = "corruptions" if all(isinstance(d, tuple) for d in self.spec.domains) else "domains"
+        return self.cfg.title or (f"{self.base_protocol['model']} | {len(self.domains)} {kind}{sev} "
+                                  f"| batch {self.spec.batch_size} | {setting}")
 
 
 def protocol_record(run: BenchRun) -> dict:
@@ -160,7 +162,7 @@ def protocol_record(run: BenchRun) -> dict:
         "model": bp["model"], "weights_file": Path(run.setup.classifier.checkpoint_path).name,
         "weights_sha256": bp["weights_sha256"], "preprocessing": bp["data_config"],
         "dataset": {"data": spec.data, "split": spec.split, "description": run.description},
-        "corruptions": [d if d == "clean" else d[0] for d in spec.domains], "severity": run.severity,
+        "corruptions": [d if isinstance(d, str) else d[0] for d in spec.domains], "severity": run.severity,
         "batch_size": spec.batch_size, "images_per_domain": [len(d) for d in run.domains],
         "stream": spec.to_dict(),
         "stream_order": {"domains": names, "within_domain": (

@@ -3,6 +3,7 @@ streaming a method over the domains with a per-(method, domain) result cache, th
 itself (:class:`BenchConfig` -> :func:`run_bench`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..assets import (
     DEFAULT_MGG_CHECKPOINTS,
@@ -25,6 +25,7 @@ from ..assets import (
 )
 from ..classifier import LoadedClassifier, file_sha256
 from ..data.corruptions import HELDOUT_CORRUPTIONS
+from ..data.imagenet_c import ImageNetC, is_domain_tree
 from ..data.streams import StreamSpec, default_stream_spec
 from ..engine import AdaptationEngine, EngineConfig, compute_fisher
 from ..features import compute_source_stats, load_stats
@@ -32,6 +33,7 @@ from ..io import atomic_write_text
 from ..methods import METHODS, Method
 from ..optim import MGG, OPTIMIZERS, OptimInfo
 from ..params import batchnorm_layers
+from ..progress import log_line, progress_bar
 from ..registry import Registry
 from .data import (
     DEFAULT_CACHE_DIR,
@@ -41,6 +43,8 @@ from .data import (
     _clean_batches_from_folder,
     _fingerprint,
     _train_size,
+    card_data,
+    clean_data_for,
     load_any_classifier,
     stream_domains,
     synthetic_domains,
@@ -49,8 +53,8 @@ from .data import (
 from .report import BenchRun, _log, write_report
 
 __all__ = ["ALL_METHODS", "BENCH_METHODS", "DEFAULT_METHODS", "DEFAULT_SWEEP", "METHOD_PARTS", "REFERENCE_LR",
-           "BenchConfig", "BenchMethod", "DomainResult", "ResultCache", "Setup", "bench", "build_engine",
-           "run_bench", "run_domain", "run_stream", "sweep_lrs"]
+           "BenchConfig", "BenchMethod", "DomainResult", "ResultCache", "Setup", "bench", "bench_spec", "build_engine",
+           "remove_if_empty", "run_bench", "run_domain", "run_stream", "sweep_lrs"]
 
 #: the optimizer every registered method runs with in the bench (the papers' own); optimizers that declare a
 #: ``bench_method`` also run as a method of their own name (``mgg`` = FOA loss + the MGG optimizer)
@@ -244,7 +248,7 @@ def sweep_lrs(setup: Setup, methods: Sequence[str], grid: Sequence[float], domai
             for lr in grid}
     cache = ResultCache(cache_root, keys)
     table: dict[str, dict[str, float]] = {}
-    bar = tqdm(total=len(keys) * len(domains), desc="held-out lr sweep", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(len(keys) * len(domains), "held-out lr sweep", enabled=progress)
     for m in grad_methods:
         table[m] = {}
         for lr in grid:
@@ -253,6 +257,7 @@ def sweep_lrs(setup: Setup, methods: Sequence[str], grid: Sequence[float], domai
             res = run_stream(eng, domains, batch_size, reset=reset, seed=seed, cache=cache, method=key,
                              on_domain=lambda r: bar.update(1))
             table[m][f"{lr:g}"] = float(np.mean([r.accuracy for r in res]))
+            log_line(f"  sweep {m} lr {lr:g}: held-out mean {table[m][f'{lr:g}']:.1f}%", quiet)
     bar.close()
     chosen = {m: float(max(table[m], key=lambda k: table[m][k])) for m in grad_methods}
     for m in grad_methods:
@@ -309,8 +314,13 @@ class BenchConfig:
     lrs: Mapping[str, float] | None = field(default=None, metadata=_arg(
         "explicit step sizes (override sweeps)", flag="--lr", nargs="*", metavar="METHOD=LR", parse=_parse_lrs))
     sweep: Sequence[float] | None = field(default=None, metadata=_arg(
-        "choose each method's lr on the 4 held-out corruptions of the train split (e.g. "
-        f"{','.join(f'{v:g}' for v in DEFAULT_SWEEP)})", flag="--sweep-lrs", type=_float_list, metavar="LR,LR,..."))
+        "choose each method's lr on held-out data over this grid (e.g. "
+        f"{','.join(f'{v:g}' for v in DEFAULT_SWEEP)}): --sweep-data, else the 4 held-out corruptions of a "
+        "validation subset of the clean TRAIN split (of --data, its make-c manifest or the classifier card)",
+        flag="--sweep-lrs", type=_float_list, metavar="LR,LR,..."))
+    sweep_data: str | None = field(default=None, metadata=_arg(
+        "held-out domains for --sweep-lrs: a tree DIR/<domain>/[<severity>/]<class>/<image> of shifts that are not "
+        "in the test stream (every domain of it, at the stream's severity where it has severities)"))
     sweep_from: str | None = field(default=None, metadata=_arg(
         "reuse the lrs chosen by the sweep recorded in this results.json"))
     val_images: int = field(default=VAL_IMAGES, metadata=_arg(
@@ -347,6 +357,9 @@ class BenchConfig:
             raise ValueError(f"val_images must be >= 1, not {self.val_images}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, not {self.num_classes}")
+        if self.sweep_data is not None and not is_domain_tree(self.sweep_data):
+            raise ValueError(f"--sweep-data {self.sweep_data}: not a tree of domain folders "
+                             "DIR/<domain>/[<severity>/]<class>/<image>")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -376,9 +389,13 @@ def _companions(cfg: BenchConfig, spec: StreamSpec, clf, methods: Sequence[str])
             stats = compute_source_stats(eng.source_features, _clean_batches_from_folder(clf, cfg.clean_data, 2000))
             stats_origin = f"computed from 2000 clean images of {cfg.clean_data}"
         else:
-            stats = source_stats_for(clf, data=data if data == "mnist5k" else None, device=cfg.device)
             p = stats_path_for(weights_path)
-            stats_origin = str(p.name) if p.is_file() else f"computed from clean {data} train"
+            clean, _ = clean_data_for(data, clf)
+            if not p.is_file() and clean is None:
+                raise ValueError(f"FOA/MGG need source statistics: no {p.name} beside the classifier and no clean "
+                                 "training data found; pass --clean-data DIR/<class>/<image> or --source-stats")
+            stats = source_stats_for(clf, data=clean, device=cfg.device)
+            stats_origin = str(p.name) if p.is_file() else f"computed from clean {clean} train"
     fisher_method = next((e.method.name for e in entries if e.method.uses_fisher), None)
     fisher, fisher_origin = _fisher(cfg, spec, clf, fisher_method)
     mgg_checkpoint = cfg.mgg_checkpoint
@@ -390,7 +407,7 @@ def _companions(cfg: BenchConfig, spec: StreamSpec, clf, methods: Sequence[str])
             raise FileNotFoundError("no MGG checkpoint for this classifier: pass --mgg-checkpoint (train one with "
                                     "`mgg pretrain`)")
         mgg_checkpoint = str(found)
-    engine = {"bn_momentum": cfg.bn_momentum, "update_images": cfg.update_images}
+    engine: dict[str, object] = {"bn_momentum": cfg.bn_momentum, "update_images": cfg.update_images}
     if cfg.bn_stats is not None:
         engine["bn_stats"] = cfg.bn_stats
     setup = Setup(classifier=clf, source_stats=stats, fisher=fisher, mgg_checkpoint=mgg_checkpoint, device=cfg.device,
@@ -405,12 +422,19 @@ def _fisher(cfg: BenchConfig, spec: StreamSpec, clf, method: str | None) -> tupl
     if cfg.clean_data:
         return (compute_fisher(eng, _clean_batches_from_folder(clf, cfg.clean_data, 2000)),
                 f"2000 clean images of {cfg.clean_data}")
-    if spec.data == "mnist5k":
-        vi = validation_indices(_train_size(spec.data), cfg.val_images)
-        batches = clean_train_batches(clf, spec.data, FISHER_IMAGES, 64, seed=spec.seed + 1, exclude=vi)
-        origin = f"{FISHER_IMAGES} clean {spec.data} train images (outside the validation subset)"
-        return compute_fisher(eng, batches), origin
-    return None, "none (no clean data given): EATA runs without its Fisher regulariser"
+    clean, how = clean_data_for(spec.data, clf)
+    if clean is not None:
+        n_train = _train_size(clean)
+        vi = validation_indices(n_train, cfg.val_images)
+        # outside the sweep's validation subset when enough images remain (the Fisher uses no labels either way)
+        exclude = vi if n_train - len(vi) >= 64 else None
+        n = min(FISHER_IMAGES, n_train - (len(vi) if exclude is not None else 0))
+        batches = clean_train_batches(clf, clean, n, 64, seed=spec.seed + 1, exclude=exclude)
+        where = "outside the validation subset" if exclude is not None else "the train split is small: all of it"
+        return compute_fisher(eng, batches), f"{n} clean {clean} train images ({where}; from {how})"
+    log_line(f"WARNING: {method} runs WITHOUT its Fisher regulariser: {how}; pass --clean-data DIR/<class>/<image> "
+             "(clean images of the source distribution)")
+    return None, "none (no clean data found or given): EATA runs without its Fisher regulariser"
 
 
 def _base_protocol(cfg: BenchConfig, spec: StreamSpec, setup: Setup) -> dict:
@@ -448,31 +472,60 @@ def _step_sizes(cfg: BenchConfig, spec: StreamSpec, reset: str, setup: Setup, me
     return chosen, lr_source, sweep_record
 
 
+def _sweep_domains(cfg: BenchConfig, spec: StreamSpec, setup: Setup, cache_dir: Path) -> tuple[list, dict, dict]:
+    """The held-out domains of the lr sweep, their protocol record and the fingerprint part: ``--sweep-data`` (a
+    tree of the user's held-out shifts) or the 4 held-out corruptions of the validation subset of the clean TRAIN
+    split behind the stream's data (its own, its make-c manifest's or the classifier card's)."""
+    from ..data.streams import StreamSpec as _Spec
+    from .data import stream_domains
+
+    seed = spec.seed
+    if cfg.sweep_data is not None:
+        tree = ImageNetC(cfg.sweep_data)
+        sev = next((d[1] for d in spec.domains if isinstance(d, tuple)), None)
+        keys = tree.domains(sev)
+        names = {d if isinstance(d, str) else f"{d[0]}-{d[1]}" for d in keys}
+        if names & set(spec.domain_names) and Path(cfg.sweep_data).resolve() == Path(spec.data).resolve():
+            raise ValueError("--sweep-data must not hold the test domains (step sizes are chosen on held-out data)")
+        vspec = _Spec(domains=keys, batch_size=spec.batch_size, reset="per_domain", seed=seed, data=cfg.sweep_data)
+        val = [PreparedDomain(d, setup.classifier.preprocessor, order=o)
+               for d, o in stream_domains(vspec, cache_dir, progress=cfg.progress)]
+        record = {"data": str(cfg.sweep_data), "domains": vspec.domain_names, "images": int(sum(len(d) for d in val))}
+        return val, record, {"sweep_data": record["domains"], "sweep_images": record["images"]}
+    clean, how = clean_data_for(spec.data, setup.classifier)
+    if clean is None:
+        raise ValueError(f"--sweep-lrs needs held-out data: {how}; pass --sweep-data DIR (held-out domain folders) "
+                         "or --lr METHOD=VALUE")
+    test_like = [c for c in HELDOUT_CORRUPTIONS if c in {d[0] for d in spec.domains if isinstance(d, tuple)}]
+    if test_like:
+        raise ValueError(f"the test stream contains the held-out corruptions {test_like}; pass --sweep-data")
+    vi = validation_indices(_train_size(clean), cfg.val_images)
+    val = [PreparedDomain(d, setup.classifier.preprocessor, order_seed=seed)
+           for d in synthetic_domains(clean, "train", HELDOUT_CORRUPTIONS, 5, seed, cache_dir, indices=vi,
+                                      progress=cfg.progress)]
+    record = {"split": "train", "clean_data": str(clean), "clean_data_from": how, "images": int(len(vi)),
+              "corruptions": list(HELDOUT_CORRUPTIONS), "severity": 5}
+    return val, record, {"split": "train", "held_out": list(HELDOUT_CORRUPTIONS), "val_images": cfg.val_images,
+                         "clean": clean if clean == "mnist5k" else "folder"}
+
+
 def _held_out_sweep(cfg: BenchConfig, spec: StreamSpec, reset: str, setup: Setup, methods: Sequence[str],
                     base_protocol: dict, cache_dir: Path) -> dict:
-    data, seed, batch_size = spec.data, spec.seed, spec.batch_size
-    if data != "mnist5k":
-        raise ValueError("--sweep-lrs needs the held-out corruptions of the source's train split (mnist5k); "
-                         "for other data pass --lr METHOD=VALUE")
     assert cfg.sweep is not None
-    vi = validation_indices(_train_size(data), cfg.val_images)
-    val = [PreparedDomain(d, setup.classifier.preprocessor, order_seed=seed)
-           for d in synthetic_domains(data, "train", HELDOUT_CORRUPTIONS, 5, seed, cache_dir, indices=vi,
-                                      progress=cfg.progress)]
-    record = sweep_lrs(setup, methods, cfg.sweep, val, batch_size, Path(cfg.out) / "cache" / f"sweep-{reset}",
-                       dict(base_protocol, stream=None, split="train", held_out=list(HELDOUT_CORRUPTIONS),
-                            val_images=cfg.val_images), seed=seed, progress=cfg.progress, quiet=cfg.quiet,
-                       reset=reset)
-    record["data"] = {"split": "train", "images": int(len(vi)), "corruptions": list(HELDOUT_CORRUPTIONS),
-                      "severity": 5, "batch_size": batch_size,
-                      "reset": "per corruption" if reset == "domain" else "never (continual, 4 domains in order)",
-                      "order": f"seeded permutation per domain (seed {seed})"}
+    val, data_record, key = _sweep_domains(cfg, spec, setup, cache_dir)
+    record = sweep_lrs(setup, methods, cfg.sweep, val, spec.batch_size, Path(cfg.out) / "cache" / f"sweep-{reset}",
+                       dict(base_protocol, stream=None, **key), seed=spec.seed, progress=cfg.progress,
+                       quiet=cfg.quiet, reset=reset)
+    n = len(val)
+    record["data"] = dict(data_record, batch_size=spec.batch_size,
+                          reset="per domain" if reset == "domain" else f"never (continual, {n} domains in order)",
+                          order=f"seeded permutation per domain (seed {spec.seed})")
     return record
 
 
 def _run_methods(engines: dict, domains: Sequence[PreparedDomain], spec: StreamSpec, reset: str,
-                 base_protocol: dict, out: Path,
-                 progress: bool) -> tuple[dict[str, dict], dict[str, list[DomainResult]]]:
+                 base_protocol: dict, out: Path, progress: bool,
+                 quiet: bool = False) -> tuple[dict[str, dict], dict[str, list[DomainResult]]]:
     """Each method's engine (built once) over the stream; results cached per (method, domain)."""
     names = [d.domain.name for d in domains]
     desc = {m: eng.describe() for m, eng in engines.items()}
@@ -480,29 +533,89 @@ def _run_methods(engines: dict, domains: Sequence[PreparedDomain], spec: StreamS
                  for m in engines}
     cache = ResultCache(out / "cache" / f"reset-{reset}", protocols)
     all_results: dict[str, list[DomainResult]] = {}
-    bar = tqdm(total=len(engines) * len(domains), desc="bench", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(len(engines) * len(domains), "bench", enabled=progress)
+
+    def finished(method: str):
+        def on_domain(r: DomainResult) -> None:
+            bar.update(1)
+            log_line(f"  {method} {r.domain}: {r.accuracy:.1f}% ({len(r.correct)} batches, {r.seconds:.1f}s)", quiet)
+        return on_domain
+
     for m, eng in engines.items():
         bar.set_postfix(method=m)
         all_results[m] = run_stream(eng, domains, spec.batch_size, reset=reset, seed=spec.seed, cache=cache,
-                                    method=m, on_domain=lambda r: bar.update(1))
+                                    method=m, on_domain=finished(m))
+        rs = all_results[m]
+        log_line(f"{m}: mean {np.mean([r.accuracy for r in rs]):.1f}% over {len(rs)} domains", quiet)
     bar.close()
     return desc, all_results
 
 
+def bench_spec(cfg: BenchConfig, clf) -> StreamSpec:
+    """``cfg.spec``, or the default test stream over the data the classifier was trained on (its card): never
+    MNIST-5k for a classifier of other data. Raises ValueError when the card names no data found here."""
+    if cfg.spec is not None:
+        return cfg.spec
+    data = card_data(clf)
+    if data is None:
+        raise ValueError("the classifier's card names no dataset found on this machine; pass --data (its folder, "
+                         "or a tree DIR/<domain>/[<severity>/]<class>/<image>)")
+    return default_stream_spec(data=data)
+
+
+def check_split(spec: StreamSpec, clf) -> None:
+    """Refuse to test on a plain folder split differently from the classifier's training split: streams split a
+    folder with seed 0, so a classifier trained with ``--split-seed N`` (N != 0) would be tested on its own
+    training images."""
+    if spec.data == "mnist5k" or not Path(spec.data).is_dir() or is_domain_tree(spec.data):
+        return
+    split = getattr(clf.card, "split", {}) or {}
+    seed = int(split.get("split_seed", 0) or 0)
+    trained_on = card_data(clf)
+    same = trained_on is not None and Path(trained_on).resolve() == Path(spec.data).resolve()
+    is_split_folder = (Path(spec.data) / "train").is_dir() and (Path(spec.data) / "test").is_dir()
+    if same and seed != 0 and not is_split_folder:
+        raise ValueError(f"the classifier was trained on {spec.data} split with --split-seed {seed}, but streams split "
+                         "a folder with seed 0 (test images would overlap its training images); write the split "
+                         "out as DIR/train/ + DIR/test/ or make-c the test split with --split-seed")
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove ``path`` and the folders below it when they hold no file (a failed job leaves no empty folders)."""
+    if not path.is_dir():
+        return
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark over ``cfg.spec`` (a sequential :class:`~mgg_core.data.streams.StreamSpec`; default: the
-    MNIST-5k-C test stream); writes OUT/results.json, results.md, online_accuracy.png; returns the JSON."""
+    test stream of the classifier card's data); writes OUT/results.json, results.md, online_accuracy.png; returns
+    the JSON. A failure leaves no empty OUT behind. With ``cfg.batch_sizes``: one run per size (bench.sweep)."""
     if cfg.batch_sizes:
         from .sweep import run_batch_size_sweep
 
         return run_batch_size_sweep(cfg, run_bench)
-    t_start = time.perf_counter()
-    spec = cfg.spec if cfg.spec is not None else default_stream_spec()
-    reset = "domain" if spec.reset == "per_domain" else spec.reset
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        return _run_bench(cfg, out)
+    except BaseException:
+        if created:
+            remove_if_empty(out)
+        raise
+
+
+def _run_bench(cfg: BenchConfig, out: Path) -> dict:
+    t_start = time.perf_counter()
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else DEFAULT_CACHE_DIR
     clf = load_any_classifier(cfg.classifier, cfg.model, cfg.weights, num_classes=cfg.num_classes, device=cfg.device)
+    spec = bench_spec(cfg, clf)
+    check_split(spec, clf)
+    reset = "domain" if spec.reset == "per_domain" else spec.reset
     needs_bn = [n for n, b in BENCH_METHODS.items() if b.method.requires_batchnorm]
     methods = [m for m in cfg.methods if m not in needs_bn or has_batchnorm(clf.model)]
     skipped = [m for m in needs_bn if m not in methods]
@@ -512,9 +625,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     planned = stream_domains(spec, cache_dir, progress=cfg.progress)
     domains = [PreparedDomain(d, clf.preprocessor, order=o) for d, o in planned]
     base_protocol = _base_protocol(cfg, spec, setup)
+    out.mkdir(parents=True, exist_ok=True)
     chosen, lr_source, sweep_record = _step_sizes(cfg, spec, reset, setup, methods, base_protocol, cache_dir)
     engines = {m: build_engine(setup, m, chosen.get(m)) for m in methods}
-    desc, all_results = _run_methods(engines, domains, spec, reset, base_protocol, out, cfg.progress)
+    desc, all_results = _run_methods(engines, domains, spec, reset, base_protocol, out, cfg.progress, cfg.quiet)
     run = BenchRun(cfg=cfg, spec=spec, reset=reset, setup=setup, domains=domains,
                    description=planned[0][0].description if planned else None, base_protocol=base_protocol,
                    methods={m: {"engine": desc[m], "lr": chosen.get(m), "lr_source": lr_source.get(m)}

@@ -1,4 +1,11 @@
-"""Reader for the ImageNet-C folder layout: ROOT/<corruption>/<severity>/<class>/<image>.
+"""Reader for domain-folder trees: ROOT/<domain>/<severity>/<class>/<image> (the ImageNet-C layout) and
+ROOT/<domain>/<class>/<image> (a user's own shifts: photos per camera, per site, per season ...).
+
+Domain folders may have any names. A domain folder whose sub-folders are numbers that themselves hold folders
+has severities (key ``(domain, severity)``, display name ``"<domain>-<severity>"``); any other domain folder is
+one flat domain (key and display name: the folder name). Both kinds may be mixed in one tree. A folder with
+``train/`` and ``test/`` is a split dataset, not a tree; a folder whose images sit directly in its sub-folders
+is a plain dataset (DIR/<class>/<image>), not a tree.
 
 Works on trees written by ``mgg data make-c`` and on the real ImageNet-C (75 folders of 50,000 JPEGs:
 only directory listings happen up front, images are decoded lazily). Class names are the class folder
@@ -12,10 +19,13 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .sources import ImageFolderSource
+
+__all__ = ["MANIFEST_NAME", "DomainKey", "ImageNetC", "is_domain_tree", "is_imagenet_c_tree", "load_class_index"]
 
 MANIFEST_NAME = "manifest.json"
 
@@ -24,19 +34,31 @@ def _subdirs(path: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
+def _has_subdir(path: Path) -> bool:
+    with os.scandir(path) as it:
+        return any(e.is_dir() and not e.name.startswith(".") for e in it)
+
+
+def _severity_levels(domain_dir: Path) -> list[int]:
+    """The numeric sub-folders of a domain folder that hold class folders (its severities), sorted."""
+    return sorted(int(s) for s in _subdirs(domain_dir) if s.isdigit() and _has_subdir(domain_dir / s))
+
+
+DomainKey = str | tuple[str, int]
+
+
 def load_class_index(mapping: dict[str, int] | Sequence[str] | str | os.PathLike) -> dict[str, int]:
     """Normalise a class-index mapping: a dict name->index, a list of names, or a JSON file of either.
 
     A JSON dict whose values are lists (like torchvision's ``imagenet_class_index.json``:
     {"0": ["n01440764", "tench"], ...}) is read as index -> [folder name, label].
     """
-    if isinstance(mapping, (str, os.PathLike)):
-        mapping = json.loads(Path(mapping).read_text())
-    if isinstance(mapping, dict):
-        if mapping and all(isinstance(v, (list, tuple)) for v in mapping.values()):
-            return {str(v[0]): int(k) for k, v in mapping.items()}
-        return {str(k): int(v) for k, v in mapping.items()}
-    return {str(name): i for i, name in enumerate(mapping)}
+    m: Any = json.loads(Path(mapping).read_text()) if isinstance(mapping, (str, os.PathLike)) else mapping
+    if isinstance(m, dict):
+        if m and all(isinstance(v, (list, tuple)) for v in m.values()):
+            return {str(v[0]): int(k) for k, v in m.items()}
+        return {str(k): int(v) for k, v in m.items()}
+    return {str(name): i for i, name in enumerate(m)}
 
 
 class ImageNetC:
@@ -47,33 +69,76 @@ class ImageNetC:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageNet-C root {self.root} does not exist")
+        # domain folder -> its severities ([] for a flat domain ROOT/<domain>/<class>/<image>)
         self._layout: dict[str, list[int]] = {}
         for c in _subdirs(self.root):
-            sev = sorted(int(s) for s in _subdirs(self.root / c) if s.isdigit())
-            if sev:
+            sev = _severity_levels(self.root / c)
+            if sev or _has_subdir(self.root / c):
                 self._layout[c] = sev
         if not self._layout:
-            raise ValueError(f"{self.root} has no <corruption>/<severity>/ folders")
+            raise ValueError(f"{self.root} has no domain folders (expected ROOT/<domain>/<class>/<image> or "
+                             "ROOT/<domain>/<severity>/<class>/<image>)")
         self._class_to_idx = load_class_index(class_index) if class_index is not None else None
-        self._domains: dict[tuple[str, int], ImageFolderSource] = {}
+        self._domains: dict[DomainKey, ImageFolderSource] = {}
         manifest = self.root / MANIFEST_NAME
         self.manifest: dict | None = json.loads(manifest.read_text()) if manifest.is_file() else None
 
     # ------------------------------------------------------------------ listing
     def corruptions(self) -> list[str]:
+        """The domain folder names (corruptions for an ImageNet-C tree)."""
         return list(self._layout)
 
     def severities(self, corruption: str) -> list[int]:
+        """The severities of a domain folder ([] for a flat domain)."""
         try:
             return list(self._layout[corruption])
         except KeyError:
-            raise KeyError(f"corruption {corruption!r} not in {self.root}; has {self.corruptions()}") from None
+            raise KeyError(f"domain {corruption!r} not in {self.root}; has {self.corruptions()}") from None
 
-    def domains(self) -> list[tuple[str, int]]:
-        return [(c, s) for c, sevs in self._layout.items() for s in sevs]
+    def domains(self, severity: int | None = None) -> list[DomainKey]:
+        """Every domain key: ``(name, severity)`` for folders with severities (only ``severity`` when given and
+        present), the plain name for flat domain folders."""
+        out: list[DomainKey] = []
+        for c, sevs in self._layout.items():
+            if not sevs:
+                out.append(c)
+            else:
+                keep = [s for s in sevs if severity is None or s == int(severity)] or sevs
+                out.extend((c, s) for s in keep)
+        return out
 
-    def has_domain(self, corruption: str, severity: int) -> bool:
-        return int(severity) in self._layout.get(corruption, [])
+    def has_domain(self, corruption: str, severity: int | None = None) -> bool:
+        if corruption not in self._layout:
+            return False
+        sevs = self._layout[corruption]
+        return not sevs if severity is None else int(severity) in sevs
+
+    def resolve(self, name: str, severity: int | None = None) -> DomainKey:
+        """The domain key a user's name means: a flat domain folder ``name``; ``name`` at ``severity`` (or its only
+        severity); ``"<name>-<severity>"``. Unknown names raise ValueError listing the tree's domains."""
+        if name in self._layout:
+            sevs = self._layout[name]
+            if not sevs:
+                return name
+            if severity is not None and int(severity) in sevs:
+                return (name, int(severity))
+            if len(sevs) == 1 and severity is None:
+                return (name, sevs[0])
+            raise ValueError(f"domain {name!r} of {self.root} has severities {sevs}, not {severity}")
+        base, _, sev = name.rpartition("-")
+        if sev.isdigit() and self.has_domain(base, int(sev)):
+            return (base, int(sev))
+        names = [_key_name(d) for d in self.domains()]
+        raise ValueError(f"domain {name!r} not found under {self.root}; it has {', '.join(names[:20])}"
+                         + (" ..." if len(names) > 20 else ""))
+
+    def select(self, names: Sequence[str] | None = None, severity: int | None = None) -> list[DomainKey]:
+        """Domain keys for a user's list: every domain at ``severity`` when ``names`` is empty, else each name
+        resolved (:meth:`resolve`); "clean" stays "clean" (a tree's ``clean/`` folder or, for readers that have
+        one, the uncorrupted source)."""
+        if not names:
+            return self.domains(severity)
+        return ["clean" if n == "clean" and not self.has_domain(n) else self.resolve(n, severity) for n in names]
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -84,8 +149,8 @@ class ImageNetC:
                 names = [str(n) for n in self.manifest["class_names"]]
             else:
                 found: set[str] = set()
-                for c, s in self.domains():
-                    found.update(_subdirs(self.root / c / str(s)))
+                for d in self.domains():
+                    found.update(_subdirs(self._path(d)))
                 names = sorted(found)
             self._class_to_idx = {n: i for i, n in enumerate(names)}
         return self._class_to_idx
@@ -99,26 +164,30 @@ class ImageNetC:
         return names
 
     # ------------------------------------------------------------------ data
-    def domain(self, corruption: str, severity: int) -> ImageFolderSource:
-        key = (corruption, int(severity))
+    def _path(self, key: DomainKey) -> Path:
+        return self.root / key if isinstance(key, str) else self.root / key[0] / str(int(key[1]))
+
+    def domain(self, corruption: str, severity: int | None = None) -> ImageFolderSource:
+        """The lazy labelled source of one domain: ``(name, severity)`` or a flat domain ``name``."""
+        key: DomainKey = corruption if severity is None else (corruption, int(severity))
         if key not in self._domains:
-            if not self.has_domain(*key):
-                raise KeyError(f"domain {corruption}/{severity} not found under {self.root}")
-            path = self.root / corruption / str(int(severity))
+            if not self.has_domain(corruption, severity):
+                raise KeyError(f"domain {_key_name(key)} not found under {self.root}")
+            path = self._path(key)
             folders = _subdirs(path)
             mapping = self.class_to_idx
             unknown = [f for f in folders if f not in mapping]
             if unknown:
                 raise ValueError(f"{path}: class folders {unknown[:5]} are not in the class-index mapping")
             src = ImageFolderSource(path, class_to_idx=mapping, class_names=self.class_names)
-            src.describe = _describer(self.root, corruption, int(severity), len(src))  # type: ignore[method-assign]
+            src.describe = _describer(self.root, corruption, severity, len(src))  # type: ignore[method-assign]
             self._domains[key] = src
         return self._domains[key]
 
     def __len__(self) -> int:
-        return sum(len(self.domain(c, s)) for c, s in self.domains())
+        return sum(len(self.domain(*((d,) if isinstance(d, str) else d))) for d in self.domains())
 
-    def iter_domain(self, corruption: str, severity: int) -> Iterable[tuple[np.ndarray, int]]:
+    def iter_domain(self, corruption: str, severity: int | None = None) -> Iterable[tuple[np.ndarray, int]]:
         src = self.domain(corruption, severity)
         for i in range(len(src)):
             yield src[i]
@@ -131,21 +200,32 @@ class ImageNetC:
         return d
 
 
-def _describer(root: Path, corruption: str, severity: int, n: int):
+def _key_name(key: DomainKey) -> str:
+    return key if isinstance(key, str) else f"{key[0]}-{key[1]}"
+
+
+def _describer(root: Path, corruption: str, severity: int | None, n: int):
     def describe() -> dict:
-        return {"kind": "imagenet_c_domain", "root": str(root), "corruption": corruption, "severity": severity,
-                "num_samples": n}
+        return {"kind": "imagenet_c_domain", "root": str(root), "corruption": corruption,
+                "severity": None if severity is None else int(severity), "num_samples": n}
     return describe
 
 
 def is_imagenet_c_tree(path: str | os.PathLike) -> bool:
-    """True if ``path`` holds a make-c manifest, or a folder named after a known corruption with numeric severity
-    sub-folders (so a class folder named "0" in DIR/train/0/ is not mistaken for a severity)."""
-    from .corruptions import ALL_CORRUPTIONS
-
+    """True if ``path`` is a domain-folder tree (see the module docstring): it holds a make-c manifest, or at least
+    one domain folder with class folders below it. Not a tree: a plain dataset DIR/<class>/<image>, a split dataset
+    DIR/train/ + DIR/test/, or one domain's severity level DIR/<severity>/<class>/ (all sub-folders numeric)."""
     p = Path(path)
     if not p.is_dir():
         return False
     if (p / MANIFEST_NAME).is_file():
         return True
-    return any(c in ALL_CORRUPTIONS and any(s.isdigit() for s in _subdirs(p / c)) for c in _subdirs(p))
+    subs = _subdirs(p)
+    if not subs or ("train" in subs and "test" in subs):
+        return False
+    if all(s.isdigit() for s in subs) and not any(_severity_levels(p / s) for s in subs):
+        return False
+    return any(_has_subdir(p / s) for s in subs)
+
+
+is_domain_tree = is_imagenet_c_tree

@@ -208,6 +208,26 @@ class SubsetSource:
         return {"kind": "subset", "base": self.base.describe(), "num_samples": len(self)}
 
 
+def content_fingerprint(source) -> str:
+    """A short hash of what a labelled source holds, not of where it lives: for image folders the file list (paths
+    relative to the root), sizes and modification times plus the class mapping; for in-memory arrays the pixels
+    and labels; for subsets the base's fingerprint and the indices. Caches of derived data (corrupted copies) are
+    keyed by it, so moving a folder keeps its cache and editing, adding or removing a file invalidates it."""
+    h = hashlib.sha1()
+    if isinstance(source, SubsetSource):
+        h.update(b"subset:" + content_fingerprint(source.base).encode() + np.asarray(source.indices).tobytes())
+    elif isinstance(source, ImageFolderSource):
+        h.update(b"folder:" + repr(sorted(source.class_to_idx.items())).encode())
+        for path, label in zip(source.paths, source.labels.tolist(), strict=True):
+            st = os.stat(path)
+            h.update(f"{os.path.relpath(path, source.root)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    elif isinstance(source, ArraySource):
+        h.update(b"array:" + np.ascontiguousarray(source.images).tobytes() + source.labels.tobytes())
+    else:
+        raise TypeError(f"no content fingerprint for {type(source).__name__}")
+    return h.hexdigest()[:16]
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float | None = None, test_per_class: int | None = None,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split; returns sorted (train_indices, test_indices).

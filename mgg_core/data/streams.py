@@ -5,7 +5,8 @@ One dataclass, :class:`StreamSpec`, says what a stream is; :func:`iter_batches` 
 decoded and corrupted per batch, either on the fly from a labelled source (MNIST-5k, a folder) or read
 from a generated ImageNet-C tree (``mgg data make-c`` output or the real ImageNet-C).
 
-Domains are ``"clean"`` or ``(corruption, severity)``. Every domain covers every sample of the source once
+Domains are ``"clean"``, ``(corruption, severity)`` or, in a tree, a flat domain folder's name (any name:
+``DIR/<domain>/<class>/<image>``). Every domain covers every sample of the source once
 (on the fly), or every file of its folder (tree). Orders:
 
 * ``"sequential"``: domain after domain, in the listed order; batches never span two domains; samples
@@ -46,28 +47,41 @@ Domain = Any  # "clean" | tuple[str, int]
 
 
 def normalise_domain(d) -> str | tuple[str, int]:
+    """``"clean"``; ``(name, severity)`` from a pair or ``"name-severity"``; any other name as it is (a flat domain
+    folder of a tree, ``DIR/<domain>/<class>/<image>``). Whether a name exists is checked when the stream's data is
+    known (:func:`stream_plan`): on-the-fly data needs known corruptions, a tree needs its own folders."""
     if isinstance(d, str):
         if d == CLEAN:
             return CLEAN
-        if "-" in d:  # "gaussian_noise-5"
-            name, _, sev = d.rpartition("-")
-            if sev.isdigit():
-                d = (name, int(sev))
-            else:
-                raise ValueError(f"bad domain {d!r}")
-        else:
-            raise ValueError(f"bad domain {d!r}: use 'clean', 'name-severity' or [name, severity]")
+        name, _, sev = d.rpartition("-")
+        if name and sev.isdigit():
+            return (name, int(sev))
+        if not d or "/" in d:
+            raise ValueError(f"bad domain {d!r}: use 'clean', a domain folder name, 'name-severity' or "
+                             "[name, severity]")
+        return d
     if isinstance(d, (list, tuple)) and len(d) == 2:
-        name, sev = str(d[0]), int(d[1])
-        check_corruption(name, sev)
-        return (name, sev)
+        return (str(d[0]), int(d[1]))
     raise ValueError(f"bad domain {d!r}")
 
 
 def domain_name(d) -> str:
-    """Display name: ``"clean"`` or ``"<corruption>-<severity>"`` (e.g. ``"gaussian_noise-5"``)."""
+    """Display name: ``"clean"``, ``"<corruption>-<severity>"`` (e.g. ``"gaussian_noise-5"``) or a flat domain's
+    folder name."""
     d = normalise_domain(d)
-    return CLEAN if d == CLEAN else f"{d[0]}-{d[1]}"
+    return d if isinstance(d, str) else f"{d[0]}-{d[1]}"
+
+
+def check_on_the_fly(domains) -> None:
+    """On-the-fly data (a labelled source, corrupted per sample) can only make ``"clean"`` and known
+    corruptions at severities 1-5; raise a ValueError naming the first domain it cannot make."""
+    for d in domains:
+        if d == CLEAN:
+            continue
+        if isinstance(d, str):
+            raise ValueError(f"unknown corruption {d!r}: on-the-fly data makes 'clean' and corruption-severity "
+                             "domains; a domain folder needs a tree DIR/<domain>/[<severity>/]<class>/<image>")
+        check_corruption(*d)
 
 
 @dataclass
@@ -91,6 +105,8 @@ class StreamSpec:
             raise ValueError("a stream needs at least one domain")
         if len(set(self.domains)) != len(self.domains):
             raise ValueError("domains must be distinct")
+        if self.data == "mnist5k":
+            check_on_the_fly(self.domains)
         if self.order not in ("sequential", "mixed"):
             raise ValueError("order must be 'sequential' or 'mixed'")
         self.batch_size = int(self.batch_size)
@@ -118,7 +134,7 @@ class StreamSpec:
     # -------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["domains"] = [CLEAN if x == CLEAN else [x[0], x[1]] for x in self.domains]
+        d["domains"] = [x if isinstance(x, str) else [x[0], x[1]] for x in self.domains]
         d["reset"] = list(self.reset) if isinstance(self.reset, tuple) else self.reset
         return d
 
@@ -222,9 +238,19 @@ class _DomainData:
         self.name = domain_name(domain)
         self.seed = seed
         if tree is not None:
-            if domain == CLEAN:
-                raise ValueError("an ImageNet-C tree has no 'clean' domain; stream clean data from its source")
-            self.src = tree.domain(*domain)
+            if domain == CLEAN and not tree.has_domain(CLEAN):
+                raise ValueError(f"the tree {tree.root} has no 'clean' domain folder; stream clean data from its "
+                                 "source (the plain dataset folder or mnist5k)")
+            if isinstance(domain, str):
+                if not tree.has_domain(domain):
+                    tree.resolve(domain)                 # raises, naming the tree's domains
+                self.src = tree.domain(domain)
+            elif tree.has_domain(*domain):
+                self.src = tree.domain(*domain)
+            elif tree.has_domain(self.name):             # a flat folder whose name ends in -<digits>
+                self.src = tree.domain(self.name)
+            else:
+                tree.resolve(domain[0], domain[1])       # raises, naming the tree's domains
             self.on_the_fly = False
         else:
             self.src = source
@@ -258,6 +284,8 @@ def stream_plan(spec: StreamSpec, source=None) -> tuple[list[_DomainData], list[
     if source is None:
         source = open_stream_source(spec)
     tree = source if isinstance(source, ImageNetC) else None
+    if tree is None:
+        check_on_the_fly(spec.domains)
     doms = [_DomainData(d, None if tree is not None else source, tree, spec.seed) for d in spec.domains]
     per_domain: list[tuple[np.ndarray, np.ndarray]] = []
     for k, dd in enumerate(doms):
