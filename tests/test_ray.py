@@ -91,7 +91,8 @@ def test_two_shards_on_one_snapshot_dir_never_advance_a_stale_copy(tmp_path):
     from service.rayserve.shard import Shard
     from service.settings import ServiceSettings
 
-    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1, snapshot_dir=tmp_path).model_dump()
+    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1,
+                               snapshot_dir=tmp_path).model_dump()
     a, b = Shard(settings), Shard(settings)
     ctype = "application/x-npy"
 
@@ -395,7 +396,8 @@ def test_eight_replayed_streams_match_the_single_process_accuracy(cluster, tmp_p
         return json.loads((out / "replay.json").read_text())["summary"]
 
     ray_summary = run(cluster["url"], tmp_path / "ray")
-    env = {"MGG_MODEL": MODEL, "MGG_METHOD": "foa", "MGG_DEVICE": "cpu", "MGG_TORCH_THREADS": "1", "MGG_SNAPSHOT_DIR": str(tmp_path / "s")}
+    env = {"MGG_MODEL": MODEL, "MGG_METHOD": "foa", "MGG_DEVICE": "cpu", "MGG_TORCH_THREADS": "1",
+           "MGG_SNAPSHOT_DIR": str(tmp_path / "s")}
     with rp.LocalServer(env, log_path=tmp_path / "single.log") as single:
         single_summary = run(single.url, tmp_path / "single")
     def by_index(summary: dict) -> dict[str, float]:  # stream ids carry the run id: key by the stream index
