@@ -19,10 +19,21 @@ from torch import nn
 from torch.func import functional_call
 
 from .features import FeatureTaps
+from .guard import (
+    HOLD_REASONS,
+    GuardConfig,
+    check_count,
+    guard_init_state,
+    hold_length,
+    judge,
+    observe,
+    source_failing,
+)
 from .losses import softmax_entropy
 from .methods import GradOutput, Method, StepContext, Timer, build_method
+from .normstats import StreamNormStats
 from .optim import Optimizer, build_optimizer
-from .params import ParamSpec, initial_vector, select_norm_params, use_batch_statistics
+from .params import ParamSpec, initial_vector, select_norm_params
 from .reasons import ResetReason, RollbackReason, SkipReason
 from .state import StreamState
 
@@ -37,21 +48,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 @dataclass
-class GuardConfig:
-    """Label-free collapse guard. A stream collapses when its predictions concentrate on one class
-    (EMA share of the most frequent predicted class >= max_class_share) or spread out to near-uniform
-    (EMA of batch mean entropy / ln C >= max_entropy). On collapse the stream rolls back to its last healthy
-    anchor, or to source when there is none."""
-
-    enabled: bool = False
-    momentum: float = 0.9
-    max_class_share: float = 0.8
-    max_entropy: float = 0.95
-    warmup_batches: int = 10
-    anchor_every: int = 10
-
-
-@dataclass
 class EngineConfig:
     method: str = "foa"
     optimizer: str | None = None            # None: the method's default
@@ -60,6 +56,8 @@ class EngineConfig:
     optimizer_kwargs: dict = field(default_factory=dict)
     mgg_checkpoint: str | None = None
     bn_stats: str | None = None             # None: the method's default ("batch" for adapting methods)
+    bn_momentum: float = 0.05               # per-image momentum of bn_stats="ema" (normstats.StreamNormStats)
+    update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
 
@@ -88,20 +86,22 @@ class AdaptationEngine:
         self.device = resolve_device(config.device)
         model: nn.Module = getattr(classifier, "model", classifier)
         card = getattr(classifier, "card", None)
-        self.num_classes = int(num_classes or getattr(classifier, "num_classes", 0) or model.num_classes)
+        n_model: int = getattr(model, "num_classes", 0)
+        self.num_classes = int(num_classes or getattr(classifier, "num_classes", 0) or n_model)
         self.class_names = list(getattr(classifier, "class_names", None) or [str(i) for i in range(self.num_classes)])
         self.model_id = model_id or (getattr(card, "model_name", None) or type(model).__name__)
 
         self.method: Method = build_method(config.method, self.num_classes, **config.method_kwargs)
         self.bn_stats = config.bn_stats or self.method.bn_stats
-        if self.bn_stats not in ("batch", "source"):
-            raise ValueError(f"bn_stats must be 'batch' or 'source', not {self.bn_stats!r}")
+        if int(config.update_images) < 1:
+            raise ValueError(f"update_images must be >= 1, got {config.update_images}")
+        self.update_images = int(config.update_images)
 
         # one private, frozen copy of the backbone per engine (never per stream or per step)
         self.model = copy.deepcopy(model).to(self.device).eval()
         self.model.requires_grad_(False)
-        if self.bn_stats == "batch":
-            use_batch_statistics(self.model)
+        self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum)
+        self._source_norm = self.norm.init_state()
         self.spec: ParamSpec = select_norm_params(self.model)
         self.theta0 = initial_vector(self.model, self.spec).to(self.device)
         self.taps = FeatureTaps(self.model) if self.method.needs_features else None
@@ -124,11 +124,15 @@ class AdaptationEngine:
             if hasattr(self.optimizer, "gml"):
                 self.optimizer.gml.to(self.device)
         self._lock = threading.Lock()   # functional_call swaps module attributes: one forward at a time
+        # FOA-style losses need feature statistics over enough images: keep the features of recent images
+        self.feature_window = (self.update_images - 1 if self.method.needs_features and self.source_stats is not None
+                               and self.method.needs_grad else 0)
         self._initial = self._initial_tensors()
         self.fingerprint = {
             "model": self.model_id, "adapted_scalars": self.spec.numel, "num_classes": self.num_classes,
             "method": self.method.name, "optimizer": self.optimizer.name if self.optimizer else None,
-            "bn_stats": self.bn_stats,
+            "bn_stats": self.bn_stats, "bn_momentum": float(config.bn_momentum) if self.norm.per_stream else None,
+            "update_images": self.update_images, "feature_window": self.feature_window,
             "layout": hashlib.sha1(repr((self.spec.names, self.spec.shapes)).encode()).hexdigest()[:16],
         }
 
@@ -138,6 +142,8 @@ class AdaptationEngine:
             "model": self.model_id, "num_classes": self.num_classes, "adapted_scalars": self.spec.numel,
             "adapted_layers": len(self.spec.names), "method": self.method.name, "method_hparams": self.method.hparams(),
             "optimizer": self.optimizer.describe() if self.optimizer else None, "bn_stats": self.bn_stats,
+            "bn_momentum": self.config.bn_momentum, "update_images": self.update_images,
+            "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),
         }
 
@@ -147,8 +153,15 @@ class AdaptationEngine:
         if self.optimizer is not None:
             t.update({f"opt.{k}": v for k, v in self.optimizer.init_state(self.theta0).items()})
         t.update({f"method.{k}": v for k, v in self.method.init_state(self.device).items()})
-        t["guard.entropy_ema"] = torch.full((), float("nan"), device=self.device)
-        t["guard.class_share"] = torch.zeros(self.num_classes, device=self.device)
+        t.update({f"norm.{k}": v.to(self.device) for k, v in self.norm.init_state().items()})
+        if self.optimizer is not None and self.update_images > 1:
+            t["accum.grad"] = torch.zeros_like(self.theta0)
+            t["accum.images"] = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self.feature_window:
+            dim = int(self.source_stats["mean"].numel())  # type: ignore[index]
+            t["window.features"] = torch.zeros(self.feature_window, dim, device=self.device)
+            t["window.count"] = torch.zeros((), dtype=torch.int64, device=self.device)
+        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device).items()})
         return t
 
     def new_state(self, seed: int = 0) -> StreamState:
@@ -166,20 +179,58 @@ class AdaptationEngine:
         return StreamState.load(path, expected_fingerprint=self.fingerprint, device=self.device)
 
     # ---------------------------------------------------------------- forward
-    def _forward(self, theta: torch.Tensor, x: torch.Tensor, features: bool = False):
+    def _forward(self, theta: torch.Tensor, x: torch.Tensor, features: bool = False,
+                 norm: dict[str, torch.Tensor] | None = None, norm_sink: dict | None = None, update_norm: bool = True):
+        """Logits (and tapped features) of ``x`` with the adapted scalars ``theta``. ``norm``: the stream's
+        BatchNorm statistics (None: the source's); ``norm_sink``, when given and still empty, receives their update."""
         params = self.spec.views(theta)
-        with self._lock:
+        with self._lock, self.norm.use(norm or {}, x.shape[0], record=norm_sink is not None and not norm_sink,
+                                       update=update_norm) as updates:
             if features:
                 if self.taps is None:
                     raise RuntimeError("this engine's method uses no feature taps")
                 with self.taps.collect() as sink:
                     logits = functional_call(self.model, params, (x,))
-                return logits, FeatureTaps.concat(sink)
-            return functional_call(self.model, params, (x,)), None
+                out: tuple[torch.Tensor, torch.Tensor | None] = logits, FeatureTaps.concat(sink)
+            else:
+                out = functional_call(self.model, params, (x,)), None
+            if norm_sink is not None and not norm_sink:
+                norm_sink.update(updates)
+        return out
+
+    def _stream_forward(self, state: StreamState, norm_sink: dict, window_sink: dict | None = None):
+        """The forward a method sees for one step of ``state``: the stream's BatchNorm statistics, and, for
+        feature-statistics losses on small batches, the features of the stream's recent images (detached) in front
+        of the batch's, whose gradient is scaled by (rows / batch rows) so that gradients accumulated over
+        ``update_images`` images weigh the statistics term as one batch of that size would."""
+        norm = state.group("norm")
+
+        def forward(theta, x, features=False):
+            logits, feats = self._forward(theta, x, features, norm, norm_sink)
+            if feats is None or not self.feature_window:
+                return logits, feats
+            live = feats
+            if window_sink is not None and "features" not in window_sink:
+                window_sink["features"] = live.detach()
+            k = min(int(state.tensors["window.count"]), max(0, self.update_images - live.shape[0]))
+            if k == 0:
+                return logits, feats
+            scale = (k + live.shape[0]) / live.shape[0]
+            live = live.detach() + scale * (live - live.detach())
+            return logits, torch.cat([state.tensors["window.features"][-k:], live])
+
+        return forward
 
     @torch.no_grad()
     def predict(self, state: StreamState, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(state.theta, x.to(self.device))[0].cpu()
+        """Logits with the stream's current state (statistics not updated)."""
+        x = x.to(self.device)
+        return self._forward(state.theta, x, norm=state.group("norm"), update_norm=False)[0].cpu()
+
+    @torch.no_grad()
+    def source_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the source model (source parameters and statistics)."""
+        return self._forward(self.theta0, x.to(self.device), norm=self._source_norm, update_norm=False)[0]
 
     @torch.no_grad()
     def source_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,34 +249,21 @@ class AdaptationEngine:
         timer = Timer(self.device)
         x = x.to(self.device)
         state.last_seen = time.time()
-        if not (self.method.needs_grad and adapt):
+        norm_sink: dict[str, torch.Tensor] = {}
+        hold = float(state.tensors.get("guard.hold", torch.zeros(())))
+        if hold > 0:   # the guard found the source better here: no adaptation for a while
+            state.tensors["guard.hold"] = torch.clamp(state.tensors["guard.hold"] - x.shape[0], min=0)
+        if not (self.method.needs_grad and adapt and hold <= 0):
             with torch.no_grad(), timer("forward"):
-                logits = self._forward(state.theta, x)[0]
+                logits = self._forward(state.theta, x, norm=state.group("norm"), norm_sink=norm_sink,
+                                       update_norm=adapt and hold <= 0)[0]
             out = GradOutput(logits, skipped_reason=self.method.no_update_reason if not self.method.needs_grad
-                             else SkipReason.ADAPTATION_DISABLED)
+                             else SkipReason.GUARD_HOLD if hold > 0 and adapt else SkipReason.ADAPTATION_DISABLED)
             adapted = False
+            if adapt and hold <= 0:
+                state.set_group("norm", norm_sink)
         else:
-            gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))
-            ctx = StepContext(x=x, theta=state.theta, theta0=self.theta0, state=state.group("method"),
-                              forward=self._forward, timer=timer, generator=gen, source_stats=self.source_stats)
-            out = self.method.gradient(ctx)
-            adapted = False
-            if out.skipped_reason is None and not bool(torch.isfinite(out.grad).all()):
-                out.skipped_reason = SkipReason.NON_FINITE_GRAD
-            if out.skipped_reason is None:
-                with timer("optimizer"):
-                    new_theta, new_opt = self.optimizer.update(state.theta, out.grad, state.group("opt"))
-                    new_theta = self.method.post_update(new_theta, self.theta0)
-                if not bool(torch.isfinite(new_theta).all()):
-                    out.skipped_reason = SkipReason.NON_FINITE_UPDATE
-                else:
-                    state.tensors["theta"] = new_theta.detach()
-                    state.set_group("opt", {k: v.detach() for k, v in new_opt.items()})
-                    state.set_group("method", {k: v.detach() for k, v in out.state_updates.items()})
-                    state.step += 1
-                    adapted = True
-            if not adapted:
-                state.skipped += 1
+            out, adapted = self._adapt(state, x, timer, norm_sink)
         state.batches += 1
         state.images += x.shape[0]
 
@@ -236,44 +274,113 @@ class AdaptationEngine:
             batch_entropy=float(ent.mean()), sample_entropy=ent.cpu(), n_selected=out.n_selected, step=state.step,
             timings=timer.times,
         )
-        self._guard(state, logits, float(ent.mean()), result)
+        self._guard(state, x, logits, result, timer)
         if out.request_reset and not result.rolled_back:
             self.reset(state)
             result.reset_reason = self.method.recovery_reason
         result.step = state.step
         return result
 
+    def _adapt(self, state: StreamState, x: torch.Tensor, timer: Timer, norm_sink: dict) -> tuple[GradOutput, bool]:
+        """The method's gradient, accumulated over ``update_images`` images, and the optimizer's update; commits
+        the stream's state only when nothing was rejected."""
+        assert self.optimizer is not None
+        window_sink: dict[str, torch.Tensor] = {}
+        gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))
+        ctx = StepContext(x=x, theta=state.theta, theta0=self.theta0, state=state.group("method"),
+                          forward=self._stream_forward(state, norm_sink, window_sink), timer=timer, generator=gen,
+                          source_stats=self.source_stats)
+        out = self.method.gradient(ctx)
+        raw = out.grad
+        if out.skipped_reason is None and (raw is None or not bool(torch.isfinite(raw).all())):
+            out.skipped_reason = SkipReason.NON_FINITE_GRAD
+        if out.skipped_reason is not None or raw is None:
+            state.skipped += 1
+            return out, False
+        grad, n = raw, x.shape[0]
+        pending = int(state.tensors["accum.images"]) if "accum.images" in state.tensors else 0
+        if pending:
+            grad = (state.tensors["accum.grad"] + n * grad) / (pending + n)
+        commit = {"norm": norm_sink, "method": {k: v.detach() for k, v in out.state_updates.items()}}
+        if pending + n < self.update_images:   # not enough images yet: accumulate, update later
+            commit["accum"] = {"grad": state.tensors["accum.grad"] + n * raw,
+                               "images": state.tensors["accum.images"] + n}
+            self._commit(state, commit, window_sink)
+            out.skipped_reason = SkipReason.ACCUMULATING
+            return out, False
+        with timer("optimizer"):
+            new_theta, new_opt = self.optimizer.update(state.theta, grad, state.group("opt"))
+            new_theta = self.method.post_update(new_theta, self.theta0)   # e.g. ROID's weight ensembling
+        if not bool(torch.isfinite(new_theta).all()):
+            out.skipped_reason = SkipReason.NON_FINITE_UPDATE
+            state.skipped += 1
+            return out, False
+        if "accum.grad" in state.tensors:
+            commit["accum"] = {"grad": torch.zeros_like(state.tensors["accum.grad"]),
+                               "images": torch.zeros_like(state.tensors["accum.images"])}
+        commit["opt"] = {k: v.detach() for k, v in new_opt.items()}
+        state.tensors["theta"] = new_theta.detach()
+        self._commit(state, commit, window_sink)
+        state.step += 1
+        return out, True
+
+    def _commit(self, state: StreamState, groups: dict[str, dict], window_sink: dict) -> None:
+        for prefix, values in groups.items():
+            state.set_group(prefix, values)
+        feats = window_sink.get("features")
+        if self.feature_window and feats is not None:
+            w = torch.cat([state.tensors["window.features"], feats.to(state.tensors["window.features"])])
+            state.tensors["window.features"] = w[-self.feature_window:].clone()
+            state.tensors["window.count"] = torch.clamp(state.tensors["window.count"] + feats.shape[0],
+                                                        max=self.feature_window)
+
     # ---------------------------------------------------------------- collapse guard
-    def _guard(self, state: StreamState, logits: torch.Tensor, batch_entropy: float, result: StepResult) -> None:
+    def _guard(self, state: StreamState, x: torch.Tensor, logits: torch.Tensor, result: StepResult,
+               timer: Timer) -> None:
+        """Update the stream's guard signals (guard.py) and fall back when adaptation hurts: to the last healthy
+        anchor, or to source when there is none (or a second fallback comes before a new anchor)."""
         g = self.config.guard
-        hist = torch.bincount(logits.argmax(1), minlength=self.num_classes).float() / logits.shape[0]
-        old_e = state.tensors["guard.entropy_ema"]
-        m = g.momentum
-        state.tensors["guard.entropy_ema"] = (torch.full_like(old_e, batch_entropy) if torch.isnan(old_e)
-                                              else m * old_e + (1 - m) * batch_entropy)
-        share = state.tensors["guard.class_share"]
-        state.tensors["guard.class_share"] = hist.to(share) if float(share.sum()) == 0 else m * share + (1 - m) * hist.to(share)
-        if not (g.enabled and self.method.needs_grad):
+        judged = g.enabled and self.method.needs_grad
+        sig = state.group("guard")
+        source_logits = None
+        if judged and g.check_share > 0:   # also while holding: source_failing() ends a hold
+            k, sig["credit"] = check_count(g, sig, x.shape[0])
+            if k:
+                with timer("guard"):
+                    source_logits = self.source_predict(x[:k])
+        state.set_group("guard", observe(g, sig, logits, source_logits))
+        if not judged:
             return
-        reason: RollbackReason | None = None
-        if state.batches >= g.warmup_batches:
-            if (state.top_class_share or 0.0) >= g.max_class_share:
-                reason = RollbackReason.CLASS_COLLAPSE
-            elif (state.entropy_ema or 0.0) >= g.max_entropy:
-                reason = RollbackReason.ENTROPY_DIVERGENCE
+        if float(state.tensors["guard.hold"]) > 0:
+            if source_failing(g, state.group("guard")):
+                state.tensors["guard.hold"] = torch.zeros_like(state.tensors["guard.hold"])
+            return
+        reason = judge(g, state.group("guard"), state.images)
         if reason is None:
             if result.adapted:
-                state.healthy_streak += 1
-                if state.healthy_streak % g.anchor_every == 0:
+                before = state.healthy_streak
+                state.healthy_streak += x.shape[0]
+                if state.healthy_streak // g.anchor_every_images > before // g.anchor_every_images:
+                    state.tensors["guard.backoff"] = torch.zeros_like(state.tensors["guard.backoff"])
                     state.anchor = {k: v.clone() for k, v in state.tensors.items()}
                     state.anchor_step = state.step
             return
+        self._fall_back(state, reason, result)
+
+    def _fall_back(self, state: StreamState, reason: RollbackReason, result: StepResult) -> None:
         result.rolled_back, result.rollback_reason = True, reason
         rollbacks = state.rollbacks + 1
-        if state.anchor is not None:
+        if reason in HOLD_REASONS:              # the source is better here: back to it, and stay a while
+            resets, backoff = state.resets, state.tensors["guard.backoff"] + 1
+            self.reset(state)
+            state.resets = resets
+            state.tensors["guard.backoff"] = backoff
+            hold = hold_length(self.config.guard, state.group("guard"))
+            state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"], hold)
+        elif state.anchor is not None:
             state.tensors = state.anchor
             state.step = state.anchor_step
-            state.anchor = None                 # a second collapse before a new healthy anchor goes to source
+            state.anchor = None                 # a second fallback before a new healthy anchor goes to source
         else:
             resets = state.resets
             self.reset(state)

@@ -34,13 +34,18 @@ class SkipReason(StrEnum):
     NO_RELIABLE_SAMPLES = "no_reliable_samples"
     ADAPTATION_DISABLED = "adaptation_disabled"
     GRADIENT_FREE_METHOD = "gradient_free_method"
+    ACCUMULATING = "accumulating"              # fewer than update_images images since the last update
+    GUARD_HOLD = "guard_hold"                  # the guard holds the stream at source (it judged the source better)
 
 
 class RollbackReason(StrEnum):
     """``StepResult.rollback_reason``: the label-free collapse guard rolled the stream back."""
 
-    CLASS_COLLAPSE = "class_collapse"
-    ENTROPY_DIVERGENCE = "entropy_divergence"
+    CLASS_COLLAPSE = "class_collapse"                          # one class takes over the predictions (extreme)
+    ENTROPY_DIVERGENCE = "entropy_divergence"                  # predictions spread out to near-uniform
+    PARTIAL_COLLAPSE = "partial_collapse"                      # one class far more often than the source predicts it
+    SOURCE_DISAGREEMENT = "source_disagreement"                # overturns the source's confident predictions
+    LESS_CERTAIN_THAN_SOURCE = "less_certain_than_source"      # less certain than the source on the same images
 
 
 class ResetReason(StrEnum):

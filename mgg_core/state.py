@@ -108,7 +108,7 @@ class StreamState:
         path = Path(path)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: not a stream-state snapshot of format {FORMAT_VERSION}")
         fingerprint = json.loads(meta["fingerprint"])

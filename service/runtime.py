@@ -95,7 +95,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
 
     Args:
         settings: the service settings; reads model, method, optimizer, lr, mgg_checkpoint, source_stats,
-            source_data, collapse_guard, device and torch_threads.
+            source_data, collapse_guard, bn_stats, bn_momentum, update_images, guard_check_share, device
+            and torch_threads.
 
     Bundled companions are found the way the rest of the project finds them (``mgg_core.assets``): the MGG
     checkpoint pretrained for this classifier (matched by the weights' sha256, else the bundled one of the same
@@ -119,7 +120,9 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     stats, stats_from = _source_stats(settings, clf, checkpoint, device) if method.needs_features else (None, None)
     config = EngineConfig(
         method=settings.method, optimizer=optimizer, lr=settings.lr, mgg_checkpoint=mgg_checkpoint,
-        guard=GuardConfig(enabled=settings.collapse_guard), device=device,
+        bn_stats=settings.bn_stats if method.bn_stats != "source" else None, bn_momentum=settings.bn_momentum,
+        update_images=settings.update_images,
+        guard=GuardConfig(enabled=settings.collapse_guard, check_share=settings.guard_check_share), device=device,
     )
     engine = AdaptationEngine(clf, config, source_stats=stats)
     class_names = list(clf.class_names)

@@ -82,6 +82,16 @@ class ServiceSettings(BaseSettings):
         None, description="clean data for the source statistics ('mnist5k' or an image folder); None = from the card"
     )
     collapse_guard: bool = Field(True, description="roll a stream back when its predictions collapse")
+    bn_stats: Literal["source", "batch", "ema"] | None = Field(
+        "ema", description="BatchNorm statistics of adapting methods: 'ema' = per-stream statistics kept as a "
+        "moving average over images (works for any request size), 'batch' = each request's own, 'source' = the "
+        "source's; None = the method's default ('batch'). Methods that never adapt keep the source's")
+    bn_momentum: float = Field(0.1, gt=0, le=1, description="per-image momentum of bn_stats='ema'")
+    update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
+                               "images were seen, then one update is applied (request size does not change "
+                               "the adaptation)")
+    guard_check_share: float = Field(0.25, ge=0, le=1, description="share of images the guard also classifies "
+                                     "with the source model to judge the adapted one against it")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     torch_threads: int | None = Field(
         None, ge=1, description="torch CPU threads for the model (None = torch's default, one per core); on a CPU "

@@ -179,8 +179,8 @@ def test_state_size_accounts_for_every_tensor():
     eng = _engine(_vit(), "foa", "mgg")
     st = eng.new_state()
     n = eng.spec.numel
-    # theta, m, v, W (8x8), b (8) per scalar, + step, guard stats
-    assert st.nbytes() == 4 * (n * (1 + 1 + 1 + 64 + 8) + 1 + 10) + 8
+    # theta, m, v, W (8x8), b (8) per scalar, + step, guard signals (guard.py: 9 scalars + 3 class histograms)
+    assert st.nbytes() == 4 * (n * (1 + 1 + 1 + 64 + 8) + 9 + 3 * 10) + 8
     assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors.values())
 
 
@@ -219,7 +219,8 @@ def test_collapse_guard_rolls_back_to_anchor_then_source():
     src = mnist5k("test")
     order = np.random.default_rng(0).permutation(len(src))[:64]
     varied = list(clf.preprocessor(np.stack([src.get_image(int(i)) for i in order])).split(16))
-    guard = GuardConfig(enabled=True, momentum=0.0, max_class_share=0.99, warmup_batches=1, anchor_every=2)
+    guard = GuardConfig(enabled=True, horizon_images=1, max_class_share=0.99, warmup_images=16,
+                        anchor_every_images=32, check_share=0.0)
     eng = AdaptationEngine(clf, EngineConfig(method="tent", optimizer="sgd", lr=0.01, guard=guard))
     st = eng.new_state()
     for x in varied:

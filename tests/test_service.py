@@ -21,6 +21,9 @@ def settings_for(snapshot_dir: Path, **kw) -> ServiceSettings:
         model=service_test_model(), method="tent", optimizer="sgd", lr=0.05, device="cpu",
         snapshot_dir=snapshot_dir, state_budget_bytes=40_000, max_images=16, max_body_bytes=200_000,
         admin_token=TOKEN, max_concurrent_streams=2, idle_seconds=600, log_level="warning",
+        # one update per request and no source checks: these tests look at single updates (test_smallbatch
+        # covers the small-batch defaults)
+        update_images=1, bn_stats="batch", guard_check_share=0.0,
     )
     base.update(kw)
     return ServiceSettings(_env_file=None, **base)
@@ -196,15 +199,16 @@ def test_state_budget_evicts_to_disk_and_restores_exactly(client, server, digit_
 
 def test_collapse_guard_rolls_back_and_says_so(client, digit_images):
     one_image = np.repeat(digit_images[:1], 8, axis=0)  # every prediction the same class: the share guard fires
-    responses = [predict_npy(client, "collapse", one_image) for _ in range(12)]
+    responses = [predict_npy(client, "collapse", one_image) for _ in range(20)]   # warm-up: 128 images
     rolled = [r for r in responses if r["rolled_back"]]
     assert rolled, "the collapse guard never fired"
-    assert rolled[0]["rollback_reason"] == "class_collapse"
+    reason = rolled[0]["rollback_reason"]
+    assert reason in ("class_collapse", "entropy_divergence")     # one repeated image: collapsed either way
     assert rolled[0]["step"] < responses[responses.index(rolled[0]) - 1]["step"] + 1
     assert all(r["rollback_reason"] is None for r in responses if not r["rolled_back"])
     assert stream_info(client, "collapse")["rollbacks"] == len(rolled)
     metrics = client.get("/metrics").text
-    assert 'tta_rollbacks_total{reason="class_collapse"}' in metrics
+    assert f'tta_rollbacks_total{{reason="{reason}"}}' in metrics
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -490,12 +494,16 @@ def test_default_configuration_is_eata_and_mgg_is_one_switch_away(live_server, t
         assert info["collapse_guard"] is True
         x = digit_images[:16]
         first = predict_npy(c, "d", x)
-        second = predict_npy(c, "d", x)
-        assert first["adapted"] and first["step"] == 1  # confident clean digits pass EATA's entropy filter
+        # gradients are accumulated until update_images (64) images were seen, then EATA's SGD takes one step
+        rest = [predict_npy(c, "d", x) for _ in range(3)]
+        assert not first["adapted"] and first["skipped_reason"] == "accumulating"
+        assert rest[-1]["adapted"] and rest[-1]["step"] == 1  # confident clean digits pass EATA's entropy filter
         assert first["loss"] is not None and 0 <= first["batch_entropy"] <= 1
-        assert scores(second) != scores(first)  # EATA's SGD step moved the norm parameters
+        assert scores(predict_npy(c, "d", x)) != scores(first)  # the step moved the norm parameters
         assert c.post("/reset", json={"stream_id": "d"}).status_code == 200  # no admin token configured
         assert scores(predict_npy(c, "d", x)) == scores(first)
+        stream = c.get("/streams/d").json()
+        assert stream["bytes"] > 0 and stream["entropy_ema"] is not None
     mgg = live_server(ServiceSettings(_env_file=None, model=service_test_model(), device="cpu", method="foa",
                                       snapshot_dir=tmp_path / "mgg", log_level="warning"))
     with mgg.client() as c:
@@ -503,9 +511,9 @@ def test_default_configuration_is_eata_and_mgg_is_one_switch_away(live_server, t
         assert (info["method"], info["optimizer"]) == ("foa", "mgg")
         assert info["mgg_checkpoint"] and info["source_stats"]
         first = predict_npy(c, "d", x)
-        second = predict_npy(c, "d", x)
-        assert first["adapted"] and second["adapted"] and second["step"] == 2
-        assert scores(second) != scores(first)  # MGG moved the norm parameters
+        rest = [predict_npy(c, "d", x) for _ in range(3)]
+        assert rest[-1]["adapted"] and rest[-1]["step"] == 1
+        assert scores(predict_npy(c, "d", x)) != scores(first)  # MGG moved the norm parameters
 
 
 def test_a_model_that_cannot_load_keeps_the_server_live_but_not_ready(tmp_path):

@@ -101,6 +101,7 @@ class Setup:
     fisher: torch.Tensor | None = None
     mgg_checkpoint: str | None = None
     device: str = "cpu"
+    engine: dict = field(default_factory=dict)     # EngineConfig overrides (bn_stats, bn_momentum, update_images)
 
 
 def has_batchnorm(model) -> bool:
@@ -120,9 +121,12 @@ def build_engine(setup: Setup, method: str, lr: float | None, method_kwargs: dic
         optimizer = MGG(gml, lr=lr if lr is not None else (entry.reference_lr or 1e-3))
     elif needs_ckpt and setup.mgg_checkpoint is None:
         raise ValueError(f"method {method!r} needs an MGG checkpoint (--mgg-checkpoint or a bundled default)")
+    knobs = dict(setup.engine)
+    if entry.method.bn_stats == "source":              # methods that keep the source's statistics keep them
+        knobs.pop("bn_stats", None)
     cfg = EngineConfig(method=entry.method.name, optimizer=opt.name if opt else None, lr=lr,
                        method_kwargs=dict(method_kwargs or {}),
-                       mgg_checkpoint=setup.mgg_checkpoint if needs_ckpt else None, device=setup.device)
+                       mgg_checkpoint=setup.mgg_checkpoint if needs_ckpt else None, device=setup.device, **knobs)
     fisher = setup.fisher if entry.method.uses_fisher else None
     stats = setup.source_stats if entry.method.uses_source_stats else None
     return AdaptationEngine(setup.classifier, cfg, source_stats=stats, fisher=fisher, optimizer=optimizer)
@@ -266,6 +270,14 @@ def _float_list(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
+#: the engine knobs of the library defaults (EngineConfig): no "engine" entry in the protocol for these
+LIBRARY_ENGINE = {"bn_momentum": 0.1, "update_images": 1}
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def _parse_lrs(items: Sequence[str] | None) -> dict[str, float]:
     out = {}
     for it in items or []:
@@ -324,6 +336,15 @@ class BenchConfig:
     cache_dir: str | os.PathLike | None = field(default=None, metadata=_arg(
         f"corrupted-image cache (default {DEFAULT_CACHE_DIR})"))
     device: str = field(default="cpu", metadata=_arg("torch device"))
+    bn_stats: str | None = field(default=None, metadata=_arg(
+        "BatchNorm statistics of adapting methods: 'batch' (each batch's), 'ema' (per-stream moving average over "
+        "images, any batch size), 'source' (default: the method's, 'batch')", choices=["batch", "ema", "source"]))
+    bn_momentum: float = field(default=0.1, metadata=_arg("per-image momentum of --bn-stats ema", type=float))
+    update_images: int = field(default=1, metadata=_arg(
+        "accumulate gradients over batches until this many images, then update (1: every batch)", type=int))
+    batch_sizes: Sequence[int] | None = field(default=None, metadata=_arg(
+        "batch-size sweep: run the bench once per size over the same images (OUT/batch_<B>/) and write "
+        "OUT/batch_size_sweep.json and .md", type=_int_list, metavar="B,B,..."))
     title: str | None = field(default=None, metadata=_arg("table and plot title (default: from the protocol)"))
     progress: bool = field(default=True, metadata=_arg("no progress bars", flag="--no-progress",
                                                        action="store_false"))
@@ -351,6 +372,7 @@ class BenchConfig:
                  methods=list(self.methods), lrs=dict(self.lrs) if self.lrs else None,
                  sweep=list(self.sweep) if self.sweep is not None else None,
                  heldout_profiles=list(self.heldout_profiles) if self.heldout_profiles else None,
+                 batch_sizes=list(self.batch_sizes) if self.batch_sizes is not None else None,
                  cache_dir=str(self.cache_dir) if self.cache_dir is not None else None)
         return d
 
@@ -391,7 +413,11 @@ def _companions(cfg: BenchConfig, spec: StreamSpec, clf, methods: Sequence[str])
             raise FileNotFoundError("no MGG checkpoint for this classifier: pass --mgg-checkpoint (train one with "
                                     "`mgg pretrain`)")
         mgg_checkpoint = str(found)
-    setup = Setup(classifier=clf, source_stats=stats, fisher=fisher, mgg_checkpoint=mgg_checkpoint, device=cfg.device)
+    engine: dict[str, object] = {"bn_momentum": cfg.bn_momentum, "update_images": cfg.update_images}
+    if cfg.bn_stats is not None:
+        engine["bn_stats"] = cfg.bn_stats
+    setup = Setup(classifier=clf, source_stats=stats, fisher=fisher, mgg_checkpoint=mgg_checkpoint, device=cfg.device,
+                  engine=engine)
     return setup, {"source_stats": stats_origin, "fisher": fisher_origin}
 
 
@@ -426,6 +452,8 @@ def _base_protocol(cfg: BenchConfig, spec: StreamSpec, setup: Setup) -> dict:
         "mgg_checkpoint_sha256": file_sha256(setup.mgg_checkpoint) if setup.mgg_checkpoint else None,
         "stats_sha": _fingerprint([v.tolist() for v in stats.values()]) if stats is not None else None,
         "fisher_sha": _fingerprint(fisher.tolist()) if fisher is not None else None,
+        # engine knobs only when they differ from the library defaults (keeps older caches valid)
+        **({"engine": dict(setup.engine)} if setup.engine not in ({}, LIBRARY_ENGINE) else {}),
     }
 
 
@@ -574,7 +602,11 @@ def remove_if_empty(path: Path) -> None:
 def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark over ``cfg.spec`` (a sequential :class:`~mgg_core.data.streams.StreamSpec`; default: the
     test stream of the classifier card's data); writes OUT/results.json, results.md, online_accuracy.png; returns
-    the JSON. A failure leaves no empty OUT behind."""
+    the JSON. A failure leaves no empty OUT behind. With ``cfg.batch_sizes``: one run per size (bench.sweep)."""
+    if cfg.batch_sizes:
+        from .sweep import run_batch_size_sweep
+
+        return run_batch_size_sweep(cfg, run_bench)
     out = Path(cfg.out)
     created = not out.exists()
     try:

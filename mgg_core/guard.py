@@ -1,0 +1,203 @@
+"""Label-free safety guard: notices when adaptation hurts a stream and says where to fall back to.
+
+Contract. Every signal is an exponential moving average over *images* (time constant ``horizon_images``), so the
+guard judges a stream the same whatever its request sizes. Signals live in the stream state (``guard.*`` tensors):
+exact reset, snapshot and restore like the rest of the state.
+
+Signals on every image (the adapted model's own predictions):
+
+* ``entropy``: mean prediction entropy / ln C; at or above ``max_entropy`` the model has diverged to uniform;
+* ``class_share``: the share of each predicted class; one class at or above ``max_class_share`` is an extreme
+  collapse, whatever the source says.
+
+Signals against the source model, on a share ``check_share`` of the images (a deterministic per-stream credit:
+N-image requests check ``check_share * N`` images on average, the first ones of a request), classified a second
+time with the source parameters and statistics (one extra forward over those images, no gradient):
+
+* ``excess_share``: for the class the adapted model predicts most, its share among the adapted predictions minus
+  its share among the source predictions of the same images. Label shift moves both; a model that collapses
+  onto a class moves only the first (partial collapse, e.g. one class taking 60% of the predictions while the
+  source gives it 20%);
+* ``agreement``: on the checked images the source is confident about (max probability >= ``source_confidence``),
+  the share on which the adapted model predicts the same class. Adaptation fixes the source's uncertain images;
+  it has no reason to overturn many confident ones, and slow drift shows up here first;
+* ``entropy_gap``: the adapted model's mean entropy minus the source's on the same images; adaptation that
+  leaves the model *less* certain than the source is not helping.
+
+The source signals are only used while the source is a usable reference: its predictions on the checked images
+are diverse (normalised entropy of their histogram >= ``min_source_diversity``; under strong corruption a
+source model often predicts one class for everything, and then any disagreement with it is a gain), and, for
+``agreement``, it is confident on at least ``min_source_confident`` of them.
+
+A stream is judged only after ``warmup_images`` images (and ``warmup_checks`` checked images for the source
+signals). Judgement returns a :class:`Fallback` reason or None. For the collapse reasons the engine restores the
+last healthy anchor (taken every ``anchor_every_images`` healthy images) or, without one, the source; for the
+reasons that say the source is better here (:data:`HOLD_REASONS`) it resets the stream to source and holds it
+there (no adaptation) for ``hold_images`` images, doubled for every such fallback in a row (up to 8x; the count
+is cleared by a healthy anchor), before adapting again; the hold ends early when the source stops being a usable
+reference (:func:`source_failing`: the data changed under the stream, and the source is no longer better).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .losses import softmax_entropy
+from .reasons import RollbackReason
+
+__all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "check_count", "guard_init_state", "hold_length", "judge",
+           "observe", "source_diversity", "source_failing"]
+
+
+#: why the guard fell back (``StepResult.rollback_reason``; a metric label value): the engine's RollbackReason
+Fallback = RollbackReason
+
+
+@dataclass
+class GuardConfig:
+    """Label-free guard; see the module docstring. Thresholds are on per-image EMAs."""
+
+    enabled: bool = False
+    horizon_images: int = 128
+    warmup_images: int = 128
+    warmup_checks: int = 32
+    max_class_share: float = 0.8
+    max_entropy: float = 0.95
+    check_share: float = 0.25
+    source_confidence: float = 0.9
+    min_agreement: float = 0.97
+    max_excess_share: float = 0.3
+    max_entropy_gap: float = 0.1
+    anchor_every_images: int = 512
+    min_source_diversity: float = 0.5
+    min_source_confident: float = 0.3
+    hold_images: int = 512
+
+    def __post_init__(self) -> None:
+        if self.horizon_images < 1 or self.anchor_every_images < 1:
+            raise ValueError("guard horizon_images and anchor_every_images must be >= 1")
+        if not 0.0 <= self.check_share <= 1.0:
+            raise ValueError(f"guard check_share must be in [0, 1], got {self.check_share}")
+
+
+def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
+    """A new stream's guard signals (``guard.`` prefix in the stream state)."""
+    z = torch.zeros((), device=device)
+    return {"entropy_ema": torch.full((), float("nan"), device=device),
+            "class_share": torch.zeros(num_classes, device=device),
+            "credit": z.clone(), "checked": z.clone(), "confident": z.clone(), "hold": z.clone(), "backoff": z.clone(),
+            "confident_share": torch.full((), float("nan"), device=device),
+            "adapted_hist": torch.zeros(num_classes, device=device),
+            "source_hist": torch.zeros(num_classes, device=device),
+            "agreement": torch.full((), float("nan"), device=device),
+            "entropy_gap": torch.full((), float("nan"), device=device)}
+
+
+def _keep(cfg: GuardConfig, n: int | float) -> float:
+    """EMA weight of the past after ``n`` images."""
+    return (1.0 - 1.0 / cfg.horizon_images) ** float(n)
+
+
+def _ema(old: torch.Tensor, new: torch.Tensor, keep: float) -> torch.Tensor:
+    if bool(torch.isnan(old).any()):
+        return new.to(old)
+    return keep * old + (1.0 - keep) * new.to(old)
+
+
+def _mix_hist(old: torch.Tensor, hist: torch.Tensor, keep: float) -> torch.Tensor:
+    return hist.to(old) if float(old.sum()) == 0 else keep * old + (1.0 - keep) * hist.to(old)
+
+
+def check_count(cfg: GuardConfig, g: dict[str, torch.Tensor], n: int) -> tuple[int, torch.Tensor]:
+    """How many of the next ``n`` images to check against the source, and the new credit."""
+    credit = float(g["credit"]) + cfg.check_share * n
+    k = min(n, int(math.floor(credit + 1e-9)))
+    return k, torch.full_like(g["credit"], credit - k)
+
+
+def observe(cfg: GuardConfig, g: dict[str, torch.Tensor], logits: torch.Tensor,
+            source_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Updated guard signals after one request (``source_logits``: of the request's first checked images)."""
+    n, c = logits.shape
+    ln_c = math.log(c)
+    keep = _keep(cfg, n)
+    ent = (softmax_entropy(logits.float()) / ln_c).clamp(0, 1)
+    hist = torch.bincount(logits.argmax(1), minlength=c).float() / n
+    out = dict(g)
+    out["entropy_ema"] = _ema(g["entropy_ema"], ent.mean(), keep)
+    out["class_share"] = _mix_hist(g["class_share"], hist, keep)
+    if source_logits is None or source_logits.shape[0] == 0:
+        return out
+    k = source_logits.shape[0]
+    keep_k = keep            # time constants in stream images: the checked images stand for the whole request
+    a, s = logits[:k].float(), source_logits.float()
+    a_pred, s_prob = a.argmax(1), s.softmax(1)
+    out["adapted_hist"] = _mix_hist(g["adapted_hist"], torch.bincount(a_pred, minlength=c).float() / k, keep_k)
+    out["source_hist"] = _mix_hist(g["source_hist"], torch.bincount(s_prob.argmax(1), minlength=c).float() / k,
+                                   keep_k)
+    gap = (softmax_entropy(a) - softmax_entropy(s)).mean() / ln_c
+    out["entropy_gap"] = _ema(g["entropy_gap"], gap, keep_k)
+    conf = s_prob.max(1).values >= cfg.source_confidence
+    out["confident_share"] = _ema(g["confident_share"], conf.float().mean(), keep_k)
+    if bool(conf.any()):
+        agree = (a_pred[conf] == s_prob.argmax(1)[conf]).float().mean()
+        out["agreement"] = _ema(g["agreement"], agree, keep)
+        out["confident"] = g["confident"] + int(conf.sum())
+    out["checked"] = g["checked"] + k
+    return out
+
+
+def source_diversity(hist: torch.Tensor) -> float:
+    """Normalised entropy (0: one class, 1: uniform) of a prediction histogram."""
+    total = float(hist.sum())
+    if total <= 0:
+        return 0.0
+    p = hist / total
+    p = p[p > 0]
+    return float(-(p * p.log()).sum() / math.log(hist.numel()))
+
+
+#: fallbacks that say "the source model is better here": the stream holds at source for hold_images images
+HOLD_REASONS = frozenset({Fallback.SOURCE_DISAGREEMENT, Fallback.LESS_CERTAIN_THAN_SOURCE})
+
+
+def hold_length(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
+    """Images to hold at source after a fallback of :data:`HOLD_REASONS` (``g``: signals after the reset)."""
+    return float(cfg.hold_images) * 2.0 ** min(max(float(g["backoff"]) - 1.0, 0.0), 3.0)
+
+
+def source_failing(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
+    """While holding at source: the source now predicts (nearly) one class, so it is no longer the better model."""
+    return float(g["checked"]) >= cfg.warmup_checks and source_diversity(g["source_hist"]) < cfg.min_source_diversity
+
+
+def judge(cfg: GuardConfig, g: dict[str, torch.Tensor], images: int) -> Fallback | None:
+    """The reason to fall back, or None while the stream looks healthy."""
+    if images < cfg.warmup_images:
+        return None
+    share = g["class_share"]
+    if float(share.sum()) > 0 and float(share.max() / share.sum()) >= cfg.max_class_share:
+        ah, sh = g["adapted_hist"], g["source_hist"]
+        top = int(share.argmax())
+        # extreme collapse, unless the source predicts that class as often (label shift, not collapse)
+        if float(sh.sum()) == 0 or float(ah[top] - sh[top]) > cfg.max_excess_share / 2:
+            return Fallback.CLASS_COLLAPSE
+    if not bool(torch.isnan(g["entropy_ema"])) and float(g["entropy_ema"]) >= cfg.max_entropy:
+        return Fallback.ENTROPY_DIVERGENCE
+    if float(g["checked"]) < cfg.warmup_checks:
+        return None
+    ah, sh = g["adapted_hist"], g["source_hist"]
+    if source_diversity(sh) < cfg.min_source_diversity:
+        return None      # the source itself predicts (nearly) one class: it is no reference to judge against
+    top = int(ah.argmax())
+    if float(ah[top] - sh[top]) > cfg.max_excess_share:
+        return Fallback.PARTIAL_COLLAPSE
+    if (float(g["confident"]) >= cfg.warmup_checks / 2 and not bool(torch.isnan(g["agreement"]))
+            and float(g["confident_share"]) >= cfg.min_source_confident
+            and float(g["agreement"]) < cfg.min_agreement):
+        return Fallback.SOURCE_DISAGREEMENT
+    if not bool(torch.isnan(g["entropy_gap"])) and float(g["entropy_gap"]) > cfg.max_entropy_gap:
+        return Fallback.LESS_CERTAIN_THAN_SOURCE
+    return None

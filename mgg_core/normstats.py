@@ -1,0 +1,155 @@
+"""Per-stream BatchNorm statistics: the statistics a BatchNorm layer normalises with, per stream and per request.
+
+Contract. :class:`StreamNormStats` hooks every BatchNorm layer (any ``torch.nn.modules.batchnorm._BatchNorm``,
+so timm's ``BatchNormAct2d`` too) of the engine's private, frozen model copy. Outside :meth:`StreamNormStats.use`
+the layers behave as the mode says with no stream involved (``"source"``/``"ema"``: the source running
+statistics; ``"batch"``: the statistics of the batch). Inside ``use(stats, n_images)`` each layer normalises with:
+
+* ``"source"``: the source running statistics (the hooks do nothing);
+* ``"batch"``: the statistics of the current batch (Schneider et al. 2020; TENT's setting), except where a
+  layer sees a single value per channel (one image at 1x1 spatial size), where no batch variance exists: that
+  layer falls back to the source statistics (no per-stream state);
+* ``"ema"``: robust per-stream statistics (RoTTA's RBN, Yuan et al. 2023, with the BN-alpha family's mixing of
+  source and test statistics): the stream's statistics, initialised to the source running statistics, are mixed
+  with the batch's with a momentum that depends on the number of images, ``m_N = 1 - (1 - m)^N``, so N requests
+  of one image move the statistics as much as one request of N images. Means and variances are merged as two
+  populations (the variance of the mixture, including the spread of the means). The gradient flows through the
+  batch part, so entropy minimisation still shapes the statistics as with batch statistics.
+
+Statistics live in the stream state (``StreamState.tensors``) under ``norm.<layer>.mean`` / ``.var``; ``use``
+yields a dict that receives the updated statistics of the *first* forward pass within the block (later passes of
+the same step, e.g. SAR's second pass or DeYO's shuffled images, read but do not update them). A step's statistics
+are committed by the engine, so a rejected step leaves them untouched.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["BN_MODES", "StreamNormStats", "batch_momentum"]
+
+#: how BatchNorm layers normalise, see the module docstring
+BN_MODES = ("source", "batch", "ema")
+
+
+def batch_momentum(momentum: float, n_images: int) -> float:
+    """Momentum of one request of ``n_images`` images for a per-image momentum: ``1 - (1 - momentum)^n``."""
+    return 1.0 - (1.0 - float(momentum)) ** int(n_images)
+
+
+class _Call:
+    """The statistics of one ``use`` block."""
+
+    def __init__(self, stats: dict[str, torch.Tensor], m: float, record: bool) -> None:
+        self.stats, self.m, self.record = stats, m, record
+        self.updates: dict[str, torch.Tensor] = {}
+
+
+class StreamNormStats:
+    """Per-stream statistics for every BatchNorm layer of ``model`` (see the module docstring).
+
+    Args:
+        model: the engine's private model copy (eval mode); its BatchNorm running statistics are the source's.
+        mode: one of :data:`BN_MODES`.
+        momentum: per-image momentum of ``"ema"`` (0 < momentum <= 1).
+    """
+
+    def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05) -> None:
+        if mode not in BN_MODES:
+            raise ValueError(f"bn_stats must be one of {BN_MODES}, not {mode!r}")
+        if not 0.0 < float(momentum) <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {momentum}")
+        self.mode, self.momentum = mode, float(momentum)
+        self.layers: dict[str, _BatchNorm] = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+        self.source: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._units: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, bn in self.layers.items():
+            if bn.running_mean is None or bn.running_var is None:
+                raise ValueError(f"BatchNorm layer {name!r} has no running statistics (source statistics needed)")
+            self.source[name] = (bn.running_mean.detach().clone(), bn.running_var.detach().clone())
+            self._units[name] = (torch.zeros_like(self.source[name][0]), torch.ones_like(self.source[name][1]))
+            if mode == "batch":  # normalise with the batch unless a hook installs statistics
+                bn.track_running_stats = False
+                bn.running_mean = bn.running_var = None
+                bn.num_batches_tracked = None
+            bn.register_forward_pre_hook(self._pre_hook(name))
+            bn.register_forward_hook(self._post_hook(name))
+        self._call: _Call | None = None
+
+    @property
+    def per_stream(self) -> bool:
+        """True when the layers keep per-stream statistics (a BatchNorm model in mode "ema")."""
+        return bool(self.layers) and self.mode == "ema"
+
+    def init_state(self) -> dict[str, torch.Tensor]:
+        """A new stream's statistics (the source's), keyed ``<layer>.mean`` / ``<layer>.var``."""
+        if not self.per_stream:
+            return {}
+        out = {}
+        for name, (mean, var) in self.source.items():
+            out[f"{name}.mean"], out[f"{name}.var"] = mean.clone(), var.clone()
+        return out
+
+    @contextmanager
+    def use(self, stats: dict[str, torch.Tensor], n_images: int, record: bool = True,
+            update: bool = True) -> Iterator[dict]:
+        """Within the block, the hooked layers normalise with ``stats`` mixed with the batch (see the module
+        docstring; ``update=False``: with ``stats`` as they are); the yielded dict receives the updated statistics
+        when ``record``. Enter it only while holding the engine's forward lock (the hooks are shared)."""
+        m = batch_momentum(self.momentum, n_images) if update else 0.0
+        call = _Call(stats, m if self.mode == "ema" else 1.0, record)
+        prev, self._call = self._call, (call if self.layers and self.mode != "source" else None)
+        try:
+            yield call.updates
+        finally:
+            self._call = prev
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def _pre_hook(self, name: str):
+        def hook(bn: _BatchNorm, inputs):
+            call = self._call
+            if call is None:
+                return None
+            x = inputs[0]
+            single = x.numel() // max(1, x.shape[1]) <= 1
+            if self.mode == "batch":
+                if not single:
+                    return None  # plain batch statistics (the layer has no running statistics in this mode)
+                bn._buffers["running_mean"], bn._buffers["running_var"] = self.source[name]
+                return None
+            mean0, var0 = call.stats[f"{name}.mean"], call.stats[f"{name}.var"]
+            # one value per channel is a valid (zero-variance) population: the merge still holds
+            dims = [0] + list(range(2, x.dim()))
+            b_var, b_mean = torch.var_mean(x, dim=dims, unbiased=False)
+            m = call.m
+            mean = (1.0 - m) * mean0 + m * b_mean
+            var = (1.0 - m) * var0 + m * b_var + (m * (1.0 - m)) * (b_mean - mean0).pow(2)
+            if call.record and f"{name}.mean" not in call.updates:
+                call.updates[f"{name}.mean"], call.updates[f"{name}.var"] = mean.detach(), var.detach()
+            # native batch_norm takes no gradient through running statistics: normalise here, and let the layer
+            # (whatever it adds after the affine, e.g. timm's activation) run on unit statistics
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            eps = bn.eps
+            x_hat = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * math.sqrt(1.0 + eps)
+            bn._buffers["running_mean"], bn._buffers["running_var"] = self._unit(name)
+            return (x_hat,) + tuple(inputs[1:])
+        return hook
+
+    def _unit(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._units[name]
+
+    def _post_hook(self, name: str):
+        def hook(bn: _BatchNorm, inputs, output):
+            if self._call is None:
+                return None
+            if self.mode == "batch":
+                bn._buffers["running_mean"] = bn._buffers["running_var"] = None
+            else:
+                bn._buffers["running_mean"], bn._buffers["running_var"] = self.source[name]
+            return None
+        return hook

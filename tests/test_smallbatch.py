@@ -1,0 +1,285 @@
+"""Small requests: 1-image batches everywhere, per-stream BatchNorm statistics and update windows, the guard.
+
+Per-stream state added for small batches (``norm.*`` EMA statistics, ``accum.*`` gradient window, ``window.*``
+feature window, ``guard.*`` signals) must reset exactly, survive snapshot -> restore -> continue bit-identically,
+and keep streams independent.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from mgg_core.engine import AdaptationEngine, EngineConfig
+from mgg_core.features import compute_source_stats
+from mgg_core.guard import Fallback, GuardConfig, guard_init_state, judge, observe
+from mgg_core.mgg import GradientMemoryLayer
+from mgg_core.normstats import batch_momentum
+from mgg_core.optim import MGG
+
+METHOD_OPTIMIZERS = [(m, o) for m in ("tent", "eata", "sar", "deyo", "foa") for o in ("sgd", "adam", "mgg")]
+SMALL = dict(bn_stats="ema", bn_momentum=0.1, update_images=8)   # small-batch design, small window for tests
+
+
+def _group_norm(num_channels, **kwargs):
+    return nn.GroupNorm(8, num_channels)
+
+
+def _models():
+    torch.manual_seed(0)
+    return {
+        "resnet": lambda: timm.create_model("test_resnet", num_classes=10).eval(),
+        "vit": lambda: timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=4).eval(),
+        "groupnorm": lambda: timm.create_model("test_resnet", num_classes=10, norm_layer=_group_norm).eval(),
+    }
+
+
+def _images(n, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _engine(model, method="tent", optimizer="sgd", lr=0.01, guard=None, **cfg):
+    stats = None
+    if method == "foa":
+        probe = AdaptationEngine(model, EngineConfig(method="noadapt"), num_classes=10)
+        stats = compute_source_stats(probe.source_features, [_images(16, 99), _images(16, 98)])
+    opt = MGG(GradientMemoryLayer(seed=0), lr=lr) if optimizer == "mgg" else None
+    config = EngineConfig(method=method, optimizer=None if optimizer == "mgg" else optimizer, lr=lr,
+                          guard=guard or GuardConfig(), **cfg)
+    return AdaptationEngine(model, config, num_classes=10, source_stats=stats, optimizer=opt)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) or (torch.isnan(a[k]).all() and torch.isnan(b[k]).all())
+                                        for k in a)
+
+
+# ------------------------------------------------------------------------------- 1 image is a valid batch
+@pytest.mark.parametrize("model_name", ["resnet", "vit", "groupnorm"])
+@pytest.mark.parametrize("design", ["default", "small"])
+def test_one_image_batches_for_every_method_and_optimizer(model_name, design):
+    model = _models()[model_name]()
+    extra = {**SMALL, "update_images": 4} if design == "small" else {}
+    for method in ("noadapt", "bn"):
+        eng = _engine(model, method, None, **extra)
+        st = eng.new_state()
+        for i in range(3):
+            r = eng.step(st, _images(1, i))
+            assert r.logits.shape == (1, 10) and torch.isfinite(r.logits).all()
+    for method, optimizer in METHOD_OPTIMIZERS:
+        # guard on (its source checks run on every request), judging only after its warm-up: a random model's
+        # near-uniform predictions would otherwise be rolled back at once
+        eng = _engine(model, method, optimizer, guard=GuardConfig(enabled=True, check_share=1.0), **extra)
+        st = eng.new_state()
+        for i in range(5):
+            r = eng.step(st, _images(1, i))
+            assert r.logits.shape == (1, 10) and torch.isfinite(r.logits).all(), (method, optimizer)
+        assert torch.isfinite(st.theta).all()
+        if design == "small" and method in ("tent", "foa"):   # every image counts towards the window
+            assert st.step >= 1 and st.batches == 5
+
+
+def test_one_image_batchnorm_layer_at_1x1_uses_statistics_not_an_error():
+    model = _models()["resnet"]()
+    x = _images(1)
+    with pytest.raises(ValueError):      # plain torch in training mode refuses one value per channel
+        m = timm.create_model("test_resnet", num_classes=10)
+        m.load_state_dict(model.state_dict())
+        m.train()(x)
+    for bn_stats in ("batch", "ema", "source"):
+        eng = _engine(model, "tent", "sgd", bn_stats=bn_stats)
+        assert torch.isfinite(eng.step(eng.new_state(), x).logits).all()
+
+
+# ------------------------------------------------------------------------------- EMA statistics
+def test_ema_statistics_merge_like_populations_and_do_not_depend_on_request_size():
+    assert batch_momentum(0.1, 1) == pytest.approx(0.1)
+    assert batch_momentum(0.1, 2) == pytest.approx(1 - 0.81)
+    model = _models()["resnet"]()
+    eng = _engine(model, "bn", None, bn_stats="ema", bn_momentum=1.0)    # momentum 1: exactly the batch's
+    x = _images(16) * 2 + 0.5
+    st = eng.new_state()
+    eng.step(st, x)
+    ref = timm.create_model("test_resnet", num_classes=10)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want = ref.train()(x)
+    assert torch.allclose(eng.predict(eng.new_state(), x), model(x), atol=1e-5)   # fresh stream = source
+    small = _engine(model, "bn", None, bn_stats="ema", bn_momentum=1.0)
+    s2 = small.new_state()
+    got = small.step(s2, x).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    # one 4-image request moves the statistics like four 1-image requests (to first order in the momentum):
+    # compare the first layer's means
+    eng = _engine(model, "bn", None, bn_stats="ema", bn_momentum=0.05)
+    a, b = eng.new_state(), eng.new_state()
+    eng.step(a, x[:4])
+    for i in range(4):
+        eng.step(b, x[i:i + 1])
+    k = next(k for k in a.tensors if k.startswith("norm.") and k.endswith(".mean"))
+    src = eng.new_state().tensors[k]
+    da, db = a.tensors[k] - src, b.tensors[k] - src
+    assert torch.allclose(da, db, rtol=0.05, atol=0.05 * float(da.abs().max()))
+
+
+# ------------------------------------------------------------------------------- per-stream state
+def _stream(eng, st, sizes, seed):
+    outs = []
+    for i, n in enumerate(sizes):
+        outs.append(eng.step(st, _images(n, seed * 100 + i)).logits)
+    return outs
+
+
+@pytest.mark.parametrize("model_name,method,optimizer", [("resnet", "tent", "sgd"), ("resnet", "foa", "mgg"),
+                                                         ("vit", "foa", "mgg"), ("vit", "tent", "adam")])
+def test_small_batch_state_resets_exactly(model_name, method, optimizer):
+    eng = _engine(_models()[model_name](), method, optimizer, guard=GuardConfig(enabled=True), **SMALL)
+    fresh = eng.new_state()
+    keys = set(fresh.tensors)
+    assert {"accum.grad", "accum.images"} <= keys and any(k.startswith("guard.") for k in keys)
+    if model_name == "resnet":
+        assert any(k.startswith("norm.") for k in keys)
+    if method == "foa":
+        assert {"window.features", "window.count"} <= keys
+    st = eng.new_state()
+    _stream(eng, st, [1, 3, 1, 2, 5, 1], seed=1)
+    assert int(st.tensors["accum.images"]) > 0 or st.step > 0
+    assert not _same(st.tensors, fresh.tensors)
+    eng.reset(st)
+    assert _same(st.tensors, fresh.tensors) and st.images == 0 and st.batches == 0
+
+
+@pytest.mark.parametrize("model_name,method,optimizer", [("resnet", "foa", "mgg"), ("vit", "foa", "mgg"),
+                                                         ("groupnorm", "sar", "sgd"), ("resnet", "deyo", "adam")])
+def test_small_batch_snapshot_restore_continue_is_bit_identical(tmp_path, model_name, method, optimizer):
+    eng = _engine(_models()[model_name](), method, optimizer,
+                  guard=GuardConfig(enabled=True, warmup_images=2, warmup_checks=1, anchor_every_images=4), **SMALL)
+    st = eng.new_state(seed=3)
+    _stream(eng, st, [1, 2, 1, 3], seed=2)           # 7 images: a window is pending (update_images=8)
+    size = st.save(tmp_path / "s.safetensors")
+    assert size >= st.nbytes()
+    restored = eng.load_state(tmp_path / "s.safetensors")
+    assert _same(restored.tensors, st.tensors)
+    a = _stream(eng, st, [1, 1, 4, 2, 1], seed=5)
+    b = _stream(eng, restored, [1, 1, 4, 2, 1], seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert _same(restored.tensors, st.tensors) and restored.step == st.step
+
+
+def test_small_batch_state_is_counted_and_fingerprinted():
+    eng = _engine(_models()["resnet"](), "foa", "mgg", **SMALL)
+    st = eng.new_state()
+    extra = sum(v.numel() * v.element_size() for k, v in st.tensors.items()
+                if k.split(".")[0] in ("norm", "accum", "window", "guard"))
+    assert extra > 0 and st.nbytes() == sum(v.numel() * v.element_size() for v in st.tensors.values())
+    assert eng.fingerprint["update_images"] == 8 and eng.fingerprint["bn_stats"] == "ema"
+    assert eng.fingerprint["bn_momentum"] == 0.1 and eng.fingerprint["feature_window"] == 7
+    other = _engine(_models()["resnet"](), "foa", "mgg", **{**SMALL, "update_images": 16})
+    assert other.fingerprint != eng.fingerprint
+
+
+@pytest.mark.parametrize("model_name,method,optimizer", [("resnet", "foa", "mgg"), ("vit", "tent", "sgd")])
+def test_interleaved_small_batch_streams_equal_streams_run_alone(model_name, method, optimizer):
+    eng = _engine(_models()[model_name](), method, optimizer, guard=GuardConfig(enabled=True, warmup_images=2,
+                                                                                  warmup_checks=1), **SMALL)
+    sizes_a, sizes_b = [1, 2, 1, 1, 4, 1, 3], [3, 1, 1, 2, 1, 1, 5]
+    alone_a = _stream(eng, eng.new_state(seed=1), sizes_a, seed=10)
+    alone_b = _stream(eng, eng.new_state(seed=2), sizes_b, seed=20)
+    sa, sb = eng.new_state(seed=1), eng.new_state(seed=2)
+    for i, (na, nb) in enumerate(zip(sizes_a, sizes_b, strict=True)):
+        assert torch.equal(eng.step(sa, _images(na, 1000 + i)).logits, alone_a[i])
+        assert torch.equal(eng.step(sb, _images(nb, 2000 + i)).logits, alone_b[i])
+
+
+def test_gradient_window_updates_once_enough_images_were_seen():
+    eng = _engine(_models()["vit"](), "tent", "sgd", update_images=4)
+    st = eng.new_state()
+    results = [eng.step(st, _images(1, i)) for i in range(4)]
+    assert [r.adapted for r in results] == [False, False, False, True]
+    assert [r.skipped_reason for r in results[:3]] == ["accumulating"] * 3
+    assert st.step == 1 and int(st.tensors["accum.images"]) == 0
+    # one update from four 1-image requests equals one update from the same four images in one request
+    # (TENT's loss is a mean over images; LayerNorm couples nothing across images)
+    one = eng.new_state()
+    eng.step(one, torch.cat([_images(1, i) for i in range(4)]))
+    assert torch.allclose(one.theta, st.theta, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- guard
+def _signals(cfg, adapted_logits, source_logits, repeats=40):
+    g = guard_init_state(10, "cpu")
+    for _ in range(repeats):
+        g = observe(cfg, g, adapted_logits, source_logits)
+    return g
+
+
+def _onehot(labels, scale=8.0):
+    return torch.nn.functional.one_hot(torch.as_tensor(labels), 10).float() * scale
+
+
+def test_guard_tells_label_shift_from_partial_collapse():
+    cfg = GuardConfig(enabled=True, warmup_images=0, warmup_checks=1)
+    shifted = [3] * 13 + [1, 2, 4]                                     # a camera seeing mostly one class
+    assert judge(cfg, _signals(cfg, _onehot(shifted), _onehot(shifted)), 10_000) is None
+    source = list(range(10)) + [0, 1, 2, 3, 4, 5]
+    partial = [7] * 10 + [0, 1, 2, 3, 4, 5]                           # 62% one class, the source says 12%
+    assert judge(cfg, _signals(cfg, _onehot(partial), _onehot(source)), 10_000) == Fallback.PARTIAL_COLLAPSE
+    diverse_but_wrong = [(s + 1) % 10 for s in source]                 # overturns the source's confident answers
+    assert judge(cfg, _signals(cfg, _onehot(diverse_but_wrong), _onehot(source)), 10_000) == \
+        Fallback.SOURCE_DISAGREEMENT
+    unsure = _onehot(source, scale=2.0)                                # less certain than the source
+    assert judge(cfg, _signals(cfg, unsure, _onehot(source)), 10_000) == Fallback.LESS_CERTAIN_THAN_SOURCE
+    warm = dataclasses.replace(cfg, warmup_images=100)
+    assert judge(warm, _signals(cfg, _onehot(partial), _onehot(source)), 10) is None   # warm-up
+    # a source that predicts one class for everything (common under strong corruption) is no reference
+    collapsed_source = _onehot([0] * 16)
+    assert judge(cfg, _signals(cfg, _onehot(diverse_but_wrong), collapsed_source), 10_000) is None
+    assert str(Fallback.PARTIAL_COLLAPSE) == "partial_collapse"
+
+
+def test_guard_signals_do_not_depend_on_request_size():
+    cfg = GuardConfig(enabled=True, check_share=1.0)
+    logits = torch.randn(16, 10, generator=torch.Generator().manual_seed(0))
+    src = logits + 0.3
+    one = guard_init_state(10, "cpu")
+    for i in range(16):
+        one = observe(cfg, one, logits[i:i + 1], src[i:i + 1])
+    sixteen = observe(cfg, guard_init_state(10, "cpu"), logits, src)
+    # EMAs over images, not requests: the same images weigh (nearly) the same (order effects only)
+    assert abs(float(one["entropy_ema"]) - float(sixteen["entropy_ema"])) < 0.05
+    assert float(one["checked"]) == float(sixteen["checked"]) == 16
+
+
+def test_guard_falls_back_when_adaptation_hurts_and_counts_it():
+    import numpy as np
+
+    from mgg_core.classifier import default_checkpoint, load_classifier
+    from mgg_core.data.sources import mnist5k
+
+    clf = load_classifier(default_checkpoint("resnet"))
+    src = mnist5k("test")
+    order = np.random.default_rng(0).permutation(len(src))[:256]
+    x = clf.preprocessor(np.stack([src.get_image(int(i)) for i in order]))
+    guard = GuardConfig(enabled=True, warmup_images=32, warmup_checks=16, horizon_images=32)
+    eng = AdaptationEngine(clf, EngineConfig(method="tent", optimizer="sgd", lr=5.0, guard=guard))  # far too big
+    st = eng.new_state()
+    reasons = [r.rollback_reason for r in (eng.step(st, b) for b in x.split(8)) if r.rolled_back]
+    assert reasons and all(isinstance(r, Fallback) for r in reasons)
+    assert st.rollbacks == len(reasons)
+    # the same stream with a sane step size is left alone
+    sane = AdaptationEngine(clf, EngineConfig(method="tent", optimizer="sgd", lr=1e-3, guard=guard))
+    s2 = sane.new_state()
+    assert not any(sane.step(s2, b).rolled_back for b in x.split(8)) and s2.rollbacks == 0
+
+
+def test_guard_config_is_validated():
+    with pytest.raises(ValueError):
+        GuardConfig(check_share=1.5)
+    with pytest.raises(ValueError, match="update_images"):
+        _engine(_models()["vit"](), update_images=0)
+    with pytest.raises(ValueError, match="bn_stats"):
+        _engine(_models()["resnet"](), bn_stats="running")
+    assert dataclasses.asdict(GuardConfig())["check_share"] == 0.25
