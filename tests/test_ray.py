@@ -91,7 +91,7 @@ def test_two_shards_on_one_snapshot_dir_never_advance_a_stale_copy(tmp_path):
     from service.rayserve.shard import Shard
     from service.settings import ServiceSettings
 
-    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1,
+    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1, update_images=1,
                                snapshot_dir=tmp_path).model_dump()
     a, b = Shard(settings), Shard(settings)
     ctype = "application/x-npy"
@@ -204,7 +204,9 @@ def cluster(tmp_path_factory):
 
     snap = tmp_path_factory.mktemp("ray-snapshots")
     port = free_port()
-    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1, snapshot_dir=snap, port=port,
+    # update_images=1: one update per batch (the tests count steps per request)
+    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1, update_images=1,
+                               snapshot_dir=snap, port=port,
                                host="127.0.0.1")
     start(settings, RaySettings(num_cpus=2, replicas=2, replica_num_cpus=0.5, request_timeout_s=90))
     url = f"http://127.0.0.1:{port}"
@@ -397,7 +399,7 @@ def test_eight_replayed_streams_match_the_single_process_accuracy(cluster, tmp_p
 
     ray_summary = run(cluster["url"], tmp_path / "ray")
     env = {"MGG_MODEL": MODEL, "MGG_METHOD": "foa", "MGG_DEVICE": "cpu", "MGG_TORCH_THREADS": "1",
-           "MGG_SNAPSHOT_DIR": str(tmp_path / "s")}
+           "MGG_UPDATE_IMAGES": "1", "MGG_SNAPSHOT_DIR": str(tmp_path / "s")}
     with rp.LocalServer(env, log_path=tmp_path / "single.log") as single:
         single_summary = run(single.url, tmp_path / "single")
     def by_index(summary: dict) -> dict[str, float]:  # stream ids carry the run id: key by the stream index

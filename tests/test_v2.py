@@ -25,6 +25,7 @@ def settings_for(snapshot_dir, **kw) -> ServiceSettings:
         model=service_test_model(), method="tent", optimizer="sgd", lr=0.05, device="cpu",
         snapshot_dir=snapshot_dir, max_images=16, max_body_bytes=300_000, max_image_pixels=64 * 64,
         admin_token=TOKEN, max_concurrent_streams=2, idle_seconds=600, log_level="warning",
+        update_images=1,  # one update per request: the tests count steps and compare per-request adaptation
     )
     base.update(kw)
     return ServiceSettings(_env_file=None, **base)
