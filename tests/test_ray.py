@@ -29,6 +29,9 @@ from service.rayserve.metrics import merge_replica_metrics  # noqa: E402
 pytestmark = pytest.mark.timeout(600)
 
 MODEL = os.environ.get("MGG_REPLAY_TEST_MODEL", "resnet")
+# one update per request and no source checks: these tests count steps per request (test_smallbatch covers the
+# small-batch defaults)
+SINGLE_UPDATE = {"update_images": 1, "bn_stats": "batch", "guard_check_share": 0.0}
 APP = "mgg"
 
 
@@ -91,8 +94,8 @@ def test_two_shards_on_one_snapshot_dir_never_advance_a_stale_copy(tmp_path):
     from service.rayserve.shard import Shard
     from service.settings import ServiceSettings
 
-    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1, update_images=1,
-                               snapshot_dir=tmp_path).model_dump()
+    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1, snapshot_dir=tmp_path,
+                               **SINGLE_UPDATE).model_dump()
     a, b = Shard(settings), Shard(settings)
     ctype = "application/x-npy"
 
@@ -204,9 +207,8 @@ def cluster(tmp_path_factory):
 
     snap = tmp_path_factory.mktemp("ray-snapshots")
     port = free_port()
-    # update_images=1: one update per batch (the tests count steps per request)
-    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1, update_images=1,
-                               snapshot_dir=snap, port=port,
+    settings = ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1, snapshot_dir=snap, port=port,
+                               **SINGLE_UPDATE,
                                host="127.0.0.1")
     start(settings, RaySettings(num_cpus=2, replicas=2, replica_num_cpus=0.5, request_timeout_s=90))
     url = f"http://127.0.0.1:{port}"
@@ -399,7 +401,8 @@ def test_eight_replayed_streams_match_the_single_process_accuracy(cluster, tmp_p
 
     ray_summary = run(cluster["url"], tmp_path / "ray")
     env = {"MGG_MODEL": MODEL, "MGG_METHOD": "foa", "MGG_DEVICE": "cpu", "MGG_TORCH_THREADS": "1",
-           "MGG_UPDATE_IMAGES": "1", "MGG_SNAPSHOT_DIR": str(tmp_path / "s")}
+           "MGG_SNAPSHOT_DIR": str(tmp_path / "s"),
+           **{f"MGG_{k.upper()}": str(v) for k, v in SINGLE_UPDATE.items()}}
     with rp.LocalServer(env, log_path=tmp_path / "single.log") as single:
         single_summary = run(single.url, tmp_path / "single")
     def by_index(summary: dict) -> dict[str, float]:  # stream ids carry the run id: key by the stream index
