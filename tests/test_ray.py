@@ -416,6 +416,137 @@ def test_eight_replayed_streams_match_the_single_process_accuracy(cluster, tmp_p
     assert ray_summary["errors"]["failed_requests"] == 0
 
 
+# ------------------------------------------------------------------- Open Inference Protocol (V2) on Ray
+
+V2_OUTPUTS = ("probabilities", "labels", "entropy")
+
+
+@pytest.fixture(scope="module")
+def triton(cluster):
+    tc = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
+    client = tc.InferenceServerClient(url=cluster["url"].removeprefix("http://"), network_timeout=120.0)
+    yield client
+    client.close()
+
+
+def v2_model(cluster) -> str:
+    return str(cluster["client"].get("/info").json()["model"]["model"])  # the card's name: the default V2 name
+
+
+def v2_infer(triton, model: str, images: np.ndarray, seq, **kw) -> dict[str, np.ndarray]:
+    import tritonclient.http as tc
+
+    inp = tc.InferInput("images", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images, binary_data=True)
+    outs = [tc.InferRequestedOutput(n, binary_data=True) for n in V2_OUTPUTS]
+    res = triton.infer(model, [inp], outputs=outs, sequence_id=seq, **kw)
+    return {"params": res.get_response()["parameters"], **{n: res.as_numpy(n) for n in V2_OUTPUTS}}
+
+
+def images(seed: int, n: int = 8) -> np.ndarray:
+    return np.load(io.BytesIO(npy(seed, n)))
+
+
+def test_v2_health_and_metadata_on_ray(cluster, triton):
+    from tritonclient.utils import InferenceServerException
+
+    model, client = v2_model(cluster), cluster["client"]
+    assert triton.is_server_live() and triton.is_server_ready()
+    meta = triton.get_server_metadata()
+    assert meta["name"] == "mgg-tta" and {"sequence", "binary_tensor_data"} <= set(meta["extensions"])
+    assert triton.is_model_ready(model) and triton.is_model_ready(model, "1")
+    assert not triton.is_model_ready("nope") and not triton.is_model_ready(model, "2")
+    m = triton.get_model_metadata(model)
+    assert m["name"] == model and m["versions"] == ["1"] and triton.get_model_metadata(model, "1") == m
+    assert m["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, -1, -1, -1]}]
+    n_classes = client.get("/info").json()["model"]["num_classes"]
+    assert [o["name"] for o in m["outputs"]] == list(V2_OUTPUTS) and m["outputs"][0]["shape"] == [-1, n_classes]
+    with pytest.raises(InferenceServerException) as e:
+        triton.get_model_metadata("nope")
+    assert e.value.status() == "404" and "unknown model 'nope'" in e.value.message()
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get(f"/v2/models/{model}/versions/1/ready").json() == {"name": model, "ready": True}
+
+
+def test_v2_sequence_on_ray_equals_predict_and_shares_the_stream(cluster, triton):
+    """The same batches through V2 (sequence_id) and /predict (X-Stream-Id) on Ray give the same labels and
+    probabilities; a sequence_id is the stream of that X-Stream-Id: same replica, one step count."""
+    client, model = cluster["client"], v2_model(cluster)
+    batches = [images(2000 + k) for k in range(3)] + [images(2000)]
+    v2 = [v2_infer(triton, model, b, "v2ray-a") for b in batches]
+    v1 = [predict(client, "v2ray-b", npy_of(b))[1] for b in batches]
+    for k, (a, p) in enumerate(zip(v2, v1, strict=True)):
+        assert a["params"]["step"] == p["step"] == k + 1 and a["params"]["sequence_id"] == "v2ray-a"
+        assert a["labels"].tolist() == [q["label"] for q in p["predictions"]]
+        for row, q in enumerate(p["predictions"]):
+            got = [float(a["probabilities"][row, t["label"]]) for t in q["topk"]]
+            np.testing.assert_allclose(got, [t["score"] for t in q["topk"]], rtol=0, atol=1e-6)
+            assert abs(float(a["entropy"][row]) - q["entropy"]) <= 1e-6
+    assert not np.array_equal(v2[3]["probabilities"], v2[0]["probabilities"]), "the sequence adapted"
+    # one stream whichever protocol: /predict on the V2 sequence's stream continues it on the same replica
+    body = {"parameters": {"sequence_id": "v2ray-a"}, "outputs": [{"name": "labels"}],
+            "inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 28, 28],
+                        "data": images(7, 2).ravel().tolist()}]}
+    r = client.post(f"/v2/models/{model}/infer", json=body)
+    assert r.status_code == 200 and r.json()["parameters"]["step"] == 5, r.text
+    replica, after = predict(client, "v2ray-a", npy(8))
+    assert r.headers["X-Served-By"] == replica and after["step"] == 6
+
+
+def test_v2_sequence_start_and_end_on_ray(cluster, triton):
+    client, model, snap = cluster["client"], v2_model(cluster), cluster["snapshot_dir"]
+    x = images(3000)
+    first = v2_infer(triton, model, x, 77)  # an integer id: the stream "77"
+    for k in range(2):
+        v2_infer(triton, model, images(3001 + k), 77)
+    adapted = v2_infer(triton, model, x, "77")
+    assert adapted["params"]["step"] == 4 and not np.array_equal(adapted["probabilities"], first["probabilities"])
+    again = v2_infer(triton, model, x, 77, sequence_start=True, sequence_end=True)
+    assert again["params"]["step"] == 1 and again["params"]["unloaded"] is True
+    for n in V2_OUTPUTS:  # the source model's outputs, exactly
+        assert again[n].tobytes() == first[n].tobytes(), n
+    info = client.get("/streams/77").json()
+    assert info["step"] == 1 and json.loads((snap / "77.json").read_text())["step"] == 1
+
+
+def test_v2_bad_input_on_ray_is_4xx_with_an_error_and_changes_nothing(cluster, triton):
+    client, model = cluster["client"], v2_model(cluster)
+    v2_infer(triton, model, images(4000, 2), "v2ray-bad")
+
+    def body(**over) -> dict:
+        inp = {"name": "images", "datatype": "UINT8", "shape": [2, 28, 28], "data": images(1, 2).ravel().tolist()}
+        inp.update(over.pop("input", {}))
+        return {"parameters": {"sequence_id": "v2ray-bad"}, "inputs": [inp], **over}
+
+    limit = cluster["settings"].max_images
+    cases = [
+        (f"/v2/models/{model}/infer", body(input={"datatype": "FP32"}), 400, "datatype"),
+        (f"/v2/models/{model}/infer", body(input={"shape": [2, 28]}), 400, "shape"),
+        (f"/v2/models/{model}/infer", body(input={"name": "x"}), 400, "exactly one input"),
+        (f"/v2/models/{model}/infer", body(input={"data": [300] * (2 * 28 * 28)}), 400, "0..255"),
+        (f"/v2/models/{model}/infer", body(parameters={"sequence_id": "bad id!"}), 400, "sequence_id"),
+        (f"/v2/models/{model}/infer", body(input={"shape": [limit + 1, 2, 2], "data": [0] * ((limit + 1) * 4)}),
+         413, str(limit)),  # refused by the shard replica (the decode limits of /predict)
+        ("/v2/models/nope/infer", body(), 404, "unknown model"),
+        (f"/v2/models/{model}/versions/2/infer", body(), 404, "version"),
+    ]
+    for path, doc, status, words in cases:
+        r = client.post(path, json=doc)
+        assert r.status_code == status, (words, r.status_code, r.text)
+        err = r.json()["error"]
+        assert isinstance(err, str) and words in err, (words, err)
+    r = client.post(f"/v2/models/{model}/infer", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    assert client.get("/streams/v2ray-bad").json()["step"] == 1, "no refused request changed the stream"
+
+
+def npy_of(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
 def test_scaling_down_moves_streams_with_their_state(cluster):
     """Last in the module (it leaves one replica): the spread streams (3 steps each) continue at step 4 on the
     remaining replica after the deployment is scaled from 2 replicas to 1."""

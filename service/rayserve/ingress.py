@@ -22,18 +22,34 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from ray import serve
 
+from .. import __version__
 from ..errors import ApiError, register_error_handlers
 from ..metrics import LATENCY_BUCKETS
 from ..routes.deps import check_stream_id
 from ..routes.predict import read_body
 from ..settings import ServiceSettings
+from ..v2.codec import (
+    HEADER_LENGTH,
+    INPUT,
+    OUTPUTS,
+    InferRequest,
+    V2Error,
+    encode_response,
+    header_length,
+    input_as_npy,
+    parse_header,
+    tensor_metadata,
+)
+from ..v2.routes import EXTENSIONS, MODEL_VERSION, PLATFORM, SERVER_NAME, v2_error
 from .metrics import merge_replica_metrics
 from .registry import replica_ids
 from .router import target_key
@@ -105,6 +121,7 @@ class Ingress:
         self.request_timeout_s = float(request_timeout_s)
         self.retries = int(retries)
         self.lines: dict[str, _Line] = {}
+        self.model_card: dict[str, Any] | None = None  # a shard's whoami (model info), for the V2 endpoints
         self.total = 0
         admin = self.settings.admin_token
         self.admin_token = admin.get_secret_value() if admin is not None else None
@@ -324,6 +341,118 @@ class Ingress:
                            "max_queue_per_stream": s.max_queue_per_stream, "max_queue_total": s.max_queue_total,
                            "state_budget_bytes": s.state_budget_bytes, "idle_seconds": s.idle_seconds},
                 "admin_token_required": self.admin_token is not None}
+
+    # ------------------------------------------------------------------------- Open Inference Protocol (V2)
+
+    async def _v2(self, fn: Callable[..., Awaitable[Response]], *args: Any) -> Response:
+        """Run a V2 endpoint: its errors (the codec's, the ingress's, a replica's) as ``{"error": message}``."""
+        try:
+            return await fn(*args)
+        except V2Error as exc:
+            return v2_error(exc.status, exc.message, exc.headers)
+        except ApiError as exc:
+            return v2_error(exc.status, exc.message, exc.headers)
+
+    async def _model(self, name: str, version: str | None, *, ask: bool = True) -> dict[str, Any]:
+        """A replica's ``whoami`` when ``name``/``version`` is the served model; else 404 (503: no replica).
+        ``ask=False`` reuses the last answer (every replica serves the same model): no extra call per infer."""
+        if ask or self.model_card is None:
+            self.model_card = dict((await self._call(uuid.uuid4().hex, "whoami"))["body"])
+        card = self.model_card
+        known = self.settings.model_name or str(card["info"]["model"])
+        if name != known:
+            raise V2Error(404, f"unknown model {name!r}; this server serves {known!r}")
+        if version is not None and version != MODEL_VERSION:
+            raise V2Error(404, f"unknown version {version!r} of model {name!r}; its only version is {MODEL_VERSION!r}")
+        return card
+
+    async def _v2_metadata(self, name: str, version: str | None) -> Response:
+        n = int((await self._model(name, version))["num_classes"])
+        return JSONResponse({"name": name, "versions": [MODEL_VERSION], "platform": PLATFORM,
+                             "inputs": [tensor_metadata(INPUT, n)],
+                             "outputs": [tensor_metadata(spec, n) for spec in OUTPUTS.values()]})
+
+    async def _v2_ready(self, name: str, version: str | None) -> Response:
+        try:
+            await self._model(name, version)
+        except ApiError as exc:  # no replica answers: known model, not ready
+            return JSONResponse({"name": name, "ready": False, "error": exc.message}, status_code=503,
+                                headers=exc.headers)
+        return JSONResponse({"name": name, "ready": True})
+
+    async def _v2_request(self, request: Request) -> tuple[InferRequest, bytes]:
+        """Read and parse the V2 request (``service.v2.codec``); its input as ``.npy`` bytes. 4xx before any
+        stream is touched."""
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise V2Error(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+        body = await read_body(request, self.settings.max_body_bytes)
+        hlen = header_length(request.headers.get(HEADER_LENGTH), len(body)) or len(body)
+        req = parse_header(body[:hlen], binary_size=len(body) - hlen)
+        return req, await asyncio.to_thread(input_as_npy, req, memoryview(body)[hlen:])
+
+    async def _v2_infer(self, request: Request, name: str, version: str | None) -> Response:
+        t0, status = time.perf_counter(), 500
+        try:
+            await self._model(name, version, ask=False)
+            req, npy = await self._v2_request(request)
+            args = (npy, uuid.uuid4().hex, req.sequence_id, req.sequence_start, req.sequence_end)
+            out = await self._stream_call(req.stream_id, "infer_v2", *args, counted=True)
+            status = out["status"]
+            served = {SERVED_BY: str(out.get("served_by", ""))}
+            if status != 200:
+                err = out["body"]["error"] if isinstance(out.get("body"), dict) else {}
+                return v2_error(status, str(err.get("message", "request failed")), {**out["headers"], **served})
+            tensors = {k: np.asarray(v, dtype=OUTPUTS[k].dtype) for k, v in out["body"]["tensors"].items()}
+            content, headers = encode_response(model_name=name, model_version=MODEL_VERSION, request_id=req.id,
+                                               parameters=out["body"]["parameters"], tensors=tensors,
+                                               outputs=req.outputs)
+            return Response(content=content, media_type=headers.pop("Content-Type"), headers={**headers, **served})
+        except (V2Error, ApiError) as exc:
+            status = exc.status
+            raise
+        finally:
+            self._observe("POST", "/v2/models/{model_name}/infer", status, t0)
+
+    @api.get("/v2")
+    async def v2_server(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def v2_health_ready(self) -> Response:
+        try:
+            await self._call(uuid.uuid4().hex, "whoami")
+        except ApiError as exc:
+            return JSONResponse({"ready": False, "error": exc.message}, status_code=503, headers=exc.headers)
+        return JSONResponse({"ready": True})
+
+    @api.get("/v2/models/{model_name}")
+    async def v2_model(self, model_name: str) -> Response:
+        return await self._v2(self._v2_metadata, model_name, None)
+
+    @api.get("/v2/models/{model_name}/versions/{model_version}")
+    async def v2_model_version(self, model_name: str, model_version: str) -> Response:
+        return await self._v2(self._v2_metadata, model_name, model_version)
+
+    @api.get("/v2/models/{model_name}/ready")
+    async def v2_model_ready(self, model_name: str) -> Response:
+        return await self._v2(self._v2_ready, model_name, None)
+
+    @api.get("/v2/models/{model_name}/versions/{model_version}/ready")
+    async def v2_model_version_ready(self, model_name: str, model_version: str) -> Response:
+        return await self._v2(self._v2_ready, model_name, model_version)
+
+    @api.post("/v2/models/{model_name}/infer")
+    async def v2_infer(self, request: Request, model_name: str) -> Response:
+        return await self._v2(self._v2_infer, request, model_name, None)
+
+    @api.post("/v2/models/{model_name}/versions/{model_version}/infer")
+    async def v2_infer_version(self, request: Request, model_name: str, model_version: str) -> Response:
+        return await self._v2(self._v2_infer, request, model_name, model_version)
 
     @api.get("/metrics")
     async def metrics(self) -> Response:

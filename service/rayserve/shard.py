@@ -226,6 +226,48 @@ class Shard:
             ticket.abandon()
         return reply(200, resp.model_dump(mode="json"))
 
+    async def infer_v2(self, sid: str, npy: bytes, request_id: str, sequence_id: int | str, start: bool,
+                       end: bool) -> dict[str, Any]:
+        """One V2 ``infer`` on stream ``sid``: the ingress parsed the request (``service.v2.codec``) and hands the
+        input tensor as ``.npy`` bytes; the /predict path below it (decode, one ordered step), with
+        ``sequence_start`` as a reset inside the step and ``sequence_end`` as an unload after it. The body is
+        ``{"parameters": ..., "tensors": {name: nested list}}``; the ingress encodes the V2 response from it."""
+        async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
+            last = lease.record.get("last_request")
+            if last == request_id and "last_response" in lease.record:
+                return reply(200, lease.record["last_response"], replayed=True)  # a retry of an applied request
+            out = await self._infer_v2(store, sid, npy, sequence_id, start, end)
+            if out["status"] == 200:
+                await asyncio.to_thread(lease.commit, last_request=request_id, last_response=out["body"])
+            return out
+
+        return await self._with_stream(sid, op)
+
+    async def _infer_v2(self, store: ShardStore, sid: str, npy: bytes, sequence_id: int | str, start: bool,
+                        end: bool) -> dict[str, Any]:
+        from ..v2.routes import NPY_MEDIA_TYPE, step_parameters, step_tensors
+
+        ticket = self.plane.reserve(store, sid)
+        try:
+            try:
+                batch = await asyncio.to_thread(decode_body, npy, NPY_MEDIA_TYPE, self.svc.limits, self.svc.pixels)
+            except DecodeError as exc:
+                raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
+            try:
+                step = await self.plane.step(self.runtime, store, ticket, batch, {}, reset_first=start)
+            finally:
+                batch.release()
+        finally:
+            ticket.abandon()
+        unloaded = None
+        if end:
+            try:
+                unloaded = await asyncio.shield(store.unload(sid, reason="sequence_end"))
+            except UnknownStream:
+                unloaded = False
+        tensors = {k: v.tolist() for k, v in step_tensors(step).items()}  # float32 -> float -> float32 is exact
+        return reply(200, {"parameters": step_parameters(sequence_id, step, unloaded), "tensors": tensors})
+
     async def reset(self, sid: str) -> dict[str, Any]:
         async def op(store: ShardStore, lease: Any) -> dict[str, Any]:
             await store.reset(sid)
@@ -288,8 +330,9 @@ class Shard:
         return reply(200, body.decode(), served_by=self.replica_id)
 
     async def whoami(self) -> dict[str, Any]:
-        return reply(200, {"replica": self.replica_id, "warmup_seconds": self.warmup_seconds,
-                           "info": self.runtime.info, "time": time.time()}, served_by=self.replica_id)
+        rt = self.runtime
+        return reply(200, {"replica": self.replica_id, "warmup_seconds": self.warmup_seconds, "info": rt.info,
+                           "num_classes": rt.num_classes, "time": time.time()}, served_by=self.replica_id)
 
     async def __del__(self) -> None:  # Serve calls an async __del__ on graceful replica shutdown
         if self.store is not None:

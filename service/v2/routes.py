@@ -249,13 +249,11 @@ async def _decode(svc: ServiceState, req: InferRequest, body: _Body, hlen: int) 
         raise V2Error(exc.status, exc.message, exc.headers) from None
 
 
-def _response(svc: ServiceState, rt: Runtime, name: str, req: InferRequest, out: StepOutcome,
-              unloaded: bool | None) -> Response:
-    probs, ent = softmax_outputs(out.logits)
-    labels = probs.topk(1, dim=1).indices[:, 0]
+def step_parameters(sequence_id: int | str, out: StepOutcome, unloaded: bool | None) -> dict[str, Any]:
+    """The inference response's parameters for one step (shared with the Ray backend's shards)."""
     res = out.result
     params: dict[str, Any] = {
-        "sequence_id": req.sequence_id, "step": out.step, "adapted": bool(res.adapted),
+        "sequence_id": sequence_id, "step": out.step, "adapted": bool(res.adapted),
         "rolled_back": bool(res.rolled_back), "predictions_after_update": out.post_update,
     }
     optional = {  # reasons are StrEnums: sent as their plain strings
@@ -267,9 +265,21 @@ def _response(svc: ServiceState, rt: Runtime, name: str, req: InferRequest, out:
         "unloaded": unloaded,
     }
     params.update({k: v for k, v in optional.items() if v is not None})  # V2 parameters have no null
-    tensors = {"probabilities": probs.numpy(), "labels": labels.numpy(), "entropy": ent.numpy()}
+    return params
+
+
+def step_tensors(out: StepOutcome) -> dict[str, Any]:
+    """The output tensors of one step as numpy arrays, keyed by :data:`OUTPUTS` name."""
+    probs, ent = softmax_outputs(out.logits)
+    labels = probs.topk(1, dim=1).indices[:, 0]
+    return {"probabilities": probs.numpy(), "labels": labels.numpy(), "entropy": ent.numpy()}
+
+
+def _response(svc: ServiceState, rt: Runtime, name: str, req: InferRequest, out: StepOutcome,
+              unloaded: bool | None) -> Response:
     content, headers = encode_response(model_name=name, model_version=MODEL_VERSION, request_id=req.id,
-                                       parameters=params, tensors=tensors, outputs=req.outputs)
+                                       parameters=step_parameters(req.sequence_id, out, unloaded),
+                                       tensors=step_tensors(out), outputs=req.outputs)
     return Response(content=content, headers=headers, media_type=headers.pop("Content-Type"))
 
 
@@ -349,4 +359,7 @@ async def infer_version(
     return await _infer(request, model_name, model_version, svc, plane)
 
 
-__all__ = ["EXTENSIONS", "INFER_BODY", "MODEL_VERSION", "V2Route", "check_model", "model_name_of", "router"]
+__all__ = [
+    "EXTENSIONS", "INFER_BODY", "MODEL_VERSION", "NPY_MEDIA_TYPE", "PLATFORM", "SERVER_NAME", "V2Route", "check_model",
+    "model_name_of", "router", "step_parameters", "step_tensors", "v2_error",
+]
