@@ -176,7 +176,7 @@ def test_preprocessor_channel_conversion_and_errors(pre):
 
 # ----------------------------------------------------------------------------------------------- train-source
 
-def _retrain(kind, tmp_path):
+def _retrain(kind, tmp_path, tolerance: float = 1.0):
     from mgg_core.cli import main
 
     card = ClassifierCard.load(default_checkpoint(kind).with_suffix(".json"))
@@ -191,7 +191,7 @@ def _retrain(kind, tmp_path):
     assert main(argv) == 0
     new = ClassifierCard.load(out.with_suffix(".json"))
     assert new.mean == card.mean and new.std == card.std and new.model_kwargs == card.model_kwargs
-    assert abs(new.clean_test_accuracy - card.clean_test_accuracy) <= 1.0
+    assert abs(new.clean_test_accuracy - card.clean_test_accuracy) <= tolerance
     return new
 
 
@@ -202,7 +202,11 @@ def test_train_source_reproduces_resnet(tmp_path):
 
 @pytest.mark.slow  # ~100 s on 2 cores; runs in CI (deselect locally with -m "not slow")
 def test_train_source_reproduces_vit(tmp_path):
-    new = _retrain("vit", tmp_path)
+    # Measured 2026-11-30 on an AVX-512 (BF16/FP16) Xeon: the code before this round (c3e7d8e) and after it both
+    # retrain the ViT to 93.0% against the card's 94.1% (made on another machine), deterministically; the ResNet
+    # still lands within 1 point. CPU float kernels differ across microarchitectures and 30 epochs of AdamW on the
+    # ViT amplify them, so bit-reproduction holds only on the same CPU kind and thread count (docs/data.md).
+    new = _retrain("vit", tmp_path, tolerance=1.5)
     assert new.clean_test_accuracy >= 88.0
 
 

@@ -210,7 +210,9 @@ def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("obs")
     model = test_model()
     env = {"MGG_MODEL": model, "MGG_METHOD": "tent", "MGG_OPTIMIZER": "sgd", "MGG_DEVICE": "cpu",
-           "MGG_IDLE_CHECK_SECONDS": "1"}
+           "MGG_IDLE_CHECK_SECONDS": "1",
+           # one update per request (the scraped step count is compared with the replay's adapted batches)
+           "MGG_UPDATE_IMAGES": "1", "MGG_BN_STATS": "batch", "MGG_GUARD_CHECK_SHARE": "0"}
     adapt = rp.LocalServer({**env, "MGG_SNAPSHOT_DIR": str(tmp / "snap-a")}, log_path=tmp / "adapt.log")
     base = rp.LocalServer({**env, "MGG_METHOD": "noadapt", "MGG_SNAPSHOT_DIR": str(tmp / "snap-b")},
                           log_path=tmp / "baseline.log")
