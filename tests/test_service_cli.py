@@ -51,10 +51,12 @@ def test_settings_precedence_flags_env_dotenv_config(tmp_path):
 
 
 def serve_process(cwd: Path, snapshot_dir: Path, *extra: str) -> ServerProcess:
-    """`mgg serve` in a subprocess (output kept in ``.lines``), started and ready."""
+    """`mgg serve` in a subprocess (output kept in ``.lines``), started and ready; one update per request and no
+    source checks (these tests count steps per request; test_smallbatch covers the small-batch defaults)."""
     flags = ["--model", service_test_model(), "--device", "cpu", "--snapshot-dir", str(snapshot_dir),
              "--log-level", "warning", *extra]
-    return ServerProcess(lambda port: serve_command(port, *flags), clean_env(), capture=True, cwd=cwd,
+    env = clean_env(MGG_UPDATE_IMAGES="1", MGG_BN_STATS="batch", MGG_GUARD_CHECK_SHARE="0")
+    return ServerProcess(lambda port: serve_command(port, *flags), env, capture=True, cwd=cwd,
                          inherit_env=False).start()
 
 
