@@ -18,7 +18,6 @@ One ingress replica keeps each stream's arrival order; with several, order holds
 # no `from __future__ import annotations`: Serve's ingress wrapper needs FastAPI to see real annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
@@ -34,7 +33,7 @@ from ray import serve
 from .. import __version__
 from ..errors import ApiError, register_error_handlers
 from ..metrics import LATENCY_BUCKETS
-from ..routes.deps import check_stream_id
+from ..routes.deps import check_admin, check_stream_id
 from ..routes.predict import read_body
 from ..settings import ServiceSettings
 from ..v2.codec import (
@@ -140,15 +139,7 @@ class Ingress:
     # ------------------------------------------------------------------------------------------ plumbing
 
     def _admin(self, authorization: str | None) -> None:
-        token = self.admin_token
-        if token is None:
-            return
-        if not authorization:
-            raise ApiError(401, "unauthorized", "this endpoint needs 'Authorization: Bearer <admin token>'",
-                            {"WWW-Authenticate": "Bearer"})
-        scheme, _, given = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(403, "forbidden", "the admin token is wrong", {"WWW-Authenticate": "Bearer"})
+        check_admin(self.admin_token, authorization)
 
     def _enter_line(self, sid: str, counted: bool) -> tuple[_Line, asyncio.Future | None, asyncio.Future]:
         line = self.lines.get(sid)

@@ -37,12 +37,9 @@ def _token_matches(token: str, authorization: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def require_admin(
-    svc: ServiceState = Depends(get_service),
-    authorization: str | None = Header(None, include_in_schema=False),
-) -> None:
-    """401 without, 403 with a wrong ``Authorization: Bearer`` token; open when no admin token is set."""
-    token = svc.admin_token
+def check_admin(token: str | None, authorization: str | None) -> None:
+    """401 without, 403 with a wrong ``Authorization: Bearer`` token; open when ``token`` is None. Shared by the
+    FastAPI dependency below and the Ray ingress."""
     if token is None:
         return
     if not authorization:
@@ -50,6 +47,14 @@ def require_admin(
                        {"WWW-Authenticate": "Bearer"})
     if not _token_matches(token, authorization):
         raise ApiError(403, "forbidden", "the admin token is wrong", {"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(
+    svc: ServiceState = Depends(get_service),
+    authorization: str | None = Header(None, include_in_schema=False),
+) -> None:
+    """401 without, 403 with a wrong ``Authorization: Bearer`` token; open when no admin token is set."""
+    check_admin(svc.admin_token, authorization)
 
 
 def is_admin(
@@ -90,6 +95,6 @@ def path_stream_id(stream_id: str) -> str:
 ADMIN = [Depends(require_admin)]
 
 __all__ = [
-    "ADMIN", "DEFAULT_STREAM", "check_stream_id", "get_dataplane", "get_service", "header_stream_id", "is_admin",
-    "path_stream_id", "require_admin", "require_ready",
+    "ADMIN", "DEFAULT_STREAM", "check_admin", "check_stream_id", "get_dataplane", "get_service", "header_stream_id",
+    "is_admin", "path_stream_id", "require_admin", "require_ready",
 ]
