@@ -11,7 +11,7 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -280,6 +280,21 @@ class AdaptationEngine:
             result.reset_reason = self.method.recovery_reason
         result.step = state.step
         return result
+
+    def step_many(self, items: Sequence[tuple[StreamState, torch.Tensor]], adapt: bool = True) -> list[StepResult]:
+        """One step on each of several *distinct* streams: ``[step(state, x) for state, x in items]``.
+
+        Contract (what a fused implementation must keep): each stream gets exactly the update, optimizer state,
+        statistics, guard decisions and predictions it would get from :meth:`step` alone, whatever other streams
+        share the call; results come back in the order of ``items``. A stream may appear at most once per call
+        (its steps are ordered; the caller runs a second request of the same stream in a later call).
+        """
+        seen: set[int] = set()
+        for state, _ in items:
+            if id(state) in seen:
+                raise ValueError("step_many: a stream appears more than once in one call")
+            seen.add(id(state))
+        return [self.step(state, x, adapt=adapt) for state, x in items]
 
     def _adapt(self, state: StreamState, x: torch.Tensor, timer: Timer, norm_sink: dict) -> tuple[GradOutput, bool]:
         """The method's gradient, accumulated over ``update_images`` images, and the optimizer's update; commits

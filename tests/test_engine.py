@@ -337,3 +337,18 @@ def test_mgg_step_size_comes_from_its_card_unless_given(tmp_path):
     cfg = EngineConfig(method="tent", optimizer="mgg", mgg_checkpoint=str(ckpt))
     eng = AdaptationEngine(_vit(), cfg, num_classes=10)
     assert eng.optimizer.lr == 1e-3
+
+
+def test_step_many_equals_separate_steps_and_refuses_a_stream_twice():
+    eng = _engine(_resnet(), "tent", "sgd")
+    xs = _batches(3, seed=5)
+    alone = [eng.new_state(seed=i) for i in range(3)]
+    expected = [eng.step(st, x).logits for st, x in zip(alone, xs, strict=True)]
+    many = [eng.new_state(seed=i) for i in range(3)]
+    results = eng.step_many(list(zip(many, xs, strict=True)))
+    for res, want, st, ref in zip(results, expected, many, alone, strict=True):
+        assert torch.equal(res.logits, want)
+        assert st.step == ref.step == 1
+    with pytest.raises(ValueError, match="more than once"):
+        eng.step_many([(many[0], xs[0]), (many[0], xs[1])])
+    assert many[0].step == 1, "a refused call changes no state"
