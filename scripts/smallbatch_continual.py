@@ -1,7 +1,8 @@
 """Long continual streams: all 15 test corruptions in a shuffled order, never reset, in process.
 
-The service's default engine (FOA + MGG, guard on) against no adaptation, per domain, on both bundled models,
-with and without Dirichlet label shift; engine knobs can be overridden to compare designs::
+The service's default engine (service/settings.py: EATA + SGD, per-stream BN EMA, 64-image window, guard on)
+against no adaptation, per domain, on both bundled models, with and without Dirichlet label shift; engine knobs
+can be overridden to compare designs::
 
     nice -n 10 .venv/bin/python scripts/smallbatch_continual.py --models resnet vit --label-shift none 0.1 \
         --out docs/results/smallbatch_continual
