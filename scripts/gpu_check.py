@@ -162,9 +162,10 @@ def run_tests(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.test_timeout)
         rc, log = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
-        rc, log = 124, f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {args.test_timeout} s"
-    (out / "pytest.log").write_text(log if isinstance(log, str) else str(log))
-    lines = [ln for ln in str(log).splitlines() if ln.strip()]
+        partial = [v.decode(errors="replace") if isinstance(v, bytes) else (v or "") for v in (exc.stdout, exc.stderr)]
+        rc, log = 124, "".join(partial) + f"\ntimed out after {args.test_timeout} s"
+    (out / "pytest.log").write_text(log)
+    lines = [ln for ln in log.splitlines() if ln.strip()]
     summary = lines[-1] if lines else "(no output)"
     print(f"gpu_check: tests: {summary} (rc {rc}, {time.perf_counter() - t0:.0f} s)", flush=True)
     return {"selection": args.tests, "rc": rc, "summary": summary, "seconds": round(time.perf_counter() - t0, 1)}
@@ -175,8 +176,10 @@ def _settings(device: str, mode: str, sizes: dict[str, int], model: str = "resne
     """ServiceSettings' defaults with the device, the mode's method/optimizer and, when set, update_images."""
     from service.settings import ServiceSettings
 
-    extra = {"update_images": sizes["update_images"]} if sizes.get("update_images") else {}
-    return ServiceSettings(_env_file=None, model=model, device=device, log_level="warning", **MODES[mode], **extra)
+    kw: dict[str, Any] = {"model": model, "device": device, "log_level": "warning", **MODES[mode]}
+    if sizes.get("update_images"):
+        kw["update_images"] = sizes["update_images"]
+    return ServiceSettings(_env_file=None, **kw)
 
 
 def bundled_engine(name: str, mode: str, device: str, sizes: dict[str, int]):
