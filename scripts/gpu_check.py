@@ -55,6 +55,9 @@ TIMM_MODELS: dict[str, dict[str, Any]] = {
     "vit_base_patch16_224": {"size_kwargs": lambda s: {"img_size": s}, "mgg": "vit"},
     "resnet50": {"size_kwargs": lambda s: {}, "mgg": "resnet"},
 }
+#: a random-weight model is never confident: methods that filter images by confidence get their filters opened, so
+#: that every image is adapted on (the compute a confident, trained model would cost)
+RANDOM_WEIGHT_METHOD_KWARGS: dict[str, dict[str, float]] = {"eata": {"e_margin": 1e9, "d_margin": 2.0}}
 BUNDLED_MODELS = ("resnet", "vit")
 
 #: sizes of a full run and of --quick, per device type (CPU quick runs are for exercising the script, and update
@@ -122,7 +125,9 @@ def protocol(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
     return {
         **dev, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(), "dtype": "float32", "quick": args.quick, **sizes,
-        "inputs": "N(0,1) float32 CPU tensors, moved to the device by the engine (as the service's are)",
+        "inputs": "bundled models: MNIST-5k test digits through the model's preprocessing; timm models: N(0,1); "
+                  "float32 CPU tensors moved to the device by the engine (as the service's are)",
+        "random_weight_method_kwargs": RANDOM_WEIGHT_METHOD_KWARGS,
         "settings": "ServiceSettings defaults + the mode's method/optimizer", "modes": MODES,
         "multi_mode": MULTI_MODE, "timm_weights": "random (pretrained=False, torch.manual_seed(0))",
         "commit": _commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -183,11 +188,21 @@ def _settings(device: str, mode: str, sizes: dict[str, int], model: str = "resne
 
 
 def bundled_engine(name: str, mode: str, device: str, sizes: dict[str, int]):
-    """The service's engine for a bundled classifier (its own input size; ``img_size`` is not used)."""
+    """The service's engine for a bundled classifier, and batches of real test digits at its own input size."""
+    import numpy as np
+    import torch
+
+    from mgg_core.data.sources import mnist5k
     from service.runtime import load_runtime
 
     rt = load_runtime(_settings(device, mode, sizes, name))
-    return rt.engine, tuple(rt.input_size)
+    src = mnist5k("test")
+
+    def batch(n: int, k: int) -> torch.Tensor:   # real test digits (the models are confident on them)
+        idx = (np.arange(n) + 97 * k) % len(src)
+        return rt.preprocessor(np.stack([src.get_image(int(i)) for i in idx]).astype(np.uint8))
+
+    return rt.engine, batch
 
 
 def timm_engine(name: str, mode: str, device: str, sizes: dict[str, int]):
@@ -205,8 +220,10 @@ def timm_engine(name: str, mode: str, device: str, sizes: dict[str, int]):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=1000, **spec["size_kwargs"](img_size)).eval()
     settings = _settings(device, mode, sizes)
-    method = build_method(settings.method, 1000)
+    kwargs = RANDOM_WEIGHT_METHOD_KWARGS.get(settings.method, {})
+    method = build_method(settings.method, 1000, **kwargs)
     config = engine_config(settings, method, device, str(DEFAULT_MGG_CHECKPOINTS[spec["mgg"]]))
+    config.method_kwargs = dict(kwargs)
     stats = None
     if method.needs_features:   # FOA's source statistics: from random images, as the weights are random too
         probe = AdaptationEngine(model, EngineConfig(method="noadapt", device=device), num_classes=1000)
@@ -214,7 +231,11 @@ def timm_engine(name: str, mode: str, device: str, sizes: dict[str, int]):
         stats = compute_source_stats(probe.source_features,
                                      [torch.randn(16, 3, img_size, img_size, generator=gen) for _ in range(2)])
         del probe
-    return AdaptationEngine(model, config, num_classes=1000, source_stats=stats), (3, img_size, img_size)
+
+    def batch(n: int, k: int) -> torch.Tensor:
+        return torch.randn(n, 3, img_size, img_size, generator=torch.Generator().manual_seed(100 + k))
+
+    return AdaptationEngine(model, config, num_classes=1000, source_stats=stats), batch
 
 
 def engine_factory(name: str) -> Callable:
@@ -231,13 +252,11 @@ def _timed(call: Callable[[], None], n: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def bench_single(engine, shape: tuple, model: str, mode: str, sizes: dict[str, int], device: str) -> Row:
+def bench_single(engine, batch: Callable, model: str, mode: str, sizes: dict[str, int], device: str) -> Row:
     """One stream, ``batch`` images per ``engine.step``."""
-    import torch
 
     b = sizes["batch"]
-    gen = torch.Generator().manual_seed(2)
-    xs = [torch.randn(b, *shape, generator=gen) for _ in range(4)]
+    xs = [batch(b, k) for k in range(4)]
     state = engine.new_state()
     it = iter(range(10**9))
 
@@ -251,16 +270,14 @@ def bench_single(engine, shape: tuple, model: str, mode: str, sizes: dict[str, i
                extra={"updates": state.step, "skipped": state.skipped})
 
 
-def bench_multi(engine, shape: tuple, model: str, sizes: dict[str, int], device: str,
+def bench_multi(engine, batch: Callable, model: str, sizes: dict[str, int], device: str,
                 streams: int, per_stream: int) -> Row:
     """``streams`` streams of ``per_stream`` images per ``engine.step_many`` call; as many images in total as
     ``iters`` calls of ``big_streams`` x ``batch``, so both layouts see the same number of images."""
-    import torch
 
     total = sizes["iters"] * sizes["big_streams"] * sizes["batch"]
     calls = max(1, total // (streams * per_stream))
-    gen = torch.Generator().manual_seed(3)
-    xs = [[torch.randn(per_stream, *shape, generator=gen) for _ in range(streams)] for _ in range(2)]
+    xs = [[batch(per_stream, 2 * streams * r + i) for i in range(streams)] for r in range(2)]
     states = [engine.new_state(seed=i) for i in range(streams)]
     it = iter(range(10**9))
 
@@ -281,16 +298,16 @@ def bench_model(name: str, sizes: dict[str, int], device: str) -> list[Row]:
     rows: list[Row] = []
     for mode in MODES:
         try:
-            engine, shape = engine_factory(name)(name, mode, device, sizes)
+            engine, batch = engine_factory(name)(name, mode, device, sizes)
             if torch.device(device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            row = bench_single(engine, shape, name, mode, sizes, device)
+            row = bench_single(engine, batch, name, mode, sizes, device)
             if torch.device(device).type == "cuda":
                 row.extra["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             rows.append(row)
             if mode == MULTI_MODE:
-                rows.append(bench_multi(engine, shape, name, sizes, device, sizes["streams"], sizes["stream_images"]))
-                rows.append(bench_multi(engine, shape, name, sizes, device, sizes["big_streams"], sizes["batch"]))
+                rows.append(bench_multi(engine, batch, name, sizes, device, sizes["streams"], sizes["stream_images"]))
+                rows.append(bench_multi(engine, batch, name, sizes, device, sizes["big_streams"], sizes["batch"]))
             del engine
         except Exception as exc:  # noqa: BLE001 - one failing case is recorded; the others still run
             rows.append(Row(name, mode, "-", "-", error=f"{type(exc).__name__}: {exc}"))
