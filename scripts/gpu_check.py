@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -56,8 +57,10 @@ TIMM_MODELS: dict[str, dict[str, Any]] = {
     "resnet50": {"size_kwargs": lambda s: {}, "mgg": "resnet"},
 }
 #: a random-weight model is never confident: methods that filter images by confidence get their filters opened, so
-#: that every image is adapted on (the compute a confident, trained model would cost)
-RANDOM_WEIGHT_METHOD_KWARGS: dict[str, dict[str, float]] = {"eata": {"e_margin": 1e9, "d_margin": 2.0}}
+#: that every image is adapted on (the compute a confident, trained model would cost). EATA: an entropy margin just
+#: above the largest entropy, ln 1000 (its sample weight exp(margin - entropy) stays finite), and any similarity.
+RANDOM_WEIGHT_METHOD_KWARGS: dict[str, dict[str, float]] = {"eata": {"e_margin": math.log(1000.0) + 1.0,
+                                                                     "d_margin": 2.0}}
 BUNDLED_MODELS = ("resnet", "vit")
 
 #: sizes of a full run and of --quick, per device type (CPU quick runs are for exercising the script, and update
@@ -265,9 +268,12 @@ def bench_single(engine, batch: Callable, model: str, mode: str, sizes: dict[str
 
     _timed(call, sizes["warmup"], device)
     secs = _timed(call, sizes["iters"], device)
-    return Row(model, mode, "step", f"1x{b}", img_per_s=b * sizes["iters"] / secs,
-               ms_per_call=1e3 * secs / sizes["iters"], calls=sizes["iters"],
-               extra={"updates": state.step, "skipped": state.skipped})
+    row = Row(model, mode, "step", f"1x{b}", img_per_s=b * sizes["iters"] / secs,
+              ms_per_call=1e3 * secs / sizes["iters"], calls=sizes["iters"],
+              extra={"updates": state.step, "skipped": state.skipped})
+    if engine.method.needs_grad and state.step == 0 and sizes["batch"] >= engine.update_images:
+        row.extra["warning"] = "no update taken: the timing is of skipped steps"
+    return row
 
 
 def bench_multi(engine, batch: Callable, model: str, sizes: dict[str, int], device: str,
