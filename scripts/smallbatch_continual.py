@@ -48,7 +48,9 @@ def load_batches(spec, preprocessor):
 def run(engine, batches, signals: bool = False) -> dict:
     state = engine.new_state(seed=0)
     per: dict[str, list[int]] = {}
-    log, fallbacks, t0 = [], {}, time.perf_counter()
+    log: list[dict] = []
+    fallbacks: dict[str, int] = {}
+    t0 = time.perf_counter()
     for dom, x, y in batches:
         res = engine.step(state, x)
         pred = res.logits.argmax(1)

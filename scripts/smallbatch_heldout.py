@@ -56,6 +56,7 @@ def heldout_domains(images: int, seed: int = 1) -> list[tuple[str, np.ndarray, n
     for profile, sev in FORMS:
         for d in synthetic_domains("mnist5k", "train", HELDOUT_CORRUPTIONS, sev, seed, CACHE, indices=sub,
                                    profile=profile, tag_profile=True):
+            assert d.images is not None        # synthetic domains are generated in memory
             out.append((d.name, d.images, d.labels))
     return out
 
