@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,6 +33,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from mgg_replay.server import ServerProcess, kill9_restart
 
 BOOT = (
     "import sys, runpy\n"
@@ -48,33 +48,24 @@ BOOT = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """`mgg serve` from the checkout ``code`` ('-': this one) on a free port, started and ready; its output goes to
+    a temporary log file."""
 
-
-class Server:
     def __init__(self, code: str, snapshots: Path, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", BOOT, code, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--device", "cpu", "--snapshot-dir", str(snapshots), "--log-level", "warning", *args]
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - lives with it
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise TimeoutError("server not ready")
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-c", BOOT, code, "serve", "--host", "127.0.0.1", "--port", str(port),
+                    "--device", "cpu", "--snapshot-dir", str(snapshots), "--log-level", "warning", *args]
+
+        log = tempfile.NamedTemporaryFile(suffix=".log", delete=False)  # noqa: SIM115 - a name for the server
+        log.close()
+        super().__init__(command, {"HF_HUB_OFFLINE": "1", **(env or {})}, ready_timeout=300, log_path=log.name)
+        self.start()
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        assert self.process is not None, "not started"
+        return self.process
 
     def rss_mb(self, field: str = "VmRSS") -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -84,19 +75,6 @@ class Server:
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def npy(a: np.ndarray) -> bytes:
@@ -152,30 +130,28 @@ def scenario_bomb(code: str, base: list[str], tmp: Path) -> dict:
 
 def scenario_crash(code: str, base: list[str], tmp: Path, streams: int = 8, steps: int = 16) -> dict:
     snaps = tmp / "crash"
-    srv = Server(code, snaps, base)
-    acked: dict[str, int] = {}
-    try:
-        with httpx.Client(base_url=srv.url, timeout=120) as c:
-            for k in range(steps):
-                for s in range(streams):
-                    r = c.post("/predict", content=npy(digits(8, seed=100 * s + k)),
-                               headers={**NPY, "X-Stream-Id": f"s{s}"})
-                    if r.status_code == 200:
-                        acked[f"s{s}"] = r.json()["step"]
-    finally:
-        srv.kill()
-    srv = Server(code, snaps, base)
-    try:
-        with httpx.Client(base_url=srv.url, timeout=120) as c:
-            restored = {}
-            for sid in acked:
-                r = c.get(f"/streams/{sid}")
-                restored[sid] = r.json().get("step") if r.status_code == 200 else None
-    finally:
-        srv.stop()
-    lost = sum(a - (restored[s] or 0) for s, a in acked.items())
+
+    def drive(c: httpx.Client) -> dict[str, int]:
+        acked: dict[str, int] = {}
+        for k in range(steps):
+            for s in range(streams):
+                r = c.post("/predict", content=npy(digits(8, seed=100 * s + k)),
+                           headers={**NPY, "X-Stream-Id": f"s{s}"})
+                if r.status_code == 200:
+                    acked[f"s{s}"] = r.json()["step"]
+        return acked
+
+    def restored(c: httpx.Client, acked: dict[str, int]) -> tuple[dict[str, int], dict[str, int | None]]:
+        found = {}
+        for sid in acked:
+            r = c.get(f"/streams/{sid}")
+            found[sid] = r.json().get("step") if r.status_code == 200 else None
+        return acked, found
+
+    acked, found = kill9_restart(lambda: Server(code, snaps, base), drive, restored)
+    lost = sum(a - (found[s] or 0) for s, a in acked.items())
     return {"scenario": "crash", "streams": streams, "acknowledged_steps": sum(acked.values()),
-            "lost_steps": lost, "streams_unknown_after_restart": sum(v is None for v in restored.values())}
+            "lost_steps": lost, "streams_unknown_after_restart": sum(v is None for v in found.values())}
 
 
 def _phase_mean(url: str, phase: str) -> float | None:
@@ -299,7 +275,7 @@ def scenario_hangup(code: str, base: list[str], tmp: Path, n: int = 10) -> dict:
             s.close()
         time.sleep(1.0)
         after = _server_errors(srv.url)
-        log = Path(srv.log.name).read_text()
+        log = Path(str(srv.log_path)).read_text()
         return {"scenario": "hangup", "hangups": n, "server_error_count_change": after - before,
                 "tracebacks_in_log": log.count("Traceback")}
     finally:

@@ -125,6 +125,16 @@ class ServiceSettings(BaseSettings):
     max_queue_per_stream: int = Field(16, ge=1, description="requests waiting or running per stream before 429")
     max_queue_total: int = Field(256, ge=1, description="requests waiting or running in total before 429")
     retry_after_seconds: int = Field(1, ge=1)
+    idempotency_keys: int = Field(
+        16, ge=1, description="per stream, the answers of the last this many Idempotency-Key requests are kept "
+        "(with the stream's snapshot) and replayed to a retry instead of stepping again")
+    idempotency_max_bytes: int = Field(
+        256 * 1024, ge=1024, le=1024 * 1024, description="per stream, bytes the kept answers take at most (oldest "
+        "dropped first; an answer larger than this alone is not kept, and its retry gets 409 "
+        "idempotent_answer_not_kept). At most 1 MiB: the records travel in the stream's snapshot")
+    idempotency_v2_request_id: bool = Field(
+        False, description="the V2 infer request's JSON 'id' serves as its Idempotency-Key when no header is "
+        "sent (off by default: the protocol does not require ids to be unique)")
     body_timeout_seconds: float = Field(
         120.0, gt=0, description="a request body must have arrived this long after it started (408 body_timeout "
         "and the connection is closed past it)")
