@@ -138,6 +138,19 @@ class ServiceSettings(BaseSettings):
     body_timeout_seconds: float = Field(
         120.0, gt=0, description="a request body must have arrived this long after it started (408 body_timeout "
         "and the connection is closed past it)")
+    limit_concurrency: int | None = Field(
+        512, ge=1, description="open connections (or running requests) at once; past it a new request gets 503 "
+        "with Connection: close from the HTTP server (uvicorn's limit_concurrency; None = unlimited)")
+    timeout_keep_alive_seconds: int = Field(
+        5, ge=1, description="an idle keep-alive connection is closed after this long (uvicorn's timeout_keep_alive)")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a request line and headers must be complete this long after their first byte (or "
+        "the connection's start); past it 408 header_timeout and the connection is closed (slowloris)")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="bytes of a request's header names and values (431 headers_too_large "
+        "past it, connection closed); also the bytes h11 buffers for a request head still incomplete (400 and "
+        "the connection closed past it; h11's max_incomplete_event_size)")
+    max_headers: int = Field(100, ge=1, description="header fields per request (431 headers_too_large past it)")
     body_idle_timeout_seconds: float = Field(
         15.0, gt=0, description="the longest wait for the next chunk of a request body (408 body_timeout past it)")
 

@@ -29,6 +29,7 @@ class LiveServer:
         import uvicorn
 
         from service.app import create_app
+        from service.server import uvicorn_options
 
         self.settings = settings
         self.app = create_app(settings)
@@ -37,7 +38,8 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60,
+                                **uvicorn_options(settings))
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
