@@ -100,15 +100,16 @@ def service_test_model() -> str:
     return os.environ.get("MGG_SERVICE_TEST_MODEL", "resnet")
 
 
-def service_settings(snapshot_dir: Path, admin_token: str | None, **kw: Any) -> Any:
+def service_settings(snapshot_dir: Path, **kw: Any) -> Any:
     """``ServiceSettings`` of the loopback service tests (test_service, test_v2, test_faults, ...): the small bundled
     model on the CPU with TENT + SGD, small request limits, one update per request and no source checks (these tests
-    count single updates; test_smallbatch* covers the small-batch defaults); ``kw`` overrides any of it."""
+    count single updates; test_smallbatch* covers the small-batch defaults), no admin token; ``kw`` overrides any of
+    it."""
     from service.settings import ServiceSettings
 
     base: dict[str, Any] = dict(
         model=service_test_model(), method="tent", optimizer="sgd", lr=0.05, device="cpu",
-        snapshot_dir=snapshot_dir, max_images=16, max_body_bytes=200_000, admin_token=admin_token,
+        snapshot_dir=snapshot_dir, max_images=16, max_body_bytes=200_000, admin_token=None,
         max_concurrent_streams=2, idle_seconds=600, log_level="warning",
         update_images=1, bn_stats="batch", guard_check_share=0.0,
     )

@@ -16,6 +16,11 @@ from service.server import HeaderTimeoutH11Protocol, uvicorn_options
 TOKEN = "conn-token"
 
 
+def settings(snapshot_dir: Path, **kw):
+    """The loopback test settings (conftest.service_settings) with this module's admin token."""
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, **kw})
+
+
 def connect(port: int, timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
@@ -60,7 +65,7 @@ def get(port: int, path: str = "/healthz", extra: str = "") -> tuple[int, dict[s
 
 
 def test_settings_reach_uvicorn():
-    opts = uvicorn_options(service_settings(Path("x"), TOKEN, limit_concurrency=7, timeout_keep_alive_seconds=3,
+    opts = uvicorn_options(settings(Path("x"), limit_concurrency=7, timeout_keep_alive_seconds=3,
                                             header_timeout_seconds=2.5, max_header_bytes=4096))
     assert opts["limit_concurrency"] == 7 and opts["timeout_keep_alive"] == 3
     assert opts["h11_max_incomplete_event_size"] == 4096
@@ -68,7 +73,7 @@ def test_settings_reach_uvicorn():
 
 
 def test_slowloris_headers_are_cut_off(live_server, tmp_path):
-    srv = live_server(service_settings(tmp_path / "s", TOKEN, header_timeout_seconds=1.0))
+    srv = live_server(settings(tmp_path / "s", header_timeout_seconds=1.0))
     with connect(srv.port) as slow, connect(srv.port) as silent:
         t0 = time.monotonic()
         slow.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -98,7 +103,7 @@ def test_slowloris_headers_are_cut_off(live_server, tmp_path):
 
 
 def test_keep_alive_timeout_closes_idle_connections(live_server, tmp_path):
-    srv = live_server(service_settings(tmp_path / "s", TOKEN, timeout_keep_alive_seconds=1))
+    srv = live_server(settings(tmp_path / "s", timeout_keep_alive_seconds=1))
     with connect(srv.port) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_response(s)[0] == 200
@@ -108,7 +113,7 @@ def test_keep_alive_timeout_closes_idle_connections(live_server, tmp_path):
 
 def test_connections_past_limit_concurrency_get_503(live_server, tmp_path):
     limit = 4
-    srv = live_server(service_settings(tmp_path / "s", TOKEN, limit_concurrency=limit, header_timeout_seconds=60))
+    srv = live_server(settings(tmp_path / "s", limit_concurrency=limit, header_timeout_seconds=60))
 
     def status_with(idle: int) -> int:
         with ExitStack() as stack:
@@ -127,7 +132,7 @@ def test_connections_past_limit_concurrency_get_503(live_server, tmp_path):
 
 
 def test_header_count_and_bytes_limits(live_server, tmp_path):
-    srv = live_server(service_settings(tmp_path / "s", TOKEN, max_headers=20, max_header_bytes=2048))
+    srv = live_server(settings(tmp_path / "s", max_headers=20, max_header_bytes=2048))
     host = len("host") + len("127.0.0.1")  # the Host header get() sends
     ok_fields = "".join(f"X-H{i}: v\r\n" for i in range(19))  # 20 fields with Host
     assert get(srv.port, extra=ok_fields)[0] == 200
@@ -141,7 +146,7 @@ def test_header_count_and_bytes_limits(live_server, tmp_path):
 
 
 def test_incomplete_head_buffer_is_bounded(live_server, tmp_path):
-    srv = live_server(service_settings(tmp_path / "s", TOKEN, max_header_bytes=2048, header_timeout_seconds=30))
+    srv = live_server(settings(tmp_path / "s", max_header_bytes=2048, header_timeout_seconds=30))
     with connect(srv.port) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         time.sleep(0.2)
@@ -156,4 +161,4 @@ def test_limits_refuse_nonsense(field):
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError):
-        service_settings(Path("x"), TOKEN, **{field: 0})
+        settings(Path("x"), **{field: 0})

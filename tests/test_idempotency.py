@@ -25,9 +25,14 @@ NPY = {"Content-Type": "application/x-npy"}
 MODEL = "test_resnet"
 
 
+def settings(snapshot_dir: Path, **kw):
+    """The loopback test settings (conftest.service_settings) with this module's admin token."""
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, **kw})
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = LiveServer(service_settings(tmp_path_factory.mktemp("idem"), TOKEN, idempotency_keys=3))
+    srv = LiveServer(settings(tmp_path_factory.mktemp("idem"), idempotency_keys=3))
     yield srv
     srv.stop()
 
@@ -219,7 +224,7 @@ def test_byte_cap_holds_at_its_limit():
 
 def test_byte_cap_over_http(live_server, tmp_path, digit_images):
     snaps = tmp_path / "s"
-    srv = live_server(service_settings(snaps, TOKEN, idempotency_max_bytes=4096, topk=5))
+    srv = live_server(settings(snaps, idempotency_max_bytes=4096, topk=5))
     with srv.client() as c:
         assert post(c, "cap", digit_images[:16], "big").status_code == 200  # ~8 KB answer: not kept
         assert post(c, "cap", digit_images[16:17], "small").status_code == 200  # ~1.3 KB: kept
@@ -260,7 +265,7 @@ def test_v2_retry_is_replayed(client, digit_images):
 def test_v2_request_id_as_key_is_opt_in(live_server, tmp_path, digit_images):
     x = digit_images[:2]
     body = {**v2_body(x, "ids"), "id": "req-7"}
-    srv = live_server(service_settings(tmp_path / "s", TOKEN, idempotency_v2_request_id=True))
+    srv = live_server(settings(tmp_path / "s", idempotency_v2_request_id=True))
     with srv.client() as c:
         a = c.post(f"/v2/models/{MODEL}/infer", json=body)
         b = c.post(f"/v2/models/{MODEL}/infer", json=body)
@@ -313,4 +318,26 @@ def test_settings_bounds():
 
     for bad in ({"idempotency_keys": 0}, {"idempotency_max_bytes": 1023}, {"idempotency_max_bytes": 2 * 1024**2}):
         with pytest.raises(ValidationError):
-            service_settings(Path("x"), None, **bad)
+            settings(Path("x"), **bad)
+
+
+def test_unreadable_records_refuse_keyed_requests_only(tmp_path):
+    from service.errors import ApiError
+
+    state = StreamState(tensors={}, fingerprint={}, annotations={ANNOTATION: "{not json"})
+    with pytest.raises(ApiError) as e:
+        AnswerBook(4, 4096).lookup(state, "s", "k", "f")
+    assert e.value.status == 500 and e.value.code == "snapshot_restore_failed" and "POST /reset" in e.value.message
+    # a snapshot whose annotations are not a mapping of strings is not a readable snapshot at all
+    import torch
+
+    good = StreamState(tensors={"theta": torch.zeros(2)}, fingerprint={}, annotations={ANNOTATION: "[]"})
+    good.save(tmp_path / "a.safetensors")
+    assert StreamState.load(tmp_path / "a.safetensors").annotations == {ANNOTATION: "[]"}
+    from safetensors.torch import load_file, save_file
+
+    meta = {"format": "1", "scalars": json.dumps({"step": 0}), "fingerprint": "{}", "annotations": "[1, 2]"}
+    save_file({k: v for k, v in load_file(tmp_path / "a.safetensors").items()}, tmp_path / "b.safetensors",
+              metadata=meta)
+    with pytest.raises(ValueError, match="annotations"):
+        StreamState.load(tmp_path / "b.safetensors")

@@ -17,7 +17,7 @@ NPY = {"Content-Type": "application/x-npy"}
 
 
 def settings_for(snapshot_dir: Path, **kw) -> ServiceSettings:
-    return service_settings(snapshot_dir, TOKEN, **{"state_budget_bytes": 40_000, **kw})
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, "state_budget_bytes": 40_000, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ OUTPUT_NAMES = ("probabilities", "labels", "entropy")
 
 
 def settings_for(snapshot_dir, **kw) -> ServiceSettings:
-    return service_settings(snapshot_dir, TOKEN, **{"max_body_bytes": 300_000, "max_image_pixels": 64 * 64, **kw})
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, "max_body_bytes": 300_000,
+                                             "max_image_pixels": 64 * 64, **kw})
 
 
 @pytest.fixture(scope="module")
