@@ -95,6 +95,21 @@ def live_server() -> Iterator[Any]:
             srv.stop()
 
 
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One live server for the whole test module, built from the module's ``settings_for(snapshot_dir)``."""
+    srv = LiveServer(request.module.settings_for(tmp_path_factory.mktemp("snapshots")))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[Any]:
+    """An ``httpx.Client`` on the module's :func:`server`."""
+    with server.client() as c:
+        yield c
+
+
 def service_test_model() -> str:
     """Classifier for service tests: the small bundled BatchNorm ResNet (override with MGG_SERVICE_TEST_MODEL)."""
     return os.environ.get("MGG_SERVICE_TEST_MODEL", "resnet")

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import LiveServer, npy_bytes, png_bytes, service_settings, service_test_model
+from conftest import npy_bytes, png_bytes, service_settings, service_test_model
 
 from mgg_core.state import StreamState
 from mgg_replay.server import ServerProcess, kill9_restart, serve_command
@@ -30,17 +30,9 @@ def settings(snapshot_dir: Path, **kw):
     return service_settings(snapshot_dir, **{"admin_token": TOKEN, **kw})
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LiveServer(settings(tmp_path_factory.mktemp("idem"), idempotency_keys=3))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
+def settings_for(snapshot_dir: Path):
+    """The module's server (conftest's ``server`` fixture): 3 keys kept per stream."""
+    return settings(snapshot_dir, idempotency_keys=3)
 
 
 def post(c: httpx.Client, sid: str, x: np.ndarray, key: str | None = None) -> httpx.Response:

@@ -20,19 +20,6 @@ def settings_for(snapshot_dir: Path, **kw) -> ServiceSettings:
     return service_settings(snapshot_dir, **{"admin_token": TOKEN, "state_budget_bytes": 40_000, **kw})
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LiveServer(settings_for(tmp_path_factory.mktemp("snapshots")))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
 def predict_npy(client, stream: str, images: np.ndarray) -> dict:
     r = client.post("/predict", content=npy_bytes(images), headers={**NPY, "X-Stream-Id": stream})
     assert r.status_code == 200, r.text

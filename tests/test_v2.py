@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import LiveServer, npy_bytes, service_settings
+from conftest import npy_bytes, service_settings
 
 from service.settings import ServiceSettings
 
@@ -26,16 +26,8 @@ def settings_for(snapshot_dir, **kw) -> ServiceSettings:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LiveServer(settings_for(tmp_path_factory.mktemp("v2snap")))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
+def http(client):
+    return client  # the module's httpx client (conftest), named apart from the Triton one
 
 
 @pytest.fixture(scope="module")
