@@ -15,6 +15,10 @@ Scenarios:
           seconds until the silent connections are closed by the server
   hangup  10 clients that hang up mid-upload: change of the 5xx request counter
   flood   400 new stream ids under max_streams=100: answers, streams known, snapshot bytes on disk
+  retry   10 keyed requests whose client hangs up after sending the body, each retried with the same
+          Idempotency-Key: steps applied per logical request
+  slowloris  64 connections sending their request head one byte every 0.5 s for 15 s: how many the server closes
+          (and when), and a normal request's status and latency meanwhile
 Prints one JSON object per scenario.
 """
 from __future__ import annotations
@@ -303,8 +307,80 @@ def scenario_flood(code: str, base: list[str], tmp: Path, n: int = 400, cap: int
             "streams_known": known, "snapshot_bytes_on_disk": disk, "snapshot_bytes_after_shutdown": disk_after_stop}
 
 
+def _step_of(url: str, sid: str) -> int | None:
+    r = httpx.get(f"{url}/streams/{sid}", timeout=30)
+    return r.json().get("step") if r.status_code == 200 else None
+
+
+def scenario_retry(code: str, base: list[str], tmp: Path, n: int = 10) -> dict:
+    """n requests, each with an Idempotency-Key: the client hangs up once its body is in (0.5 s after sending it),
+    then retries the same request with the same key; steps applied per logical request (1 = no double step)."""
+    srv = Server(code, tmp / "retry", [*base, "--durability", "step"], {"MGG_UPDATE_IMAGES": "1"})
+    try:
+        replayed = 0
+        for i in range(n):
+            body = npy(digits(8, seed=i))
+            head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\nX-Stream-Id: r\r\n"
+                    f"Idempotency-Key: req-{i}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+                s.sendall(head + body)
+                time.sleep(0.5)  # the body has arrived; the client gives up before reading the answer
+            r = httpx.post(srv.url + "/predict", content=body, timeout=120,
+                           headers={**NPY, "X-Stream-Id": "r", "Idempotency-Key": f"req-{i}"})
+            replayed += r.headers.get("Idempotent-Replayed") == "true"
+        steps = _step_of(srv.url, "r") or 0
+        return {"scenario": "retry", "logical_requests": n, "steps_applied": steps, "replayed_retries": replayed,
+                "steps_per_request": round(steps / n, 2)}
+    finally:
+        srv.stop()
+
+
+def scenario_slowloris(code: str, base: list[str], tmp: Path, n: int = 64, watch: float = 15.0) -> dict:
+    """n connections that send their request head one byte every 0.5 s; after ``watch`` seconds: how many the
+    server has closed, and the status and latency of a normal request sent meanwhile."""
+    srv = Server(code, tmp / "slowloris", base)
+    socks, closed_at = [], {}
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            s.setblocking(False)
+            socks.append(s)
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200
+        t0 = time.monotonic()
+        probe: dict = {}
+        k = 0
+        while time.monotonic() - t0 < watch:
+            for i, s in enumerate(socks):
+                if i in closed_at:
+                    continue
+                try:
+                    s.send(head[k % len(head):k % len(head) + 1])
+                    s.recv(4096)  # an answer (408) or the close: the server cut this connection
+                    closed_at[i] = time.monotonic() - t0
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed_at[i] = time.monotonic() - t0
+            if not probe and time.monotonic() - t0 > 2:
+                t1 = time.perf_counter()
+                r = httpx.post(srv.url + "/predict", content=npy(digits(4)), headers={**NPY, "X-Stream-Id": "p"},
+                               timeout=60)
+                probe = {"probe_status": r.status_code, "probe_latency_s": round(time.perf_counter() - t1, 3)}
+            k += 1
+            time.sleep(0.5)
+        cut = sorted(closed_at.values())
+        return {"scenario": "slowloris", "connections": n, "watch_s": watch, "closed_by_server": len(cut),
+                "first_closed_s": round(cut[0], 1) if cut else None,
+                "last_closed_s": round(cut[-1], 1) if cut else None, **probe}
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
 SCENARIOS = {"bomb": scenario_bomb, "crash": scenario_crash, "cost": scenario_cost, "silent": scenario_silent,
-             "hangup": scenario_hangup, "flood": scenario_flood}
+             "hangup": scenario_hangup, "flood": scenario_flood, "retry": scenario_retry,
+             "slowloris": scenario_slowloris}
 
 
 def main() -> int:
