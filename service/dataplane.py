@@ -148,18 +148,22 @@ class DataPlane:
         post = settings.return_post_update
         engine = rt.engine
 
-        def adapt(state: StreamState) -> StepOutcome:
-            if idem is not None:
+        def before(state: StreamState) -> None:
+            if idem is not None:  # a key answered before: Replay, nothing changes
                 idem.check(state, ticket.entry.id)
             if reset_first:
                 engine.reset(state)
-            xd = x.to(rt.device, non_blocking=True)
-            res = engine.step(state, xd)
-            logits = engine.predict(state, xd) if post else res.logits
+
+        def after(state: StreamState, res: StepResult) -> StepOutcome:
+            logits = engine.predict(state, x.to(rt.device, non_blocking=True)) if post else res.logits
             out = StepOutcome(res, logits.detach().float().cpu(), int(state.step), post)
-            if idem is not None:
+            if idem is not None:  # recorded in the state: persisted with the step
                 out.answer = idem.record(state, ticket.entry.id, out)
             return out
+
+        def adapt(state: StreamState) -> StepOutcome:
+            before(state)
+            return after(state, engine.step(state, x.to(rt.device, non_blocking=True)))
 
         try:
             out = await store.run(ticket, adapt)

@@ -133,6 +133,8 @@ def test_connections_past_limit_concurrency_get_503(live_server, tmp_path):
 
 def test_header_count_and_bytes_limits(live_server, tmp_path):
     srv = live_server(settings(tmp_path / "s", max_headers=20, max_header_bytes=2048))
+    limits = json.loads(get(srv.port, "/info")[2])["limits"]
+    assert (limits["max_headers"], limits["max_header_bytes"], limits["limit_concurrency"]) == (20, 2048, 512)
     host = len("host") + len("127.0.0.1")  # the Host header get() sends
     ok_fields = "".join(f"X-H{i}: v\r\n" for i in range(19))  # 20 fields with Host
     assert get(srv.port, extra=ok_fields)[0] == 200

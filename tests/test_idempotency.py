@@ -308,9 +308,11 @@ def test_retry_after_kill_9(tmp_path, digit_images, durability):
     kill9_restart(start, before, after, timeout=60)
 
 
-def test_openapi_documents_the_header(client):
+def test_openapi_and_info_document_it(client):
     params = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["parameters"]
     assert "Idempotency-Key" in {p["name"] for p in params}
+    limits = client.get("/info").json()["limits"]
+    assert limits["idempotency_keys"] == 3 and limits["idempotency_max_bytes"] == 256 * 1024
 
 
 def test_settings_bounds():
