@@ -307,9 +307,11 @@ def scenario_flood(code: str, base: list[str], tmp: Path, n: int = 400, cap: int
             "streams_known": known, "snapshot_bytes_on_disk": disk, "snapshot_bytes_after_shutdown": disk_after_stop}
 
 
-def _step_of(url: str, sid: str) -> int | None:
+def _stepped_requests(url: str, sid: str) -> int:
+    """Requests the stream has been stepped on (its ``requests`` count; ``step`` would not do: the collapse guard
+    may roll a stream back)."""
     r = httpx.get(f"{url}/streams/{sid}", timeout=30)
-    return r.json().get("step") if r.status_code == 200 else None
+    return int(r.json().get("requests") or 0) if r.status_code == 200 else 0
 
 
 def scenario_retry(code: str, base: list[str], tmp: Path, n: int = 10) -> dict:
@@ -328,7 +330,7 @@ def scenario_retry(code: str, base: list[str], tmp: Path, n: int = 10) -> dict:
             r = httpx.post(srv.url + "/predict", content=body, timeout=120,
                            headers={**NPY, "X-Stream-Id": "r", "Idempotency-Key": f"req-{i}"})
             replayed += r.headers.get("Idempotent-Replayed") == "true"
-        steps = _step_of(srv.url, "r") or 0
+        steps = _stepped_requests(srv.url, "r")
         return {"scenario": "retry", "logical_requests": n, "steps_applied": steps, "replayed_retries": replayed,
                 "steps_per_request": round(steps / n, 2)}
     finally:
