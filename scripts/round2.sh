@@ -43,7 +43,7 @@ resnet continual g2deyo deyo"
 # kind policy variant part flags methods (the ViT's methods as separate jobs, MGG and its closest rivals first)
 # -> folder r2_<kind>_<policy>-<variant>_<part>. Same protocol as above except
 # the flags; NO held-out sweep: every method's step size is the one the i.i.d. held-out sweep of the same model and
-# reset policy chose (read from the committed r2_<kind>_<policy>_* results.json below and passed as --lr), so the
+# reset policy chose (read from its committed rows of docs/results/summary.json and passed as --lr), so the
 # lr is not re-selected under label shift or at another batch size. One job: ONLY=<folder> bash scripts/round2.sh variants
 VARIANTS="resnet continual dirichlet0.1 all --label-shift=0.1 noadapt bn tent eata foa come roid mgg
 vit continual dirichlet0.1 mgg --label-shift=0.1 mgg
@@ -55,16 +55,19 @@ vit reset dirichlet0.1 mgg --label-shift=0.1 mgg
 vit reset dirichlet0.1 g2foa --label-shift=0.1 foa
 vit reset dirichlet0.1 g1 --label-shift=0.1 noadapt tent eata
 vit reset dirichlet0.1 g3 --label-shift=0.1 come roid
-resnet reset batch64-4 all --batch-sizes=64,4 noadapt bn tent eata foa come roid mgg"
-iid_lrs() {  # METHOD=LR for every method chosen by the committed i.i.d. held-out sweeps of one model and policy
+resnet reset batch64-4 all --batch-sizes=64,4 noadapt bn tent eata foa come roid mgg
+resnet continual dirichlet0.1 g2 --label-shift=0.1 sar deyo
+vit continual dirichlet0.1 g2 --label-shift=0.1 sar deyo
+resnet reset dirichlet0.1 g2 --label-shift=0.1 sar deyo
+vit reset dirichlet0.1 g2 --label-shift=0.1 sar deyo"
+iid_lrs() {  # METHOD=LR chosen by the i.i.d. held-out sweeps of one model and policy (their rows of summary.json)
   .venv/bin/python - "$1" "$2" <<'PY'
 import json, sys
 from pathlib import Path
 kind, policy = sys.argv[1:]
-lrs = {}
-for f in sorted(Path("docs/results").glob(f"r2_{kind}_{policy}_*/results.json")):
-    for m, v in ((json.loads(f.read_text())["protocol"].get("lr_sweep") or {}).get("chosen") or {}).items():
-        lrs.setdefault(m, v)
+rows = json.loads(Path("docs/results/summary.json").read_text())["rows"]
+lrs = {r["method"]: r["lr"] for r in rows if r["protocol"] == f"{kind}_{policy}"
+       and (r["lr_source"] or "").startswith("held-out sweep")}
 print(" ".join(f"{m}={v:g}" for m, v in sorted(lrs.items())))
 PY
 }
