@@ -44,7 +44,9 @@ def _from_cache(folder: Path, policy: str, n_domains: int = 15) -> dict:
     """Results of a bench job stopped before it wrote results.json: the methods whose every domain is in its
     per-(method, domain) cache, with the lr its held-out sweep cache picks (the same argmax as ``sweep_lrs``)."""
     reset = reset_of(policy)
-    results, methods, sweep = {}, {}, {}
+    results: dict[str, list] = {}
+    methods: dict[str, dict] = {}
+    sweep: dict[str, dict[str, float]] = {}
     for mdir in sorted((folder / "cache" / f"reset-{reset}").glob("*")):
         files = sorted(mdir.glob("[0-9][0-9][0-9]_*.json"))
         if len(files) < n_domains:
