@@ -59,7 +59,8 @@ resnet reset batch64-4 all --batch-sizes=64,4 noadapt bn tent eata foa come roid
 resnet continual dirichlet0.1 g2 --label-shift=0.1 sar deyo
 vit continual dirichlet0.1 g2 --label-shift=0.1 sar deyo
 resnet reset dirichlet0.1 g2 --label-shift=0.1 sar deyo
-vit reset dirichlet0.1 g2 --label-shift=0.1 sar deyo"
+vit reset dirichlet0.1 g2 --label-shift=0.1 sar deyo
+resnet reset batch64-4 g2 --batch-sizes=64,4 sar deyo"
 iid_lrs() {  # METHOD=LR chosen by the i.i.d. held-out sweeps of one model and policy (their rows of summary.json)
   .venv/bin/python - "$1" "$2" <<'PY'
 import json, sys
