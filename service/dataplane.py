@@ -140,16 +140,25 @@ class DataPlane:
         post = settings.return_post_update
         engine = rt.engine
 
-        def adapt(state: StreamState) -> StepOutcome:
+        def before(state: StreamState) -> None:
             if reset_first:
                 engine.reset(state)
-            xd = x.to(rt.device, non_blocking=True)
-            res = engine.step(state, xd)
-            logits = engine.predict(state, xd) if post else res.logits
+
+        def after(state: StreamState, res: StepResult) -> StepOutcome:
+            logits = engine.predict(state, x) if post else res.logits
             return StepOutcome(res, logits.detach().float().cpu(), int(state.step), post)
 
+        def adapt(state: StreamState) -> StepOutcome:
+            before(state)
+            return after(state, engine.step(state, x.to(rt.device, non_blocking=True)))
+
+        sched = self.svc.scheduler
         try:
-            out = await store.run(ticket, adapt)
+            if sched is None:
+                out = await store.run(ticket, adapt)
+            else:  # fused with other streams' steps (service.scheduler), in this stream's order
+                out = await store.run_fused(
+                    ticket, lambda state: sched.submit(ticket.stream_id, state, x, before=before, after=after))
         except SnapshotRestoreError as exc:
             hint = "" if "POST /reset" in exc.message else "; POST /reset this stream to start over"
             raise ApiError(500, "snapshot_restore_failed", exc.message + hint) from None

@@ -390,11 +390,15 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
 
     srv = live_server(settings_for(tmp_path / "q", max_queue_per_stream=1, max_queue_total=2))
     engine = srv.app.state.svc.runtime.engine
-    real_step, gate = engine.step, threading.Event()
+    real_step, real_many, gate = engine.step, engine.step_many, threading.Event()
 
     def gated_step(*a, **kw):
         gate.wait(30)
         return real_step(*a, **kw)
+
+    def gated_many(*a, **kw):  # fused steps (fused_steps, the default) may not go through engine.step
+        gate.wait(30)
+        return real_many(*a, **kw)
 
     body = npy_bytes(digit_images[:4])
     results: dict[str, httpx.Response] = {}
@@ -404,7 +408,7 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
             results[sid] = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": sid})
 
     threads = [threading.Thread(target=send, args=(f"q{i}",)) for i in range(2)]
-    engine.step = gated_step
+    engine.step, engine.step_many = gated_step, gated_many
     try:
         with srv.client() as c:
             threads[0].start()
@@ -428,7 +432,7 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
             assert 'tta_requests_rejected_total{queue="stream"} 1.0' in c.get("/metrics").text
     finally:
         gate.set()
-        engine.step = real_step
+        engine.step, engine.step_many = real_step, real_many
 
 
 def _queue_depth(c) -> float:
