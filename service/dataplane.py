@@ -8,7 +8,9 @@ their own request format, then call the same :class:`DataPlane`:
    429/503/507;
 2. :meth:`DataPlane.step` preprocesses a decoded batch, runs ``engine.step`` (and ``engine.predict`` when
    predictions after the update are configured) under the stream's lock, records metrics and returns a
-   :class:`StepOutcome` (logits, step, engine result); :meth:`DataPlane.infer` wraps it into the V1
+   :class:`StepOutcome` (logits, step, engine result); with ``fused_steps`` the step goes through the
+   :class:`~service.scheduler.FusedScheduler` (``store.run_fused``), fused with other streams' steps into one
+   ``engine.step_many`` call, with the same answer; :meth:`DataPlane.infer` wraps it into the V1
    :class:`~service.schemas.PredictResponse`, the V2 routes (:mod:`service.v2`) into V2 output tensors.
 
 The caller must call ``ticket.abandon()`` in a ``finally`` (a no-op once :meth:`infer` owns the ticket).

@@ -63,7 +63,7 @@ class BatchLimits:
     """When a fused call is dispatched (see the module docstring); the service reads them from its settings."""
 
     max_delay_s: float = 0.005
-    max_images: int = 256
+    max_images: int = 64
     max_streams: int = 64
     active_window_s: float = 1.0
 

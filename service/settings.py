@@ -134,7 +134,7 @@ class ServiceSettings(BaseSettings):
         "while another stream active within batch_active_window_ms (or with a request on its way) is missing, "
         "so a lone stream never waits")
     max_batch_images: int = Field(
-        256, ge=1, description="fused_steps: images per fused step, all its requests together; a fused step "
+        64, ge=1, description="fused_steps: images per fused step, all its requests together; a fused step "
         "takes queued requests in arrival order while they fit (a single larger request runs alone)")
     max_batch_streams: int = Field(
         64, ge=1, description="fused_steps: streams (= requests) per fused step")
