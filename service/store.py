@@ -7,7 +7,8 @@ own task, so a client that disconnects mid-step cannot let the next batch overta
 Concurrency. Jobs of different streams run concurrently, at most ``max_concurrent`` at a time (the torch work
 runs in worker threads). :meth:`StreamStore.run_fused` hands the step to a fused-step scheduler
 (:mod:`service.scheduler`) instead, which bounds its own concurrent calls; the ticket is held until the answer.
-Past ``max_queue_per_stream`` waiting/running requests on one stream, or ``max_queue_total`` over all streams, :class:`StoreBusy` is raised (HTTP 429).
+Past ``max_queue_per_stream`` waiting/running requests on one stream, or ``max_queue_total`` over all streams,
+:class:`StoreBusy` is raised (HTTP 429).
 
 Durability. With ``durability="step"`` (the default) a predict job writes the stream's snapshot
 (``<snapshot_dir>/<id>.safetensors`` + ``<id>.json`` sidecar, through :mod:`mgg_core.io`: temp file, fsync,
