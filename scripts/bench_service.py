@@ -118,7 +118,7 @@ def add_mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--big-images", type=int, default=64)
     g.add_argument("--big-requests", type=int, default=6, help="requests per big stream and round")
     g.add_argument("--configs", default="off,on", help="comma-separated: off (--no-fused-steps), on (the default "
-                   "scheduler), or on:<delay ms> (on with that max_batch_delay_ms)")
+                   "scheduler), on/d<ms>/c<n> (on with that max_batch_delay_ms and max_concurrent_streams)")
     g.add_argument("--out", default=None, help="folder for mixed.json and mixed.md (e.g. docs/results/fused)")
 
 
@@ -126,7 +126,7 @@ def _stream_data(args: argparse.Namespace, k: int, images: int, requests: int) -
     """Stream k's requests (its own slice of the test digits) and their labels."""
     from benchkit import labelled_digits
 
-    x, y = labelled_digits(images * requests, offset=k * 997)
+    x, y = labelled_digits(images * requests, seed=k)
     return ([x[i * images:(i + 1) * images] for i in range(requests)],
             [y[i * images:(i + 1) * images] for i in range(requests)])
 
@@ -186,13 +186,20 @@ def _fused_metrics(url: str) -> dict[str, float]:
 
 
 def _config_flags(config: str) -> list[str]:
-    if config == "off":
+    """``off`` (--no-fused-steps) or ``on`` (the default scheduler), ``on`` optionally followed by ``/d<ms>``
+    (max_batch_delay_ms) and ``/c<n>`` (max_concurrent_streams), e.g. ``on/d25/c1``."""
+    head, *opts = config.split("/")
+    if head == "off" and not opts:
         return ["--no-fused-steps"]
-    if config == "on":
-        return ["--fused-steps"]
-    if config.startswith("on:"):
-        return ["--fused-steps", "--max-batch-delay-ms", config[3:]]
-    raise ValueError(f"unknown config {config!r}")
+    if head != "on":
+        raise ValueError(f"unknown config {config!r}")
+    flags = ["--fused-steps"]
+    for opt in opts:
+        flag = {"d": "--max-batch-delay-ms", "c": "--max-concurrent-streams"}.get(opt[:1])
+        if flag is None:
+            raise ValueError(f"unknown option {opt!r} in config {config!r}")
+        flags += [flag, opt[1:]]
+    return flags
 
 
 def _mixed_round(url: str, tag: str, small: dict, big: dict, alone: list) -> dict[str, Any]:
@@ -237,7 +244,7 @@ def run_mixed(args: argparse.Namespace) -> int:
                 info = httpx.get(server.url + "/info", timeout=30).json()
                 _concurrent(server.url, {"warm-small": small[0][:2], "warm-big": big[0][:1]})
                 for r in range(args.rounds):
-                    res = _mixed_round(server.url, f"{config.replace(':', '_')}-r{r}", small, big, small[0])
+                    res = _mixed_round(server.url, f"{config.replace('/', '_')}-r{r}", small, big, small[0])
                     res["accuracy_stream0_small"] = float(np.mean(np.array(res.pop("stream0_small")) == truth0))
                     res["accuracy_stream0_alone"] = float(np.mean(np.array(res.pop("stream0_alone")) == truth0))
                     for part in ("big", "small", "alone"):
@@ -302,8 +309,8 @@ def _mixed_protocol(args: argparse.Namespace, info: dict[str, Any], configs: lis
         "model": info.get("model"), "checkpoint": info.get("checkpoint"), "method": info.get("method"),
         "optimizer": info.get("optimizer"), "engine": info.get("engine"), "device": args.device,
         "preprocessing": "the classifier card's data config (service preprocessor), npy uint8 bodies",
-        "data": "MNIST-5k test digits, clean (no corruption, severity n/a); stream k reads the test set from "
-                "offset 997 k, cycling", "order": "test-set order per stream",
+        "data": "MNIST-5k test digits, clean (no corruption, severity n/a)",
+        "order": "stream k: the test set shuffled with numpy default_rng(k).permutation (big streams k = 100, 101)",
         "batch": {"small": [args.small_streams, args.small_requests, args.small_images],
                   "big": [args.big_streams, args.big_requests, args.big_images],
                   "_": "[streams, requests per stream per round, images per request]"},

@@ -20,18 +20,23 @@ __all__ = ["REPO", "digits", "labelled_digits", "start_server"]
 
 
 def digits(n: int) -> np.ndarray:
-    """``n`` MNIST-5k test digits (uint8, N x 28 x 28), cycling through the test set."""
-    return labelled_digits(n)[0]
-
-
-def labelled_digits(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` MNIST-5k test digits from ``offset`` on (cycling) and their labels."""
+    """``n`` MNIST-5k test digits (uint8, N x 28 x 28) in test-set order (sorted by class), cycling."""
     from mgg_core.data.sources import mnist5k
 
     src = mnist5k("test")
-    idx = (offset + np.arange(n)) % len(src)
-    images = np.stack([src.get_image(int(i)) for i in idx]).astype(np.uint8)
-    return images, np.asarray(src.labels)[idx]
+    idx = np.arange(n) % len(src)
+    return np.stack([src.get_image(int(i)) for i in idx]).astype(np.uint8)
+
+
+def labelled_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` MNIST-5k test digits in a shuffled order (``numpy.random.default_rng(seed).permutation``, cycling;
+    the test set itself is sorted by class) and their labels."""
+    from mgg_core.data.sources import mnist5k
+
+    src = mnist5k("test")
+    order = np.random.default_rng(seed).permutation(len(src))
+    idx = order[np.arange(n) % len(src)]
+    return np.stack([src.get_image(int(i)) for i in idx]).astype(np.uint8), np.asarray(src.labels)[idx]
 
 
 def start_server(args: Any, snapshot_dir: str, *extra: str, env: dict[str, str] | None = None) -> Any:

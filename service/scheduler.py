@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from .metrics import ServiceMetrics
 
 __all__ = ["BatchLimits", "FusedScheduler", "SchedulerClosed"]
+
+log = logging.getLogger("mgg.service.scheduler")
 
 
 class SchedulerClosed(RuntimeError):
@@ -168,9 +171,17 @@ class FusedScheduler:
             try:
                 await self._fill()
                 batch = self._take()
-            except BaseException:
+            except asyncio.CancelledError:
                 self._slots.release()
                 raise
+            except Exception:  # a bug here must not leave callers waiting: fail what is queued, keep serving
+                self._slots.release()
+                log.exception("fused-step dispatch failed; failing the queued requests")
+                for item in self._queue:
+                    if not item.fut.done():
+                        item.fut.set_exception(RuntimeError("fused-step dispatch failed"))
+                self._queue.clear()
+                continue
             if not batch:
                 self._slots.release()
                 continue
