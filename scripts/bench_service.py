@@ -19,6 +19,7 @@ accuracy among the 16 vs alone); see run_mixed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -119,6 +120,8 @@ def add_mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--big-requests", type=int, default=6, help="requests per big stream and round")
     g.add_argument("--configs", default="off,on", help="comma-separated: off (--no-fused-steps), on (the default "
                    "scheduler), on/d<ms>/c<n> (on with that max_batch_delay_ms and max_concurrent_streams)")
+    g.add_argument("--lone-requests", type=int, default=40, help="requests of a lone stream, interleaved one by one "
+                   "between the configs' servers (per request size: small-images and big-images)")
     g.add_argument("--out", default=None, help="folder for mixed.json and mixed.md (e.g. docs/results/fused)")
 
 
@@ -237,28 +240,29 @@ def run_mixed(args: argparse.Namespace) -> int:
           f"{args.rounds} rounds", flush=True)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     info: dict[str, Any] = {}
-    for config in configs:
-        with tempfile.TemporaryDirectory() as snaps:
-            server = start_server(args, snaps, *_config_flags(config))
-            try:
-                info = httpx.get(server.url + "/info", timeout=30).json()
-                _concurrent(server.url, {"warm-small": small[0][:2], "warm-big": big[0][:1]})
-                for r in range(args.rounds):
-                    res = _mixed_round(server.url, f"{config.replace('/', '_')}-r{r}", small, big, small[0])
-                    res["accuracy_stream0_small"] = float(np.mean(np.array(res.pop("stream0_small")) == truth0))
-                    res["accuracy_stream0_alone"] = float(np.mean(np.array(res.pop("stream0_alone")) == truth0))
-                    for part in ("big", "small", "alone"):
-                        res[part].pop("labels")
-                    results[config].append(res)
-                    print(f"  {config:>8} round {r + 1}: small {res['small']['img_s']:7.1f} img/s "
-                          f"(p50 {res['small']['p50_ms']:.0f} ms, p99 {res['small']['p99_ms']:.0f} ms, "
-                          f"{res['streams_per_fused_step']['small'] or 1:.1f} streams/step) | big "
-                          f"{res['big']['img_s']:7.1f} img/s (p50 {res['big']['p50_ms']:.0f} ms) | ratio "
-                          f"{res['small']['img_s'] / res['big']['img_s']:.2f} | stream 0 acc "
-                          f"{res['accuracy_stream0_small']:.3f} among 16, {res['accuracy_stream0_alone']:.3f} alone",
-                          flush=True)
-            finally:
-                server.stop(timeout=60)
+    with contextlib.ExitStack() as stack:  # every config's server up at once; rounds alternate between them
+        servers = {}
+        for config in configs:
+            snaps = stack.enter_context(tempfile.TemporaryDirectory())
+            servers[config] = server = start_server(args, snaps, *_config_flags(config))
+            stack.callback(server.stop, timeout=60)
+            info = httpx.get(server.url + "/info", timeout=30).json()
+            _concurrent(server.url, {"warm-small": small[0][:2], "warm-big": big[0][:1]})
+        for r in range(args.rounds):
+            for config, server in servers.items():
+                res = _mixed_round(server.url, f"{config.replace('/', '_')}-r{r}", small, big, small[0])
+                res["accuracy_stream0_small"] = float(np.mean(np.array(res.pop("stream0_small")) == truth0))
+                res["accuracy_stream0_alone"] = float(np.mean(np.array(res.pop("stream0_alone")) == truth0))
+                for part in ("big", "small", "alone"):
+                    res[part].pop("labels")
+                results[config].append(res)
+                _print_round(config, r, res)
+        lone = {}
+        for label, size, data in (("small", args.small_images, small[0]), ("big", args.big_images, big[0])):
+            bodies = [data[i % len(data)] for i in range(args.lone_requests)]
+            lone[label] = _lone_interleaved(servers, bodies, size, label)
+            print(f"  lone stream, {size}-image requests, interleaved: " + ", ".join(
+                f"{c} {v['img_s']:.1f} img/s (p50 {v['p50_ms']:.0f} ms)" for c, v in lone[label].items()), flush=True)
     summary = _mixed_summary(results)
     for config, row in summary.items():
         print(f"{config:>8}: small {row['small_img_s']:.1f} img/s, big {row['big_img_s']:.1f} img/s, ratio "
@@ -268,11 +272,49 @@ def run_mixed(args: argparse.Namespace) -> int:
         protocol = _mixed_protocol(args, info, configs)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        doc = {"protocol": protocol, "summary": summary, "rounds": results}
+        doc = {"protocol": protocol, "summary": summary, "lone": lone, "rounds": results}
         (out / "mixed.json").write_text(json.dumps(doc, indent=1) + "\n")
-        (out / "mixed.md").write_text(_mixed_markdown(protocol, summary))
+        (out / "mixed.md").write_text(_mixed_markdown(protocol, summary, lone))
         print(f"wrote {out / 'mixed.json'} and {out / 'mixed.md'} ({platform.node()})")
     return 0
+
+
+def _lone_interleaved(servers: dict[str, Any], bodies: list[tuple[bytes, str]], n_images: int, tag: str
+                      ) -> dict[str, dict[str, float]]:
+    """One lone stream per config, request i sent to every config's server in a rotated order before request
+    i + 1; each config's img/s is its images over the sum of its own request times (drifting load from other
+    processes hits every config alike)."""
+    import httpx
+
+    names = list(servers)
+    spent = dict.fromkeys(names, 0.0)
+    lat: dict[str, list[float]] = {n: [] for n in names}
+    clients = {n: httpx.Client(base_url=srv.url, timeout=600) for n, srv in servers.items()}
+    try:
+        for i, (body, ctype) in enumerate(bodies):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                sid = f"lone-{tag}-{name.replace('/', '_')}"
+                r = clients[name].post("/predict", content=body, headers={"Content-Type": ctype, "X-Stream-Id": sid})
+                r.raise_for_status()
+                dt = time.perf_counter() - t0
+                spent[name] += dt
+                lat[name].append(dt)
+    finally:
+        for c in clients.values():
+            c.close()
+    return {n: {"img_s": n_images * len(bodies) / spent[n], "p50_ms": 1000 * float(np.median(lat[n]))}
+            for n in names}
+
+
+def _print_round(config: str, r: int, res: dict[str, Any]) -> None:
+    print(f"  {config:>10} round {r + 1}: small {res['small']['img_s']:7.1f} img/s "
+          f"(p50 {res['small']['p50_ms']:.0f} ms, p99 {res['small']['p99_ms']:.0f} ms, "
+          f"{res['streams_per_fused_step']['small'] or 1:.1f} streams/step) | big "
+          f"{res['big']['img_s']:7.1f} img/s (p50 {res['big']['p50_ms']:.0f} ms) | ratio "
+          f"{res['small']['img_s'] / res['big']['img_s']:.2f} | alone {res['alone']['img_s']:.1f} img/s | stream 0 "
+          f"acc {res['accuracy_stream0_small']:.3f} among 16, {res['accuracy_stream0_alone']:.3f} alone", flush=True)
 
 
 def _mixed_summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -317,12 +359,14 @@ def _mixed_protocol(args: argparse.Namespace, info: dict[str, Any], configs: lis
         "clients": "one thread per stream, requests one after the other, all streams start together",
         "reset_policy": "fresh stream ids per round and config (source state), no resets",
         "seed": "deterministic (stream state seed 0; no sampling)", "rounds": args.rounds,
+        "schedule": "every config's server runs at once; each round runs big, small, alone on each config in turn",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "commit": commit.strip()},
         "machine": f"{os.cpu_count()} CPU cores (shared with other work: compare ratios within one run)",
     }
 
 
-def _mixed_markdown(protocol: dict[str, Any], summary: dict[str, dict[str, float]]) -> str:
+def _mixed_markdown(protocol: dict[str, Any], summary: dict[str, dict[str, float]],
+                    lone: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = ["| config | small img/s | big img/s | ratio small/big | small p50 / p99 ms | big p50 / p99 ms | "
             "streams per fused step (small) | stream 0 acc. among 16 / alone |", "|" + " --- |" * 8]
     for c, r in summary.items():
@@ -330,6 +374,11 @@ def _mixed_markdown(protocol: dict[str, Any], summary: dict[str, dict[str, float
                     f"{r['small_p50_ms']:.0f} / {r['small_p99_ms']:.0f} | {r['big_p50_ms']:.0f} / "
                     f"{r['big_p99_ms']:.0f} | {r['streams_per_step_small']:.1f} | {r['acc_small']:.3f} / "
                     f"{r['acc_alone']:.3f} |")
+    rows += ["", "Lone stream (requests interleaved one by one between the configs' servers):", "",
+             "| request size | " + " | ".join(f"{c} img/s (p50 ms)" for c in summary) + " |",
+             "|" + " --- |" * (len(summary) + 1)]
+    for label, per in lone.items():
+        rows.append(f"| {label} | " + " | ".join(f"{v['img_s']:.1f} ({v['p50_ms']:.0f})" for v in per.values()) + " |")
     return ("# Many small streams vs few big ones (issue 10)\n\n" + "\n".join(rows) + "\n\nMedians over rounds; the "
             "ratio is the median of per-round ratios. Target: small/big >= 0.7.\n\n```\n" + protocol["command"]
             + "\n```\n\nProtocol: see mixed.json (`protocol`).\n")
