@@ -220,28 +220,36 @@ class FusedScheduler:
         taken, keys = {id(i) for i in batch}, {i.key for i in batch} | self._running
         return any(id(i) not in taken and i.key not in keys and not i.fut.done() for i in self._queue)
 
-    def _expected(self) -> bool:
-        """Whether another stream's item may still join: recently active, or on its way, and not queued/running."""
+    def _expected(self) -> tuple[bool, float | None]:
+        """Whether another stream's item may still join (a stream recently active, or with a request on its way,
+        that is neither queued nor running), and until when, at the latest, the recently active ones are expected
+        (None: a request on its way is expected until the delay ends)."""
         now = time.monotonic()
         window = self.limits.active_window_s
         for key, t in list(self._seen.items()):
-            if now - t > window:
+            if now - t >= window:
                 del self._seen[key]
         present = {i.key for i in self._queue} | self._running
-        expected = set(self._seen)
-        if self._incoming is not None:
-            expected.update(self._incoming())
-        return bool(expected - present)
+        if self._incoming is not None and set(self._incoming()) - present:
+            return True, None
+        missing = [t for key, t in self._seen.items() if key not in present]
+        return (True, min(missing) + window) if missing else (False, None)
 
     async def _fill(self) -> None:
         """Wait (up to the oldest item's delay) while the call is not full and other streams are expected."""
         while True:
             batch = self._eligible()
-            if not batch or self._full(batch) or not self._expected():
+            if not batch or self._full(batch):
                 return
-            left = batch[0].t + self.limits.max_delay_s - time.monotonic()
+            expected, until = self._expected()
+            if not expected:
+                return
+            deadline = batch[0].t + self.limits.max_delay_s
+            left = (deadline if until is None else min(deadline, until)) - time.monotonic()
             if left <= 0:
-                return
+                if deadline <= time.monotonic():
+                    return
+                continue  # a stream's activity left the window: look again
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), left)

@@ -140,6 +140,22 @@ def test_recently_active_streams_are_expected_and_a_lone_stream_never_waits():
     assert eng.calls == [[("a", 1)]] * 3 + [[("a", 1), ("b", 1)]] * 2
 
 
+def test_a_stream_past_the_active_window_is_no_longer_waited_for():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=60.0, active_window_s=0.2)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        a = asyncio.create_task(s.submit("a", state("a"), x(1)))
+        done, _ = await asyncio.wait({a}, timeout=0.05)
+        assert not done  # b was active 0 s ago: a waits for it
+        await asyncio.wait_for(a, 5)  # ... until b's activity is older than the window
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("a", 1), ("b", 1)], [("a", 1)]]
+
+
 def test_the_image_budget_splits_a_call():
     eng = RecordingEngine()
 
