@@ -25,9 +25,11 @@ Contract.
     decoded, preprocessed or restored), is already queued or running. A lone stream therefore never waits, and
     a group of streams is run as soon as all of them are in.
 * Per item, in the call's worker thread: ``before(state)`` (e.g. an exact reset), the fused step, ``after(state,
-  result)`` (e.g. predictions after the update). An exception in ``before`` or ``after`` fails only that item's
-  submit; an exception of ``step_many`` fails every item of that call (their states may be partly advanced: the
-  caller restores them, as :class:`service.store.StreamStore` does under ``durability="step"``).
+  result)`` (e.g. predictions after the update). A call of a single stream is ``engine.step`` (the same answer by
+  ``step_many``'s contract; a lone stream pays nothing for fusing). An exception in ``before`` or ``after`` fails
+  only that item's submit; an exception of the engine call fails every item of that call (their states may be
+  partly advanced: the caller restores them, as :class:`service.store.StreamStore` does under
+  ``durability="step"``).
 * Metrics (``metrics``: :class:`service.metrics.ServiceMetrics`): streams and images per call
   (``tta_fused_step_streams``, ``tta_fused_step_images``) and each item's queue wait, from submit to the start of
   its call (``tta_fused_queue_wait_seconds``).
@@ -100,7 +102,8 @@ class FusedScheduler:
         incoming: Callable[[], Iterable[Hashable]] | None = None,
     ) -> None:
         """Args:
-            engine: anything with ``step_many(items, adapt=True) -> list`` (the adaptation engine).
+            engine: anything with ``step_many(items, adapt=True) -> list`` and ``step(state, x, adapt=True)`` (the
+                adaptation engine).
             limits: the dispatch limits (:class:`BatchLimits`).
             max_concurrent: fused calls running at once (each in a worker thread).
             metrics: the service's metrics (streams and images per call, queue wait); None records nothing.
@@ -302,7 +305,10 @@ class FusedScheduler:
         if not live:
             return outs
         try:
-            results = self.engine.step_many([(batch[k].state, batch[k].x) for k in live], adapt=True)
+            if len(live) == 1:  # alone: engine.step, the same answer by step_many's contract, without fusing costs
+                results = [self.engine.step(batch[live[0]].state, batch[live[0]].x, adapt=True)]
+            else:
+                results = self.engine.step_many([(batch[k].state, batch[k].x) for k in live], adapt=True)
         except Exception as exc:  # noqa: BLE001 - the call failed: every item in it fails
             for k in live:
                 outs[k] = exc

@@ -35,6 +35,9 @@ class RecordingEngine:
             s["steps"] += 1
         return [(s["key"], len(self.calls) - 1) for s, _ in items]
 
+    def step(self, state, x, adapt=True):  # a call of one stream
+        return self.step_many([(state, x)], adapt=adapt)[0]
+
 
 def state(key: str) -> dict:
     return {"key": key, "steps": 0}
@@ -285,3 +288,28 @@ def test_limits_are_validated():
         BatchLimits(max_streams=0)
     with pytest.raises(ValueError):
         BatchLimits(max_delay_s=-1)
+
+
+def test_a_call_of_one_stream_is_engine_step_and_of_several_one_step_many():
+    class Split:
+        def __init__(self) -> None:
+            self.log: list[tuple[str, list[str]]] = []
+
+        def step(self, st, xx, adapt=True):
+            self.log.append(("step", [st["key"]]))
+            return st["key"]
+
+        def step_many(self, items, adapt=True):
+            self.log.append(("step_many", [st["key"] for st, _ in items]))
+            return [st["key"] for st, _ in items]
+
+    eng = Split()
+
+    async def main():
+        s = sched(eng)
+        await s.submit("a", state("a"), x(1))
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        await s.close()
+
+    run(main())
+    assert eng.log == [("step", ["a"]), ("step_many", ["a", "b"])]
