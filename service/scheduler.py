@@ -102,7 +102,7 @@ class FusedScheduler:
         incoming: Callable[[], Iterable[Hashable]] | None = None,
     ) -> None:
         """Args:
-            engine: anything with ``step_many(items, adapt=True) -> list`` and ``step(state, x, adapt=True)`` (the
+            engine: anything with ``step_many(items, adapt=True) -> list`` and ``step(state, x)`` (the
                 adaptation engine).
             limits: the dispatch limits (:class:`BatchLimits`).
             max_concurrent: fused calls running at once (each in a worker thread).
@@ -306,7 +306,7 @@ class FusedScheduler:
             return outs
         try:
             if len(live) == 1:  # alone: engine.step, the same answer by step_many's contract, without fusing costs
-                results = [self.engine.step(batch[live[0]].state, batch[live[0]].x, adapt=True)]
+                results = [self.engine.step(batch[live[0]].state, batch[live[0]].x)]
             else:
                 results = self.engine.step_many([(batch[k].state, batch[k].x) for k in live], adapt=True)
         except Exception as exc:  # noqa: BLE001 - the call failed: every item in it fails
