@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import npy_bytes, service_test_model
+from conftest import npy_bytes, service_test_model, wait_for
 
 from mgg_replay.v2 import decode_infer, encode_infer, infer_path
 from service.settings import ServiceSettings
@@ -208,15 +208,6 @@ def _gate_engine(srv) -> threading.Event:
     return gate
 
 
-def _wait_for(cond, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise TimeoutError("condition not reached")
 
 
 @pytest.mark.timeout(300)
@@ -248,11 +239,11 @@ def test_a_failed_snapshot_write_fails_only_its_stream_in_a_fused_step(live_serv
         streams_before = metric(c, "tta_fused_step_streams_sum")
         blocker = threading.Thread(target=send, args=("blocker",))
         blocker.start()  # the first call holds the gate; the three requests below queue for the next one
-        _wait_for(lambda: metric(c, "tta_fused_step_streams_count") == calls_before + 1)
+        wait_for(lambda: metric(c, "tta_fused_step_streams_count") == calls_before + 1)
         threads = [threading.Thread(target=send, args=(sid,)) for sid in ("good1", "bad", "good2")]
         for t in threads:
             t.start()
-        _wait_for(lambda: metric(c, "tta_queue_depth") == 4)
+        wait_for(lambda: metric(c, "tta_queue_depth") == 4)
         gate.set()
         for t in [blocker, *threads]:
             t.join(120)
@@ -287,7 +278,7 @@ def test_queues_fill_and_answer_429_while_a_fused_step_runs(live_server, tmp_pat
     with srv.client() as c:
         for t in threads:
             t.start()
-        _wait_for(lambda: metric(c, "tta_queue_depth") == 2)
+        wait_for(lambda: metric(c, "tta_queue_depth") == 2)
         r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
         r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})

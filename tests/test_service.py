@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LiveServer, npy_bytes, png_bytes, service_settings, service_test_model
+from conftest import LiveServer, npy_bytes, png_bytes, service_settings, service_test_model, wait_for
 
 from service.settings import ServiceSettings
 
@@ -390,12 +390,12 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
     try:
         with srv.client() as c:
             threads[0].start()
-            _wait_for(lambda: _queue_depth(c) == 1)
+            wait_for(lambda: _queue_depth(c) == 1)
             r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
             assert int(r.headers["retry-after"]) >= 1
             threads[1].start()
-            _wait_for(lambda: _queue_depth(c) == 2)
+            wait_for(lambda: _queue_depth(c) == 2)
             r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             assert "retry-after" in r.headers
@@ -420,17 +420,6 @@ def _queue_depth(c) -> float:
     return -1
 
 
-def _wait_for(cond, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise TimeoutError("condition not reached")
-
-
 # ------------------------------------------------------------------ idle eviction, post-update, bad snapshots
 
 
@@ -446,7 +435,7 @@ def test_idle_eviction_post_update_predictions_and_unreadable_snapshot(live_serv
         got = predict_npy(c, "post", x)
         assert got["predictions_after_update"] is True and got["step"] == 1
         assert scores(got) == scores(ref[1])
-        _wait_for(lambda: stream_info(c, "post")["resident"] is False)  # idle: snapshotted and unloaded
+        wait_for(lambda: stream_info(c, "post")["resident"] is False)  # idle: snapshotted and unloaded
         assert stream_info(c, "post")["snapshot"] is True and (snaps / "post.safetensors").is_file()
         again = predict_npy(c, "post", x)  # restored from disk on its next request
         assert again["step"] == 2
