@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-from benchkit import digits, start_server  # noqa: E402  (scripts/benchkit.py: data and server set-up)
+from benchkit import digits, run_together, start_server  # noqa: E402  (scripts/benchkit.py)
 
 
 def png_multipart(batch: np.ndarray) -> tuple[bytes, str]:
@@ -161,13 +161,7 @@ def _concurrent(url: str, streams: dict[str, list[tuple[bytes, str]]]) -> dict[s
         labels[sid] = out
 
     threads = [threading.Thread(target=run, args=item) for item in streams.items()]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_together(threads, barrier)
     if errors:
         raise RuntimeError("; ".join(errors[:3]))
     n = sum(len(v) for v in labels.values())

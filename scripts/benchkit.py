@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["REPO", "digits", "labelled_digits", "start_server"]
+__all__ = ["REPO", "digits", "labelled_digits", "run_together", "start_server"]
 
 
 def digits(n: int) -> np.ndarray:
@@ -61,3 +61,17 @@ def start_server(args: Any, snapshot_dir: str, *extra: str, env: dict[str, str] 
     run_env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **(env or {}))
     return ServerProcess(lambda port: serve_command(port, *flags), run_env, ready_timeout=300, capture=True,
                          inherit_env=False).start()
+
+
+def run_together(threads: list[Any], barrier: Any) -> float:
+    """Start ``threads``, which wait on ``barrier`` (``len(threads) + 1`` parties) before their work, release them
+    together and join them; returns the wall seconds from the release to the last one's end."""
+    import time
+
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
