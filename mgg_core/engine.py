@@ -11,7 +11,8 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -61,6 +62,8 @@ class EngineConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
     fused: bool = True                      # step_many fuses streams (False: one step per stream, same results)
+    fuse_max_images: int = 16               # step_many fuses requests of at most this many images (larger ones
+                                            # amortise their own step: scripts/bench_fused.py, docs/results/fused)
 
 
 @dataclass
@@ -166,6 +169,7 @@ class AdaptationEngine:
         self._initial = self._initial_tensors()
         # step_many fuses streams when every adapted norm layer is of a type vmap batches (params.py)
         self.fused = bool(config.fused) and fusable_model(self.model)
+        self._attention = [m for m in self.model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
         self.fingerprint = {
             "model": self.model_id, "adapted_scalars": self.spec.numel, "num_classes": self.num_classes,
             "method": self.method.name, "optimizer": self.optimizer.name if self.optimizer else None,
@@ -281,17 +285,30 @@ class AdaptationEngine:
                     logits = functional_call(self.model, self.spec.views(theta), (x,))
                 return logits, FeatureTaps.concat(sink), dict(updates)
 
-        with self._lock:
+        with self._lock, self._unfused_attention():
             out = vmap(one)(thetas, xs, norms, momenta)
         return (out[0], out[1], out[2]) if features else (out[0], None, out[1])
 
-    def _fused_pass(self, jobs: list[_Job], timer: Timer) -> None:
-        """Phase 2 for many streams of a fusable method: per request shape one vmapped forward, each stream's
+    @contextmanager
+    def _unfused_attention(self) -> Iterator[None]:
+        """timm attention layers that declare ``fused_attn`` run their explicit (matmul/softmax) path inside
+        the block: vmap has no batching rule for the CPU's fused attention kernel and would loop over streams."""
+        layers = [m for m in self._attention if m.fused_attn]
+        for m in layers:
+            m.fused_attn = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.fused_attn = True
+
+    def _fused_pass(self, groups: list[list[_Job]], timer: Timer) -> None:
+        """Phase 2 for many streams: per group (requests of one shape) one vmapped forward, each stream's
         ``objective`` on its rows, then one backward for all (streams never interact, so row s of the gradient
         of the summed losses is stream s's gradient)."""
         pending: list[tuple[_Job, torch.Tensor, int, torch.Tensor, torch.Tensor, dict, int]] = []
         with timer("forward"):
-            for group in _by_shape(jobs, lambda j: j.x).values():
+            for group in groups:
                 pending += self._fused_group(group)
         if not pending:
             return
@@ -356,13 +373,7 @@ class AdaptationEngine:
     def step(self, state: StreamState, x: torch.Tensor, adapt: bool = True) -> StepResult:
         self._check_batch(x)
         job = self._begin(state, x, adapt)
-        if job.grad:
-            job.out = self._gradient_one(job)
-        else:
-            with torch.no_grad(), job.timer("forward"):
-                logits = self._forward(state.theta, job.x, norm=state.group("norm"), norm_sink=job.norm_sink,
-                                       update_norm=job.update_norm)[0]
-            job.out = self._no_grad_output(job, logits)
+        self._solo(job)
         self._apply(job)
         if self._plan_checks(job):
             with job.timer("guard"):
@@ -382,9 +393,10 @@ class AdaptationEngine:
         adapted scalars (each row normalised with its own images and BatchNorm statistics only; never padded),
         each stream's ``objective`` on its rows, one backward for all (row s of the stacked gradient is stream
         s's); the rest (gradient window, optimizer, commit, guard) per stream, the guard's source checks of all
-        streams in one source forward. Methods that are not ``fusable`` compute their gradient per stream inside
-        the call; engines whose model is not fusable (:func:`params.fusable_model`, ``EngineConfig.fused``) step
-        the streams one by one.
+        streams in one source forward. A request alone in its shape, or of more than
+        ``EngineConfig.fuse_max_images`` images, and the gradient of a method that is not ``fusable``, run as in
+        :meth:`step` inside the call; engines whose model is not fusable (:func:`params.fusable_model`,
+        ``EngineConfig.fused``) step the streams one by one.
         """
         seen: set[int] = set()
         for state, x in items:
@@ -396,11 +408,12 @@ class AdaptationEngine:
             return [self.step(state, x, adapt=adapt) for state, x in items]
         shared = Timer(self.device)
         jobs = [self._begin(state, x, adapt) for state, x in items]
+        groups = _by_shape([j for j in jobs if (self.method.fusable or not j.grad)
+                            and j.x.shape[0] <= self.config.fuse_max_images], lambda j: j.x)
+        self._fused_pass([g for g in groups.values() if len(g) > 1], shared)
         for job in jobs:
-            if job.grad and not self.method.fusable:
-                job.out = self._gradient_one(job)
-        self._fused_pass([j for j in jobs if j.out is None], shared)
-        for job in jobs:
+            if job.out is None:     # alone in its shape, too large to gain, or a method that is not fusable
+                self._solo(job)
             self._apply(job)
         self._source_checks([j for j in jobs if self._plan_checks(j)], shared)
         results = []
@@ -434,6 +447,16 @@ class AdaptationEngine:
         gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))
         return StepContext(x=job.x, theta=state.theta, theta0=self.theta0, state=state.group("method"),
                            forward=forward, timer=job.timer, generator=gen, source_stats=self.source_stats)
+
+    def _solo(self, job: _Job) -> None:
+        """Phase 2 for one stream alone: the method's gradient, or one forward without gradient."""
+        if job.grad:
+            job.out = self._gradient_one(job)
+            return
+        with torch.no_grad(), job.timer("forward"):
+            logits = self._forward(job.state.theta, job.x, norm=job.state.group("norm"), norm_sink=job.norm_sink,
+                                   update_norm=job.update_norm)[0]
+        job.out = self._no_grad_output(job, logits)
 
     def _gradient_one(self, job: _Job) -> GradOutput:
         """Phase 2 for one stream: the method's own gradient (its forward passes, objective, backward)."""
