@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -169,7 +170,8 @@ class AdaptationEngine:
         self._initial = self._initial_tensors()
         # step_many fuses streams when every adapted norm layer is of a type vmap batches (params.py)
         self.fused = bool(config.fused) and fusable_model(self.model)
-        self._attention = [m for m in self.model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+        self._attention: list[Any] = [m for m in self.model.modules()
+                                      if isinstance(getattr(m, "fused_attn", None), bool)]
         self.fingerprint = {
             "model": self.model_id, "adapted_scalars": self.spec.numel, "num_classes": self.num_classes,
             "method": self.method.name, "optimizer": self.optimizer.name if self.optimizer else None,
