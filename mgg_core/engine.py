@@ -217,6 +217,7 @@ class AdaptationEngine:
         state.tensors = {k: v.clone() for k, v in self._initial.items()}
         state.step = state.batches = state.images = state.skipped = 0
         state.anchor, state.anchor_step, state.healthy_streak = None, 0, 0
+        state.annotations = {}
         state.resets += 1
 
     def load_state(self, path) -> StreamState:

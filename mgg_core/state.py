@@ -33,6 +33,9 @@ class StreamState:
     anchor: dict[str, torch.Tensor] | None = None   # last healthy copy of ``tensors`` (collapse-guard rollback)
     anchor_step: int = 0
     healthy_streak: int = 0
+    # opaque text kept with the state by the layers above the engine (the service's idempotency records): saved and
+    # restored with the snapshot, counted in nbytes(), cleared by an exact reset; the engine never reads it
+    annotations: dict[str, str] = field(default_factory=dict)
 
     # ---- views ----
     @property
@@ -61,7 +64,7 @@ class StreamState:
         n = sum(t.numel() * t.element_size() for t in self.tensors.values())
         if self.anchor is not None:
             n += sum(t.numel() * t.element_size() for t in self.anchor.values())
-        return n
+        return n + sum(len(k) + len(v) for k, v in self.annotations.items())
 
     def _scalars(self) -> dict:
         return {"step": self.step, "batches": self.batches, "images": self.images, "skipped": self.skipped,
@@ -76,7 +79,7 @@ class StreamState:
         return StreamState(
             tensors={k: v.clone() for k, v in self.tensors.items()}, fingerprint=dict(self.fingerprint),
             anchor=None if self.anchor is None else {k: v.clone() for k, v in self.anchor.items()},
-            **self._scalars(),
+            annotations=dict(self.annotations), **self._scalars(),
         )
 
     # ---- persistence ----
@@ -91,6 +94,8 @@ class StreamState:
             out.update({f"anchor.{k}": v.detach().cpu().contiguous() for k, v in self.anchor.items()})
         meta = {"format": FORMAT_VERSION, "scalars": json.dumps(self._scalars()),
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
+        if self.annotations:
+            meta["annotations"] = json.dumps(self.annotations)
         fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -119,4 +124,9 @@ class StreamState:
         mv = (lambda t: t.to(device)) if device is not None else (lambda t: t)
         tensors = {k[len("state."):]: mv(v) for k, v in raw.items() if k.startswith("state.")}
         anchor = {k[len("anchor."):]: mv(v) for k, v in raw.items() if k.startswith("anchor.")} or None
-        return cls(tensors=tensors, fingerprint=fingerprint, anchor=anchor, **json.loads(meta["scalars"]))
+        annotations = json.loads(meta.get("annotations", "{}"))
+        if not isinstance(annotations, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+            raise ValueError(f"{path}: its annotations are not a mapping of strings")
+        return cls(tensors=tensors, fingerprint=fingerprint, anchor=anchor, annotations=annotations,
+                   **json.loads(meta["scalars"]))

@@ -42,12 +42,8 @@ from .v2 import infer_path, served_model
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    # Over 60 lines on purpose: one flat, declarative list of flags reads better than helpers split by group.
-    p = subparsers.add_parser(
-        "replay", help="replay labelled test streams to a running service and report accuracy, latency, errors",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_stream_flags(p: argparse.ArgumentParser) -> None:
+    """The data and the stream spec: what each stream replays."""
     p.add_argument("--url", default=os.environ.get("MGG_REPLAY_URL", DEFAULT_URL), help="service base URL")
     p.add_argument("--data", default=MNIST_C,
                    help=f"{MNIST_C!r} (embedded MNIST-5k test split, corrupted on the fly), a dataset folder "
@@ -81,6 +77,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="shuffled: each stream its own domain order from its seed; fixed: the given order")
     g.add_argument("--seed", type=int, default=0, help="base seed; stream i uses seed + i")
     g.add_argument("--stream-prefix", default=None, help="X-Stream-Id prefix (default: replay-<run id>)")
+
+
+def _add_transport_flags(p: argparse.ArgumentParser) -> None:
+    """Bounds of the run and how requests are sent."""
     b = p.add_argument_group("bounds and transport")
     b.add_argument("--images-per-stream", type=int, default=None, help="stop each stream after this many images")
     b.add_argument("--duration", type=float, default=None, help="stop all streams after this many seconds")
@@ -100,6 +100,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--token", default=os.environ.get("MGG_ADMIN_TOKEN"),
                    help="admin bearer token for /reset (default: $MGG_ADMIN_TOKEN)")
     b.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
+    """The no-adaptation baseline, comparisons and the output files."""
     m = p.add_argument_group("baseline and comparison")
     m.add_argument("--baseline", action="store_true",
                    help="replay the same streams with adaptation off, against a server with MGG_METHOD=noadapt: "
@@ -117,6 +121,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--out", default=None,
                    help="output folder for replay.json, replay.md and replay.png (default: runs/replay-<run id>)")
     o.add_argument("--name", default=None, help="file stem inside --out (default: replay or baseline)")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``mgg replay`` subcommand, its flags in three groups (streams, transport, comparison and output)."""
+    p = subparsers.add_parser(
+        "replay", help="replay labelled test streams to a running service and report accuracy, latency, errors",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_stream_flags(p)
+    _add_transport_flags(p)
+    _add_comparison_flags(p)
     p.set_defaults(func=main)
     return p
 

@@ -8,6 +8,8 @@
 - :class:`ServerProcess`: any server command line in a subprocess, output to a log file, to a list of lines
   (``capture=True``) or discarded; ``terminate()`` is a graceful SIGTERM stop (streams are snapshotted),
   ``kill()`` a hard one. A context manager: ``with ServerProcess(...) as s: s.url``;
+- :func:`kill9_restart`: the crash scenario of the fault tests and ``scripts/bench_faults.py``: drive a server,
+  ``kill -9`` it, start another on the same snapshots and look at what survived;
 - :class:`LocalServer`: the service as ``uvicorn --factory service.app:create_app`` with settings from ``MGG_*``
   environment variables; :func:`serve_command`: the ``mgg serve`` command line (as deployed).
 """
@@ -22,7 +24,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 SERVER_COMMAND = ("-m", "uvicorn", "--factory", "service.app:create_app")
 
@@ -209,4 +214,36 @@ class LocalServer(ServerProcess):
         return self
 
 
-__all__ = ["SERVER_COMMAND", "LocalServer", "ServerProcess", "free_port", "serve_command", "wait_ready"]
+def kill9_restart(start: Callable[[], ServerProcess], before: Callable[[Any], T], after: Callable[[Any, T], R],
+                  timeout: float = 120.0) -> R:
+    """The kill -9 scenario: a server driven by ``before``, killed with SIGKILL (no shutdown work runs), then a
+    second one on the same snapshots, asked by ``after``.
+
+    Args:
+        start: starts a server (a started :class:`ServerProcess`) on the snapshot folder under test; called twice.
+        before: ``before(client) -> acknowledged``: the traffic before the crash (an ``httpx.Client`` on the first
+            server); returns what the server acknowledged.
+        after: ``after(client, acknowledged) -> result``: the checks after the restart, on the second server.
+        timeout: the clients' request timeout in seconds.
+
+    Returns:
+        ``after``'s result; the second server is stopped gracefully (SIGTERM) whatever happens.
+    """
+    import httpx
+
+    first = start()
+    try:
+        with httpx.Client(base_url=first.url, timeout=timeout) as c:
+            acknowledged = before(c)
+    finally:
+        first.kill()
+    second = start()
+    try:
+        with httpx.Client(base_url=second.url, timeout=timeout) as c:
+            return after(c, acknowledged)
+    finally:
+        second.stop(60.0)
+
+
+__all__ = ["SERVER_COMMAND", "LocalServer", "ServerProcess", "free_port", "kill9_restart", "serve_command",
+           "wait_ready"]

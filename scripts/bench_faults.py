@@ -15,6 +15,10 @@ Scenarios:
           seconds until the silent connections are closed by the server
   hangup  10 clients that hang up mid-upload: change of the 5xx request counter
   flood   400 new stream ids under max_streams=100: answers, streams known, snapshot bytes on disk
+  retry   10 keyed requests whose client hangs up after sending the body, each retried with the same
+          Idempotency-Key: steps applied per logical request
+  slowloris  64 connections sending their request head one byte every 0.5 s for 15 s: how many the server closes
+          (and when), and a normal request's status and latency meanwhile
 Prints one JSON object per scenario.
 """
 from __future__ import annotations
@@ -22,8 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,6 +37,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from mgg_replay.server import ServerProcess, kill9_restart
 
 BOOT = (
     "import sys, runpy\n"
@@ -48,33 +52,24 @@ BOOT = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """`mgg serve` from the checkout ``code`` ('-': this one) on a free port, started and ready; its output goes to
+    a temporary log file."""
 
-
-class Server:
     def __init__(self, code: str, snapshots: Path, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", BOOT, code, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--device", "cpu", "--snapshot-dir", str(snapshots), "--log-level", "warning", *args]
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - lives with it
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise TimeoutError("server not ready")
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-c", BOOT, code, "serve", "--host", "127.0.0.1", "--port", str(port),
+                    "--device", "cpu", "--snapshot-dir", str(snapshots), "--log-level", "warning", *args]
+
+        log = tempfile.NamedTemporaryFile(suffix=".log", delete=False)  # noqa: SIM115 - a name for the server
+        log.close()
+        super().__init__(command, {"HF_HUB_OFFLINE": "1", **(env or {})}, ready_timeout=300, log_path=log.name)
+        self.start()
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        assert self.process is not None, "not started"
+        return self.process
 
     def rss_mb(self, field: str = "VmRSS") -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -84,19 +79,6 @@ class Server:
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def npy(a: np.ndarray) -> bytes:
@@ -152,30 +134,28 @@ def scenario_bomb(code: str, base: list[str], tmp: Path) -> dict:
 
 def scenario_crash(code: str, base: list[str], tmp: Path, streams: int = 8, steps: int = 16) -> dict:
     snaps = tmp / "crash"
-    srv = Server(code, snaps, base)
-    acked: dict[str, int] = {}
-    try:
-        with httpx.Client(base_url=srv.url, timeout=120) as c:
-            for k in range(steps):
-                for s in range(streams):
-                    r = c.post("/predict", content=npy(digits(8, seed=100 * s + k)),
-                               headers={**NPY, "X-Stream-Id": f"s{s}"})
-                    if r.status_code == 200:
-                        acked[f"s{s}"] = r.json()["step"]
-    finally:
-        srv.kill()
-    srv = Server(code, snaps, base)
-    try:
-        with httpx.Client(base_url=srv.url, timeout=120) as c:
-            restored = {}
-            for sid in acked:
-                r = c.get(f"/streams/{sid}")
-                restored[sid] = r.json().get("step") if r.status_code == 200 else None
-    finally:
-        srv.stop()
-    lost = sum(a - (restored[s] or 0) for s, a in acked.items())
+
+    def drive(c: httpx.Client) -> dict[str, int]:
+        acked: dict[str, int] = {}
+        for k in range(steps):
+            for s in range(streams):
+                r = c.post("/predict", content=npy(digits(8, seed=100 * s + k)),
+                           headers={**NPY, "X-Stream-Id": f"s{s}"})
+                if r.status_code == 200:
+                    acked[f"s{s}"] = r.json()["step"]
+        return acked
+
+    def restored(c: httpx.Client, acked: dict[str, int]) -> tuple[dict[str, int], dict[str, int | None]]:
+        found = {}
+        for sid in acked:
+            r = c.get(f"/streams/{sid}")
+            found[sid] = r.json().get("step") if r.status_code == 200 else None
+        return acked, found
+
+    acked, found = kill9_restart(lambda: Server(code, snaps, base), drive, restored)
+    lost = sum(a - (found[s] or 0) for s, a in acked.items())
     return {"scenario": "crash", "streams": streams, "acknowledged_steps": sum(acked.values()),
-            "lost_steps": lost, "streams_unknown_after_restart": sum(v is None for v in restored.values())}
+            "lost_steps": lost, "streams_unknown_after_restart": sum(v is None for v in found.values())}
 
 
 def _phase_mean(url: str, phase: str) -> float | None:
@@ -299,7 +279,7 @@ def scenario_hangup(code: str, base: list[str], tmp: Path, n: int = 10) -> dict:
             s.close()
         time.sleep(1.0)
         after = _server_errors(srv.url)
-        log = Path(srv.log.name).read_text()
+        log = Path(str(srv.log_path)).read_text()
         return {"scenario": "hangup", "hangups": n, "server_error_count_change": after - before,
                 "tracebacks_in_log": log.count("Traceback")}
     finally:
@@ -327,8 +307,82 @@ def scenario_flood(code: str, base: list[str], tmp: Path, n: int = 400, cap: int
             "streams_known": known, "snapshot_bytes_on_disk": disk, "snapshot_bytes_after_shutdown": disk_after_stop}
 
 
+def _stepped_requests(url: str, sid: str) -> int:
+    """Requests the stream has been stepped on (its ``requests`` count; ``step`` would not do: the collapse guard
+    may roll a stream back)."""
+    r = httpx.get(f"{url}/streams/{sid}", timeout=30)
+    return int(r.json().get("requests") or 0) if r.status_code == 200 else 0
+
+
+def scenario_retry(code: str, base: list[str], tmp: Path, n: int = 10) -> dict:
+    """n requests, each with an Idempotency-Key: the client hangs up once its body is in (0.5 s after sending it),
+    then retries the same request with the same key; steps applied per logical request (1 = no double step)."""
+    srv = Server(code, tmp / "retry", [*base, "--durability", "step"], {"MGG_UPDATE_IMAGES": "1"})
+    try:
+        replayed = 0
+        for i in range(n):
+            body = npy(digits(8, seed=i))
+            head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\nX-Stream-Id: r\r\n"
+                    f"Idempotency-Key: req-{i}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+                s.sendall(head + body)
+                time.sleep(0.5)  # the body has arrived; the client gives up before reading the answer
+            r = httpx.post(srv.url + "/predict", content=body, timeout=120,
+                           headers={**NPY, "X-Stream-Id": "r", "Idempotency-Key": f"req-{i}"})
+            replayed += r.headers.get("Idempotent-Replayed") == "true"
+        steps = _stepped_requests(srv.url, "r")
+        return {"scenario": "retry", "logical_requests": n, "steps_applied": steps, "replayed_retries": replayed,
+                "steps_per_request": round(steps / n, 2)}
+    finally:
+        srv.stop()
+
+
+def scenario_slowloris(code: str, base: list[str], tmp: Path, n: int = 64, watch: float = 15.0) -> dict:
+    """n connections that send their request head one byte every 0.5 s; after ``watch`` seconds: how many the
+    server has closed, and the status and latency of a normal request sent meanwhile."""
+    srv = Server(code, tmp / "slowloris", base)
+    socks, closed_at = [], {}
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            s.setblocking(False)
+            socks.append(s)
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200
+        t0 = time.monotonic()
+        probe: dict = {}
+        k = 0
+        while time.monotonic() - t0 < watch:
+            for i, s in enumerate(socks):
+                if i in closed_at:
+                    continue
+                try:
+                    s.send(head[k % len(head):k % len(head) + 1])
+                    s.recv(4096)  # an answer (408) or the close: the server cut this connection
+                    closed_at[i] = time.monotonic() - t0
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed_at[i] = time.monotonic() - t0
+            if not probe and time.monotonic() - t0 > 2:
+                t1 = time.perf_counter()
+                r = httpx.post(srv.url + "/predict", content=npy(digits(4)), headers={**NPY, "X-Stream-Id": "p"},
+                               timeout=60)
+                probe = {"probe_status": r.status_code, "probe_latency_s": round(time.perf_counter() - t1, 3)}
+            k += 1
+            time.sleep(0.5)
+        cut = sorted(closed_at.values())
+        return {"scenario": "slowloris", "connections": n, "watch_s": watch, "closed_by_server": len(cut),
+                "first_closed_s": round(cut[0], 1) if cut else None,
+                "last_closed_s": round(cut[-1], 1) if cut else None, **probe}
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
 SCENARIOS = {"bomb": scenario_bomb, "crash": scenario_crash, "cost": scenario_cost, "silent": scenario_silent,
-             "hangup": scenario_hangup, "flood": scenario_flood}
+             "hangup": scenario_hangup, "flood": scenario_flood, "retry": scenario_retry,
+             "slowloris": scenario_slowloris}
 
 
 def main() -> int:

@@ -3,16 +3,42 @@
 #   bash scripts/round2.sh [pretrain] [bench] [summary]      (default: all three)
 # Protocol: CIFAR-10-C corruption constants (--profile cifar-c), severity 5, the 15 test corruptions of the
 # MNIST-5k TEST split (1,000 images each), batch 16 (63 batches = 63 update opportunities per domain), one online
-# pass, reset per domain. Step sizes of every gradient method (MGG's included) are chosen on the 4 held-out
-# corruptions (ImageNet-C constants: the cifar-c ones leave the models at ~95% with nothing to choose by) of a
-# 500-image validation subset of the TRAIN split, grid 3e-3, 3e-2, 0.3, batch 16, reset per domain.
+# pass, reset per domain or never (continual). Step sizes of every gradient method (MGG's included) are chosen on
+# the 4 held-out corruptions (ImageNet-C constants: the cifar-c ones leave the models at ~95% with nothing to choose
+# by) of a 500-image validation subset of the TRAIN split, grid 3e-3, 3e-2, 0.3, batch 16, the test run's reset policy.
 # The methods run as separate jobs (one folder each, joined by scripts/summary.py): the machine is shared.
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 MGG=${MGG:-.venv/bin/mgg}
 steps=${*:-pretrain bench summary}
 COMMON=(--profile cifar-c --batch-size 16 --heldout-profiles imagenet-c --val-images 500 --sweep-lrs 3e-3,3e-2,3e-1
-        --no-progress --reset per_domain)
+        --no-progress --threads 1)
+# kind policy part methods: reset = reset per domain, continual = never reset (the held-out sweep uses the same policy)
+JOBS="vit reset g1 noadapt bn tent eata
+vit reset g2 sar deyo
+vit reset g2foa foa
+vit reset g3 come roid
+vit reset mgg mgg
+vit continual g1 noadapt bn tent eata
+vit continual g2 sar
+vit continual g2deyo deyo
+vit continual g2foa foa
+vit continual g3 come roid
+vit continual mgg mgg
+resnet reset g1 noadapt bn tent eata
+resnet reset g2foa foa
+resnet reset g3come come
+resnet reset g3roid roid
+resnet reset g2sar sar
+resnet reset g2deyo deyo
+resnet reset mgg mgg
+resnet continual mgg mgg
+resnet continual g1 noadapt bn tent eata
+resnet continual g2foa foa
+resnet continual g3come come
+resnet continual g3roid roid
+resnet continual g2sar sar
+resnet continual g2deyo deyo"
 declare -A ALPHA=([vit]=1e-2 [resnet]=1e-3) VAL_LR=([vit]=3e-2 [resnet]=1e-2)
 
 for kind in vit resnet; do
@@ -25,12 +51,16 @@ for kind in vit resnet; do
       --epochs 4 --no-progress
   fi
   if [[ $steps == *bench* ]]; then
-    base=docs/results/r2_${kind}_reset
-    time nice -n 10 "$MGG" bench --classifier $kind --out ${base}_g1 "${COMMON[@]}" --methods noadapt bn tent eata
-    time nice -n 10 "$MGG" bench --classifier $kind --out ${base}_g2 "${COMMON[@]}" --methods sar deyo foa
-    time nice -n 10 "$MGG" bench --classifier $kind --out ${base}_g3 "${COMMON[@]}" --methods come roid
-    time nice -n 10 "$MGG" bench --classifier $kind --out ${base}_mgg "${COMMON[@]}" --methods mgg \
-      --mgg-checkpoint $ckpt
+    # one bench job per line of JOBS (the folders behind the committed numbers; a stopped job's finished methods are
+    # read from its cache by scripts/summary.py); rerunning a job resumes from OUT/cache
+    while read -r k policy part methods; do
+      [[ $k == "$kind" ]] || continue
+      [[ $policy == reset ]] && reset=per_domain || reset=never
+      extra=(); [[ " $methods " == *" mgg "* ]] && extra=(--mgg-checkpoint $ckpt)
+      # shellcheck disable=SC2086
+      time nice -n 10 "$MGG" bench --classifier $kind --out docs/results/r2_${kind}_${policy}_${part} "${COMMON[@]}" \
+        --reset $reset --methods $methods "${extra[@]}" < /dev/null
+    done <<< "$JOBS"
   fi
 done
 if [[ $steps == *summary* ]]; then

@@ -67,11 +67,18 @@ def _domain_table(settings: dict) -> list[str]:
     lines = []
     for (_kind, _reset, title), st in settings.items():
         s = st["summary"]
-        doms = list(s["noadapt"]["per_domain"])
-        best = {d: max((s[m]["per_domain"][d], m) for m in s if not m.startswith("_")) for d in doms}
+        methods = [m for m in s if not m.startswith("_")]
+        if not methods:
+            continue
+        doms = list(s[methods[0]]["per_domain"])
+        best = {d: max((s[m]["per_domain"][d], m) for m in methods) for d in doms}
         at_chance = [d for d in doms if best[d][0] < CHANCE]
-        na = s["noadapt"]["per_domain"]
-        lines.append(f"* {title}: no adaptation " + ", ".join(f"{d.rsplit('-', 1)[0]} {na[d]:.1f}" for d in doms))
+        if "noadapt" in s:   # a setting whose noadapt run has not finished yet still gets its best-method line
+            na = s["noadapt"]["per_domain"]
+            lines.append(f"* {title}: no adaptation "
+                         + ", ".join(f"{d.rsplit('-', 1)[0]} {na[d]:.1f}" for d in doms))
+        else:
+            lines.append(f"* {title}: no adaptation not run yet")
         lines.append("  best method per domain: " + ", ".join(f"{d.rsplit('-', 1)[0]} {a:.1f} ({m})"
                                                             for d, (a, m) in best.items()))
         lines.append(f"  domains where every method stays below {CHANCE:.0f}%: "

@@ -75,7 +75,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.svc = svc
     app.state.dataplane = DataPlane(svc)
     app.add_middleware(HttpGuard, metrics=metrics, body_timeout=settings.body_timeout_seconds,
-                       body_idle_timeout=settings.body_idle_timeout_seconds)
+                       body_idle_timeout=settings.body_idle_timeout_seconds, max_headers=settings.max_headers,
+                       max_header_bytes=settings.max_header_bytes)
     register_error_handlers(app)
     register_routes(app)
     app.include_router(v2_router)  # the Open Inference Protocol (KServe V2) beside /predict

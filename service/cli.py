@@ -36,6 +36,13 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--body-timeout-seconds", "body_timeout_seconds", {"type": float, "help": "time to receive a whole body"}),
     ("--body-idle-timeout-seconds", "body_idle_timeout_seconds",
      {"type": float, "help": "longest wait for the next body chunk"}),
+    ("--limit-concurrency", "limit_concurrency", {"type": int, "help": "open connections at once (503 past it)"}),
+    ("--timeout-keep-alive-seconds", "timeout_keep_alive_seconds",
+     {"type": int, "help": "close idle keep-alive connections after this long"}),
+    ("--header-timeout-seconds", "header_timeout_seconds",
+     {"type": float, "help": "time to receive a request line and headers (408 past it)"}),
+    ("--max-header-bytes", "max_header_bytes", {"type": int, "help": "bytes of request headers (431 past it)"}),
+    ("--max-headers", "max_headers", {"type": int, "help": "header fields per request (431 past it)"}),
     ("--durability", "durability", {"choices": ["step", "interval"],
                                     "help": "step (default): persist before each answer; interval: in the background"}),
     ("--max-streams", "max_streams", {"type": int, "help": "streams known at once"}),
@@ -83,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import uvicorn_options
 
     try:
         settings = settings_from_args(args)
@@ -105,5 +113,5 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, **uvicorn_options(settings))
     return 0

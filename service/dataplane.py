@@ -18,11 +18,15 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from starlette.responses import Response
+
 from .decode import DecodedBatch
 from .errors import ApiError
+from .idempotency import Answer, AnswerBook, Idempotent, Replay, fingerprint
 from .runtime import Runtime, ServiceState
 from .schemas import PredictResponse
 from .store import PersistError, SnapshotRestoreError, StoreBusy, StoreClosed, StoreFull, StreamStore, Ticket
@@ -92,6 +96,7 @@ class StepOutcome:
     logits: torch.Tensor
     step: int
     post_update: bool
+    answer: Answer | None = None  # a keyed request's answer, rendered and recorded in the job
 
 
 class DataPlane:
@@ -118,7 +123,7 @@ class DataPlane:
 
     async def step(
         self, rt: Runtime, store: StreamStore, ticket: Ticket, batch: DecodedBatch, timings: dict[str, float],
-        *, reset_first: bool = False,
+        *, reset_first: bool = False, idem: Idempotent | None = None,
     ) -> StepOutcome:
         """Preprocess the decoded ``batch``, step the stream under its lock, record metrics; ``timings`` gains phases.
 
@@ -127,6 +132,9 @@ class DataPlane:
         ``reset_first`` restores the stream's source state exactly (``engine.reset``) inside the same job, just
         before the step: in the stream's order, after every earlier request of the stream (the V2 protocol's
         ``sequence_start``).
+        ``idem`` (a request with an ``Idempotency-Key``, :mod:`service.idempotency`): in the same job, before
+        anything changes, a key answered before raises :class:`~service.idempotency.Replay` (nothing steps); else
+        the answer is rendered after the step and recorded in the state, persisted with it.
         """
         settings = self.svc.settings
         t0 = time.perf_counter()
@@ -140,13 +148,22 @@ class DataPlane:
         post = settings.return_post_update
         engine = rt.engine
 
-        def adapt(state: StreamState) -> StepOutcome:
+        def before(state: StreamState) -> None:
+            if idem is not None:  # a key answered before: Replay, nothing changes
+                idem.check(state, ticket.entry.id)
             if reset_first:
                 engine.reset(state)
-            xd = x.to(rt.device, non_blocking=True)
-            res = engine.step(state, xd)
-            logits = engine.predict(state, xd) if post else res.logits
-            return StepOutcome(res, logits.detach().float().cpu(), int(state.step), post)
+
+        def after(state: StreamState, res: StepResult) -> StepOutcome:
+            logits = engine.predict(state, x.to(rt.device, non_blocking=True)) if post else res.logits
+            out = StepOutcome(res, logits.detach().float().cpu(), int(state.step), post)
+            if idem is not None:  # recorded in the state: persisted with the step
+                out.answer = idem.record(state, ticket.entry.id, out)
+            return out
+
+        def adapt(state: StreamState) -> StepOutcome:
+            before(state)
+            return after(state, engine.step(state, x.to(rt.device, non_blocking=True)))
 
         try:
             out = await store.run(ticket, adapt)
@@ -160,12 +177,52 @@ class DataPlane:
         self._record(out.result, int(out.logits.shape[0]), timings)
         return out
 
+    async def step_idempotent(
+        self, rt: Runtime, store: StreamStore, ticket: Ticket, batch: DecodedBatch, timings: dict[str, float],
+        key: str, params: dict[str, Any], render: Callable[[StepOutcome], Answer], *, reset_first: bool = False,
+    ) -> tuple[StepOutcome | None, Answer, bool]:
+        """:meth:`step` for a request with an ``Idempotency-Key``: (outcome, answer, False) when it stepped, (None,
+        the stored answer, True) when the key was answered before. ``params``: what besides the images shapes the
+        answer (part of the request's fingerprint); ``render``: the answer of an outcome."""
+        settings = self.svc.settings
+        fp = await asyncio.to_thread(fingerprint, batch, params)
+        book = AnswerBook(settings.idempotency_keys, settings.idempotency_max_bytes)
+        try:
+            out = await self.step(rt, store, ticket, batch, timings, reset_first=reset_first,
+                                  idem=Idempotent(key, fp, book, render))
+        except Replay as replay:
+            self.svc.metrics.replays.inc()
+            return None, replay.answer, True
+        assert out.answer is not None
+        return out, out.answer, False
+
     async def infer(
         self, rt: Runtime, store: StreamStore, ticket: Ticket, stream_id: str, batch: DecodedBatch,
         timings: dict[str, float],
     ) -> PredictResponse:
         """Step the stream on the decoded ``batch`` (:meth:`step`) and answer as ``POST /predict`` does."""
-        out = await self.step(rt, store, ticket, batch, timings)
+        return self.predict_response(rt, stream_id, await self.step(rt, store, ticket, batch, timings), timings)
+
+    async def infer_idempotent(
+        self, rt: Runtime, store: StreamStore, ticket: Ticket, stream_id: str, batch: DecodedBatch,
+        timings: dict[str, float], key: str,
+    ) -> Response:
+        """:meth:`infer` for a request with an ``Idempotency-Key``: the first answer, or the stored one replayed
+        (:mod:`service.idempotency`); the body is the same JSON as :meth:`infer`'s."""
+
+        def render(out: StepOutcome) -> Answer:
+            phases = {**timings, **{k: float(v) for k, v in out.result.timings.items()}}
+            body = self.predict_response(rt, stream_id, out, phases).model_dump_json().encode()
+            return Answer(200, "application/json", body)
+
+        _, answer, replayed = await self.step_idempotent(rt, store, ticket, batch, timings, key, {"route": "predict"},
+                                                         render)
+        return answer.response(key, replayed)
+
+    def predict_response(
+        self, rt: Runtime, stream_id: str, out: StepOutcome, timings: dict[str, float],
+    ) -> PredictResponse:
+        """The ``POST /predict`` answer of one step."""
         res = out.result
         preds = make_predictions(out.logits, rt.class_names, self.svc.settings.topk)
         return PredictResponse(

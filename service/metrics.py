@@ -60,6 +60,10 @@ class ServiceMetrics:
         self.evictions = Counter(
             "tta_stream_evictions_total", "Streams unloaded from memory.", ["reason"], registry=r
         )
+        self.replays = Counter(
+            "tta_idempotent_replays_total", "Requests answered from an Idempotency-Key's stored answer (no step).",
+            registry=r,
+        )
         self.build_info = Gauge(
             "tta_build_info", "Build and model information (value 1).",
             ["version", "model", "method", "optimizer", "device", "torch"], registry=r,

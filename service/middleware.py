@@ -7,6 +7,10 @@ Contracts:
   read. Past either, the request is answered ``408 body_timeout`` with ``Connection: close`` and the server closes
   the connection. (uvicorn's ``timeout_keep_alive`` only bounds the wait *between* requests, not a body that
   never comes.) Once the body is complete, ``receive()`` passes through untouched (disconnect listening).
+* Header limits. A request with more than ``max_headers`` header fields, or whose header names and values take more
+  than ``max_header_bytes`` together, is answered ``431 headers_too_large`` with ``Connection: close`` before the
+  app sees it. (h11, below, bounds the bytes it buffers for a head that is still incomplete, and
+  :mod:`service.server` the time a head may take; a complete head that arrived in one read is checked only here.)
 * Hang-ups. A client that disconnects before its response is sent is not a server error: it is recorded with
   the status label ``499`` (nginx's "client closed request"), counted in ``tta_client_disconnects_total``,
   logged as one line without a traceback, and nothing is sent.
@@ -66,11 +70,16 @@ class HttpGuard:
         metrics: the app's metrics (the request histogram and counter; a disconnect counter is added).
         body_timeout: seconds from the first body read until the whole body has arrived.
         body_idle_timeout: seconds the server waits for each next chunk of a body.
+        max_headers: header fields per request (None: no limit).
+        max_header_bytes: bytes of header names and values per request (None: no limit).
     """
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, body_timeout: float = 120.0,
-                 body_idle_timeout: float = 15.0) -> None:
+                 body_idle_timeout: float = 15.0, max_headers: int | None = None,
+                 max_header_bytes: int | None = None) -> None:
         self.app = app
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
         self.metrics = metrics
         self.body_timeout = float(body_timeout)
         self.body_idle_timeout = float(body_idle_timeout)
@@ -109,6 +118,10 @@ class HttpGuard:
                 raise _Disconnected() from exc
 
         try:
+            too_large = self._headers_too_large(scope)
+            if too_large:
+                await self._answer(send, st, 431, "headers_too_large", too_large, close=True)
+                return
             await self.app(scope, guarded_receive, tracked_send)
         except (ClientDisconnect, _Disconnected):
             self._hung_up(scope, st)
@@ -126,6 +139,16 @@ class HttpGuard:
             labels = {"method": scope.get("method", ""), "route": path, "status": str(st["status"])}
             self.metrics.http_duration.labels(**labels).observe(time.perf_counter() - t0)
             self.metrics.http_requests.labels(**labels).inc()
+
+    def _headers_too_large(self, scope: Scope) -> str | None:
+        """Why the request's headers are over a limit, or None."""
+        headers = scope.get("headers") or []
+        if self.max_headers is not None and len(headers) > self.max_headers:
+            return f"the request has {len(headers)} header fields; the limit is {self.max_headers}"
+        size = sum(len(k) + len(v) for k, v in headers)
+        if self.max_header_bytes is not None and size > self.max_header_bytes:
+            return f"the request's header fields take {size} bytes; the limit is {self.max_header_bytes}"
+        return None
 
     def _hung_up(self, scope: Scope, st: dict[str, Any]) -> None:
         st["status"] = CLIENT_CLOSED

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # torch and the engine load lazily: `mgg --help` and /healthz
     import torch
 
     from mgg_core.classifier import LoadedClassifier as Classifier
-    from mgg_core.engine import AdaptationEngine
+    from mgg_core.engine import AdaptationEngine, EngineConfig
     from mgg_core.methods import Method
     from mgg_core.preprocess import Preprocessor
 
@@ -90,6 +90,26 @@ def _source_stats(settings: ServiceSettings, clf: Classifier, checkpoint: Path, 
     return stats, str(beside) if beside.is_file() else f"computed from clean {settings.source_data or 'mnist5k'} train"
 
 
+def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_checkpoint: str | None) -> EngineConfig:
+    """The engine configuration the service runs ``method`` with (also for models built outside the service).
+
+    Args:
+        settings: the service settings; reads method, optimizer, lr, bn_stats, bn_momentum, update_images,
+            collapse_guard and guard_check_share.
+        method: the built method (its defaults decide the optimizer and whether BatchNorm statistics adapt).
+        device: where the engine runs (``settings.resolved_device()`` for the service).
+        mgg_checkpoint: the MGG meta-network's checkpoint when the optimizer is MGG.
+    """
+    from mgg_core.engine import EngineConfig, GuardConfig
+
+    return EngineConfig(
+        method=settings.method, optimizer=_optimizer_for(settings, method), lr=settings.lr,
+        mgg_checkpoint=mgg_checkpoint, bn_stats=settings.bn_stats if method.bn_stats != "source" else None,
+        bn_momentum=settings.bn_momentum, update_images=settings.update_images,
+        guard=GuardConfig(enabled=settings.collapse_guard, check_share=settings.guard_check_share), device=device,
+    )
+
+
 def load_runtime(settings: ServiceSettings) -> Runtime:
     """Load the classifier and build the engine (blocking; run it in a thread).
 
@@ -106,7 +126,7 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     import torch
 
     from mgg_core.classifier import load_classifier
-    from mgg_core.engine import AdaptationEngine, EngineConfig, GuardConfig
+    from mgg_core.engine import AdaptationEngine
     from mgg_core.methods import build_method
 
     device = settings.resolved_device()
@@ -118,12 +138,7 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     optimizer = _optimizer_for(settings, method)
     mgg_checkpoint = _mgg_checkpoint_for(settings, clf, checkpoint) if optimizer == "mgg" else settings.mgg_checkpoint
     stats, stats_from = _source_stats(settings, clf, checkpoint, device) if method.needs_features else (None, None)
-    config = EngineConfig(
-        method=settings.method, optimizer=optimizer, lr=settings.lr, mgg_checkpoint=mgg_checkpoint,
-        bn_stats=settings.bn_stats if method.bn_stats != "source" else None, bn_momentum=settings.bn_momentum,
-        update_images=settings.update_images,
-        guard=GuardConfig(enabled=settings.collapse_guard, check_share=settings.guard_check_share), device=device,
-    )
+    config = engine_config(settings, method, device, mgg_checkpoint)
     engine = AdaptationEngine(clf, config, source_stats=stats)
     class_names = list(clf.class_names)
     input_size = tuple(int(v) for v in clf.data_config["input_size"])
@@ -247,4 +262,6 @@ class ServiceState:
         return self.runtime, self.store
 
 
-__all__ = ["Runtime", "ServiceState", "load_runtime", "resolve_checkpoint", "warm_up", "without_folders"]
+__all__ = [
+    "Runtime", "ServiceState", "engine_config", "load_runtime", "resolve_checkpoint", "warm_up", "without_folders",
+]

@@ -125,9 +125,32 @@ class ServiceSettings(BaseSettings):
     max_queue_per_stream: int = Field(16, ge=1, description="requests waiting or running per stream before 429")
     max_queue_total: int = Field(256, ge=1, description="requests waiting or running in total before 429")
     retry_after_seconds: int = Field(1, ge=1)
+    idempotency_keys: int = Field(
+        16, ge=1, description="per stream, the answers of the last this many Idempotency-Key requests are kept "
+        "(with the stream's snapshot) and replayed to a retry instead of stepping again")
+    idempotency_max_bytes: int = Field(
+        256 * 1024, ge=1024, le=1024 * 1024, description="per stream, bytes the kept answers take at most (oldest "
+        "dropped first; an answer larger than this alone is not kept, and its retry gets 409 "
+        "idempotent_answer_not_kept). At most 1 MiB: the records travel in the stream's snapshot")
+    idempotency_v2_request_id: bool = Field(
+        False, description="the V2 infer request's JSON 'id' serves as its Idempotency-Key when no header is "
+        "sent (off by default: the protocol does not require ids to be unique)")
     body_timeout_seconds: float = Field(
         120.0, gt=0, description="a request body must have arrived this long after it started (408 body_timeout "
         "and the connection is closed past it)")
+    limit_concurrency: int | None = Field(
+        512, ge=1, description="open connections (or running requests) at once; past it a new request gets 503 "
+        "with Connection: close from the HTTP server (uvicorn's limit_concurrency; None = unlimited)")
+    timeout_keep_alive_seconds: int = Field(
+        5, ge=1, description="an idle keep-alive connection is closed after this long (uvicorn's timeout_keep_alive)")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a request line and headers must be complete this long after their first byte (or "
+        "the connection's start); past it 408 header_timeout and the connection is closed (slowloris)")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="bytes of a request's header names and values (431 headers_too_large "
+        "past it, connection closed); also the bytes h11 buffers for a request head still incomplete (400 and "
+        "the connection closed past it; h11's max_incomplete_event_size)")
+    max_headers: int = Field(100, ge=1, description="header fields per request (431 headers_too_large past it)")
     body_idle_timeout_seconds: float = Field(
         15.0, gt=0, description="the longest wait for the next chunk of a request body (408 body_timeout past it)")
 

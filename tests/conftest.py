@@ -29,6 +29,7 @@ class LiveServer:
         import uvicorn
 
         from service.app import create_app
+        from service.server import uvicorn_options
 
         self.settings = settings
         self.app = create_app(settings)
@@ -37,7 +38,8 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60,
+                                **uvicorn_options(settings))
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
@@ -93,9 +95,41 @@ def live_server() -> Iterator[Any]:
             srv.stop()
 
 
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One live server for the whole test module, built from the module's ``settings_for(snapshot_dir)``."""
+    srv = LiveServer(request.module.settings_for(tmp_path_factory.mktemp("snapshots")))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[Any]:
+    """An ``httpx.Client`` on the module's :func:`server`."""
+    with server.client() as c:
+        yield c
+
+
 def service_test_model() -> str:
     """Classifier for service tests: the small bundled BatchNorm ResNet (override with MGG_SERVICE_TEST_MODEL)."""
     return os.environ.get("MGG_SERVICE_TEST_MODEL", "resnet")
+
+
+def service_settings(snapshot_dir: Path, **kw: Any) -> Any:
+    """``ServiceSettings`` of the loopback service tests (test_service, test_v2, test_faults, ...): the small bundled
+    model on the CPU with TENT + SGD, small request limits, one update per request and no source checks (these tests
+    count single updates; test_smallbatch* covers the small-batch defaults), no admin token; ``kw`` overrides any of
+    it."""
+    from service.settings import ServiceSettings
+
+    base: dict[str, Any] = dict(
+        model=service_test_model(), method="tent", optimizer="sgd", lr=0.05, device="cpu",
+        snapshot_dir=snapshot_dir, max_images=16, max_body_bytes=200_000, admin_token=None,
+        max_concurrent_streams=2, idle_seconds=600, log_level="warning",
+        update_images=1, bn_stats="batch", guard_check_share=0.0,
+    )
+    base.update(kw)
+    return ServiceSettings(_env_file=None, **base)
 
 
 # ----------------------------------------------------------------------------------- image helpers

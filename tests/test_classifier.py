@@ -117,6 +117,7 @@ def test_load_classifier_errors(tmp_path):
         load_classifier(tmp_path / "x.pt")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_load_on_cuda(test_src):
     clf = load_classifier(default_checkpoint("resnet"), device="cuda")

@@ -9,11 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,8 +18,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import npy_bytes, png_bytes, service_test_model
+from conftest import npy_bytes, png_bytes, service_settings, service_test_model
 
+from mgg_replay.server import ServerProcess, kill9_restart, serve_command
 from service.decode import DecodeError, DecodeLimits, PixelBudget, decode_body, decode_npy, probe_image
 from service.settings import ServiceSettings
 
@@ -30,20 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "fault-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NPY = {"Content-Type": "application/x-npy"}
-TENT = dict(method="tent", optimizer="sgd", lr=0.05)
 
 
 def settings_for(snapshot_dir: Path, **kw) -> ServiceSettings:
-    base = dict(
-        model=service_test_model(), device="cpu", snapshot_dir=snapshot_dir, state_budget_bytes=40_000,
-        max_images=16, max_body_bytes=200_000, admin_token=TOKEN, max_concurrent_streams=2, idle_seconds=600,
-        log_level="warning", **TENT,
-        # one update per request, no source checks: these tests count single updates (issue 9's small-batch
-        # defaults are covered by test_smallbatch*)
-        update_images=1, bn_stats="batch", guard_check_share=0.0,
-    )
-    base.update(kw)
-    return ServiceSettings(_env_file=None, **base)
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, "state_budget_bytes": 40_000, **kw})
 
 
 def predict(c: httpx.Client, sid: str, x: np.ndarray) -> httpx.Response:
@@ -234,91 +222,47 @@ def test_npy_bad_dims_over_http_are_400(live_server, tmp_path):
 # ------------------------------------------------------------------------------- 5. kill -9 durability
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
+def serve(snapshot_dir: Path, *extra: str) -> ServerProcess:
+    """`mgg serve` in its own process (so that it can be killed with SIGKILL), started and ready."""
+    flags = ["--model", service_test_model(), "--device", "cpu", "--snapshot-dir", str(snapshot_dir),
+             "--log-level", "warning", "--method", "tent", "--optimizer", "sgd", "--lr", "0.05",
+             "--torch-threads", "1", *extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """`mgg serve` in its own process (so that it can be killed with SIGKILL)."""
-
-    def __init__(self, snapshot_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mgg_core.cli", "serve", "--model", service_test_model(), "--device", "cpu",
-               "--port", str(self.port), "--snapshot-dir", str(snapshot_dir), "--log-level", "warning",
-               "--method", "tent", "--optimizer", "sgd", "--lr", "0.05", "--torch-threads", "1", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=snapshot_dir.parent, env=_clean_env(**(env or {})),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mgg serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise TimeoutError("mgg serve not ready")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return ServerProcess(lambda port: serve_command(port, *flags), env, inherit_env=False,
+                         cwd=snapshot_dir.parent).start()
 
 
 @pytest.mark.timeout(500)
 def test_kill_9_loses_no_acknowledged_step_under_the_defaults(tmp_path, digit_images):
     snaps = tmp_path / "snaps"
+    snaps.mkdir()
     # 24-image requests: under the default gradient window (64 images) some streams update before the crash and
     # some carry accumulated gradients and BatchNorm statistics across it; all of it must survive
     batches = [digit_images[(k * 4) % 8:(k * 4) % 8 + 24] for k in range(5)]
     probe = digit_images[24:32]
     streams = [f"s{i}" for i in range(4)]
-    first = Proc(snaps, "--admin-token", TOKEN)
-    acked: dict[str, int] = {}
-    try:
-        with httpx.Client(base_url=first.url, timeout=60) as c:
-            for k, x in enumerate(batches):
-                for i, sid in enumerate(streams[: 1 + (k % 4)] if k < 4 else streams):
-                    acked[sid] = ok(c, sid, x if i % 2 == 0 else x[::-1])["step"]
-    finally:
-        first.kill()  # no shutdown hook runs
-    assert sum(acked.values()) > 0
-    second = Proc(snaps, "--admin-token", TOKEN)
-    try:
-        with httpx.Client(base_url=second.url, timeout=60) as c:
-            for sid, step in acked.items():
-                info = c.get(f"/streams/{sid}", headers=AUTH).json()
-                assert info["step"] == step, (sid, info)
-            # same predictions as a twin that never crashed: replay the acknowledged history on fresh ids
-            for k, x in enumerate(batches):
-                for i, sid in enumerate(streams[: 1 + (k % 4)] if k < 4 else streams):
-                    ok(c, "twin-" + sid, x if i % 2 == 0 else x[::-1])
-            for _ in range(2):  # the second probe completes stream s0's pending window (48 + 8 + 8 images)
-                for sid in streams:
-                    got, want = ok(c, sid, probe), ok(c, "twin-" + sid, probe)
-                    assert got["step"] == want["step"] and scores(got) == scores(want)
-            assert ok(c, "s0", probe)["step"] == acked["s0"] + 1
-    finally:
-        second.terminate()
+
+    def history(c: httpx.Client, prefix: str = "") -> dict[str, int]:
+        acked: dict[str, int] = {}
+        for k, x in enumerate(batches):
+            for i, sid in enumerate(streams[: 1 + (k % 4)] if k < 4 else streams):
+                acked[sid] = ok(c, prefix + sid, x if i % 2 == 0 else x[::-1])["step"]
+        return acked
+
+    def check(c: httpx.Client, acked: dict[str, int]) -> None:
+        assert sum(acked.values()) > 0
+        for sid, step in acked.items():
+            info = c.get(f"/streams/{sid}", headers=AUTH).json()
+            assert info["step"] == step, (sid, info)
+        history(c, "twin-")  # same predictions as a twin that never crashed: the acknowledged history on fresh ids
+        for _ in range(2):  # the second probe completes stream s0's pending window (48 + 8 + 8 images)
+            for sid in streams:
+                got, want = ok(c, sid, probe), ok(c, "twin-" + sid, probe)
+                assert got["step"] == want["step"] and scores(got) == scores(want)
+        assert ok(c, "s0", probe)["step"] == acked["s0"] + 1
+
+    kill9_restart(lambda: serve(snaps, "--admin-token", TOKEN), history, check, timeout=60)
 
 
 def test_durability_interval_bounds_and_meters_unpersisted_steps(live_server, tmp_path, digit_images):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LiveServer, npy_bytes, png_bytes, service_test_model
+from conftest import LiveServer, npy_bytes, png_bytes, service_settings, service_test_model
 
 from service.settings import ServiceSettings
 
@@ -17,29 +17,7 @@ NPY = {"Content-Type": "application/x-npy"}
 
 
 def settings_for(snapshot_dir: Path, **kw) -> ServiceSettings:
-    base = dict(
-        model=service_test_model(), method="tent", optimizer="sgd", lr=0.05, device="cpu",
-        snapshot_dir=snapshot_dir, state_budget_bytes=40_000, max_images=16, max_body_bytes=200_000,
-        admin_token=TOKEN, max_concurrent_streams=2, idle_seconds=600, log_level="warning",
-        # one update per request and no source checks: these tests look at single updates (test_smallbatch
-        # covers the small-batch defaults)
-        update_images=1, bn_stats="batch", guard_check_share=0.0,
-    )
-    base.update(kw)
-    return ServiceSettings(_env_file=None, **base)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LiveServer(settings_for(tmp_path_factory.mktemp("snapshots")))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, "state_budget_bytes": 40_000, **kw})
 
 
 def predict_npy(client, stream: str, images: np.ndarray) -> dict:

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import LiveServer, npy_bytes, service_test_model
+from conftest import npy_bytes, service_settings
 
 from service.settings import ServiceSettings
 
@@ -21,28 +21,13 @@ OUTPUT_NAMES = ("probabilities", "labels", "entropy")
 
 
 def settings_for(snapshot_dir, **kw) -> ServiceSettings:
-    base = dict(
-        model=service_test_model(), method="tent", optimizer="sgd", lr=0.05, device="cpu",
-        snapshot_dir=snapshot_dir, max_images=16, max_body_bytes=300_000, max_image_pixels=64 * 64,
-        admin_token=TOKEN, max_concurrent_streams=2, idle_seconds=600, log_level="warning",
-        # one update per request and no source checks, as in test_service (test_smallbatch covers the defaults)
-        update_images=1, bn_stats="batch", guard_check_share=0.0,
-    )
-    base.update(kw)
-    return ServiceSettings(_env_file=None, **base)
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, "max_body_bytes": 300_000,
+                                             "max_image_pixels": 64 * 64, **kw})
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LiveServer(settings_for(tmp_path_factory.mktemp("v2snap")))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
+def http(client):
+    return client  # the module's httpx client (conftest), named apart from the Triton one
 
 
 @pytest.fixture(scope="module")

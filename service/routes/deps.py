@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Request
 
 from ..dataplane import DataPlane
 from ..errors import ApiError
+from ..idempotency import IDEMPOTENCY_HEADER, check_key
 from ..runtime import Runtime, ServiceState
 from ..store import StreamStore, valid_stream_id
 
@@ -87,6 +88,17 @@ def header_stream_id(
     return check_stream_id(x_stream_id)
 
 
+def header_idempotency_key(
+    idempotency_key: str | None = Header(
+        None, alias=IDEMPOTENCY_HEADER,
+        description="optional, per stream: a retry with the same key and request is answered with the first "
+        "answer (header Idempotent-Replayed: true) and does not step again; 1-255 printable ASCII, no spaces",
+    ),
+) -> str | None:
+    """The request's ``Idempotency-Key`` header (None when absent), checked."""
+    return check_key(idempotency_key)
+
+
 def path_stream_id(stream_id: str) -> str:
     """The ``{stream_id}`` path parameter, checked."""
     return check_stream_id(stream_id)
@@ -95,6 +107,7 @@ def path_stream_id(stream_id: str) -> str:
 ADMIN = [Depends(require_admin)]
 
 __all__ = [
-    "ADMIN", "DEFAULT_STREAM", "check_admin", "check_stream_id", "get_dataplane", "get_service", "header_stream_id",
+    "ADMIN", "DEFAULT_STREAM", "check_admin", "check_stream_id", "get_dataplane", "get_service",
+    "header_idempotency_key", "header_stream_id",
     "is_admin", "path_stream_id", "require_admin", "require_ready",
 ]

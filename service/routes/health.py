@@ -47,6 +47,13 @@ def _limits(svc: ServiceState) -> dict[str, Any]:
         "durability": s.durability,
         "snapshot_interval_steps": s.snapshot_interval_steps,
         "snapshot_interval_seconds": s.snapshot_interval_seconds,
+        "limit_concurrency": s.limit_concurrency,
+        "timeout_keep_alive_seconds": s.timeout_keep_alive_seconds,
+        "header_timeout_seconds": s.header_timeout_seconds,
+        "max_header_bytes": s.max_header_bytes,
+        "max_headers": s.max_headers,
+        "idempotency_keys": s.idempotency_keys,
+        "idempotency_max_bytes": s.idempotency_max_bytes,
     }
 
 

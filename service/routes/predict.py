@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 
 from ..dataplane import DataPlane
 from ..decode import IMAGE_FIELD, DecodeError, decode_body
@@ -19,7 +20,7 @@ from ..errors import ApiError
 from ..runtime import Runtime, ServiceState
 from ..schemas import PredictResponse, error_doc
 from ..store import StreamStore
-from .deps import get_dataplane, get_service, header_stream_id, require_ready
+from .deps import get_dataplane, get_service, header_idempotency_key, header_stream_id, require_ready
 
 router = APIRouter()
 
@@ -77,7 +78,9 @@ async def read_body(request: Request, limit: int) -> bytes:
         400: error_doc("invalid image, npy array, multipart body or stream id"),
         408: error_doc("the body did not arrive in time (body_timeout_seconds, body_idle_timeout_seconds)"),
         413: error_doc("body, image, pixels or batch over a limit"),
+        409: error_doc("the Idempotency-Key's request was applied but its answer was too large to keep"),
         415: error_doc("unsupported Content-Type"),
+        422: error_doc("the Idempotency-Key was used for a different request on this stream"),
         429: error_doc("the stream's queue or the global queue is full (see Retry-After)"),
         503: error_doc("not ready, shutting down, or too many pixels in flight (see Retry-After)"),
         507: error_doc("stream or snapshot-disk limit reached, or the durable write failed"),
@@ -89,7 +92,10 @@ async def predict(
     sid: str = Depends(header_stream_id),
     svc: ServiceState = Depends(get_service),
     plane: DataPlane = Depends(get_dataplane),
-) -> PredictResponse:
+    key: str | None = Depends(header_idempotency_key),
+) -> PredictResponse | Response:
+    """With an ``Idempotency-Key`` header (:mod:`service.idempotency`) a retry is answered from the stored answer
+    (header ``Idempotent-Replayed: true``) instead of stepping the stream again."""
     rt, store = ready
     # the body first (bounded in size and time by read_body and HttpGuard): a slow or silent upload holds no slot
     body = await read_body(request, svc.settings.max_body_bytes)
@@ -106,6 +112,8 @@ async def predict(
         del body
         timings["decode"] = time.perf_counter() - t0
         try:
+            if key is not None:
+                return await plane.infer_idempotent(rt, store, ticket, sid, batch, timings, key)
             return await plane.infer(rt, store, ticket, sid, batch, timings)
         finally:
             batch.release()  # no-op once infer has released it after preprocessing

@@ -29,6 +29,7 @@ from .. import __version__
 from ..dataplane import DataPlane, StepOutcome, finite, softmax_outputs
 from ..decode import DecodedBatch, DecodeError, decode_body
 from ..errors import ApiError
+from ..idempotency import IDEMPOTENCY_HEADER, REPLAY_HEADER, Answer, check_key
 from ..routes.deps import get_dataplane, get_service
 from ..runtime import Runtime, ServiceState
 from ..store import StreamStore, UnknownStream
@@ -275,12 +276,24 @@ def step_tensors(out: StepOutcome) -> dict[str, Any]:
     return {"probabilities": probs.numpy(), "labels": labels.numpy(), "entropy": ent.numpy()}
 
 
-def _response(svc: ServiceState, rt: Runtime, name: str, req: InferRequest, out: StepOutcome,
-              unloaded: bool | None) -> Response:
+def _answer(name: str, req: InferRequest, out: StepOutcome, unloaded: bool | None) -> Answer:
     content, headers = encode_response(model_name=name, model_version=MODEL_VERSION, request_id=req.id,
                                        parameters=step_parameters(req.sequence_id, out, unloaded),
                                        tensors=step_tensors(out), outputs=req.outputs)
-    return Response(content=content, headers=headers, media_type=headers.pop("Content-Type"))
+    return Answer(200, headers.pop("Content-Type"), content, headers)
+
+
+def _response(name: str, req: InferRequest, out: StepOutcome, unloaded: bool | None) -> Response:
+    answer = _answer(name, req, out, unloaded)
+    return Response(content=answer.body, headers=answer.headers, media_type=answer.media_type)
+
+
+def _idempotency_key(request: Request, svc: ServiceState, req: InferRequest) -> str | None:
+    """The ``Idempotency-Key`` header, else the request's ``id`` when ``idempotency_v2_request_id`` is on."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None and svc.settings.idempotency_v2_request_id:
+        key = req.id
+    return check_key(key)
 
 
 async def _infer(request: Request, name: str, version: str | None, svc: ServiceState, plane: DataPlane) -> Response:
@@ -288,6 +301,7 @@ async def _infer(request: Request, name: str, version: str | None, svc: ServiceS
     _, store = plane.ready()
     body = _Body(request, svc.settings.max_body_bytes)
     req, hlen = await _read_header(request, body)
+    key = _idempotency_key(request, svc, req)
     # the whole body first, as /predict does (bounded in size here and in time by HttpGuard): a slow or silent
     # upload holds no queue slot; the order of adaptation is the order in which bodies completed
     await body.read_until(None)
@@ -298,13 +312,26 @@ async def _infer(request: Request, name: str, version: str | None, svc: ServiceS
         batch = await _decode(svc, req, body, hlen)
         timings["decode"] = time.perf_counter() - t0
         try:
-            out = await plane.step(rt, store, ticket, batch, timings, reset_first=req.sequence_start)
+            if key is None:
+                out = await plane.step(rt, store, ticket, batch, timings, reset_first=req.sequence_start)
+            else:  # the stored answer has no `unloaded` (it is rendered before sequence_end unloads the stream)
+                params = {"route": "v2", "model": name, "version": version, "id": req.id, "outputs": req.outputs,
+                          "start": req.sequence_start, "end": req.sequence_end}
+                stepped, answer, replayed = await plane.step_idempotent(
+                    rt, store, ticket, batch, timings, key, params, lambda o: _answer(name, req, o, None),
+                    reset_first=req.sequence_start)
+                if stepped is None:
+                    return answer.response(key, replayed)
+                out = stepped
         finally:
             batch.release()  # no-op once step has released it after preprocessing
     finally:
         ticket.abandon()  # no-op once the job owns the ticket
     unloaded = await _end_sequence(store, req.stream_id) if req.sequence_end else None
-    return _response(svc, rt, name, req, out, unloaded)
+    response = _response(name, req, out, unloaded)
+    if key is not None:
+        response.headers.update({IDEMPOTENCY_HEADER: key, REPLAY_HEADER: "false"})
+    return response
 
 
 async def _end_sequence(store: StreamStore, stream_id: str) -> bool:

@@ -1,0 +1,166 @@
+"""Connection-level limits (service/server.py, HttpGuard's header checks): each setting hit by a raw-socket client on
+loopback. Bounded: every socket has a timeout and every wait a deadline."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from conftest import service_settings
+
+from service.server import HeaderTimeoutH11Protocol, uvicorn_options
+
+TOKEN = "conn-token"
+
+
+def settings(snapshot_dir: Path, **kw):
+    """The loopback test settings (conftest.service_settings) with this module's admin token."""
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, **kw})
+
+
+def connect(port: int, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one response (Content-Length framed)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {buf!r}")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    n = int(headers.get("content-length", "0"))
+    while len(body) < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_server(s: socket.socket, within: float) -> bool:
+    """True when the server closes ``s`` within ``within`` seconds (any bytes before the close are skipped)."""
+    s.settimeout(within)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def get(port: int, path: str = "/healthz", extra: str = "") -> tuple[int, dict[str, str], bytes]:
+    with connect(port) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
+        return read_response(s)
+
+
+def test_settings_reach_uvicorn():
+    opts = uvicorn_options(settings(Path("x"), limit_concurrency=7, timeout_keep_alive_seconds=3,
+                                            header_timeout_seconds=2.5, max_header_bytes=4096))
+    assert opts["limit_concurrency"] == 7 and opts["timeout_keep_alive"] == 3
+    assert opts["h11_max_incomplete_event_size"] == 4096
+    assert issubclass(opts["http"], HeaderTimeoutH11Protocol) and opts["http"].header_timeout == 2.5
+
+
+def test_slowloris_headers_are_cut_off(live_server, tmp_path):
+    srv = live_server(settings(tmp_path / "s", header_timeout_seconds=1.0))
+    with connect(srv.port) as slow, connect(srv.port) as silent:
+        t0 = time.monotonic()
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        status = None
+        for byte in b"X-Stream-Id: slowloris-one-byte-at-a-time\r\n" * 4:  # ~9 s at this pace: never finishes
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.05)
+            if time.monotonic() - t0 > 1.2:
+                break
+        status, headers, body = read_response(slow)
+        elapsed = time.monotonic() - t0
+        assert status == 408 and json.loads(body)["error"]["code"] == "header_timeout"
+        assert headers["connection"] == "close" and 0.9 < elapsed < 5, elapsed
+        assert closed_by_server(slow, 5)
+        # a connection that sends nothing at all is closed on the same deadline
+        status, _, _ = read_response(silent)
+        assert status == 408 and closed_by_server(silent, 5)
+    # a request whose head arrives in time is unaffected, also over several keep-alive requests
+    with connect(srv.port) as s:
+        for _ in range(3):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_response(s)[0] == 200
+            time.sleep(0.6)  # idle between requests is the keep-alive timeout's business (5 s), not the head's
+
+
+def test_keep_alive_timeout_closes_idle_connections(live_server, tmp_path):
+    srv = live_server(settings(tmp_path / "s", timeout_keep_alive_seconds=1))
+    with connect(srv.port) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_response(s)[0] == 200
+        t0 = time.monotonic()
+        assert closed_by_server(s, 5) and 0.8 < time.monotonic() - t0 < 4
+
+
+def test_connections_past_limit_concurrency_get_503(live_server, tmp_path):
+    limit = 4
+    srv = live_server(settings(tmp_path / "s", limit_concurrency=limit, header_timeout_seconds=60))
+
+    def status_with(idle: int) -> int:
+        with ExitStack() as stack:
+            for _ in range(idle):
+                stack.enter_context(connect(srv.port))
+            time.sleep(0.2)  # the server has accepted them
+            return get(srv.port)[0]
+
+    deadline = time.monotonic() + 10
+    while status_with(limit - 2) != 200:  # earlier connections (readiness polls) may still be closing
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status_with(limit - 1) == 503  # the probe is the limit-th connection
+    assert status_with(limit + 5) == 503
+    assert status_with(0) == 200  # back once they are gone
+
+
+def test_header_count_and_bytes_limits(live_server, tmp_path):
+    srv = live_server(settings(tmp_path / "s", max_headers=20, max_header_bytes=2048))
+    limits = json.loads(get(srv.port, "/info")[2])["limits"]
+    assert (limits["max_headers"], limits["max_header_bytes"], limits["limit_concurrency"]) == (20, 2048, 512)
+    host = len("host") + len("127.0.0.1")  # the Host header get() sends
+    ok_fields = "".join(f"X-H{i}: v\r\n" for i in range(19))  # 20 fields with Host
+    assert get(srv.port, extra=ok_fields)[0] == 200
+    status, headers, body = get(srv.port, extra=ok_fields + "X-H19: v\r\n")
+    assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large" and "21" in body.decode()
+    assert headers["connection"] == "close"
+    pad = 2048 - host - len("x-pad")  # names and values: exactly at the limit, then one byte over
+    assert get(srv.port, extra=f"X-Pad: {'a' * pad}\r\n")[0] == 200
+    status, _, body = get(srv.port, extra=f"X-Pad: {'a' * (pad + 1)}\r\n")
+    assert status == 431 and "2049 bytes" in body.decode()
+
+
+def test_incomplete_head_buffer_is_bounded(live_server, tmp_path):
+    srv = live_server(settings(tmp_path / "s", max_header_bytes=2048, header_timeout_seconds=30))
+    with connect(srv.port) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.2)
+        s.sendall(b"X-Pad: " + b"a" * 4096)  # still no end of the head: h11 refuses to buffer more
+        status, _, _ = read_response(s)
+        assert status == 400 and closed_by_server(s, 5)
+
+
+@pytest.mark.parametrize("field", ["limit_concurrency", "timeout_keep_alive_seconds", "header_timeout_seconds",
+                                   "max_headers"])
+def test_limits_refuse_nonsense(field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        settings(Path("x"), **{field: 0})
