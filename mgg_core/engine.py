@@ -566,6 +566,9 @@ class AdaptationEngine:
                     job.source_logits = part
                 return
             for group in _by_shape(jobs, lambda j: j.x[:j.checks]).values():
+                if len(group) == 1:
+                    group[0].source_logits = self.source_predict(group[0].x[:group[0].checks])
+                    continue
                 xs = torch.stack([j.x[:j.checks] for j in group])
                 zeros = torch.zeros(len(group), dtype=torch.float64, device=self.device)
                 logits = self._vmap_forward(self.theta0.expand(len(group), -1), xs, {}, zeros, False)[0]

@@ -174,7 +174,7 @@ def _compare(eng, calls, adapt_flags=None, tol: float = TOL):
             _same_result(r, q, f"call {c} stream {s}", tol)
     for s, (a, b) in enumerate(zip(fused_states, alone_states, strict=True)):
         _same_state(a, b, f"stream {s}", tol)
-    return alone_states, alone_res
+    return alone_states, alone_res, fused_states
 
 
 CASES = [
@@ -200,7 +200,7 @@ CASES = [
 def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, update_images, guard):
     eng = _engine(model, method, optimizer, bn_stats, update_images, guard)
     assert eng.fused and eng.method.fusable
-    states, results = _compare(eng, _calls(model, 4, SIZES))
+    states, results, _ = _compare(eng, _calls(model, 4, SIZES))
     reasons = {r.skipped_reason for row in results for r in row} | {r.rollback_reason for row in results for r in row}
     assert sum(r.adapted for row in results for r in row) > 0, "no update was taken: the comparison proves little"
     if update_images > 1:
@@ -245,8 +245,7 @@ def test_non_fusable_method_steps_per_stream_inside_the_call():
     assert not eng.method.fusable
     # its gradient is the method's own per stream: parameters bit-identical; the guard's source checks of all
     # streams still share one forward
-    states, results = _compare(eng, _calls("resnet", 3), tol=1e-6)
-    fused_states, _ = _run(eng, _calls("resnet", 3), True)
+    states, results, fused_states = _compare(eng, _calls("resnet", 3), tol=1e-6)
     for a, b in zip(fused_states, states, strict=True):
         assert torch.equal(a.theta, b.theta)
     assert sum(r.adapted for row in results for r in row) > 0
