@@ -435,10 +435,12 @@ class AdaptationEngine:
         """Phase 1 of a step: the request's plan (a hold counts its images down here)."""
         state.last_seen = time.time()
         hold = float(state.tensors.get("guard.hold", torch.zeros(())))
-        if hold > 0:   # the guard found the source better here: no adaptation for a while
+        if hold > 0:   # the guard found the source better here: no adaptation (or statistics only) for a while
             state.tensors["guard.hold"] = torch.clamp(state.tensors["guard.hold"] - x.shape[0], min=0)
+        # statistics keep adapting when not holding, or in a statistics-only hold (guard.py)
+        update_norm = adapt and (hold <= 0 or float(state.tensors.get("guard.hold_stats", torch.zeros(()))) > 0)
         return _Job(state, x.to(self.device), Timer(self.device), adapt, hold,
-                    grad=self.method.needs_grad and adapt and hold <= 0, update_norm=adapt and hold <= 0)
+                    grad=self.method.needs_grad and adapt and hold <= 0, update_norm=update_norm)
 
     def _no_grad_output(self, job: _Job, logits: torch.Tensor) -> GradOutput:
         reason = (self.method.no_update_reason if not self.method.needs_grad
@@ -587,6 +589,11 @@ class AdaptationEngine:
         if float(state.tensors["guard.hold"]) > 0:
             if source_failing(g, state.group("guard")):
                 state.tensors["guard.hold"] = torch.zeros_like(state.tensors["guard.hold"])
+                state.tensors["guard.hold_stats"] = torch.zeros_like(state.tensors["guard.hold_stats"])
+            elif float(state.tensors["guard.hold_stats"]) > 0:   # statistics-only hold: still judged
+                reason = judge(g, state.group("guard"), state.images)
+                if reason is not None:                           # the statistics hurt too: full source hold
+                    self._fall_back(state, reason, result, statistics=False)
             return
         reason = judge(g, state.group("guard"), state.images)
         if reason is None:
@@ -600,16 +607,24 @@ class AdaptationEngine:
             return
         self._fall_back(state, reason, result)
 
-    def _fall_back(self, state: StreamState, reason: RollbackReason, result: StepResult) -> None:
+    def _fall_back(self, state: StreamState, reason: RollbackReason, result: StepResult,
+                   statistics: bool = True) -> None:
+        """Roll ``state`` back for ``reason`` (guard.py); ``statistics=False``: a statistics-only hold escalates to a
+        full source hold."""
         result.rolled_back, result.rollback_reason = True, reason
         rollbacks = state.rollbacks + 1
-        if reason in HOLD_REASONS:              # the source is better here: back to it, and stay a while
+        held = float(state.tensors["guard.hold"]) > 0
+        if reason in HOLD_REASONS or held:      # the source is better here: back to it, and stay a while
             resets, backoff = state.resets, state.tensors["guard.backoff"] + 1
             self.reset(state)
             state.resets = resets
             state.tensors["guard.backoff"] = backoff
             hold = hold_length(self.config.guard, state.group("guard"))
             state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"], hold)
+            # the first fallback in a row keeps the statistics adapting (guard.py: statistics-only holds)
+            stats_only = (statistics and self.config.guard.hold_statistics and self.norm.per_stream
+                          and float(backoff) <= 1)
+            state.tensors["guard.hold_stats"] = torch.full_like(state.tensors["guard.hold_stats"], float(stats_only))
         elif state.anchor is not None:
             state.tensors = state.anchor
             state.step = state.anchor_step

@@ -36,6 +36,15 @@ reasons that say the source is better here (:data:`HOLD_REASONS`) it resets the 
 there (no adaptation) for ``hold_images`` images, doubled for every such fallback in a row (up to 8x; the count
 is cleared by a healthy anchor), before adapting again; the hold ends early when the source stops being a usable
 reference (:func:`source_failing`: the data changed under the stream, and the source is no longer better).
+
+Statistics-only holds (``hold_statistics``; a model with per-stream normalisation statistics). On a BatchNorm model
+most of the gain comes from the per-stream statistics, and the parameters are what drifts. With
+``hold_statistics`` the first fallback of :data:`HOLD_REASONS` in a row resets the stream to source but keeps its
+statistics adapting during the hold (the gradient-free ``bn`` path: parameters at source, no gradient). The guard
+keeps judging such a hold (signal state ``hold_stats`` = 1): when it again finds a reason to fall back, the
+statistics hurt as well (label shift erasing the class signal) and the stream escalates to a full source hold
+(parameters and statistics), counted as a second fallback with the reason found. Later fallbacks in a row (the
+backoff count > 1) hold at full source directly.
 """
 from __future__ import annotations
 
@@ -60,9 +69,9 @@ class GuardConfig:
     """Label-free guard; see the module docstring. Thresholds are on per-image EMAs."""
 
     enabled: bool = False
-    horizon_images: int = 128
-    warmup_images: int = 128
-    warmup_checks: int = 32
+    horizon_images: int = 64         # 64/64/16: chosen on held-out streams (docs/results/smallbatch/heldout)
+    warmup_images: int = 64
+    warmup_checks: int = 16
     max_class_share: float = 0.8
     max_entropy: float = 0.95
     check_share: float = 0.25
@@ -74,6 +83,7 @@ class GuardConfig:
     min_source_diversity: float = 0.5
     min_source_confident: float = 0.3
     hold_images: int = 512
+    hold_statistics: bool = False
 
     def __post_init__(self) -> None:
         if self.horizon_images < 1 or self.anchor_every_images < 1:
@@ -88,6 +98,7 @@ def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
     return {"entropy_ema": torch.full((), float("nan"), device=device),
             "class_share": torch.zeros(num_classes, device=device),
             "credit": z.clone(), "checked": z.clone(), "confident": z.clone(), "hold": z.clone(), "backoff": z.clone(),
+            "hold_stats": z.clone(),
             "confident_share": torch.full((), float("nan"), device=device),
             "adapted_hist": torch.zeros(num_classes, device=device),
             "source_hist": torch.zeros(num_classes, device=device),

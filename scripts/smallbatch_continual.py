@@ -1,7 +1,8 @@
 """Long continual streams: all 15 test corruptions in a shuffled order, never reset, in process.
 
-The service's default engine (FOA + MGG, guard on) against no adaptation, per domain, on both bundled models,
-with and without Dirichlet label shift; engine knobs can be overridden to compare designs::
+The service's default engine (service/settings.py: EATA + SGD, per-stream BN EMA, 64-image window, guard on)
+against no adaptation, per domain, on both bundled models, with and without Dirichlet label shift; engine knobs
+can be overridden to compare designs::
 
     nice -n 10 .venv/bin/python scripts/smallbatch_continual.py --models resnet vit --label-shift none 0.1 \
         --out docs/results/smallbatch_continual
@@ -47,7 +48,9 @@ def load_batches(spec, preprocessor):
 def run(engine, batches, signals: bool = False) -> dict:
     state = engine.new_state(seed=0)
     per: dict[str, list[int]] = {}
-    log, fallbacks, t0 = [], {}, time.perf_counter()
+    log: list[dict] = []
+    fallbacks: dict[str, int] = {}
+    t0 = time.perf_counter()
     for dom, x, y in batches:
         res = engine.step(state, x)
         pred = res.logits.argmax(1)

@@ -1,9 +1,9 @@
 """Batch-size sweep of the service's default engine, in process (no HTTP), on the replay stream.
 
 Reproduces what ``mgg replay --streams 1 --images-per-domain 64 --batch-size B`` measures against the default
-service (FOA + MGG, collapse guard on), for both bundled models, but without a server: the same StreamSpec (the
-replay's default domains, 64 images per domain, one stream, seed 0, continual), the same images, re-chunked into
-requests of B images. Engine knobs can be overridden to compare designs::
+service (service/settings.py defaults, guard on), for both bundled models, but without a server: the same
+StreamSpec (the replay's default domains, 64 images per domain, one stream, seed 0, continual), the same images,
+re-chunked into requests of B images. Engine knobs can be overridden to compare designs::
 
     nice -n 10 .venv/bin/python scripts/smallbatch_sweep.py --models resnet vit --batch-sizes 64 16 4 1
     nice -n 10 .venv/bin/python scripts/smallbatch_sweep.py --set norm_stats=batch --set update_images=0
@@ -48,7 +48,7 @@ def load_default_runtime(model: str):
     return load_runtime(ServiceSettings(model=model, device="cpu"))
 
 
-#: bench method name -> (engine method, optimizer); "default" = the service's default engine (FOA + MGG)
+#: bench method name -> (engine method, optimizer); "default" = the service's default engine (ServiceSettings defaults)
 METHOD_PARTS = {"default": (None, None), "bn": ("bn", None), "tent": ("tent", "sgd"), "eata": ("eata", "sgd"),
                 "sar": ("sar", "sgd"), "deyo": ("deyo", "sgd"), "foa": ("foa", "sgd"), "mgg": ("foa", "mgg")}
 
@@ -153,7 +153,8 @@ def write_results(out: Path, results: dict, args, argv) -> None:
         "command": cmd, "stream_spec": results["spec"], "images_per_domain": args.images_per_domain,
         "streams": 1, "seed": args.seed, "reset": "never (continual, as mgg replay)",
         "order": "replay's default domains in the stream's shuffled order; the same images for every batch size",
-        "service": "default ServiceSettings (FOA + MGG, guard on) built by service.runtime.load_runtime, cpu",
+        "service": "default ServiceSettings built by service.runtime.load_runtime, cpu (method, optimizer, lr, "
+                   "bn_stats, window, guard: models.<model>.<method>.engine)",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "threads": args.threads,
     }

@@ -179,8 +179,8 @@ def test_state_size_accounts_for_every_tensor():
     eng = _engine(_vit(), "foa", "mgg")
     st = eng.new_state()
     n = eng.spec.numel
-    # theta, m, v, W (8x8), b (8) per scalar, + step, guard signals (guard.py: 9 scalars + 3 class histograms)
-    assert st.nbytes() == 4 * (n * (1 + 1 + 1 + 64 + 8) + 9 + 3 * 10) + 8
+    # theta, m, v, W (8x8), b (8) per scalar, + step, guard signals (guard.py: 10 scalars + 3 class histograms)
+    assert st.nbytes() == 4 * (n * (1 + 1 + 1 + 64 + 8) + 10 + 3 * 10) + 8
     assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors.values())
 
 

@@ -87,6 +87,11 @@ GUARDS = {
     "hold": GuardConfig(enabled=True, check_share=0.5, warmup_images=4, warmup_checks=2, horizon_images=16,
                         anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
                         min_source_diversity=0.0, hold_images=6, max_entropy=1.01, max_class_share=1.01),
+    # statistics-only holds (guard.py): the first hold keeps the BatchNorm statistics adapting, gradient-free
+    "holdstats": GuardConfig(enabled=True, check_share=0.5, warmup_images=4, warmup_checks=2, horizon_images=16,
+                             anchor_every_images=8, min_agreement=1.01, source_confidence=0.0,
+                             min_source_confident=0.0, min_source_diversity=0.0, hold_images=6, max_entropy=1.01,
+                             max_class_share=1.01, hold_statistics=True),
     "entropy": GuardConfig(enabled=True, check_share=0.25, warmup_images=4, warmup_checks=2, horizon_images=16,
                            anchor_every_images=8, max_entropy=0.0),
 }
@@ -186,6 +191,7 @@ CASES = [
     ("resnet", "foa", "mgg", "ema", 16, "watch"),
     ("resnet", "eata", "mgg", "batch", 16, "hold"),
     ("resnet", "tent", "mgg", "ema", 1, "entropy"),
+    ("resnet", "eata", "sgd", "ema", 1, "holdstats"),
     ("vit", "eata", "adam", None, 1, "watch"),
     ("vit", "foa", "sgd", None, 16, "watch"),
     ("vit", "tent", "adam", None, 1, "hold"),
@@ -207,7 +213,7 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert "accumulating" in reasons, "the gradient window was never used"
     if guard != "watch":
         assert sum(st.rollbacks for st in states) > 0, f"guard {guard!r} never fell back"
-    if guard == "hold":
+    if guard in ("hold", "holdstats"):
         assert "guard_hold" in reasons
 
 

@@ -283,3 +283,35 @@ def test_guard_config_is_validated():
     with pytest.raises(ValueError, match="bn_stats"):
         _engine(_models()["resnet"](), bn_stats="running")
     assert dataclasses.asdict(GuardConfig())["check_share"] == 0.25
+
+
+def _always_disagrees(**kw):
+    """A guard that finds the source better as soon as it has 8 checked images (every threshold but agreement off)."""
+    return GuardConfig(enabled=True, check_share=1.0, warmup_images=8, warmup_checks=8, source_confidence=0.0,
+                       min_source_confident=0.0, min_agreement=1.01, min_source_diversity=0.0, max_class_share=1.01,
+                       max_excess_share=2.0, max_entropy=1.01, hold_images=1000, **kw)
+
+
+def _norm(st):
+    return {k: v.clone() for k, v in st.tensors.items() if k.startswith("norm.")}
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_guard_hold_keeps_statistics_adapting_then_escalates_to_source(statistics):
+    eng = _engine(_models()["resnet"](), "tent", "sgd", guard=_always_disagrees(hold_statistics=statistics), **SMALL)
+    st = eng.new_state()
+    source_norm = _norm(eng.new_state())
+    first = eng.step(st, _images(8, 1))
+    assert first.rolled_back and first.rollback_reason == Fallback.SOURCE_DISAGREEMENT
+    assert float(st.tensors["guard.hold"]) == 1000 and float(st.tensors["guard.hold_stats"]) == float(statistics)
+    held = eng.step(st, _images(4, 2))               # 4 checked images since the fallback: not judged yet
+    assert held.skipped_reason == "guard_hold" and not held.rolled_back
+    assert torch.equal(st.theta, eng.theta0)         # parameters at source during any hold
+    assert _same(_norm(st), source_norm) is not statistics   # statistics adapt only in a statistics-only hold
+    nxt = eng.step(st, _images(4, 3))                # 8 checked images: a statistics-only hold is judged again
+    assert nxt.rolled_back is statistics and st.rollbacks == 1 + int(statistics)
+    if statistics:                                   # escalated: full source hold, counted with its reason
+        assert nxt.rollback_reason == Fallback.SOURCE_DISAGREEMENT
+        assert float(st.tensors["guard.hold_stats"]) == 0 and float(st.tensors["guard.backoff"]) == 2
+    eng.step(st, _images(4, 4))
+    assert _same(_norm(st), source_norm) and torch.equal(st.theta, eng.theta0)
