@@ -63,8 +63,8 @@ class EngineConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
     fused: bool = True                      # step_many fuses streams (False: one step per stream, same results)
-    fuse_max_images: int = 16               # step_many fuses requests of at most this many images (larger ones
-                                            # amortise their own step: scripts/bench_fused.py, docs/results/fused)
+    fuse_max_images: int = 16               # step_many fuses requests of at most this many images (0: none; larger
+                                            # ones amortise their own step: docs/results/fused/README.md)
 
 
 @dataclass
@@ -136,6 +136,8 @@ class AdaptationEngine:
         if int(config.update_images) < 1:
             raise ValueError(f"update_images must be >= 1, got {config.update_images}")
         self.update_images = int(config.update_images)
+        if int(config.fuse_max_images) < 0:
+            raise ValueError(f"fuse_max_images must be >= 0 (0: never fuse), got {config.fuse_max_images}")
 
         # one private, frozen copy of the backbone per engine (never per stream or per step)
         self.model = copy.deepcopy(model).to(self.device).eval()
@@ -170,6 +172,9 @@ class AdaptationEngine:
         self._initial = self._initial_tensors()
         # step_many fuses streams when every adapted norm layer is of a type vmap batches (params.py)
         self.fused = bool(config.fused) and fusable_model(self.model)
+        # gradients in the fused pass: a fusable method (one forward, objective, backward) and an optimizer whose
+        # update does not amplify the fused kernels' different rounding (Optimizer.fusable)
+        self.fuse_gradients = self.method.fusable and (self.optimizer is None or self.optimizer.fusable)
         self._attention: list[Any] = [m for m in self.model.modules()
                                       if isinstance(getattr(m, "fused_attn", None), bool)]
         self.fingerprint = {
@@ -397,9 +402,9 @@ class AdaptationEngine:
         each stream's ``objective`` on its rows, one backward for all (row s of the stacked gradient is stream
         s's); the rest (gradient window, optimizer, commit, guard) per stream, the guard's source checks of all
         streams in one source forward. A request alone in its shape, or of more than
-        ``EngineConfig.fuse_max_images`` images, and the gradient of a method that is not ``fusable``, run as in
-        :meth:`step` inside the call; engines whose model is not fusable (:func:`params.fusable_model`,
-        ``EngineConfig.fused``) step the streams one by one.
+        ``EngineConfig.fuse_max_images`` images, and the gradient of a method or optimizer that is not ``fusable``
+        (MGG: see ``Optimizer.fusable``), run as in :meth:`step` inside the call; engines whose model is not
+        fusable (:func:`params.fusable_model`, ``EngineConfig.fused``) step the streams one by one.
         """
         seen: set[int] = set()
         for state, x in items:
@@ -411,7 +416,7 @@ class AdaptationEngine:
             return [self.step(state, x, adapt=adapt) for state, x in items]
         shared = Timer(self.device)
         jobs = [self._begin(state, x, adapt) for state, x in items]
-        groups = _by_shape([j for j in jobs if (self.method.fusable or not j.grad)
+        groups = _by_shape([j for j in jobs if (self.fuse_gradients or not j.grad)
                             and j.x.shape[0] <= self.config.fuse_max_images], lambda j: j.x)
         self._fused_pass([g for g in groups.values() if len(g) > 1], shared)
         for job in jobs:

@@ -36,11 +36,7 @@ ATOL, RTOL = 2e-4, 2e-3     # fp32 on two devices, a few steps apart
 #: the same steps with 2 threads differed by 1.7e-5 in opt.memory_W. These tensors are compared relative to their
 #: largest entry instead of entry by entry.
 AMPLIFIED = ("opt.memory_",)
-#: "same_device" covers step_many against step: the fused (vmapped) kernels round differently from the plain ones
-#: (~1e-7 relative; deterministic), which MGG's memories amplify like any last-bit change. Measured on CPU (2 rounds,
-#: bundled resnet, foa+mgg, the sizes below): opt.memory_W 1.1e-3 (gpu_check's quick run) and 4.0e-3 (one torch
-#: thread) of its largest entry apart, theta and logits within 1e-5 (see also tests/test_fused.py)
-AMPLIFIED_REL = {"device": 2e-2, "same_device": 1e-2}
+AMPLIFIED_REL = {"device": 2e-2, "same_device": 1e-3}
 
 
 @pytest.fixture(autouse=True)
