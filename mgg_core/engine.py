@@ -218,12 +218,17 @@ class AdaptationEngine:
                            fingerprint=dict(self.fingerprint), seed=seed)
 
     def reset(self, state: StreamState) -> None:
-        """Exact reset to source, in place."""
+        """Exact reset to source, in place (a new stream's state: the annotations go too; ``resets`` counts it)."""
+        self._to_source(state)
+        state.annotations = {}
+        state.resets += 1
+
+    def _to_source(self, state: StreamState) -> None:
+        """The adaptation back to source, in place, for the engine's own fallbacks (guard, SAR recovery): the
+        annotations of the layers above (the service's idempotency records) and the counters are kept."""
         state.tensors = {k: v.clone() for k, v in self._initial.items()}
         state.step = state.batches = state.images = state.skipped = 0
         state.anchor, state.anchor_step, state.healthy_streak = None, 0, 0
-        state.annotations = {}
-        state.resets += 1
 
     def load_state(self, path) -> StreamState:
         return StreamState.load(path, expected_fingerprint=self.fingerprint, device=self.device)
@@ -499,7 +504,8 @@ class AdaptationEngine:
         assert result is not None and job.out is not None
         self._guard(job)
         if job.out.request_reset and not result.rolled_back:
-            self.reset(state)
+            self._to_source(state)
+            state.resets += 1
             result.reset_reason = self.method.recovery_reason
         result.step = state.step
         return result
@@ -620,9 +626,8 @@ class AdaptationEngine:
         rollbacks = state.rollbacks + 1
         held = float(state.tensors["guard.hold"]) > 0
         if reason in HOLD_REASONS or held:      # the source is better here: back to it, and stay a while
-            resets, backoff = state.resets, state.tensors["guard.backoff"] + 1
-            self.reset(state)
-            state.resets = resets
+            backoff = state.tensors["guard.backoff"] + 1
+            self._to_source(state)
             state.tensors["guard.backoff"] = backoff
             hold = hold_length(self.config.guard, state.group("guard"))
             state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"], hold)
@@ -635,9 +640,7 @@ class AdaptationEngine:
             state.step = state.anchor_step
             state.anchor = None                 # a second fallback before a new healthy anchor goes to source
         else:
-            resets = state.resets
-            self.reset(state)
-            state.resets = resets
+            self._to_source(state)
         state.healthy_streak = 0
         state.rollbacks = rollbacks
 

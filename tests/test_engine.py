@@ -242,8 +242,10 @@ def test_collapse_guard_rolls_back_to_anchor_then_source():
 def test_sar_recovery_resets_the_stream():
     eng = _engine(_vit(), "sar", e_margin=10.0, reset_constant=100.0)  # every update triggers recovery
     st = eng.new_state()
+    st.annotations["idempotency"] = "[]"      # the service's records survive the engine's own recovery
     r = eng.step(st, _batches(1)[0])
     assert r.adapted and r.reset_reason == "sar_recovery" and st.step == 0 and torch.equal(st.theta, eng.theta0)
+    assert st.resets == 1 and st.annotations == {"idempotency": "[]"}
 
 
 def test_eata_fisher_regulariser_pulls_towards_source():
