@@ -31,7 +31,7 @@ from .errors import ApiError
 from .idempotency import Answer, AnswerBook, Idempotent, Replay, fingerprint
 from .runtime import Runtime, ServiceState
 from .schemas import PredictResponse
-from .store import PersistError, SnapshotRestoreError, StoreBusy, StoreClosed, StoreFull, StreamStore, Ticket
+from .store import PersistError, Refused, SnapshotRestoreError, StoreBusy, StoreClosed, StoreFull, StreamStore, Ticket
 
 if TYPE_CHECKING:
     import torch
@@ -151,8 +151,11 @@ class DataPlane:
         engine = rt.engine
 
         def before(state: StreamState) -> None:
-            if idem is not None:  # a key answered before: Replay, nothing changes
-                idem.check(state, ticket.entry.id)
+            if idem is not None:  # a key answered before: Replay (or a 4xx), nothing changes
+                try:
+                    idem.check(state, ticket.entry.id)
+                except (Replay, ApiError) as exc:
+                    raise Refused(exc) from None
             if reset_first:
                 engine.reset(state)
 

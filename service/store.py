@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # torch loads lazily
     from mgg_core.state import StreamState
 
 __all__ = [
-    "DURABILITY_MODES", "PersistError", "SnapshotMeta", "SnapshotRestoreError", "StoreBusy", "StoreClosed",
+    "DURABILITY_MODES", "PersistError", "Refused", "SnapshotMeta", "SnapshotRestoreError", "StoreBusy", "StoreClosed",
     "StoreFull", "StreamStore", "Ticket", "UnknownStream", "valid_stream_id",
 ]
 
@@ -119,6 +119,15 @@ class SnapshotRestoreError(RuntimeError):
         super().__init__(self.message)
         self.stream_id = stream_id
         self.reason = reason
+
+
+class Refused(Exception):
+    """Raised by a job's ``fn`` (:meth:`StreamStore.run`) that refused its request before changing the state (an
+    idempotent replay, a reused key): nothing is reverted, marked changed or counted, and ``error`` is re-raised."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class PersistError(RuntimeError):
@@ -484,6 +493,7 @@ class StreamStore:
         """Run ``fn(state)`` in a worker thread once the ticket's turn has come; state is loaded or created first.
 
         Under ``durability="step"`` the new state is on disk before this returns (else :class:`PersistError`).
+        ``fn`` raising :class:`Refused` changed nothing: its error is re-raised, the stream is left as it was.
         The job runs as its own task and releases the ticket itself, whatever happens to the caller.
         """
         return await self._start_job(ticket, lambda state: asyncio.to_thread(fn, state), self._sem)
@@ -521,6 +531,9 @@ class StreamStore:
                 entry.requests += 1
                 try:
                     result = await call(state)
+                except Refused as refused:  # nothing changed: the resident state stays, clean or not
+                    entry.requests = durable[3]
+                    raise refused.error from None
                 except BaseException:
                     if self.durability == "step":  # back to the last durable state: nothing half-done survives
                         self._revert(entry, durable)

@@ -610,3 +610,18 @@ def test_scaling_down_moves_streams_with_their_state(cluster):
         served.add(replica)
     assert len(served) == 1
     assert sum(before[f"spread-{i}"]["served_by"] not in served for i in range(16)) > 0, "some streams moved"
+
+
+def test_keyed_requests_are_refused_on_ray_and_change_nothing(cluster, triton):
+    """The Ray backend keeps no Idempotency-Key answers: a keyed request is a clear 400, never a silent second step."""
+    client, model = cluster["client"], v2_model(cluster)
+    predict(client, "ray-keyed", npy(7))
+    r = client.post("/predict", content=npy(8), headers={"X-Stream-Id": "ray-keyed", "Idempotency-Key": "k1",
+                                                         "Content-Type": "application/x-npy"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "idempotency_not_supported", r.text
+    doc = {"parameters": {"sequence_id": "ray-keyed"},
+           "inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 28, 28],
+                       "data": images(2, 2).ravel().tolist()}]}
+    r = client.post(f"/v2/models/{model}/infer", json=doc, headers={"Idempotency-Key": "k2"})
+    assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"], r.text
+    assert client.get("/streams/ray-keyed").json()["step"] == 1, "no refused request changed the stream"
