@@ -652,18 +652,18 @@ def test_hang_ups_are_499_not_server_errors(live_server, tmp_path, digit_images,
 def test_error_bodies_carry_no_internals(live_server, tmp_path, digit_images):
     srv = live_server(settings_for(tmp_path / "s"))
     engine = srv.app.state.svc.runtime.engine
-    real = engine.step
+    real, real_many = engine.step, engine.step_many
 
     def broken(*a, **kw):
         raise RuntimeError(f"secret detail at {tmp_path}/internal/file.py")
 
     with srv.client() as c:
-        engine.step = broken
+        engine.step = engine.step_many = broken  # the single step and the fused one (fused_steps, the default)
         try:
             before = server_errors(c)
             r = predict(c, "err", digit_images[:4])
         finally:
-            engine.step = real
+            engine.step, engine.step_many = real, real_many
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         no_internals(r.text, "secret", "RuntimeError", str(tmp_path))
         assert "request id" in r.json()["error"]["message"]

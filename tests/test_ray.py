@@ -121,6 +121,47 @@ def test_two_shards_on_one_snapshot_dir_never_advance_a_stale_copy(tmp_path):
     asyncio.run(run())
 
 
+def test_a_shard_fuses_concurrent_streams_and_answers_each_as_alone(tmp_path):
+    """A shard replica (no Ray: the class itself) runs the service's fused-step scheduler: four streams' calls
+    arriving together share fused steps, and each gets the answer a shard without fused steps gives it."""
+    import asyncio
+
+    from service.rayserve.shard import Shard
+    from service.settings import ServiceSettings
+
+    def shard(folder: str, fused: bool) -> Shard:
+        return Shard(ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1,
+                                     snapshot_dir=tmp_path / folder, fused_steps=fused, max_concurrent_streams=1,
+                                     max_batch_delay_ms=200, **SINGLE_UPDATE).model_dump())
+
+    fused, plain = shard("fused", True), shard("plain", False)
+    sids = [f"s{i}" for i in range(4)]
+
+    async def run(sh: Shard) -> list[list[dict]]:
+        out = []
+        for r in range(2):
+            res = await asyncio.gather(*(sh.predict(sid, npy(10 * i + r, n=2 + i), "application/x-npy",
+                                                    f"req-{sid}-{r}") for i, sid in enumerate(sids)))
+            assert all(x["status"] == 200 for x in res), res
+            out.append([x["body"] for x in res])
+        await sh.store.close()
+        return out
+
+    got, want = asyncio.run(run(fused)), asyncio.run(run(plain))
+    for g_round, w_round in zip(got, want, strict=True):
+        for g, w in zip(g_round, w_round, strict=True):
+            assert g["step"] == w["step"]
+            assert [p["label"] for p in g["predictions"]] == [p["label"] for p in w["predictions"]]
+            np.testing.assert_allclose([p["score"] for p in g["predictions"]],
+                                       [p["score"] for p in w["predictions"]], atol=1e-5)
+    reg = fused.metrics.registry
+    calls, streams = reg.get_sample_value("tta_fused_step_streams_count"), reg.get_sample_value(
+        "tta_fused_step_streams_sum")
+    assert streams == 8 and calls < 8, (calls, streams)  # fused steps happened
+    assert plain.svc.scheduler is None and plain.metrics.registry.get_sample_value(
+        "tta_fused_step_streams_count") == 0
+
+
 def _shard_of(app):
     return app._bound_deployment.init_args[0]._bound_deployment
 
