@@ -11,12 +11,14 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from .features import FeatureTaps
 from .guard import (
@@ -30,10 +32,10 @@ from .guard import (
     source_failing,
 )
 from .losses import softmax_entropy
-from .methods import GradOutput, Method, StepContext, Timer, build_method
-from .normstats import StreamNormStats
+from .methods import GradOutput, Method, StepContext, Timer, build_method, loss_verdict
+from .normstats import StreamNormStats, batch_momentum
 from .optim import Optimizer, build_optimizer
-from .params import ParamSpec, initial_vector, select_norm_params
+from .params import ParamSpec, fusable_model, initial_vector, select_norm_params
 from .reasons import ResetReason, RollbackReason, SkipReason
 from .state import StreamState
 
@@ -60,6 +62,9 @@ class EngineConfig:
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
+    fused: bool = True                      # step_many fuses streams (False: one step per stream, same results)
+    fuse_max_images: int = 16               # step_many fuses requests of at most this many images (0: none; larger
+                                            # ones amortise their own step: docs/results/fused/README.md)
 
 
 @dataclass
@@ -76,6 +81,41 @@ class StepResult:
     rollback_reason: RollbackReason | None = None
     reset_reason: ResetReason | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One stream's step in progress, passed through the phases that :meth:`AdaptationEngine.step` and
+    :meth:`AdaptationEngine.step_many` share (plan, gradient, update, source checks, guard)."""
+
+    state: StreamState
+    x: torch.Tensor
+    timer: Timer
+    adapt: bool
+    hold: float                             # images left to hold at source when the request came
+    grad: bool                              # the method's gradient is taken (else one forward, no gradient)
+    update_norm: bool                       # the request moves the stream's BatchNorm statistics
+    norm_sink: dict[str, torch.Tensor] = field(default_factory=dict)
+    window_sink: dict[str, torch.Tensor] = field(default_factory=dict)
+    out: GradOutput | None = None
+    adapted: bool = False
+    logits: torch.Tensor | None = None
+    result: StepResult | None = None
+    checks: int = 0                         # images the guard classifies with the source too
+    guard_sig: dict[str, torch.Tensor] = field(default_factory=dict)
+    source_logits: torch.Tensor | None = None
+
+
+def _by_shape(jobs: list[_Job], key) -> dict[tuple[int, ...], list[_Job]]:
+    """Jobs grouped by the shape of ``key(job)`` (vmap needs equal shapes; requests are never padded)."""
+    groups: dict[tuple[int, ...], list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(key(job).shape), []).append(job)
+    return groups
+
+
+def _no_forward(*args, **kwargs):
+    raise RuntimeError("a method declared fusable ran a forward pass of its own; declare it fusable = False")
 
 
 class AdaptationEngine:
@@ -96,6 +136,8 @@ class AdaptationEngine:
         if int(config.update_images) < 1:
             raise ValueError(f"update_images must be >= 1, got {config.update_images}")
         self.update_images = int(config.update_images)
+        if int(config.fuse_max_images) < 0:
+            raise ValueError(f"fuse_max_images must be >= 0 (0: never fuse), got {config.fuse_max_images}")
 
         # one private, frozen copy of the backbone per engine (never per stream or per step)
         self.model = copy.deepcopy(model).to(self.device).eval()
@@ -128,6 +170,13 @@ class AdaptationEngine:
         self.feature_window = (self.update_images - 1 if self.method.needs_features and self.source_stats is not None
                                and self.method.needs_grad else 0)
         self._initial = self._initial_tensors()
+        # step_many fuses streams when every adapted norm layer is of a type vmap batches (params.py)
+        self.fused = bool(config.fused) and fusable_model(self.model)
+        # gradients in the fused pass: a fusable method (one forward, objective, backward) and an optimizer whose
+        # update does not amplify the fused kernels' different rounding (Optimizer.fusable)
+        self.fuse_gradients = self.method.fusable and (self.optimizer is None or self.optimizer.fusable)
+        self._attention: list[Any] = [m for m in self.model.modules()
+                                      if isinstance(getattr(m, "fused_attn", None), bool)]
         self.fingerprint = {
             "model": self.model_id, "adapted_scalars": self.spec.numel, "num_classes": self.num_classes,
             "method": self.method.name, "optimizer": self.optimizer.name if self.optimizer else None,
@@ -169,12 +218,17 @@ class AdaptationEngine:
                            fingerprint=dict(self.fingerprint), seed=seed)
 
     def reset(self, state: StreamState) -> None:
-        """Exact reset to source, in place."""
+        """Exact reset to source, in place (a new stream's state: the annotations go too; ``resets`` counts it)."""
+        self._to_source(state)
+        state.annotations = {}
+        state.resets += 1
+
+    def _to_source(self, state: StreamState) -> None:
+        """The adaptation back to source, in place, for the engine's own fallbacks (guard, SAR recovery): the
+        annotations of the layers above (the service's idempotency records) and the counters are kept."""
         state.tensors = {k: v.clone() for k, v in self._initial.items()}
         state.step = state.batches = state.images = state.skipped = 0
         state.anchor, state.anchor_step, state.healthy_streak = None, 0, 0
-        state.annotations = {}
-        state.resets += 1
 
     def load_state(self, path) -> StreamState:
         return StreamState.load(path, expected_fingerprint=self.fingerprint, device=self.device)
@@ -208,19 +262,104 @@ class AdaptationEngine:
 
         def forward(theta, x, features=False):
             logits, feats = self._forward(theta, x, features, norm, norm_sink)
-            if feats is None or not self.feature_window:
-                return logits, feats
-            live = feats
-            if window_sink is not None and "features" not in window_sink:
-                window_sink["features"] = live.detach()
-            k = min(int(state.tensors["window.count"]), max(0, self.update_images - live.shape[0]))
-            if k == 0:
-                return logits, feats
-            scale = (k + live.shape[0]) / live.shape[0]
-            live = live.detach() + scale * (live - live.detach())
-            return logits, torch.cat([state.tensors["window.features"][-k:], live])
+            return logits, (None if feats is None else self._window_features(state, feats, window_sink))
 
         return forward
+
+    def _window_features(self, state: StreamState, live: torch.Tensor, window_sink: dict | None) -> torch.Tensor:
+        """The features a feature-statistics loss sees: the request's ``live`` ones, behind the stream's recent
+        ones when the engine keeps a feature window (see :meth:`_stream_forward`)."""
+        if not self.feature_window:
+            return live
+        if window_sink is not None and "features" not in window_sink:
+            window_sink["features"] = live.detach()
+        k = min(int(state.tensors["window.count"]), max(0, self.update_images - live.shape[0]))
+        if k == 0:
+            return live
+        scale = (k + live.shape[0]) / live.shape[0]
+        live = live.detach() + scale * (live - live.detach())
+        return torch.cat([state.tensors["window.features"][-k:], live])
+
+    def _vmap_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
+                      momenta: torch.Tensor, features: bool):
+        """One forward for S streams' requests of equal shape (``xs``: (S, N, C, H, W)), row s with the adapted
+        scalars ``thetas[s]``, BatchNorm statistics ``norms[...][s]`` and momentum ``momenta[s]`` (0: statistics
+        not updated): ``torch.func.vmap`` over ``functional_call``, so every layer, BatchNorm's batch statistics
+        and the feature taps included, sees one stream's images only. -> (logits (S, N, K), features (S, N, D) or
+        None, the statistics' updates {name: (S, ...)})."""
+        n = xs.shape[1]
+
+        def one(theta, x, norm, m):
+            with self.norm.use(norm, n, momentum=m) as updates:
+                if not features:
+                    return functional_call(self.model, self.spec.views(theta), (x,)), dict(updates)
+                assert self.taps is not None
+                with self.taps.collect() as sink:
+                    logits = functional_call(self.model, self.spec.views(theta), (x,))
+                return logits, FeatureTaps.concat(sink), dict(updates)
+
+        with self._lock, self._unfused_attention():
+            out = vmap(one)(thetas, xs, norms, momenta)
+        return (out[0], out[1], out[2]) if features else (out[0], None, out[1])
+
+    @contextmanager
+    def _unfused_attention(self) -> Iterator[None]:
+        """timm attention layers that declare ``fused_attn`` run their explicit (matmul/softmax) path inside
+        the block: vmap has no batching rule for the CPU's fused attention kernel and would loop over streams."""
+        layers = [m for m in self._attention if m.fused_attn]
+        for m in layers:
+            m.fused_attn = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.fused_attn = True
+
+    def _fused_pass(self, groups: list[list[_Job]], timer: Timer) -> None:
+        """Phase 2 for many streams: per group (requests of one shape) one vmapped forward, each stream's
+        ``objective`` on its rows, then one backward for all (streams never interact, so row s of the gradient
+        of the summed losses is stream s's gradient)."""
+        pending: list[tuple[_Job, torch.Tensor, int, torch.Tensor, torch.Tensor, dict, int]] = []
+        with timer("forward"):
+            for group in groups:
+                pending += self._fused_group(group)
+        if not pending:
+            return
+        stacks = list({id(p[1]): p[1] for p in pending}.values())
+        with timer("backward"):
+            grads = dict(zip((id(t) for t in stacks),
+                             torch.autograd.grad(torch.stack([p[3] for p in pending]).sum(), stacks), strict=True))
+        for job, thetas, row, loss, logits, updates, n_sel in pending:
+            job.out = GradOutput(logits, float(loss.detach()), grads[id(thetas)][row], state_updates=updates,
+                                 n_selected=n_sel)
+
+    def _fused_group(self, group: list[_Job]) -> list:
+        """One vmapped forward for ``group`` (requests of one shape); no-gradient jobs get their output here,
+        the others their loss (returned, with what :meth:`_fused_pass` needs to finish them)."""
+        n, grad = group[0].x.shape[0], any(j.grad for j in group)
+        norms = ({k: torch.stack([j.state.tensors[f"norm.{k}"] for j in group]) for k in self._source_norm}
+                 if self.norm.per_stream else {})
+        m = batch_momentum(self.norm.momentum, n)
+        momenta = torch.tensor([m if j.update_norm else 0.0 for j in group], dtype=torch.float64, device=self.device)
+        pending = []
+        with torch.set_grad_enabled(grad):
+            thetas = torch.stack([j.state.theta for j in group]).requires_grad_(grad)
+            logits, feats, updates = self._vmap_forward(thetas, torch.stack([j.x for j in group]), norms, momenta,
+                                                        grad and self.method.needs_features)
+            for i, job in enumerate(group):
+                job.norm_sink.update({k: v[i].detach() for k, v in updates.items()})
+                if not job.grad:
+                    job.out = self._no_grad_output(job, logits[i])
+                    continue
+                f = None if feats is None else self._window_features(job.state, feats[i], job.window_sink)
+                loss, state_updates, n_sel = self.method.objective(self._context(job, _no_forward), thetas[i],
+                                                                   logits[i], f)
+                skipped = loss_verdict(logits[i], loss)
+                if skipped is not None or loss is None:
+                    job.out = skipped
+                    continue
+                pending.append((job, thetas, i, loss, logits[i].detach(), state_updates, n_sel))
+        return pending
 
     @torch.no_grad()
     def predict(self, state: StreamState, x: torch.Tensor) -> torch.Tensor:
@@ -245,102 +384,169 @@ class AdaptationEngine:
 
     # ---------------------------------------------------------------- one online step
     def step(self, state: StreamState, x: torch.Tensor, adapt: bool = True) -> StepResult:
+        self._check_batch(x)
+        job = self._begin(state, x, adapt)
+        self._solo(job)
+        self._apply(job)
+        if self._plan_checks(job):
+            with job.timer("guard"):
+                job.source_logits = self.source_predict(job.x[:job.checks])
+        return self._finish(job)
+
+    def step_many(self, items: Sequence[tuple[StreamState, torch.Tensor]], adapt: bool = True) -> list[StepResult]:
+        """One step on each of several *distinct* streams: ``[step(state, x) for state, x in items]``, fused.
+
+        Contract: each stream gets exactly the update, optimizer state, statistics, guard decisions and predictions
+        it would get from :meth:`step` alone (within float rounding: 1e-5), whatever other streams share the call;
+        results come back in the order of ``items``. A stream may appear at most once per call (its steps are
+        ordered; the caller runs a second request of the same stream in a later call): ValueError, and no state
+        changed, as for a malformed batch.
+
+        Fused: the streams' requests of equal shape run as one ``torch.func.vmap`` forward over their stacked
+        adapted scalars (each row normalised with its own images and BatchNorm statistics only; never padded),
+        each stream's ``objective`` on its rows, one backward for all (row s of the stacked gradient is stream
+        s's); the rest (gradient window, optimizer, commit, guard) per stream, the guard's source checks of all
+        streams in one source forward. A request alone in its shape, or of more than
+        ``EngineConfig.fuse_max_images`` images, and the gradient of a method or optimizer that is not ``fusable``
+        (MGG: see ``Optimizer.fusable``), run as in :meth:`step` inside the call; engines whose model is not
+        fusable (:func:`params.fusable_model`, ``EngineConfig.fused``) step the streams one by one.
+        """
+        seen: set[int] = set()
+        for state, x in items:
+            if id(state) in seen:
+                raise ValueError("step_many: a stream appears more than once in one call")
+            seen.add(id(state))
+            self._check_batch(x)
+        if not self.fused:
+            return [self.step(state, x, adapt=adapt) for state, x in items]
+        shared = Timer(self.device)
+        jobs = [self._begin(state, x, adapt) for state, x in items]
+        groups = _by_shape([j for j in jobs if (self.fuse_gradients or not j.grad)
+                            and j.x.shape[0] <= self.config.fuse_max_images], lambda j: j.x)
+        self._fused_pass([g for g in groups.values() if len(g) > 1], shared)
+        for job in jobs:
+            if job.out is None:     # alone in its shape, too large to gain, or a method that is not fusable
+                self._solo(job)
+            self._apply(job)
+        self._source_checks([j for j in jobs if self._plan_checks(j)], shared)
+        results = []
+        for job in jobs:
+            for phase, sec in shared.times.items():
+                job.timer.times[phase] = job.timer.times.get(phase, 0.0) + sec
+            results.append(self._finish(job))
+        return results
+
+    @staticmethod
+    def _check_batch(x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[0] == 0:
             raise ValueError(f"expected a non-empty batch (N, C, H, W), got shape {tuple(x.shape)}")
-        timer = Timer(self.device)
-        x = x.to(self.device)
+
+    def _begin(self, state: StreamState, x: torch.Tensor, adapt: bool) -> _Job:
+        """Phase 1 of a step: the request's plan (a hold counts its images down here)."""
         state.last_seen = time.time()
-        norm_sink: dict[str, torch.Tensor] = {}
         hold = float(state.tensors.get("guard.hold", torch.zeros(())))
         if hold > 0:   # the guard found the source better here: no adaptation (or statistics only) for a while
             state.tensors["guard.hold"] = torch.clamp(state.tensors["guard.hold"] - x.shape[0], min=0)
         # statistics keep adapting when not holding, or in a statistics-only hold (guard.py)
         update_norm = adapt and (hold <= 0 or float(state.tensors.get("guard.hold_stats", torch.zeros(()))) > 0)
-        if not (self.method.needs_grad and adapt and hold <= 0):
-            with torch.no_grad(), timer("forward"):
-                logits = self._forward(state.theta, x, norm=state.group("norm"), norm_sink=norm_sink,
-                                       update_norm=update_norm)[0]
-            out = GradOutput(logits, skipped_reason=self.method.no_update_reason if not self.method.needs_grad
-                             else SkipReason.GUARD_HOLD if hold > 0 and adapt else SkipReason.ADAPTATION_DISABLED)
-            adapted = False
-            if update_norm:
-                state.set_group("norm", norm_sink)
-        else:
-            out, adapted = self._adapt(state, x, timer, norm_sink)
-        state.batches += 1
-        state.images += x.shape[0]
+        return _Job(state, x.to(self.device), Timer(self.device), adapt, hold,
+                    grad=self.method.needs_grad and adapt and hold <= 0, update_norm=update_norm)
 
+    def _no_grad_output(self, job: _Job, logits: torch.Tensor) -> GradOutput:
+        reason = (self.method.no_update_reason if not self.method.needs_grad
+                  else SkipReason.GUARD_HOLD if job.hold > 0 and job.adapt else SkipReason.ADAPTATION_DISABLED)
+        return GradOutput(logits.detach(), skipped_reason=reason)
+
+    def _context(self, job: _Job, forward) -> StepContext:
+        state = job.state
+        gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))
+        return StepContext(x=job.x, theta=state.theta, theta0=self.theta0, state=state.group("method"),
+                           forward=forward, timer=job.timer, generator=gen, source_stats=self.source_stats)
+
+    def _solo(self, job: _Job) -> None:
+        """Phase 2 for one stream alone: the method's gradient, or one forward without gradient."""
+        if job.grad:
+            job.out = self._gradient_one(job)
+            return
+        with torch.no_grad(), job.timer("forward"):
+            logits = self._forward(job.state.theta, job.x, norm=job.state.group("norm"), norm_sink=job.norm_sink,
+                                   update_norm=job.update_norm)[0]
+        job.out = self._no_grad_output(job, logits)
+
+    def _gradient_one(self, job: _Job) -> GradOutput:
+        """Phase 2 for one stream: the method's own gradient (its forward passes, objective, backward)."""
+        return self.method.gradient(self._context(job, self._stream_forward(job.state, job.norm_sink,
+                                                                            job.window_sink)))
+
+    def _apply(self, job: _Job) -> None:
+        """Phase 3: the gradient window, the optimizer's update and the commit (or the no-gradient path's
+        statistics); the step's result before the guard."""
+        state, out = job.state, job.out
+        assert out is not None
+        if job.grad:
+            job.adapted = self._update(job)
+        elif job.update_norm:
+            state.set_group("norm", job.norm_sink)
+        state.batches += 1
+        state.images += job.x.shape[0]
         logits = out.logits.detach()
         ent = (softmax_entropy(logits.float()) / math.log(self.num_classes)).clamp(0, 1)
-        result = StepResult(
-            logits=logits.cpu(), adapted=adapted, skipped_reason=out.skipped_reason, loss=out.loss,
+        job.logits = logits
+        job.result = StepResult(
+            logits=logits.cpu(), adapted=job.adapted, skipped_reason=out.skipped_reason, loss=out.loss,
             batch_entropy=float(ent.mean()), sample_entropy=ent.cpu(), n_selected=out.n_selected, step=state.step,
-            timings=timer.times,
+            timings=job.timer.times,
         )
-        self._guard(state, x, logits, result, timer)
-        if out.request_reset and not result.rolled_back:
-            self.reset(state)
+
+    def _finish(self, job: _Job) -> StepResult:
+        """Phase 5: the guard's judgement and fallback, the method's reset request."""
+        result, state = job.result, job.state
+        assert result is not None and job.out is not None
+        self._guard(job)
+        if job.out.request_reset and not result.rolled_back:
+            self._to_source(state)
+            state.resets += 1
             result.reset_reason = self.method.recovery_reason
         result.step = state.step
         return result
 
-    def step_many(self, items: Sequence[tuple[StreamState, torch.Tensor]], adapt: bool = True) -> list[StepResult]:
-        """One step on each of several *distinct* streams: ``[step(state, x) for state, x in items]``.
-
-        Contract (what a fused implementation must keep): each stream gets exactly the update, optimizer state,
-        statistics, guard decisions and predictions it would get from :meth:`step` alone, whatever other streams
-        share the call; results come back in the order of ``items``. A stream may appear at most once per call
-        (its steps are ordered; the caller runs a second request of the same stream in a later call).
-        """
-        seen: set[int] = set()
-        for state, _ in items:
-            if id(state) in seen:
-                raise ValueError("step_many: a stream appears more than once in one call")
-            seen.add(id(state))
-        return [self.step(state, x, adapt=adapt) for state, x in items]
-
-    def _adapt(self, state: StreamState, x: torch.Tensor, timer: Timer, norm_sink: dict) -> tuple[GradOutput, bool]:
-        """The method's gradient, accumulated over ``update_images`` images, and the optimizer's update; commits
-        the stream's state only when nothing was rejected."""
-        assert self.optimizer is not None
-        window_sink: dict[str, torch.Tensor] = {}
-        gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))
-        ctx = StepContext(x=x, theta=state.theta, theta0=self.theta0, state=state.group("method"),
-                          forward=self._stream_forward(state, norm_sink, window_sink), timer=timer, generator=gen,
-                          source_stats=self.source_stats)
-        out = self.method.gradient(ctx)
+    def _update(self, job: _Job) -> bool:
+        """The gradient accumulated over ``update_images`` images and the optimizer's update; commits the
+        stream's state only when nothing was rejected. True when the stream took an update."""
+        assert self.optimizer is not None and job.out is not None
+        state, out, x = job.state, job.out, job.x
         raw = out.grad
         if out.skipped_reason is None and (raw is None or not bool(torch.isfinite(raw).all())):
             out.skipped_reason = SkipReason.NON_FINITE_GRAD
         if out.skipped_reason is not None or raw is None:
             state.skipped += 1
-            return out, False
+            return False
         grad, n = raw, x.shape[0]
         pending = int(state.tensors["accum.images"]) if "accum.images" in state.tensors else 0
         if pending:
             grad = (state.tensors["accum.grad"] + n * grad) / (pending + n)
-        commit = {"norm": norm_sink, "method": {k: v.detach() for k, v in out.state_updates.items()}}
+        commit = {"norm": job.norm_sink, "method": {k: v.detach() for k, v in out.state_updates.items()}}
         if pending + n < self.update_images:   # not enough images yet: accumulate, update later
             commit["accum"] = {"grad": state.tensors["accum.grad"] + n * raw,
                                "images": state.tensors["accum.images"] + n}
-            self._commit(state, commit, window_sink)
+            self._commit(state, commit, job.window_sink)
             out.skipped_reason = SkipReason.ACCUMULATING
-            return out, False
-        with timer("optimizer"):
+            return False
+        with job.timer("optimizer"):
             new_theta, new_opt = self.optimizer.update(state.theta, grad, state.group("opt"))
             new_theta = self.method.post_update(new_theta, self.theta0)   # e.g. ROID's weight ensembling
         if not bool(torch.isfinite(new_theta).all()):
             out.skipped_reason = SkipReason.NON_FINITE_UPDATE
             state.skipped += 1
-            return out, False
+            return False
         if "accum.grad" in state.tensors:
             commit["accum"] = {"grad": torch.zeros_like(state.tensors["accum.grad"]),
                                "images": torch.zeros_like(state.tensors["accum.images"])}
         commit["opt"] = {k: v.detach() for k, v in new_opt.items()}
         state.tensors["theta"] = new_theta.detach()
-        self._commit(state, commit, window_sink)
+        self._commit(state, commit, job.window_sink)
         state.step += 1
-        return out, True
+        return True
 
     def _commit(self, state: StreamState, groups: dict[str, dict], window_sink: dict) -> None:
         for prefix, values in groups.items():
@@ -353,21 +559,43 @@ class AdaptationEngine:
                                                         max=self.feature_window)
 
     # ---------------------------------------------------------------- collapse guard
-    def _guard(self, state: StreamState, x: torch.Tensor, logits: torch.Tensor, result: StepResult,
-               timer: Timer) -> None:
+    def _plan_checks(self, job: _Job) -> bool:
+        """Phase 4: how many of the request's images the guard checks against the source (its credit moves)."""
+        g = self.config.guard
+        job.guard_sig = job.state.group("guard")
+        if g.enabled and self.method.needs_grad and g.check_share > 0:   # also while holding: source_failing()
+            job.checks, job.guard_sig["credit"] = check_count(g, job.guard_sig, job.x.shape[0])
+        return job.checks > 0
+
+    def _source_checks(self, jobs: list[_Job], timer: Timer) -> None:
+        """The source model's logits on each job's checked images, for many streams in one forward: concatenated
+        where an image's logits do not depend on its companions, else one vmapped forward per request shape."""
+        if not jobs:
+            return
+        with torch.no_grad(), timer("guard"):
+            if len(jobs) == 1 or self.norm.images_independent:
+                logits = self.source_predict(torch.cat([j.x[:j.checks] for j in jobs]))
+                for job, part in zip(jobs, logits.split([j.checks for j in jobs]), strict=True):
+                    job.source_logits = part
+                return
+            for group in _by_shape(jobs, lambda j: j.x[:j.checks]).values():
+                if len(group) == 1:
+                    group[0].source_logits = self.source_predict(group[0].x[:group[0].checks])
+                    continue
+                xs = torch.stack([j.x[:j.checks] for j in group])
+                zeros = torch.zeros(len(group), dtype=torch.float64, device=self.device)
+                logits = self._vmap_forward(self.theta0.expand(len(group), -1), xs, {}, zeros, False)[0]
+                for i, job in enumerate(group):
+                    job.source_logits = logits[i]
+
+    def _guard(self, job: _Job) -> None:
         """Update the stream's guard signals (guard.py) and fall back when adaptation hurts: to the last healthy
         anchor, or to source when there is none (or a second fallback comes before a new anchor)."""
         g = self.config.guard
-        judged = g.enabled and self.method.needs_grad
-        sig = state.group("guard")
-        source_logits = None
-        if judged and g.check_share > 0:   # also while holding: source_failing() ends a hold
-            k, sig["credit"] = check_count(g, sig, x.shape[0])
-            if k:
-                with timer("guard"):
-                    source_logits = self.source_predict(x[:k])
-        state.set_group("guard", observe(g, sig, logits, source_logits))
-        if not judged:
+        state, result, n = job.state, job.result, job.x.shape[0]
+        assert result is not None and job.logits is not None
+        state.set_group("guard", observe(g, job.guard_sig, job.logits, job.source_logits))
+        if not (g.enabled and self.method.needs_grad):
             return
         if float(state.tensors["guard.hold"]) > 0:
             if source_failing(g, state.group("guard")):
@@ -382,7 +610,7 @@ class AdaptationEngine:
         if reason is None:
             if result.adapted:
                 before = state.healthy_streak
-                state.healthy_streak += x.shape[0]
+                state.healthy_streak += n
                 if state.healthy_streak // g.anchor_every_images > before // g.anchor_every_images:
                     state.tensors["guard.backoff"] = torch.zeros_like(state.tensors["guard.backoff"])
                     state.anchor = {k: v.clone() for k, v in state.tensors.items()}
@@ -398,9 +626,8 @@ class AdaptationEngine:
         rollbacks = state.rollbacks + 1
         held = float(state.tensors["guard.hold"]) > 0
         if reason in HOLD_REASONS or held:      # the source is better here: back to it, and stay a while
-            resets, backoff = state.resets, state.tensors["guard.backoff"] + 1
-            self.reset(state)
-            state.resets = resets
+            backoff = state.tensors["guard.backoff"] + 1
+            self._to_source(state)
             state.tensors["guard.backoff"] = backoff
             hold = hold_length(self.config.guard, state.group("guard"))
             state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"], hold)
@@ -413,9 +640,7 @@ class AdaptationEngine:
             state.step = state.anchor_step
             state.anchor = None                 # a second fallback before a new healthy anchor goes to source
         else:
-            resets = state.resets
-            self.reset(state)
-            state.resets = resets
+            self._to_source(state)
         state.healthy_streak = 0
         state.rollbacks = rollbacks
 

@@ -26,6 +26,10 @@ OptState = dict[str, torch.Tensor]
 class Optimizer:
     name: ClassVar[str]
     lr: float
+    #: the update keeps float rounding of the gradient at float rounding, so ``AdaptationEngine.step_many`` may
+    #: compute the gradient in a fused (vmapped) pass, whose kernels round differently (~1e-7 relative); False:
+    #: step_many takes each stream's gradient as step() does (exact)
+    fusable: ClassVar[bool] = True
 
     def init_state(self, theta: torch.Tensor) -> OptState:
         raise NotImplementedError
@@ -108,6 +112,9 @@ class MGG(Optimizer):
     """The learned optimizer: moments -> token -> gradient memory layer -> theta - alpha * u."""
 
     name: ClassVar[str] = "mgg"
+    # its memory is fed per-scalar normalised tokens (m / (sqrt(v) + eps)): on scalars with ~1e-8 gradients it turns
+    # 1e-7 rounding into 1e-3 (memory) and 1e-4 (theta, 2 steps at the card's lr 0.01): docs/results/fused/README.md
+    fusable: ClassVar[bool] = False
 
     def __init__(self, gml: GradientMemoryLayer, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.99,
                  eps: float = 1e-8, bias_correction_offset: int = 1, checkpoint: str | None = None):

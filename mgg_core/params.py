@@ -28,8 +28,22 @@ NORM_TYPES: tuple[type, ...] = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Insta
                                 nn.InstanceNorm3d, nn.LocalResponseNorm) + _TIMM_NORMS
 
 
+#: Norm layer types whose per-stream affine parameters ``torch.func.vmap`` batches (checked by
+#: tests/test_fused.py for each): an engine fuses streams (``AdaptationEngine.step_many``) only when every norm
+#: layer that holds adapted scalars is one of these, and falls back to one step per stream otherwise.
+FUSABLE_NORM_TYPES: tuple[type, ...] = NORM_TYPES
+
+
 def is_norm_layer(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
+
+
+def fusable_model(model: nn.Module, fusable_types: tuple[type, ...] | None = None) -> bool:
+    """Whether every norm layer of ``model`` with adapted scalars is of a type in ``fusable_types``
+    (default :data:`FUSABLE_NORM_TYPES`)."""
+    types = FUSABLE_NORM_TYPES if fusable_types is None else fusable_types
+    return all(isinstance(m, types) for m in model.modules()
+               if is_norm_layer(m) and any(n in ("weight", "bias") for n, _ in m.named_parameters(recurse=False)))
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:

@@ -34,7 +34,8 @@ class StreamState:
     anchor_step: int = 0
     healthy_streak: int = 0
     # opaque text kept with the state by the layers above the engine (the service's idempotency records): saved and
-    # restored with the snapshot, counted in nbytes(), cleared by an exact reset; the engine never reads it
+    # restored with the snapshot, counted in nbytes(), cleared by an exact reset (kept by the engine's own returns to
+    # source: guard fallbacks, SAR recovery); the engine never reads it
     annotations: dict[str, str] = field(default_factory=dict)
 
     # ---- views ----

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchkit import run_together  # scripts/benchkit.py (scripts/ is on sys.path when this script runs)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -73,13 +74,7 @@ def load(url: str, streams: int, requests: int, warmup: int, batch: int, tag: st
                     served.setdefault(sid, set()).add(r.headers.get("X-Served-By", "-"))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_together(threads, barrier)
     ms = np.asarray(lat) * 1000
     return {"img_s": streams * requests * batch / wall, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "requests": len(lat),

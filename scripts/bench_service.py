@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Throughput of adapted /predict (HTTP, `mgg serve` in its own process) vs the same adapt loop in-process.
+"""Throughput of adapted /predict (HTTP, `mgg serve` in its own process).
+
+``--mode inprocess`` (the default): HTTP vs the same adapt loop in-process.
 
 The in-process loop is what the server does per request minus HTTP: preprocess the uint8 batch with the model's
 own data config, then ``engine.step(state, x)`` on one stream. The service is measured with sequential requests
@@ -7,16 +9,24 @@ on one stream (batches of one stream are applied one at a time anyway), bodies e
 multipart PNG and for application/x-npy. Prints images/s and the ratio service / in-process.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_service.py --model resnet --batch-size 64 --batches 40
+
+``--mode mixed``: many small streams next to few big ones on the default service, fused steps off vs on
+(16 concurrent streams of 4-image requests vs 2 streams of 64-image requests: img/s, p50/p99 latency, stream 0's
+accuracy among the 16 vs alone); see run_mixed.
+
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python scripts/bench_service.py --mode mixed --out docs/results/fused
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,14 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-
-
-def digits(n: int) -> np.ndarray:
-    from mgg_core.data.sources import mnist5k
-
-    src = mnist5k("test")
-    idx = np.arange(n) % len(src)
-    return np.stack([src.get_image(int(i)) for i in idx]).astype(np.uint8)
+from benchkit import digits, run_together, start_server  # noqa: E402  (scripts/benchkit.py)
 
 
 def png_multipart(batch: np.ndarray) -> tuple[bytes, str]:
@@ -93,22 +96,6 @@ class InProcess:
                 "step_only_img_s": n_img / t_step}
 
 
-def start_server(args, snapshot_dir: str):
-    """`mgg serve` in its own process (as deployed), same settings as the in-process loop; started and ready."""
-    from mgg_replay.server import ServerProcess, serve_command
-
-    flags = ["--snapshot-dir", snapshot_dir, "--model", args.model, "--device", args.device, "--log-level", "warning",
-             "--max-images", str(max(64, args.batch_size)), "--max-body-bytes", str(256 * 1024 * 1024)]
-    for flag in ("method", "optimizer", "lr", "mgg_checkpoint"):
-        v = getattr(args, flag)
-        if v is not None:
-            flags += [f"--{flag.replace('_', '-')}", str(v)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return ServerProcess(lambda port: serve_command(port, *flags), env, ready_timeout=300, capture=True,
-                         inherit_env=False).start()
-
-
 def over_http(client, bodies: list[tuple[bytes, str]], n_images: list[int], stream: str) -> dict[str, float]:
     """Sequential adapted /predict requests on one fresh stream."""
     t0 = time.perf_counter()
@@ -120,6 +107,275 @@ def over_http(client, bodies: list[tuple[bytes, str]], n_images: list[int], stre
     dt = time.perf_counter() - t0
     n = sum(n_images)
     return {"images": n, "seconds": dt, "img_s": n / dt, "adapted_batches": steps}
+
+# ------------------------------------------------------------------------------------------------ --mode mixed
+
+def add_mixed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("--mode mixed")
+    g.add_argument("--small-streams", type=int, default=16)
+    g.add_argument("--small-images", type=int, default=4, help="images per request of the small streams")
+    g.add_argument("--small-requests", type=int, default=12, help="requests per small stream and round")
+    g.add_argument("--big-streams", type=int, default=2)
+    g.add_argument("--big-images", type=int, default=64)
+    g.add_argument("--big-requests", type=int, default=6, help="requests per big stream and round")
+    g.add_argument("--configs", default="off,on", help="comma-separated: off (--no-fused-steps), on (the default "
+                   "scheduler), on/d<ms>/c<n> (on with that max_batch_delay_ms and max_concurrent_streams)")
+    g.add_argument("--lone-requests", type=int, default=40, help="requests of a lone stream, interleaved one by one "
+                   "between the configs' servers (per request size: small-images and big-images)")
+    g.add_argument("--out", default=None, help="folder for mixed.json and mixed.md (e.g. docs/results/fused)")
+
+
+def _stream_data(args: argparse.Namespace, k: int, images: int, requests: int) -> tuple[list, list]:
+    """Stream k's requests (its own slice of the test digits) and their labels."""
+    from benchkit import labelled_digits
+
+    x, y = labelled_digits(images * requests, seed=k)
+    return ([x[i * images:(i + 1) * images] for i in range(requests)],
+            [y[i * images:(i + 1) * images] for i in range(requests)])
+
+
+def _concurrent(url: str, streams: dict[str, list[tuple[bytes, str]]]) -> dict[str, Any]:
+    """Every stream sends its requests one after the other, all streams at once; img/s over the wall time,
+    per-request latencies, and each stream's predicted labels."""
+    import threading
+
+    import httpx
+
+    barrier = threading.Barrier(len(streams) + 1, timeout=600)
+    lat: list[float] = []
+    labels: dict[str, list[int]] = {}
+    errors: list[str] = []
+
+    def run(sid: str, bodies: list[tuple[bytes, str]]) -> None:
+        out: list[int] = []
+        with httpx.Client(base_url=url, timeout=600) as c:
+            barrier.wait()
+            for body, ctype in bodies:
+                t0 = time.perf_counter()
+                r = c.post("/predict", content=body, headers={"Content-Type": ctype, "X-Stream-Id": sid})
+                lat.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors.append(f"{sid}: {r.status_code} {r.text[:200]}")
+                    return
+                out += [p["label"] for p in r.json()["predictions"]]
+        labels[sid] = out
+
+    threads = [threading.Thread(target=run, args=item) for item in streams.items()]
+    wall = run_together(threads, barrier)
+    if errors:
+        raise RuntimeError("; ".join(errors[:3]))
+    n = sum(len(v) for v in labels.values())
+    return {"images": n, "seconds": wall, "img_s": n / wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
+            "p99_ms": 1000 * float(np.percentile(lat, 99)), "labels": labels}
+
+
+def _fused_metrics(url: str) -> dict[str, float]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for smp in fam.samples:
+            if smp.name in ("tta_fused_step_streams_sum", "tta_fused_step_streams_count", "tta_fused_step_images_sum",
+                            "tta_fused_queue_wait_seconds_sum", "tta_fused_queue_wait_seconds_count"):
+                out[smp.name] = smp.value
+    return out
+
+
+def _config_flags(config: str) -> list[str]:
+    """``off`` (--no-fused-steps) or ``on`` (the default scheduler), ``on`` optionally followed by ``/d<ms>``
+    (max_batch_delay_ms) and ``/c<n>`` (max_concurrent_streams), e.g. ``on/d25/c1``."""
+    head, *opts = config.split("/")
+    if head == "off" and not opts:
+        return ["--no-fused-steps"]
+    if head != "on":
+        raise ValueError(f"unknown config {config!r}")
+    flags = ["--fused-steps"]
+    for opt in opts:
+        flag = {"d": "--max-batch-delay-ms", "c": "--max-concurrent-streams"}.get(opt[:1])
+        if flag is None:
+            raise ValueError(f"unknown option {opt!r} in config {config!r}")
+        flags += [flag, opt[1:]]
+    return flags
+
+
+def _mixed_round(url: str, tag: str, small: dict, big: dict, alone: list) -> dict[str, Any]:
+    """One round on one server: the big streams, the small streams, then stream 0 alone (fresh stream ids)."""
+    before = _fused_metrics(url)
+    b = _concurrent(url, {f"{tag}-big{k}": v for k, v in big.items()})
+    mid = _fused_metrics(url)
+    sm = _concurrent(url, {f"{tag}-small{k}": v for k, v in small.items()})
+    after = _fused_metrics(url)
+    a = _concurrent(url, {f"{tag}-alone0": alone})
+    per_step = {}
+    for name, (m0, m1) in (("big", (before, mid)), ("small", (mid, after))):
+        calls = m1.get("tta_fused_step_streams_count", 0) - m0.get("tta_fused_step_streams_count", 0)
+        streams = m1.get("tta_fused_step_streams_sum", 0) - m0.get("tta_fused_step_streams_sum", 0)
+        per_step[name] = streams / calls if calls else None
+    return {"big": b, "small": sm, "alone": a, "streams_per_fused_step": per_step,
+            "stream0_small": sm["labels"][f"{tag}-small0"], "stream0_alone": a["labels"][f"{tag}-alone0"]}
+
+
+def run_mixed(args: argparse.Namespace) -> int:
+    """Many small streams vs few big ones on the default service, for each config (fused steps off / on)."""
+    import json
+    import platform
+
+    import httpx
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    small_data = {k: _stream_data(args, k, args.small_images, args.small_requests) for k in range(args.small_streams)}
+    big_data = {k: _stream_data(args, 100 + k, args.big_images, args.big_requests) for k in range(args.big_streams)}
+    small = {k: [npy_body(x) for x in xs] for k, (xs, _) in small_data.items()}
+    big = {k: [npy_body(x) for x in xs] for k, (xs, _) in big_data.items()}
+    truth0 = np.concatenate(small_data[0][1])
+    print(f"mixed: {args.small_streams} streams x {args.small_requests} requests of {args.small_images} images vs "
+          f"{args.big_streams} streams x {args.big_requests} of {args.big_images}; configs {configs}; "
+          f"{args.rounds} rounds", flush=True)
+    results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    info: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:  # every config's server up at once; rounds alternate between them
+        servers = {}
+        for config in configs:
+            snaps = stack.enter_context(tempfile.TemporaryDirectory())
+            servers[config] = server = start_server(args, snaps, *_config_flags(config))
+            stack.callback(server.stop, timeout=60)
+            info = httpx.get(server.url + "/info", timeout=30).json()
+            _concurrent(server.url, {"warm-small": small[0][:2], "warm-big": big[0][:1]})
+        for r in range(args.rounds):
+            for config, server in servers.items():
+                res = _mixed_round(server.url, f"{config.replace('/', '_')}-r{r}", small, big, small[0])
+                res["accuracy_stream0_small"] = float(np.mean(np.array(res.pop("stream0_small")) == truth0))
+                res["accuracy_stream0_alone"] = float(np.mean(np.array(res.pop("stream0_alone")) == truth0))
+                for part in ("big", "small", "alone"):
+                    res[part].pop("labels")
+                results[config].append(res)
+                _print_round(config, r, res)
+        lone = {}
+        for label, size, data in (("small", args.small_images, small[0]), ("big", args.big_images, big[0])):
+            bodies = [data[i % len(data)] for i in range(args.lone_requests)]
+            lone[label] = _lone_interleaved(servers, bodies, size, label)
+            print(f"  lone stream, {size}-image requests, interleaved: " + ", ".join(
+                f"{c} {v['img_s']:.1f} img/s (p50 {v['p50_ms']:.0f} ms)" for c, v in lone[label].items()), flush=True)
+    summary = _mixed_summary(results)
+    for config, row in summary.items():
+        print(f"{config:>8}: small {row['small_img_s']:.1f} img/s, big {row['big_img_s']:.1f} img/s, ratio "
+              f"{row['ratio']:.2f} (target >= 0.7), small p50/p99 {row['small_p50_ms']:.0f}/{row['small_p99_ms']:.0f} "
+              f"ms, stream 0 accuracy {row['acc_small']:.3f} among 16 vs {row['acc_alone']:.3f} alone")
+    if args.out:
+        protocol = _mixed_protocol(args, info, configs)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {"protocol": protocol, "summary": summary, "lone": lone, "rounds": results}
+        (out / "mixed.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (out / "mixed.md").write_text(_mixed_markdown(protocol, summary, lone))
+        print(f"wrote {out / 'mixed.json'} and {out / 'mixed.md'} ({platform.node()})")
+    return 0
+
+
+def _lone_interleaved(servers: dict[str, Any], bodies: list[tuple[bytes, str]], n_images: int, tag: str
+                      ) -> dict[str, dict[str, float]]:
+    """One lone stream per config, request i sent to every config's server in a rotated order before request
+    i + 1; each config's img/s is its images over the sum of its own request times (drifting load from other
+    processes hits every config alike)."""
+    import httpx
+
+    names = list(servers)
+    spent = dict.fromkeys(names, 0.0)
+    lat: dict[str, list[float]] = {n: [] for n in names}
+    clients = {n: httpx.Client(base_url=srv.url, timeout=600) for n, srv in servers.items()}
+    try:
+        for i, (body, ctype) in enumerate(bodies):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                sid = f"lone-{tag}-{name.replace('/', '_')}"
+                r = clients[name].post("/predict", content=body, headers={"Content-Type": ctype, "X-Stream-Id": sid})
+                r.raise_for_status()
+                dt = time.perf_counter() - t0
+                spent[name] += dt
+                lat[name].append(dt)
+    finally:
+        for c in clients.values():
+            c.close()
+    return {n: {"img_s": n_images * len(bodies) / spent[n], "p50_ms": 1000 * float(np.median(lat[n]))}
+            for n in names}
+
+
+def _print_round(config: str, r: int, res: dict[str, Any]) -> None:
+    print(f"  {config:>10} round {r + 1}: small {res['small']['img_s']:7.1f} img/s "
+          f"(p50 {res['small']['p50_ms']:.0f} ms, p99 {res['small']['p99_ms']:.0f} ms, "
+          f"{res['streams_per_fused_step']['small'] or 1:.1f} streams/step) | big "
+          f"{res['big']['img_s']:7.1f} img/s (p50 {res['big']['p50_ms']:.0f} ms) | ratio "
+          f"{res['small']['img_s'] / res['big']['img_s']:.2f} | alone {res['alone']['img_s']:.1f} img/s | stream 0 "
+          f"acc {res['accuracy_stream0_small']:.3f} among 16, {res['accuracy_stream0_alone']:.3f} alone", flush=True)
+
+
+def _mixed_summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Medians over rounds; the ratio is the median of the per-round ratios (both measured back to back)."""
+    out = {}
+    for config, rounds in results.items():
+        def med(f: Any, rounds: list[dict[str, Any]] = rounds) -> float:
+            return float(np.median([f(r) for r in rounds]))
+
+        out[config] = {
+            "small_img_s": med(lambda r: r["small"]["img_s"]), "big_img_s": med(lambda r: r["big"]["img_s"]),
+            "ratio": med(lambda r: r["small"]["img_s"] / r["big"]["img_s"]),
+            "small_p50_ms": med(lambda r: r["small"]["p50_ms"]), "small_p99_ms": med(lambda r: r["small"]["p99_ms"]),
+            "big_p50_ms": med(lambda r: r["big"]["p50_ms"]), "big_p99_ms": med(lambda r: r["big"]["p99_ms"]),
+            "alone_img_s": med(lambda r: r["alone"]["img_s"]), "alone_p50_ms": med(lambda r: r["alone"]["p50_ms"]),
+            "streams_per_step_small": med(lambda r: r["streams_per_fused_step"]["small"] or 1.0),
+            "acc_small": med(lambda r: r["accuracy_stream0_small"]),
+            "acc_alone": med(lambda r: r["accuracy_stream0_alone"]),
+        }
+    return out
+
+
+def _mixed_protocol(args: argparse.Namespace, info: dict[str, Any], configs: list[str]) -> dict[str, Any]:
+    import platform
+    import subprocess
+
+    import torch
+
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    return {
+        "command": "scripts/bench_service.py " + " ".join(sys.argv[1:]),
+        "server": "mgg serve (own process), default settings but --max-images/--max-body-bytes; configs: "
+                  + ", ".join(f"{c} = {' '.join(_config_flags(c))}" for c in configs),
+        "model": info.get("model"), "checkpoint": info.get("checkpoint"), "method": info.get("method"),
+        "optimizer": info.get("optimizer"), "engine": info.get("engine"), "device": args.device,
+        "preprocessing": "the classifier card's data config (service preprocessor), npy uint8 bodies",
+        "data": "MNIST-5k test digits, clean (no corruption, severity n/a)",
+        "order": "stream k: the test set shuffled with numpy default_rng(k).permutation (big streams k = 100, 101)",
+        "batch": {"small": [args.small_streams, args.small_requests, args.small_images],
+                  "big": [args.big_streams, args.big_requests, args.big_images],
+                  "_": "[streams, requests per stream per round, images per request]"},
+        "clients": "one thread per stream, requests one after the other, all streams start together",
+        "reset_policy": "fresh stream ids per round and config (source state), no resets",
+        "seed": "deterministic (stream state seed 0; no sampling)", "rounds": args.rounds,
+        "schedule": "every config's server runs at once; each round runs big, small, alone on each config in turn",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "commit": commit.strip()},
+        "machine": f"{os.cpu_count()} CPU cores (shared with other work: compare ratios within one run)",
+    }
+
+
+def _mixed_markdown(protocol: dict[str, Any], summary: dict[str, dict[str, float]],
+                    lone: dict[str, dict[str, dict[str, float]]]) -> str:
+    rows = ["| config | small img/s | big img/s | ratio small/big | small p50 / p99 ms | big p50 / p99 ms | "
+            "streams per fused step (small) | stream 0 acc. among 16 / alone |", "|" + " --- |" * 8]
+    for c, r in summary.items():
+        rows.append(f"| {c} | {r['small_img_s']:.1f} | {r['big_img_s']:.1f} | {r['ratio']:.2f} | "
+                    f"{r['small_p50_ms']:.0f} / {r['small_p99_ms']:.0f} | {r['big_p50_ms']:.0f} / "
+                    f"{r['big_p99_ms']:.0f} | {r['streams_per_step_small']:.1f} | {r['acc_small']:.3f} / "
+                    f"{r['acc_alone']:.3f} |")
+    rows += ["", "Lone stream (requests interleaved one by one between the configs' servers):", "",
+             "| request size | " + " | ".join(f"{c} img/s (p50 ms)" for c in summary) + " |",
+             "|" + " --- |" * (len(summary) + 1)]
+    for label, per in lone.items():
+        rows.append(f"| {label} | " + " | ".join(f"{v['img_s']:.1f} ({v['p50_ms']:.0f})" for v in per.values()) + " |")
+    return ("# Many small streams vs few big ones (issue 10)\n\n" + "\n".join(rows) + "\n\nMedians over rounds; the "
+            "ratio is the median of per-round ratios. Target: small/big >= 0.7.\n\n```\n" + protocol["command"]
+            + "\n```\n\nProtocol: see mixed.json (`protocol`).\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=40, help="timed batches")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; medians are reported")
+    p.add_argument("--mode", choices=["inprocess", "mixed"], default="inprocess",
+                   help="inprocess: one stream over HTTP vs the in-process loop (above); mixed: many small streams "
+                   "vs few big ones, fused steps off vs on (run_mixed below)")
+    add_mixed_args(p)
     args = p.parse_args(argv)
+    if args.mode == "mixed":
+        return run_mixed(args)
 
     from service.settings import ServiceSettings
 

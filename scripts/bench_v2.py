@@ -32,32 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from benchkit import digits, start_server  # noqa: E402  (scripts/benchkit.py: data and server set-up)
 
 from mgg_replay.client import encode_npy  # noqa: E402
 from mgg_replay.v2 import encode_infer, infer_path  # noqa: E402
-
-
-def digits(n: int) -> np.ndarray:
-    from mgg_core.data.sources import mnist5k
-
-    src = mnist5k("test")
-    idx = np.arange(n) % len(src)
-    return np.stack([src.get_image(int(i)) for i in idx]).astype(np.uint8)
-
-
-def start_server(args: argparse.Namespace, snapshot_dir: str) -> Any:
-    from mgg_replay.server import ServerProcess, serve_command
-
-    flags = ["--snapshot-dir", snapshot_dir, "--model", args.model, "--device", args.device, "--log-level", "warning",
-             "--max-images", str(max(64, args.batch_size)), "--max-body-bytes", str(256 * 1024 * 1024)]
-    for flag in ("method", "optimizer", "lr"):
-        v = getattr(args, flag)
-        if v is not None:
-            flags += [f"--{flag}", str(v)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return ServerProcess(lambda port: serve_command(port, *flags), env, ready_timeout=300, capture=True,
-                         inherit_env=False).start()
 
 
 def v2_json(batch: np.ndarray, seq: str) -> tuple[bytes, dict[str, str]]:

@@ -28,7 +28,12 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--idle-seconds", "idle_seconds", {"type": float, "help": "unload streams idle this long"}),
     ("--max-images", "max_images", {"type": int, "help": "images per request"}),
     ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "request body limit"}),
-    ("--max-concurrent-streams", "max_concurrent_streams", {"type": int, "help": "streams adapting at once"}),
+    ("--max-concurrent-streams", "max_concurrent_streams", {"type": int, "help": "engine calls at once "
+                                                                                  "(a fused step counts once)"}),
+    ("--max-batch-delay-ms", "max_batch_delay_ms", {"type": float, "help": "fused steps: longest wait for other "
+                                                    "streams' requests (0 = run what is queued now)"}),
+    ("--max-batch-images", "max_batch_images", {"type": int, "help": "fused steps: images per fused step"}),
+    ("--max-batch-streams", "max_batch_streams", {"type": int, "help": "fused steps: streams per fused step"}),
     ("--max-queue-per-stream", "max_queue_per_stream", {"type": int, "help": "queued requests per stream"}),
     ("--max-queue-total", "max_queue_total", {"type": int, "help": "queued requests in total"}),
     ("--max-request-pixels", "max_request_pixels", {"type": int, "help": "decoded pixels per request"}),
@@ -71,6 +76,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     post.add_argument("--post-update-predictions", dest="opt_return_post_update", action="store_true", default=None,
                       help="return predictions made after the update")
     post.add_argument("--pre-update-predictions", dest="opt_return_post_update", action="store_false")
+    fused = p.add_mutually_exclusive_group()
+    fused.add_argument("--fused-steps", dest="opt_fused_steps", action="store_true", default=None,
+                       help="run concurrent requests of different streams as one fused step (default)")
+    fused.add_argument("--no-fused-steps", dest="opt_fused_steps", action="store_false",
+                       help="one engine call per request")
     p.add_argument("--print-settings", action="store_true", help="print the resolved settings and exit")
     from .rayserve.cli import add_ray_flags  # imports no Ray: the flags exist without the extra
 

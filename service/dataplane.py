@@ -8,7 +8,9 @@ their own request format, then call the same :class:`DataPlane`:
    429/503/507;
 2. :meth:`DataPlane.step` preprocesses a decoded batch, runs ``engine.step`` (and ``engine.predict`` when
    predictions after the update are configured) under the stream's lock, records metrics and returns a
-   :class:`StepOutcome` (logits, step, engine result); :meth:`DataPlane.infer` wraps it into the V1
+   :class:`StepOutcome` (logits, step, engine result); with ``fused_steps`` the step goes through the
+   :class:`~service.scheduler.FusedScheduler` (``store.run_fused``), fused with other streams' steps into one
+   ``engine.step_many`` call, with the same answer; :meth:`DataPlane.infer` wraps it into the V1
    :class:`~service.schemas.PredictResponse`, the V2 routes (:mod:`service.v2`) into V2 output tensors.
 
 The caller must call ``ticket.abandon()`` in a ``finally`` (a no-op once :meth:`infer` owns the ticket).
@@ -29,7 +31,7 @@ from .errors import ApiError
 from .idempotency import Answer, AnswerBook, Idempotent, Replay, fingerprint
 from .runtime import Runtime, ServiceState
 from .schemas import PredictResponse
-from .store import PersistError, SnapshotRestoreError, StoreBusy, StoreClosed, StoreFull, StreamStore, Ticket
+from .store import PersistError, Refused, SnapshotRestoreError, StoreBusy, StoreClosed, StoreFull, StreamStore, Ticket
 
 if TYPE_CHECKING:
     import torch
@@ -149,8 +151,11 @@ class DataPlane:
         engine = rt.engine
 
         def before(state: StreamState) -> None:
-            if idem is not None:  # a key answered before: Replay, nothing changes
-                idem.check(state, ticket.entry.id)
+            if idem is not None:  # a key answered before: Replay (or a 4xx), nothing changes
+                try:
+                    idem.check(state, ticket.entry.id)
+                except (Replay, ApiError) as exc:
+                    raise Refused(exc) from None
             if reset_first:
                 engine.reset(state)
 
@@ -165,8 +170,13 @@ class DataPlane:
             before(state)
             return after(state, engine.step(state, x.to(rt.device, non_blocking=True)))
 
+        sched = self.svc.scheduler
         try:
-            out = await store.run(ticket, adapt)
+            if sched is None:
+                out = await store.run(ticket, adapt)
+            else:  # fused with other streams' steps (service.scheduler), in this stream's order
+                out = await store.run_fused(
+                    ticket, lambda state: sched.submit(ticket.stream_id, state, x, before=before, after=after))
         except SnapshotRestoreError as exc:
             hint = "" if "POST /reset" in exc.message else "; POST /reset this stream to start over"
             raise ApiError(500, "snapshot_restore_failed", exc.message + hint) from None

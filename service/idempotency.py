@@ -22,7 +22,8 @@ Contracts:
   byte cap alone is not kept: its record keeps the key, the request's fingerprint and the step, and a retry gets
   ``409 idempotent_answer_not_kept`` (the step was applied; it is not applied again).
 * A reset to the source state (``POST /reset``, V2 ``sequence_start``, ``DELETE``) starts the stream over, its keys
-  included (an exact reset equals a new stream).
+  included (an exact reset equals a new stream). The engine's own returns to source (a guard fallback or hold, SAR
+  recovery) are not resets: the keys stay.
 * Records that cannot be read (a tampered snapshot) make keyed requests on that stream answer
   ``500 snapshot_restore_failed`` until it is reset; requests without a key are unaffected.
 

@@ -9,6 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
+FUSED_STREAM_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+FUSED_IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PHASES = ("decode", "preprocess", "forward", "backward", "optimizer", "snapshot", "restore")
 
 
@@ -73,6 +75,18 @@ class ServiceMetrics:
             registry=r,
         )
         self.ready = Gauge("tta_ready", "1 when the model is loaded and warmed up.", registry=r)
+        self.fused_streams = Histogram(
+            "tta_fused_step_streams", "Streams per fused adaptation step (service.scheduler; 1 = a lone step).",
+            buckets=FUSED_STREAM_BUCKETS, registry=r,
+        )
+        self.fused_images = Histogram(
+            "tta_fused_step_images", "Images per fused adaptation step, all its streams together.",
+            buckets=FUSED_IMAGE_BUCKETS, registry=r,
+        )
+        self.fused_queue_wait = Histogram(
+            "tta_fused_queue_wait_seconds", "Time a request's step waited in the scheduler for its fused call.",
+            buckets=PHASE_BUCKETS, registry=r,
+        )
         self.started = Gauge("tta_start_time_seconds", "Unix time the app was created.", registry=r)
         self.started.set(time.time())
         for phase in PHASES:  # expose every phase from the start (zero counts)

@@ -19,6 +19,7 @@ from . import __version__
 from .decode import DecodeLimits, PixelBudget
 from .errors import ApiError
 from .metrics import ServiceMetrics
+from .scheduler import BatchLimits, FusedScheduler
 from .settings import ServiceSettings
 from .store import StreamStore
 
@@ -188,6 +189,7 @@ class ServiceState:
         self.metrics = metrics
         self.runtime: Runtime | None = None
         self.store: StreamStore | None = None
+        self.scheduler: FusedScheduler | None = None  # fused_steps: DataPlane.step goes through it
         self.ready = False
         self.load_error: str | None = None
         self.warmup_seconds: float | None = None
@@ -218,6 +220,16 @@ class ServiceState:
             retention_seconds=s.snapshot_retention_seconds,
         )
 
+    def open_scheduler(self, rt: Runtime, store: StreamStore) -> FusedScheduler | None:
+        """The fused-step scheduler over ``rt.engine`` and ``store`` (None when ``fused_steps`` is off)."""
+        s = self.settings
+        if not s.fused_steps:
+            return None
+        limits = BatchLimits(max_delay_s=s.max_batch_delay_ms / 1000, max_images=s.max_batch_images,
+                             max_streams=s.max_batch_streams, active_window_s=s.batch_active_window_ms / 1000)
+        return FusedScheduler(rt.engine, limits, max_concurrent=s.max_concurrent_streams, metrics=self.metrics,
+                              incoming=store.queued_streams)
+
     async def startup(self) -> None:
         """Load, warm up and open the store; a failure is kept in ``load_error`` (and /readyz says it)."""
         try:
@@ -232,6 +244,7 @@ class ServiceState:
             log.exception("model loading failed")
             return
         self.runtime, self.store = rt, store
+        self.scheduler = self.open_scheduler(rt, store)
         self.metrics.set_build_info(
             version=__version__, model=rt.info["model"], method=self.settings.method,
             optimizer=rt.info["optimizer"] or "none", device=rt.device, torch=rt.info["torch"],
@@ -245,8 +258,10 @@ class ServiceState:
         self.ready = False
         self.metrics.ready.set(0)
         if self.store is not None:
-            await self.store.close()
+            await self.store.close()  # waits for queued requests, fused ones included
             log.info("all streams snapshotted to %s", self.settings.snapshot_dir)
+        if self.scheduler is not None:
+            await self.scheduler.close()
 
     def require_ready(self) -> tuple[Runtime, StreamStore]:
         """The runtime and store, or a 503 ApiError: shutting down, load failed, or still loading."""

@@ -123,7 +123,26 @@ class ServiceSettings(BaseSettings):
     max_pixels_in_flight: int = Field(
         64 * 1024 * 1024, ge=1, description="decoded pixels held by all requests at once (503 pixels_in_flight + "
         "Retry-After past it); a request's pixels are released as soon as its images are preprocessed")
-    max_concurrent_streams: int = Field(2, ge=1, description="streams adapting at the same time")
+    max_concurrent_streams: int = Field(
+        2, ge=1, description="engine calls running at the same time: streams adapting at once, or fused steps "
+        "(each counts once) when fused_steps is on")
+    fused_steps: bool = Field(
+        True, description="run the steps of concurrent requests of different streams as one fused engine call "
+        "(service/scheduler.py: each stream still gets exactly its own update); False = one engine call per "
+        "request")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="fused_steps: the longest a request waits for other streams' requests "
+        "to join its fused step (Triton's max_queue_delay); 0 = run what is queued now. A request waits only "
+        "while another stream active within batch_active_window_ms (or with a request on its way) is missing, "
+        "so a lone stream never waits")
+    max_batch_images: int = Field(
+        64, ge=1, description="fused_steps: images per fused step, all its requests together; a fused step "
+        "takes queued requests in arrival order while they fit (a single larger request runs alone)")
+    max_batch_streams: int = Field(
+        64, ge=1, description="fused_steps: streams (= requests) per fused step")
+    batch_active_window_ms: float = Field(
+        1000.0, ge=0, le=600_000, description="fused_steps: a stream that sent a request within this window is "
+        "expected again, and a fused step waits for it (at most max_batch_delay_ms)")
     max_queue_per_stream: int = Field(16, ge=1, description="requests waiting or running per stream before 429")
     max_queue_total: int = Field(256, ge=1, description="requests waiting or running in total before 429")
     retry_after_seconds: int = Field(1, ge=1)

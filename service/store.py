@@ -5,8 +5,10 @@ chain; a ticket's job starts only after the previous ticket of the same stream h
 own task, so a client that disconnects mid-step cannot let the next batch overtake the running one.
 
 Concurrency. Jobs of different streams run concurrently, at most ``max_concurrent`` at a time (the torch work
-runs in worker threads). Past ``max_queue_per_stream`` waiting/running requests on one stream, or
-``max_queue_total`` over all streams, :class:`StoreBusy` is raised (HTTP 429).
+runs in worker threads). :meth:`StreamStore.run_fused` hands the step to a fused-step scheduler
+(:mod:`service.scheduler`) instead, which bounds its own concurrent calls; the ticket is held until the answer.
+Past ``max_queue_per_stream`` waiting/running requests on one stream, or ``max_queue_total`` over all streams,
+:class:`StoreBusy` is raised (HTTP 429).
 
 Durability. With ``durability="step"`` (the default) a predict job writes the stream's snapshot
 (``<snapshot_dir>/<id>.safetensors`` + ``<id>.json`` sidecar, through :mod:`mgg_core.io`: temp file, fsync,
@@ -44,7 +46,7 @@ import re
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,7 +65,7 @@ if TYPE_CHECKING:  # torch loads lazily
     from mgg_core.state import StreamState
 
 __all__ = [
-    "DURABILITY_MODES", "PersistError", "SnapshotMeta", "SnapshotRestoreError", "StoreBusy", "StoreClosed",
+    "DURABILITY_MODES", "PersistError", "Refused", "SnapshotMeta", "SnapshotRestoreError", "StoreBusy", "StoreClosed",
     "StoreFull", "StreamStore", "Ticket", "UnknownStream", "valid_stream_id",
 ]
 
@@ -117,6 +119,15 @@ class SnapshotRestoreError(RuntimeError):
         super().__init__(self.message)
         self.stream_id = stream_id
         self.reason = reason
+
+
+class Refused(Exception):
+    """Raised by a job's ``fn`` (:meth:`StreamStore.run`) that refused its request before changing the state (an
+    idempotent replay, a reused key): nothing is reverted, marked changed or counted, and ``error`` is re-raised."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class PersistError(RuntimeError):
@@ -245,10 +256,15 @@ class Ticket:
         entry.pending += 1
         if counted:
             entry.queued += 1
+            store._queued_ids.add(entry.id)
             store._pending_total += 1
             store._metrics.queue_depth.set(store._pending_total)
         self._released = False
         self._owned_by_job = False
+
+    @property
+    def stream_id(self) -> str:
+        return self.entry.id
 
     async def wait_turn(self) -> None:
         prev = self._prev
@@ -268,6 +284,8 @@ class Ticket:
         entry.pending -= 1
         if self._counted:
             entry.queued -= 1
+            if entry.queued == 0:
+                store._queued_ids.discard(entry.id)
             store._pending_total -= 1
             store._metrics.queue_depth.set(store._pending_total)
         done, prev = self._done, self._prev
@@ -330,6 +348,7 @@ class StreamStore:
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident stream ids, least recent first
         self._sem = asyncio.Semaphore(max_concurrent)
         self._pending_total = 0
+        self._queued_ids: set[str] = set()  # streams with predict requests waiting or running
         self._unpersisted_total = 0
         self._disk_total = 0
         self._file_estimate = 0  # bytes a new stream's files will take (set in start())
@@ -474,25 +493,47 @@ class StreamStore:
         """Run ``fn(state)`` in a worker thread once the ticket's turn has come; state is loaded or created first.
 
         Under ``durability="step"`` the new state is on disk before this returns (else :class:`PersistError`).
+        ``fn`` raising :class:`Refused` changed nothing: its error is re-raised, the stream is left as it was.
         The job runs as its own task and releases the ticket itself, whatever happens to the caller.
         """
+        return await self._start_job(ticket, lambda state: asyncio.to_thread(fn, state), self._sem)
+
+    async def run_fused(self, ticket: Ticket, submit: Callable[[StreamState], Awaitable[T]]) -> T:
+        """As :meth:`run`, but the step is ``await submit(state)``: a :class:`service.scheduler.FusedScheduler`
+        call that may include other streams and takes its own concurrency slot (``max_concurrent`` holds for
+        fused calls there, not here). The ticket is held until the answer: the stream's next request waits for the
+        next fused call. A restore failure, or a failed durable write, fails only this ticket's request."""
+        return await self._start_job(ticket, submit, None)
+
+    def queued_streams(self) -> set[str]:
+        """Ids of the streams with predict requests waiting or running (the scheduler's ``incoming`` hint)."""
+        return self._queued_ids
+
+    async def _start_job(
+        self, ticket: Ticket, call: Callable[[StreamState], Awaitable[T]], gate: asyncio.Semaphore | None
+    ) -> T:
         ticket._owned_by_job = True
-        task = asyncio.create_task(self._run_job(ticket, fn))
+        task = asyncio.create_task(self._run_job(ticket, call, gate))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return await asyncio.shield(task)
 
-    async def _run_job(self, ticket: Ticket, fn: Callable[[StreamState], T]) -> T:
+    async def _run_job(
+        self, ticket: Ticket, call: Callable[[StreamState], Awaitable[T]], gate: asyncio.Semaphore | None
+    ) -> T:
         entry = ticket.entry
         try:
             await ticket.wait_turn()
-            async with self._sem:
+            async with gate if gate is not None else contextlib.nullcontext():
                 state = await self._ensure_resident(entry)
                 durable = (entry.step, entry.entropy_ema, entry.rollbacks, entry.requests)  # listing, as on disk
                 entry.last_seen = time.time()
                 entry.requests += 1
                 try:
-                    result = await asyncio.to_thread(fn, state)
+                    result = await call(state)
+                except Refused as refused:  # nothing changed: the resident state stays, clean or not
+                    entry.requests = durable[3]
+                    raise refused.error from None
                 except BaseException:
                     if self.durability == "step":  # back to the last durable state: nothing half-done survives
                         self._revert(entry, durable)

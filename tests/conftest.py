@@ -132,6 +132,18 @@ def service_settings(snapshot_dir: Path, **kw: Any) -> Any:
     return ServiceSettings(_env_file=None, **base)
 
 
+def wait_for(cond: Any, timeout: float = 30.0) -> None:
+    """Poll ``cond()`` every 20 ms until it is true; TimeoutError after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise TimeoutError("condition not reached")
+
+
 # ----------------------------------------------------------------------------------- image helpers
 
 

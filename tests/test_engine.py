@@ -242,8 +242,10 @@ def test_collapse_guard_rolls_back_to_anchor_then_source():
 def test_sar_recovery_resets_the_stream():
     eng = _engine(_vit(), "sar", e_margin=10.0, reset_constant=100.0)  # every update triggers recovery
     st = eng.new_state()
+    st.annotations["idempotency"] = "[]"      # the service's records survive the engine's own recovery
     r = eng.step(st, _batches(1)[0])
     assert r.adapted and r.reset_reason == "sar_recovery" and st.step == 0 and torch.equal(st.theta, eng.theta0)
+    assert st.resets == 1 and st.annotations == {"idempotency": "[]"}
 
 
 def test_eata_fisher_regulariser_pulls_towards_source():
@@ -347,7 +349,9 @@ def test_step_many_equals_separate_steps_and_refuses_a_stream_twice():
     many = [eng.new_state(seed=i) for i in range(3)]
     results = eng.step_many(list(zip(many, xs, strict=True)))
     for res, want, st, ref in zip(results, expected, many, alone, strict=True):
-        assert torch.equal(res.logits, want)
+        # fused (vmapped) kernels round differently from the plain ones: within 1e-5 (tests/test_fused.py)
+        torch.testing.assert_close(res.logits, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(res.logits.argmax(1), want.argmax(1))
         assert st.step == ref.step == 1
     with pytest.raises(ValueError, match="more than once"):
         eng.step_many([(many[0], xs[0]), (many[0], xs[1])])

@@ -371,6 +371,37 @@ TAMPERED = ["t-bytes", "t-step", "t-json", "t-garbage", "t-shape", "t-missing", 
             "t-finger", "t-scalar"]
 
 
+def test_snapshot_from_before_the_new_defaults_is_refused_clearly(live_server, tmp_path, digit_images):
+    """A snapshot written under the defaults before 2026-11-30 (bn_momentum 0.1, no guard.hold_stats tensor) does not
+    load silently: 500 snapshot_restore_failed naming what differs, then POST /reset starts the stream over."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    snaps, x = tmp_path / "s", digit_images[:8]
+    ema = {"bn_stats": "ema"}
+    old = live_server(settings_for(snaps, bn_momentum=0.1, **ema))
+    with old.client() as c:
+        ok(c, "old", x)
+    old.stop()
+    path = snaps / "old.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    del tensors["state.guard.hold_stats"]                  # the state layout before statistics-only holds
+    save_file(tensors, str(path), metadata=meta)
+    for momentum, named in ((None, "bn_momentum"), (0.1, "guard.hold_stats")):
+        srv = live_server(settings_for(snaps, **ema, **({} if momentum is None else {"bn_momentum": momentum})))
+        with srv.client() as c:
+            r = predict(c, "old", x)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "snapshot_restore_failed", r.text
+            assert named in r.json()["error"]["message"] and "POST /reset" in r.json()["error"]["message"], r.text
+            no_internals(r.text, str(snaps))
+        srv.stop()
+    srv = live_server(settings_for(snaps, **ema))
+    with srv.client() as c:
+        assert c.post("/reset", json={"stream_id": "old"}, headers=AUTH).status_code == 200
+        assert ok(c, "old", x)["step"] == 1
+
+
 def test_tampered_files_affect_only_their_own_stream(live_server, tmp_path, digit_images):
     snaps = tmp_path / "s"
     x = digit_images[:8]
@@ -621,18 +652,18 @@ def test_hang_ups_are_499_not_server_errors(live_server, tmp_path, digit_images,
 def test_error_bodies_carry_no_internals(live_server, tmp_path, digit_images):
     srv = live_server(settings_for(tmp_path / "s"))
     engine = srv.app.state.svc.runtime.engine
-    real = engine.step
+    real, real_many = engine.step, engine.step_many
 
     def broken(*a, **kw):
         raise RuntimeError(f"secret detail at {tmp_path}/internal/file.py")
 
     with srv.client() as c:
-        engine.step = broken
+        engine.step = engine.step_many = broken  # the single step and the fused one (fused_steps, the default)
         try:
             before = server_errors(c)
             r = predict(c, "err", digit_images[:4])
         finally:
-            engine.step = real
+            engine.step, engine.step_many = real, real_many
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         no_internals(r.text, "secret", "RuntimeError", str(tmp_path))
         assert "request id" in r.json()["error"]["message"]

@@ -111,6 +111,29 @@ def test_reused_key_with_other_images_is_422_and_changes_nothing(client, digit_i
     assert a["step"] == b["step"] == 2 and a["predictions"] == b["predictions"]
 
 
+def info_of(c: httpx.Client, sid: str) -> dict:
+    return c.get(f"/streams/{sid}", headers=AUTH).json()
+
+
+@pytest.mark.parametrize("durability", ["step", "interval"])
+def test_replay_and_reused_key_leave_the_stream_as_it_was(live_server, tmp_path, digit_images, durability):
+    """A replay or a 422 refuses before anything changes: the resident state is not dropped (no restore from disk),
+    and nothing is counted as a request or as an unpersisted step."""
+    srv = live_server(settings(tmp_path, durability=durability, snapshot_interval_steps=1000))
+    x, y = digit_images[:4], digit_images[4:8]
+    with srv.client() as c:
+        assert post(c, "as-was", x, "k").status_code == 200
+        before = info_of(c, "as-was")
+        assert before["resident"] and before["unpersisted_steps"] == (durability == "interval")
+        restores = srv.app.state.svc.metrics.snapshot_restores._value.get()
+        assert post(c, "as-was", x, "k").headers["Idempotent-Replayed"] == "true"
+        assert post(c, "as-was", y, "k").status_code == 422
+        after = info_of(c, "as-was")
+        assert {k: after[k] for k in ("step", "resident", "requests", "unpersisted_steps")} == \
+            {k: before[k] for k in ("step", "resident", "requests", "unpersisted_steps")}
+        assert srv.app.state.svc.metrics.snapshot_restores._value.get() == restores
+
+
 @pytest.mark.parametrize("key", ["", "has space", "x" * 256, "caf\u00e9"])
 def test_invalid_key_is_400_and_changes_nothing(client, digit_images, key):
     headers = {**NPY, "X-Stream-Id": "badkey"}

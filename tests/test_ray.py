@@ -121,6 +121,47 @@ def test_two_shards_on_one_snapshot_dir_never_advance_a_stale_copy(tmp_path):
     asyncio.run(run())
 
 
+def test_a_shard_fuses_concurrent_streams_and_answers_each_as_alone(tmp_path):
+    """A shard replica (no Ray: the class itself) runs the service's fused-step scheduler: four streams' calls
+    arriving together share fused steps, and each gets the answer a shard without fused steps gives it."""
+    import asyncio
+
+    from service.rayserve.shard import Shard
+    from service.settings import ServiceSettings
+
+    def shard(folder: str, fused: bool) -> Shard:
+        return Shard(ServiceSettings(model=MODEL, method="foa", device="cpu", torch_threads=1,
+                                     snapshot_dir=tmp_path / folder, fused_steps=fused, max_concurrent_streams=1,
+                                     max_batch_delay_ms=200, **SINGLE_UPDATE).model_dump())
+
+    fused, plain = shard("fused", True), shard("plain", False)
+    sids = [f"s{i}" for i in range(4)]
+
+    async def run(sh: Shard) -> list[list[dict]]:
+        out = []
+        for r in range(2):
+            res = await asyncio.gather(*(sh.predict(sid, npy(10 * i + r, n=2 + i), "application/x-npy",
+                                                    f"req-{sid}-{r}") for i, sid in enumerate(sids)))
+            assert all(x["status"] == 200 for x in res), res
+            out.append([x["body"] for x in res])
+        await sh.store.close()
+        return out
+
+    got, want = asyncio.run(run(fused)), asyncio.run(run(plain))
+    for g_round, w_round in zip(got, want, strict=True):
+        for g, w in zip(g_round, w_round, strict=True):
+            assert g["step"] == w["step"]
+            assert [p["label"] for p in g["predictions"]] == [p["label"] for p in w["predictions"]]
+            np.testing.assert_allclose([p["score"] for p in g["predictions"]],
+                                       [p["score"] for p in w["predictions"]], atol=1e-5)
+    reg = fused.metrics.registry
+    calls, streams = reg.get_sample_value("tta_fused_step_streams_count"), reg.get_sample_value(
+        "tta_fused_step_streams_sum")
+    assert streams == 8 and calls < 8, (calls, streams)  # fused steps happened
+    assert plain.svc.scheduler is None and plain.metrics.registry.get_sample_value(
+        "tta_fused_step_streams_count") == 0
+
+
 def _shard_of(app):
     return app._bound_deployment.init_args[0]._bound_deployment
 
@@ -569,3 +610,18 @@ def test_scaling_down_moves_streams_with_their_state(cluster):
         served.add(replica)
     assert len(served) == 1
     assert sum(before[f"spread-{i}"]["served_by"] not in served for i in range(16)) > 0, "some streams moved"
+
+
+def test_keyed_requests_are_refused_on_ray_and_change_nothing(cluster, triton):
+    """The Ray backend keeps no Idempotency-Key answers: a keyed request is a clear 400, never a silent second step."""
+    client, model = cluster["client"], v2_model(cluster)
+    predict(client, "ray-keyed", npy(7))
+    r = client.post("/predict", content=npy(8), headers={"X-Stream-Id": "ray-keyed", "Idempotency-Key": "k1",
+                                                         "Content-Type": "application/x-npy"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "idempotency_not_supported", r.text
+    doc = {"parameters": {"sequence_id": "ray-keyed"},
+           "inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 28, 28],
+                       "data": images(2, 2).ravel().tolist()}]}
+    r = client.post(f"/v2/models/{model}/infer", json=doc, headers={"Idempotency-Key": "k2"})
+    assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"], r.text
+    assert client.get("/streams/ray-keyed").json()["step"] == 1, "no refused request changed the stream"

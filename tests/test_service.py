@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LiveServer, npy_bytes, png_bytes, service_settings, service_test_model
+from conftest import LiveServer, npy_bytes, png_bytes, service_settings, service_test_model, wait_for
 
 from service.settings import ServiceSettings
 
@@ -368,11 +368,15 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
 
     srv = live_server(settings_for(tmp_path / "q", max_queue_per_stream=1, max_queue_total=2))
     engine = srv.app.state.svc.runtime.engine
-    real_step, gate = engine.step, threading.Event()
+    real_step, real_many, gate = engine.step, engine.step_many, threading.Event()
 
     def gated_step(*a, **kw):
         gate.wait(30)
         return real_step(*a, **kw)
+
+    def gated_many(*a, **kw):  # fused steps (fused_steps, the default) may not go through engine.step
+        gate.wait(30)
+        return real_many(*a, **kw)
 
     body = npy_bytes(digit_images[:4])
     results: dict[str, httpx.Response] = {}
@@ -382,16 +386,16 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
             results[sid] = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": sid})
 
     threads = [threading.Thread(target=send, args=(f"q{i}",)) for i in range(2)]
-    engine.step = gated_step
+    engine.step, engine.step_many = gated_step, gated_many
     try:
         with srv.client() as c:
             threads[0].start()
-            _wait_for(lambda: _queue_depth(c) == 1)
+            wait_for(lambda: _queue_depth(c) == 1)
             r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
             assert int(r.headers["retry-after"]) >= 1
             threads[1].start()
-            _wait_for(lambda: _queue_depth(c) == 2)
+            wait_for(lambda: _queue_depth(c) == 2)
             r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             assert "retry-after" in r.headers
@@ -406,7 +410,7 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
             assert 'tta_requests_rejected_total{queue="stream"} 1.0' in c.get("/metrics").text
     finally:
         gate.set()
-        engine.step = real_step
+        engine.step, engine.step_many = real_step, real_many
 
 
 def _queue_depth(c) -> float:
@@ -414,17 +418,6 @@ def _queue_depth(c) -> float:
         if line.startswith("tta_queue_depth "):
             return float(line.split()[1])
     return -1
-
-
-def _wait_for(cond, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise TimeoutError("condition not reached")
 
 
 # ------------------------------------------------------------------ idle eviction, post-update, bad snapshots
@@ -442,7 +435,7 @@ def test_idle_eviction_post_update_predictions_and_unreadable_snapshot(live_serv
         got = predict_npy(c, "post", x)
         assert got["predictions_after_update"] is True and got["step"] == 1
         assert scores(got) == scores(ref[1])
-        _wait_for(lambda: stream_info(c, "post")["resident"] is False)  # idle: snapshotted and unloaded
+        wait_for(lambda: stream_info(c, "post")["resident"] is False)  # idle: snapshotted and unloaded
         assert stream_info(c, "post")["snapshot"] is True and (snaps / "post.safetensors").is_file()
         again = predict_npy(c, "post", x)  # restored from disk on its next request
         assert again["step"] == 2

@@ -315,3 +315,16 @@ def test_guard_hold_keeps_statistics_adapting_then_escalates_to_source(statistic
         assert float(st.tensors["guard.hold_stats"]) == 0 and float(st.tensors["guard.backoff"]) == 2
     eng.step(st, _images(4, 4))
     assert _same(_norm(st), source_norm) and torch.equal(st.theta, eng.theta0)
+
+
+def test_guard_fallback_keeps_the_annotations_an_exact_reset_clears():
+    """The guard's own return to source is not a client's reset: the layers above keep their annotations (the
+    service's idempotency records; losing them would let a retried request step twice)."""
+    eng = _engine(_models()["resnet"](), "tent", "sgd", guard=_always_disagrees(), **SMALL)
+    st = eng.new_state()
+    st.annotations["idempotency"] = '[{"key":"k1"}]'
+    res = eng.step(st, _images(8, 1))
+    assert res.rolled_back and float(st.tensors["guard.hold"]) == 1000 and st.resets == 0
+    assert st.annotations == {"idempotency": '[{"key":"k1"}]'}
+    eng.reset(st)
+    assert st.annotations == {} and st.resets == 1

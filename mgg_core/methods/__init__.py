@@ -14,9 +14,20 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import METHODS, GradOutput, Method, MethodState, StepContext, Timer, build_method, register
+from .base import (
+    METHODS,
+    GradOutput,
+    Method,
+    MethodState,
+    StepContext,
+    Timer,
+    build_method,
+    loss_verdict,
+    register,
+)
 
-__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "register"]
+__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "loss_verdict",
+           "register"]
 
 # every module of this package registers its method on import: adding a method is adding a file
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):

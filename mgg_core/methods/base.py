@@ -22,8 +22,8 @@ import torch
 from ..reasons import ResetReason, SkipReason
 from ..registry import Registry
 
-__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "register",
-           "resolved"]
+__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "loss_verdict",
+           "register", "resolved"]
 
 MethodState = dict[str, torch.Tensor]
 
@@ -90,6 +90,11 @@ class Method:
     reference_lr: ClassVar[float | None] = 1e-3  # reference step size (ViT-B/16 / ResNet-50, batch 64); None: no step
     no_update_reason: ClassVar[SkipReason | None] = None   # skipped_reason reported by methods that never update
     recovery_reason: ClassVar[ResetReason | None] = None   # reset_reason when the method asks for a reset
+    # its gradient is this base class's ``gradient`` (one forward, ``objective``, one backward) and ``objective``
+    # runs no forward pass of its own: the engine may then compute it for many streams in one fused pass
+    # (``AdaptationEngine.step_many``); False (SAR's second pass, DeYO's shuffled pass, ROID's augmented pass):
+    # step_many runs the method's own ``gradient`` per stream
+    fusable: ClassVar[bool] = True
 
     num_classes: int = 1000
 
@@ -122,13 +127,22 @@ class Method:
         with ctx.timer("forward"):
             logits, feats = ctx.forward(theta, ctx.x, self.needs_features)
             loss, updates, n = self.objective(ctx, theta, logits, feats)
-        if loss is None:
-            return GradOutput(logits.detach(), skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
-        if not torch.isfinite(loss):
-            return GradOutput(logits.detach(), loss=float(loss.detach()), skipped_reason=SkipReason.NON_FINITE_LOSS)
+        skipped = loss_verdict(logits, loss)
+        if skipped is not None or loss is None:
+            return skipped or GradOutput(logits.detach(), skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
         with ctx.timer("backward"):
             (grad,) = torch.autograd.grad(loss, theta)
         return GradOutput(logits.detach(), float(loss.detach()), grad, state_updates=updates, n_selected=n)
+
+
+def loss_verdict(logits: torch.Tensor, loss: torch.Tensor | None) -> GradOutput | None:
+    """The skipped step's output when ``objective`` gave no loss or a non-finite one, else None (take its
+    gradient). Shared by :meth:`Method.gradient` and the engine's fused pass."""
+    if loss is None:
+        return GradOutput(logits.detach(), skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
+    if not torch.isfinite(loss):
+        return GradOutput(logits.detach(), loss=float(loss.detach()), skipped_reason=SkipReason.NON_FINITE_LOSS)
+    return None
 
 
 def resolved(value: float | None) -> float:

@@ -33,6 +33,7 @@ class DeYO(Method):
     as sample weights (Lee et al. 2024)."""
 
     name: ClassVar[str] = "deyo"
+    fusable: ClassVar[bool] = False          # shuffled-patch forward inside objective
     order: ClassVar[int] = 5
     e_margin: float | None = None            # filter, default 0.5 ln C
     e_margin0: float | None = None           # weighting, default 0.4 ln C

@@ -76,6 +76,7 @@ class ROID(Method):
     """
 
     name: ClassVar[str] = "roid"
+    fusable: ClassVar[bool] = False          # augmented forward in its own gradient
     order: ClassVar[int] = 8
     temperature: float = 1 / 3
     momentum_probs: float = 0.9

@@ -23,6 +23,7 @@ class SAR(Method):
     """
 
     name: ClassVar[str] = "sar"
+    fusable: ClassVar[bool] = False          # second (SAM) forward
     order: ClassVar[int] = 4
     recovery_reason: ClassVar[ResetReason | None] = ResetReason.SAR_RECOVERY
     e_margin: float | None = None            # default 0.4 ln C

@@ -32,6 +32,7 @@ from ray import serve
 
 from .. import __version__
 from ..errors import ApiError, register_error_handlers
+from ..idempotency import IDEMPOTENCY_HEADER
 from ..metrics import LATENCY_BUCKETS
 from ..routes.deps import check_admin, check_stream_id
 from ..routes.predict import read_body
@@ -64,6 +65,15 @@ api = FastAPI(title="MGG test-time adaptation service (Ray Serve backend)")
 
 
 register_error_handlers(api)  # the service's error body for everything
+
+
+def refuse_idempotency_key(request: Request) -> None:
+    """400 for a keyed request: this backend keeps no per-stream answers, so a retry would step the stream again
+    (the single-process service replays it; service/idempotency.py). Refused before the body is read."""
+    if request.headers.get(IDEMPOTENCY_HEADER) is not None:
+        raise ApiError(400, "idempotency_not_supported",
+                       f"the Ray Serve backend does not keep {IDEMPOTENCY_HEADER} answers: send the request without "
+                       "the header, or use the single-process service for idempotent retries")
 
 
 class _Line:
@@ -236,6 +246,7 @@ class Ingress:
         t0, status = time.perf_counter(), 500
         try:
             sid = check_stream_id(x_stream_id)
+            refuse_idempotency_key(request)
             # the body first, as in the single-process service: a slow upload holds no place in the stream's line,
             # and the order of adaptation is the order in which bodies completed
             body = await read_body(request, self.settings.max_body_bytes)
@@ -374,6 +385,10 @@ class Ingress:
     async def _v2_request(self, request: Request) -> tuple[InferRequest, bytes]:
         """Read and parse the V2 request (``service.v2.codec``); its input as ``.npy`` bytes. 4xx before any
         stream is touched."""
+        try:
+            refuse_idempotency_key(request)
+        except ApiError as exc:
+            raise V2Error(exc.status, exc.message) from None
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise V2Error(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")

@@ -152,6 +152,7 @@ class Shard:
                 await store.start()
                 self.store = store
                 self.svc.runtime, self.svc.store, self.svc.ready = self.runtime, store, True
+                self.svc.scheduler = self.svc.open_scheduler(self.runtime, store)  # fused steps, as in mgg serve
             return self.store
 
     async def _with_stream(self, sid: str, fn: Callable[[ShardStore, Any], Awaitable[dict[str, Any]]]
@@ -337,6 +338,8 @@ class Shard:
     async def __del__(self) -> None:  # Serve calls an async __del__ on graceful replica shutdown
         if self.store is not None:
             await self.store.close()
+        if self.svc.scheduler is not None:
+            await self.svc.scheduler.close()
 
 
 def _replica_id() -> str:

@@ -1,0 +1,322 @@
+"""FusedScheduler: the steps of several streams in one engine call (dynamic batching across streams).
+
+Why. A request of a few images costs nearly as much as one of many (the fixed cost of a forward, backward and
+update dominates). Triton's dynamic batcher and Ray Serve's ``@serve.batch`` batch stateless requests; here every
+stream carries its own adapted parameters, optimizer state, statistics and guard, so requests of *different*
+streams are fused into one :meth:`~mgg_core.engine.AdaptationEngine.step_many` call, which gives each stream exactly
+what ``engine.step`` alone would give it. No library batches stateful per-stream steps, hence this module.
+
+Contract.
+
+* ``await submit(key, state, x, before=..., after=...)`` returns ``after(state, result)`` (or the
+  :class:`~mgg_core.engine.StepResult` when ``after`` is None) once the call that included the item has finished.
+  ``key`` names the stream. The caller owns the stream for the whole submit (in the service: its turn in the
+  stream's queue, :class:`service.store.Ticket`), so a stream has at most one item queued or running; an item whose
+  key is already in the call being formed, or in a running call, waits for a later call (never two steps of one
+  stream in one call, never a step overtaking its stream's previous one).
+* Dispatch. Queued items go, in arrival order, into one call ``engine.step_many(items, adapt=True)`` once a call
+  slot is free (at most ``max_concurrent`` calls run at once) and one of these holds:
+  - a cap is reached: the queue holds ``max_images`` images or ``max_streams`` streams (a call takes items while
+    both caps hold and stops at the first that does not fit; its first item always goes, so a request larger than
+    the image budget runs alone);
+  - the oldest item has waited ``max_delay_s`` (0: run what is queued now, never wait);
+  - no other stream is expected: every stream that submitted within the last ``active_window_s``, and every
+    stream whose request is on its way (the ``incoming`` hint: it has its place in the queue but is still being
+    decoded, preprocessed or restored), is already queued or running. A lone stream therefore never waits, and
+    a group of streams is run as soon as all of them are in.
+* Per item, in the call's worker thread: ``before(state)`` (e.g. an exact reset), the fused step, ``after(state,
+  result)`` (e.g. predictions after the update). A call of a single stream is ``engine.step`` (the same answer by
+  ``step_many``'s contract; a lone stream pays nothing for fusing). An exception in ``before`` or ``after`` fails
+  only that item's submit; an exception of the engine call fails every item of that call (their states may be
+  partly advanced: the caller restores them, as :class:`service.store.StreamStore` does under
+  ``durability="step"``).
+* Metrics (``metrics``: :class:`service.metrics.ServiceMetrics`): streams and images per call
+  (``tta_fused_step_streams``, ``tta_fused_step_images``) and each item's queue wait, from submit to the start of
+  its call (``tta_fused_queue_wait_seconds``).
+* :meth:`close` refuses new items, waits for queued and running ones, then stops the dispatcher.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from mgg_core.engine import AdaptationEngine, StepResult
+    from mgg_core.state import StreamState
+
+    from .metrics import ServiceMetrics
+
+__all__ = ["BatchLimits", "FusedScheduler", "SchedulerClosed"]
+
+log = logging.getLogger("mgg.service.scheduler")
+
+
+class SchedulerClosed(RuntimeError):
+    """submit() after close()."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """When a fused call is dispatched (see the module docstring); the service reads them from its settings."""
+
+    max_delay_s: float = 0.005
+    max_images: int = 64
+    max_streams: int = 64
+    active_window_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_delay_s < 0 or self.active_window_s < 0:
+            raise ValueError("max_delay_s and active_window_s must be >= 0")
+        if self.max_images < 1 or self.max_streams < 1:
+            raise ValueError("max_images and max_streams must be >= 1")
+
+
+@dataclass(eq=False)
+class _Item:
+    key: Hashable
+    state: Any
+    x: Any
+    n: int
+    before: Callable[[Any], None] | None
+    after: Callable[[Any, Any], Any] | None
+    fut: asyncio.Future
+    t: float = field(default_factory=time.monotonic)
+
+
+class FusedScheduler:
+    def __init__(
+        self,
+        engine: AdaptationEngine,
+        limits: BatchLimits,
+        *,
+        max_concurrent: int = 1,
+        metrics: ServiceMetrics | None = None,
+        incoming: Callable[[], Iterable[Hashable]] | None = None,
+    ) -> None:
+        """Args:
+            engine: anything with ``step_many(items, adapt=True) -> list`` and ``step(state, x)`` (the
+                adaptation engine).
+            limits: the dispatch limits (:class:`BatchLimits`).
+            max_concurrent: fused calls running at once (each in a worker thread).
+            metrics: the service's metrics (streams and images per call, queue wait); None records nothing.
+            incoming: keys of streams whose next item is on its way (the store's streams with queued requests);
+                None: only recently active streams are expected.
+        """
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be >= 1")
+        self.engine = engine
+        self.limits = limits
+        self.metrics = metrics
+        self._incoming = incoming
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._queue: deque[_Item] = deque()
+        self._running: set[Hashable] = set()
+        self._seen: dict[Hashable, float] = {}  # key -> monotonic time of its last submit (within the window)
+        self._wake = asyncio.Event()
+        self._dispatcher: asyncio.Task | None = None
+        self._calls: set[asyncio.Task] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------ public
+
+    async def submit(
+        self, key: Hashable, state: StreamState, x: torch.Tensor, *,
+        before: Callable[[StreamState], None] | None = None,
+        after: Callable[[StreamState, StepResult], Any] | None = None,
+    ) -> Any:
+        """One step of stream ``key`` on ``x`` (N x C x H x W), fused with other streams' steps; see the contract."""
+        if self._closed:
+            raise SchedulerClosed("the scheduler is closed")
+        item = _Item(key, state, x, int(x.shape[0]), before, after, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        self._seen[key] = item.t
+        self._wake.set()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch(), name="mgg-fused-scheduler")
+        return await item.fut
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def close(self) -> None:
+        """Refuse new items; finish the queued and running ones; stop the dispatcher."""
+        self._closed = True
+        while (self._queue or self._calls) and self._dispatcher is not None and not self._dispatcher.done():
+            if self._calls:
+                await asyncio.wait(list(self._calls))
+            else:
+                self._wake.set()
+                await asyncio.sleep(0.005)
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        for item in self._queue:  # only when the dispatcher died: never leave a caller waiting
+            if not item.fut.done():
+                item.fut.set_exception(SchedulerClosed("the scheduler is closed"))
+        self._queue.clear()
+
+    # ---------------------------------------------------------------------------------------- dispatch
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._until(lambda: bool(self._eligible()))
+            await self._slots.acquire()
+            try:
+                await self._fill()
+                batch = self._take()
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception:  # a bug here must not leave callers waiting: fail what is queued, keep serving
+                self._slots.release()
+                log.exception("fused-step dispatch failed; failing the queued requests")
+                for item in self._queue:
+                    if not item.fut.done():
+                        item.fut.set_exception(RuntimeError("fused-step dispatch failed"))
+                self._queue.clear()
+                continue
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch), name="mgg-fused-call")
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()``, checked after each wake-up (a submit, or the end of a call)."""
+        while not ready():
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _eligible(self) -> list[_Item]:
+        """The items the next call would take, in arrival order (caps applied); drops cancelled callers."""
+        while self._queue and self._queue[0].fut.done():
+            self._queue.popleft()
+        lim, images = self.limits, 0
+        out: list[_Item] = []
+        keys: set[Hashable] = set()
+        for item in self._queue:
+            if item.fut.done() or item.key in keys or item.key in self._running:
+                continue
+            if len(out) >= lim.max_streams or (out and images + item.n > lim.max_images):
+                break
+            out.append(item)
+            keys.add(item.key)
+            images += item.n
+        return out
+
+    def _full(self, batch: list[_Item]) -> bool:
+        """Whether a cap ends the call: it holds ``max_streams`` streams or ``max_images`` images, or a queued item
+        that could join (its stream is neither in it nor running) was left out by the image budget."""
+        if len(batch) >= self.limits.max_streams or sum(i.n for i in batch) >= self.limits.max_images:
+            return True
+        taken, keys = {id(i) for i in batch}, {i.key for i in batch} | self._running
+        return any(id(i) not in taken and i.key not in keys and not i.fut.done() for i in self._queue)
+
+    def _expected(self) -> tuple[bool, float | None]:
+        """Whether another stream's item may still join (a stream recently active, or with a request on its way,
+        that is neither queued nor running), and until when, at the latest, the recently active ones are expected
+        (None: a request on its way is expected until the delay ends)."""
+        now = time.monotonic()
+        window = self.limits.active_window_s
+        for key, t in list(self._seen.items()):
+            if now - t >= window:
+                del self._seen[key]
+        present = {i.key for i in self._queue} | self._running
+        if self._incoming is not None and set(self._incoming()) - present:
+            return True, None
+        missing = [t for key, t in self._seen.items() if key not in present]
+        return (True, min(missing) + window) if missing else (False, None)
+
+    async def _fill(self) -> None:
+        """Wait (up to the oldest item's delay) while the call is not full and other streams are expected."""
+        while True:
+            batch = self._eligible()
+            if not batch or self._full(batch):
+                return
+            expected, until = self._expected()
+            if not expected:
+                return
+            deadline = batch[0].t + self.limits.max_delay_s
+            left = (deadline if until is None else min(deadline, until)) - time.monotonic()
+            if left <= 0:
+                if deadline <= time.monotonic():
+                    return
+                continue  # a stream's activity left the window: look again
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+
+    def _take(self) -> list[_Item]:
+        batch = self._eligible()
+        taken = {id(i) for i in batch}
+        self._queue = deque(i for i in self._queue if id(i) not in taken and not i.fut.done())
+        return batch
+
+    # -------------------------------------------------------------------------------------------- calls
+
+    async def _run(self, batch: list[_Item]) -> None:
+        keys = {i.key for i in batch}
+        self._running |= keys
+        start = time.monotonic()
+        m = self.metrics
+        if m is not None:
+            m.fused_streams.observe(len(batch))
+            m.fused_images.observe(sum(i.n for i in batch))
+            for item in batch:
+                m.fused_queue_wait.observe(max(0.0, start - item.t))
+        try:
+            outs = await asyncio.to_thread(self._call, batch)
+        except Exception as exc:  # noqa: BLE001 - delivered to every caller of this call
+            outs = [exc] * len(batch)
+        finally:
+            self._running -= keys
+            self._slots.release()
+            self._wake.set()
+        for item, out in zip(batch, outs, strict=True):
+            if item.fut.done():
+                continue
+            if isinstance(out, BaseException):
+                item.fut.set_exception(out)
+            else:
+                item.fut.set_result(out)
+
+    def _call(self, batch: list[_Item]) -> list[Any]:
+        """In a worker thread: each item's ``before``, one ``step_many`` over the rest, each item's ``after``."""
+        outs: list[Any] = [None] * len(batch)
+        live = []
+        for k, item in enumerate(batch):
+            try:
+                if item.before is not None:
+                    item.before(item.state)
+                live.append(k)
+            except Exception as exc:  # noqa: BLE001 - this item's own failure
+                outs[k] = exc
+        if not live:
+            return outs
+        try:
+            if len(live) == 1:  # alone: engine.step, the same answer by step_many's contract, without fusing costs
+                results = [self.engine.step(batch[live[0]].state, batch[live[0]].x)]
+            else:
+                results = self.engine.step_many([(batch[k].state, batch[k].x) for k in live], adapt=True)
+        except Exception as exc:  # noqa: BLE001 - the call failed: every item in it fails
+            for k in live:
+                outs[k] = exc
+            return outs
+        for k, res in zip(live, results, strict=True):
+            item = batch[k]
+            try:
+                outs[k] = item.after(item.state, res) if item.after is not None else res
+            except Exception as exc:  # noqa: BLE001
+                outs[k] = exc
+        return outs

@@ -1,0 +1,315 @@
+"""The fused-step scheduler (service/scheduler.py), driven directly with a recording engine: every dispatch rule and
+limit (delay, delay 0, image budget, stream cap, expected streams, one step per stream per call, concurrency),
+per-item errors and the metrics. Bounded: every wait has a timeout; no network."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from service.metrics import ServiceMetrics
+from service.scheduler import BatchLimits, FusedScheduler, SchedulerClosed
+
+
+class RecordingEngine:
+    """``step_many`` records each call's (stream key, images) and answers each item with (key, call index)."""
+
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
+        self.calls: list[list[tuple[str, int]]] = []
+        self.gate = gate
+        self.fail = fail
+
+    def step_many(self, items, adapt=True):
+        assert adapt is True
+        keys = [s["key"] for s, _ in items]
+        assert len(set(keys)) == len(keys), "a stream twice in one call"
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        self.calls.append([(s["key"], int(x.shape[0])) for s, x in items])
+        if self.fail:
+            raise RuntimeError("engine failed")
+        for s, _ in items:
+            s["steps"] += 1
+        return [(s["key"], len(self.calls) - 1) for s, _ in items]
+
+    def step(self, state, x, adapt=True):  # a call of one stream
+        return self.step_many([(state, x)], adapt=adapt)[0]
+
+
+def state(key: str) -> dict:
+    return {"key": key, "steps": 0}
+
+
+def x(n: int) -> torch.Tensor:
+    return torch.zeros(n, 1, 2, 2)
+
+
+def run(coro, timeout: float = 20.0):
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+def sched(engine, incoming=None, metrics=None, max_concurrent=1, **limits) -> FusedScheduler:
+    base = dict(max_delay_s=0.0, max_images=1024, max_streams=64, active_window_s=0.0)
+    base.update(limits)
+    return FusedScheduler(engine, BatchLimits(**base), max_concurrent=max_concurrent, metrics=metrics,
+                          incoming=incoming)
+
+
+def test_requests_queued_together_are_one_call_in_arrival_order():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng)
+        out = await asyncio.gather(*(s.submit(k, state(k), x(2)) for k in "abcd"))
+        await s.close()
+        return out
+
+    out = run(main())
+    assert eng.calls == [[("a", 2), ("b", 2), ("c", 2), ("d", 2)]]
+    assert out == [("a", 0), ("b", 0), ("c", 0), ("d", 0)]  # each caller gets its own result
+
+
+def test_delay_zero_runs_what_is_queued_now_even_when_others_are_expected():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, incoming=lambda: {"b"}, max_delay_s=0.0, active_window_s=60.0)
+        await s.submit("a", state("a"), x(1))  # b is "on its way" forever: delay 0 does not wait for it
+        await s.submit("b", state("b"), x(1))
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("a", 1)], [("b", 1)]]
+
+
+def test_a_call_waits_for_expected_streams_and_goes_when_all_are_in():
+    eng = RecordingEngine()
+
+    async def main():
+        on_the_way = {"b", "c"}
+        s = sched(eng, incoming=lambda: on_the_way, max_delay_s=60.0)
+        a = asyncio.create_task(s.submit("a", state("a"), x(1)))
+        done, _ = await asyncio.wait({a}, timeout=0.3)
+        assert not done, "a did not wait for the streams on their way"
+        b = asyncio.create_task(s.submit("b", state("b"), x(2)))
+        done, _ = await asyncio.wait({a}, timeout=0.3)
+        assert not done, "c is still expected"
+        on_the_way.discard("c")  # c's request was refused before it reached the scheduler
+        c = asyncio.create_task(s.submit("c", state("c"), x(3)))
+        await asyncio.gather(a, b, c)
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("a", 1), ("b", 2), ("c", 3)]]
+
+
+def test_the_delay_bounds_the_wait_for_expected_streams():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, incoming=lambda: {"never"}, max_delay_s=0.25)
+        t0 = time.monotonic()
+        await s.submit("a", state("a"), x(1))
+        waited = time.monotonic() - t0
+        await s.close()
+        return waited
+
+    waited = run(main(), timeout=10)
+    assert waited >= 0.25  # the stream it waited for never came: the call went once the delay had passed
+    assert eng.calls == [[("a", 1)]]
+
+
+def test_recently_active_streams_are_expected_and_a_lone_stream_never_waits():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=60.0, active_window_s=60.0)
+        for _ in range(3):  # alone: nothing else was active, nothing on its way: no waiting despite the delay
+            await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        # now b is recently active: a's next call waits for it (up to the delay)
+        a = asyncio.create_task(s.submit("a", state("a"), x(1)))
+        done, _ = await asyncio.wait({a}, timeout=0.3)
+        assert not done
+        await asyncio.gather(a, s.submit("b", state("b"), x(1)))
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("a", 1)]] * 3 + [[("a", 1), ("b", 1)]] * 2
+
+
+def test_a_stream_past_the_active_window_is_no_longer_waited_for():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=60.0, active_window_s=0.2)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        a = asyncio.create_task(s.submit("a", state("a"), x(1)))
+        done, _ = await asyncio.wait({a}, timeout=0.05)
+        assert not done  # b was active 0 s ago: a waits for it
+        await asyncio.wait_for(a, 5)  # ... until b's activity is older than the window
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("a", 1), ("b", 1)], [("a", 1)]]
+
+
+def test_the_image_budget_splits_a_call():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_images=8)
+        await asyncio.gather(*(s.submit(k, state(k), x(n)) for k, n in [("a", 4), ("b", 4), ("c", 4), ("d", 12),
+                                                                          ("e", 1)]))
+        await s.close()
+
+    run(main())
+    # calls take items in arrival order while they fit; a request over the budget runs alone
+    assert eng.calls == [[("a", 4), ("b", 4)], [("c", 4)], [("d", 12)], [("e", 1)]]
+
+
+def test_a_full_image_budget_does_not_wait_for_the_delay():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, incoming=lambda: {"x", "y"}, max_delay_s=60.0, max_images=4)
+        await asyncio.gather(s.submit("a", state("a"), x(2)), s.submit("b", state("b"), x(2)))
+        await s.close()
+
+    run(main(), timeout=10)
+    assert eng.calls == [[("a", 2), ("b", 2)]]
+
+
+def test_the_stream_cap_splits_a_call_and_ends_the_wait():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, incoming=lambda: {"z"}, max_delay_s=60.0, max_streams=2)
+        await asyncio.gather(*(s.submit(k, state(k), x(1)) for k in "abcd"))
+        await s.close()
+
+    run(main(), timeout=10)
+    assert eng.calls == [[("a", 1), ("b", 1)], [("c", 1), ("d", 1)]]
+
+
+def test_a_stream_is_at_most_once_per_call_and_stays_in_order():
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng)
+        st = state("a")
+        out = await asyncio.gather(s.submit("a", st, x(1)), s.submit("b", state("b"), x(1)),
+                                   s.submit("a", st, x(2)))
+        await s.close()
+        return out, st
+
+    out, st = run(main())
+    assert eng.calls == [[("a", 1), ("b", 1)], [("a", 2)]]
+    assert out[0] == ("a", 0) and out[2] == ("a", 1) and st["steps"] == 2
+
+
+def test_one_call_at_a_time_and_the_next_takes_everything_that_queued_meanwhile():
+    gate = threading.Event()
+    eng = RecordingEngine(gate)
+
+    async def main():
+        s = sched(eng, max_concurrent=1)
+        first = asyncio.create_task(s.submit("a", state("a"), x(1)))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(s.submit(k, state(k), x(1))) for k in "bcd"]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *rest)
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("a", 1)], [("b", 1), ("c", 1), ("d", 1)]]
+
+
+def test_errors_fail_only_their_own_request():
+    eng = RecordingEngine()
+
+    def bad_before(_s):
+        raise ValueError("before failed")
+
+    def bad_after(_s, _r):
+        raise OSError("after failed")
+
+    async def main():
+        s = sched(eng)
+        out = await asyncio.gather(
+            s.submit("a", state("a"), x(1), before=bad_before),
+            s.submit("b", state("b"), x(1), after=lambda st, r: ("after", r)),
+            s.submit("c", state("c"), x(1), after=bad_after),
+            return_exceptions=True)
+        failing = sched(RecordingEngine(fail=True))
+        whole = await asyncio.gather(failing.submit("d", state("d"), x(1)), failing.submit("e", state("e"), x(1)),
+                                     return_exceptions=True)
+        await s.close()
+        await failing.close()
+        with pytest.raises(SchedulerClosed):
+            await s.submit("a", state("a"), x(1))
+        return out, whole
+
+    out, whole = run(main())
+    assert isinstance(out[0], ValueError) and isinstance(out[2], OSError)
+    assert out[1] == ("after", ("b", 0))
+    assert eng.calls == [[("b", 1), ("c", 1)]]  # a's failed reset kept it out of the step
+    assert all(isinstance(e, RuntimeError) and "engine failed" in str(e) for e in whole)
+
+
+def test_metrics_count_streams_images_and_queue_wait():
+    eng = RecordingEngine()
+    m = ServiceMetrics()
+
+    async def main():
+        s = sched(eng, metrics=m, max_streams=3)
+        await asyncio.gather(*(s.submit(k, state(k), x(4)) for k in "abcde"))
+        await s.close()
+
+    run(main())
+    r = m.registry
+    assert r.get_sample_value("tta_fused_step_streams_count") == 2
+    assert r.get_sample_value("tta_fused_step_streams_sum") == 5
+    assert r.get_sample_value("tta_fused_step_streams_bucket", {"le": "1.0"}) == 0
+    assert r.get_sample_value("tta_fused_step_images_sum") == 20
+    assert r.get_sample_value("tta_fused_queue_wait_seconds_count") == 5
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError):
+        BatchLimits(max_images=0)
+    with pytest.raises(ValueError):
+        BatchLimits(max_streams=0)
+    with pytest.raises(ValueError):
+        BatchLimits(max_delay_s=-1)
+
+
+def test_a_call_of_one_stream_is_engine_step_and_of_several_one_step_many():
+    class Split:
+        def __init__(self) -> None:
+            self.log: list[tuple[str, list[str]]] = []
+
+        def step(self, st, xx, adapt=True):
+            self.log.append(("step", [st["key"]]))
+            return st["key"]
+
+        def step_many(self, items, adapt=True):
+            self.log.append(("step_many", [st["key"] for st, _ in items]))
+            return [st["key"] for st, _ in items]
+
+    eng = Split()
+
+    async def main():
+        s = sched(eng)
+        await s.submit("a", state("a"), x(1))
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        await s.close()
+
+    run(main())
+    assert eng.log == [("step", ["a"]), ("step_many", ["a", "b"])]
