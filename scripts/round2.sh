@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Round 2 of the MNIST-5k benchmark: every committed number of docs/results.md "Round 2" (run from the repo root).
-#   bash scripts/round2.sh [pretrain] [bench] [summary]      (default: all three)
+#   bash scripts/round2.sh [pretrain] [bench] [variants] [summary]      (default: all four)
 # Protocol: CIFAR-10-C corruption constants (--profile cifar-c), severity 5, the 15 test corruptions of the
 # MNIST-5k TEST split (1,000 images each), batch 16 (63 batches = 63 update opportunities per domain), one online
 # pass, reset per domain or never (continual). Step sizes of every gradient method (MGG's included) are chosen on
@@ -10,7 +10,7 @@
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 MGG=${MGG:-.venv/bin/mgg}
-steps=${*:-pretrain bench summary}
+steps=${*:-pretrain bench variants summary}
 COMMON=(--profile cifar-c --batch-size 16 --heldout-profiles imagenet-c --val-images 500 --sweep-lrs 3e-3,3e-2,3e-1
         --no-progress --threads 1)
 # kind policy part methods: reset = reset per domain, continual = never reset (the held-out sweep uses the same policy)
@@ -39,6 +39,39 @@ resnet continual g3come come
 resnet continual g3roid roid
 resnet continual g2sar sar
 resnet continual g2deyo deyo"
+# Stream variants (issue 14: "the batch-size and Dirichlet label-shift variants from the stream spec"):
+# kind policy variant part flags methods (the ViT's methods as separate jobs, MGG and its closest rivals first)
+# -> folder r2_<kind>_<policy>-<variant>_<part>. Same protocol as above except
+# the flags; NO held-out sweep: every method's step size is the one the i.i.d. held-out sweep of the same model and
+# reset policy chose (read from its committed rows of docs/results/summary.json and passed as --lr), so the
+# lr is not re-selected under label shift or at another batch size. One job: ONLY=<folder> bash scripts/round2.sh variants
+VARIANTS="resnet continual dirichlet0.1 all --label-shift=0.1 noadapt bn tent eata foa come roid mgg
+vit continual dirichlet0.1 mgg --label-shift=0.1 mgg
+vit continual dirichlet0.1 g2foa --label-shift=0.1 foa
+vit continual dirichlet0.1 g1 --label-shift=0.1 noadapt tent eata
+vit continual dirichlet0.1 g3 --label-shift=0.1 come roid
+resnet reset dirichlet0.1 all --label-shift=0.1 noadapt bn tent eata foa come roid mgg
+vit reset dirichlet0.1 mgg --label-shift=0.1 mgg
+vit reset dirichlet0.1 g2foa --label-shift=0.1 foa
+vit reset dirichlet0.1 g1 --label-shift=0.1 noadapt tent eata
+vit reset dirichlet0.1 g3 --label-shift=0.1 come roid
+resnet reset batch64-4 all --batch-sizes=64,4 noadapt bn tent eata foa come roid mgg
+resnet continual dirichlet0.1 g2 --label-shift=0.1 sar deyo
+vit continual dirichlet0.1 g2 --label-shift=0.1 sar deyo
+resnet reset dirichlet0.1 g2 --label-shift=0.1 sar deyo
+vit reset dirichlet0.1 g2 --label-shift=0.1 sar deyo
+resnet reset batch64-4 g2 --batch-sizes=64,4 sar deyo"
+iid_lrs() {  # METHOD=LR chosen by the i.i.d. held-out sweeps of one model and policy (their rows of summary.json)
+  .venv/bin/python - "$1" "$2" <<'PY'
+import json, sys
+from pathlib import Path
+kind, policy = sys.argv[1:]
+rows = json.loads(Path("docs/results/summary.json").read_text())["rows"]
+lrs = {r["method"]: r["lr"] for r in rows if r["protocol"] == f"{kind}_{policy}"
+       and (r["lr_source"] or "").startswith("held-out sweep")}
+print(" ".join(f"{m}={v:g}" for m, v in sorted(lrs.items())))
+PY
+}
 declare -A ALPHA=([vit]=1e-2 [resnet]=1e-3) VAL_LR=([vit]=3e-2 [resnet]=1e-2)
 
 for kind in vit resnet; do
@@ -61,6 +94,19 @@ for kind in vit resnet; do
       time nice -n 10 "$MGG" bench --classifier $kind --out docs/results/r2_${kind}_${policy}_${part} "${COMMON[@]}" \
         --reset $reset --methods $methods "${extra[@]}" < /dev/null
     done <<< "$JOBS"
+  fi
+  if [[ $steps == *variants* ]]; then
+    while read -r k policy variant part flags methods; do
+      [[ $k == "$kind" ]] || continue
+      [[ -z ${ONLY:-} || r2_${kind}_${policy}-${variant}_${part} == "$ONLY" ]] || continue   # ONLY=<folder name>
+      [[ $policy == reset ]] && reset=per_domain || reset=never
+      extra=(); [[ " $methods " == *" mgg "* ]] && extra=(--mgg-checkpoint $ckpt)
+      read -r -a lrs <<< "$(iid_lrs $kind $policy)"
+      # shellcheck disable=SC2086
+      time nice -n 19 "$MGG" bench --classifier $kind --out docs/results/r2_${kind}_${policy}-${variant}_${part} \
+        --profile cifar-c --batch-size 16 --no-progress --threads 1 --reset $reset $flags --methods $methods \
+        "${extra[@]}" --lr "${lrs[@]}" < /dev/null
+    done <<< "$VARIANTS"
   fi
 done
 if [[ $steps == *summary* ]]; then

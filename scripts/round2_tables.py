@@ -2,6 +2,8 @@
 
     python scripts/round2_tables.py docs/results          # reads r2_{vit,resnet}_{reset,continual}_<part>
 
+Stream variants (folders r2_<kind>_<policy>-<variant>_<part>) get their own tables after the four i.i.d. settings.
+
 A setting's bench folders (methods run as separate jobs) are joined by ``scripts/summary.py``'s ``load_settings``.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 
 from mgg_core.bench.report import summarize
 
-__all__ = ["load_setting", "main"]
+__all__ = ["load_setting", "main", "variant_title"]
 
 SETTINGS = [("vit", "reset", "ViT, reset per domain"), ("vit", "continual", "ViT, continual"),
             ("resnet", "reset", "ResNet, reset per domain"), ("resnet", "continual", "ResNet, continual")]
@@ -24,14 +26,26 @@ CHANCE = 12.0     # 10 classes: a domain "at chance" when its online accuracy is
 
 def load_setting(root: Path, kind: str, reset: str) -> dict | None:
     """{"summary", "lrs", "sweep", "ref"} of one setting (its bench folders joined), or None when not run."""
-    from summary import POLICIES, load_settings
+    from summary import load_settings, reset_of
 
     st = load_settings(root).get((kind, reset))
     if st is None:
         return None
-    return {"summary": summarize(st["results"], POLICIES[reset]), "sweep": st["sweep"],
+    return {"summary": summarize(st["results"], reset_of(reset)), "sweep": st["sweep"],
             "lrs": {m: d.get("lr") for m, d in st["methods"].items()},
-            "ref": summarize(st["results"], POLICIES[reset]).get("_reference", {})}
+            "ref": summarize(st["results"], reset_of(reset)).get("_reference", {})}
+
+
+def variant_title(kind: str, policy: str) -> str:
+    """'resnet', 'continual-dirichlet0.1' -> 'ResNet, continual, Dirichlet(0.1)' ('-batch64-4-b64' -> batch 64)."""
+    base, *rest = policy.split("-")
+    words = [{"vit": "ViT", "resnet": "ResNet"}.get(kind, kind), "reset per domain" if base == "reset" else base]
+    for r in rest:
+        if r.startswith("dirichlet"):
+            words.append(f"Dirichlet({r[len('dirichlet'):]}) label shift")
+        elif r.startswith("b") and r[1:].isdigit():
+            words.append(f"batch {r[1:]}")
+    return ", ".join(words)
 
 
 def _means_table(settings: dict) -> list[str]:
@@ -114,6 +128,13 @@ def main(argv=None) -> None:
     settings = {key: st for key in SETTINGS if (st := load_setting(root, key[0], key[1])) is not None}
     blocks = [_means_table(settings), ["", "Updates to reach TENT's final online accuracy (and stay there):", ""],
               _reach_table(settings), [""], _domain_table(settings), [""], _sweep_tables(settings)]
+    from summary import load_settings
+    variants = {(k, p, variant_title(k, p)): st for (k, p) in sorted(load_settings(root)) if "-" in p
+                and (st := load_setting(root, k, p)) is not None}
+    if variants:   # stream variants (label shift, batch size): step sizes of the i.i.d. held-out sweeps, no sweep
+        blocks += [["Stream variants (step sizes of the i.i.d. held-out sweeps):", ""], _means_table(variants),
+                   ["", "Updates to reach TENT's final online accuracy (and stay there), stream variants:", ""],
+                   _reach_table(variants), [""], _domain_table(variants)]
     print("\n".join(line for b in blocks for line in b))
 
 

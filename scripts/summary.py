@@ -5,6 +5,10 @@
 A setting (model x reset policy) may be split over several bench folders ``r2_<kind>_<reset|continual>_<part>``
 (methods run as separate jobs: same stream, same held-out sweep protocol); the folders of one setting are joined
 here, and TENT's curve (in one of them) is the reference of every method's "updates to reach TENT's final".
+Stream variants (scripts/round2.sh VARIANTS) are folders ``r2_<kind>_<reset|continual>-<variant>_<part>``, e.g.
+``r2_resnet_continual-dirichlet0.1_all``: a setting of their own (protocol ``<kind>_<policy>-<variant>``, rows with
+``variant`` and ``label_shift`` fields); a batch-size sweep folder (``--batch-sizes``: ``batch_<B>/results.json``)
+gives one setting per size, ``<kind>_<policy>-<variant>-b<B>``. The i.i.d. rows keep their fields.
 
 Row fields: model; weights_sha256 (the classifier; mgg_sha256 too where the optimizer is MGG); protocol
 (``<kind>_<reset>``) and its stream (profile, severity, batch size, reset); method; lr and where it came from;
@@ -26,16 +30,23 @@ from mgg_core.bench.report import batches_to_reach, online_curve, plot_curves
 from mgg_core.bench.runner import DomainResult
 from mgg_core.io import atomic_write_text
 
-__all__ = ["load_settings", "main", "rows_of"]
+__all__ = ["load_settings", "main", "reset_of", "rows_of"]
 
 POLICIES = {"reset": "domain", "continual": "never"}
+
+
+def reset_of(policy: str) -> str:
+    """The curve's reset policy of a setting's policy, variants included ("continual-dirichlet0.1" -> "never")."""
+    return POLICIES[policy.split("-", 1)[0]]
 
 
 def _from_cache(folder: Path, policy: str, n_domains: int = 15) -> dict:
     """Results of a bench job stopped before it wrote results.json: the methods whose every domain is in its
     per-(method, domain) cache, with the lr its held-out sweep cache picks (the same argmax as ``sweep_lrs``)."""
-    reset = POLICIES[policy]
-    results, methods, sweep = {}, {}, {}
+    reset = reset_of(policy)
+    results: dict[str, list] = {}
+    methods: dict[str, dict] = {}
+    sweep: dict[str, dict[str, float]] = {}
     for mdir in sorted((folder / "cache" / f"reset-{reset}").glob("*")):
         files = sorted(mdir.glob("[0-9][0-9][0-9]_*.json"))
         if len(files) < n_domains:
@@ -65,6 +76,10 @@ def load_settings(root: Path) -> dict[tuple[str, str], dict]:
         if not folder.is_dir():
             continue
         _, kind, policy, _part = folder.name.split("_", 3)
+        for sub in sorted(folder.glob("batch_*/results.json"), key=lambda f: int(f.parent.name.split("_")[1])):
+            _add(out, kind, f"{policy}-b{sub.parent.name.split('_')[1]}", folder, json.loads(sub.read_text()))
+        if (folder / "batch_size_sweep.json").is_file():
+            continue
         if not (folder / "results.json").is_file():
             partial.append((kind, policy, folder))
             continue
@@ -94,7 +109,9 @@ def _add(out: dict, kind: str, policy: str, folder: Path, res: dict, partial: bo
 
 
 def rows_of(kind: str, policy: str, st: dict) -> list[dict]:
-    reset = POLICIES[policy]
+    reset = reset_of(policy)
+    variant = {"variant": policy.split("-", 1)[1],
+               "label_shift": (st["protocol"].get("stream") or {}).get("label_shift")} if "-" in policy else {}
     curves = {m: online_curve(rs, reset) for m, rs in st["results"].items()}
     proto, stream = st["protocol"], st["protocol"].get("stream") or {}
     target = float(curves["tent"][-1]) if "tent" in curves else None
@@ -114,7 +131,7 @@ def rows_of(kind: str, policy: str, st: dict) -> list[dict]:
             "updates_to_reach_tent_final": upd, "tent_updates": n_ref,
             "fraction_of_tent_updates": None if upd is None or not n_ref else round(upd / n_ref, 3),
             "tent_final_online_accuracy": None if target is None else round(target, 2),
-            "mgg_sha256": st["mgg_sha256"] if opt == "mgg" else None,
+            "mgg_sha256": st["mgg_sha256"] if opt == "mgg" else None, **variant,
         })
     return rows
 
@@ -126,15 +143,17 @@ def main(argv=None) -> None:
     ap.add_argument("--plots", action="store_true", help="also write ROOT/r2_<kind>_<policy>.png (joined curves)")
     args = ap.parse_args(argv)
     root = Path(args.root)
-    settings = load_settings(root)
+    loaded = load_settings(root)   # the i.i.d. settings first (their rows as before), then the stream variants
+    settings = dict(sorted(loaded.items(), key=lambda kv: "-" in kv[0][1]))
     rows = [r for (kind, policy), st in settings.items() for r in rows_of(kind, policy, st)]
     folders = {f"{k}_{p}": st["folders"] for (k, p), st in settings.items()}
     atomic_write_text(args.out, json.dumps({"folders": folders, "rows": rows}, indent=1) + "\n")
     if args.plots:
         for (kind, policy), st in settings.items():
-            plot_curves(st["results"], POLICIES[policy], root / f"r2_{kind}_{policy}.png",
-                        f"{kind}, {policy}: online accuracy (cifar-c, severity 5, batch 16)",
-                        batch_size=int(st["protocol"].get("batch_size") or 16), highlight=("mgg",))
+            bs = int(st["protocol"].get("batch_size") or 16)
+            plot_curves(st["results"], reset_of(policy), root / f"r2_{kind}_{policy}.png",
+                        f"{kind}, {policy}: online accuracy (cifar-c, severity 5, batch {bs})",
+                        batch_size=bs, highlight=("mgg",))
     print(f"{len(rows)} rows -> {args.out}")
 
 
