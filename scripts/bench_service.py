@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-from benchkit import digits, run_together, start_server  # noqa: E402  (scripts/benchkit.py)
+from benchkit import add_server_args, digits, run_together, start_server  # noqa: E402  (scripts/benchkit.py)
 
 
 def png_multipart(batch: np.ndarray) -> tuple[bytes, str]:
@@ -380,14 +380,7 @@ def _mixed_markdown(protocol: dict[str, Any], summary: dict[str, dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet", help="'vit', 'resnet' or a classifier checkpoint")
-    p.add_argument("--method", default=None, help="default: the service default")
-    p.add_argument("--optimizer", default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--mgg-checkpoint", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=40, help="timed batches")
+    add_server_args(p, batches=40, batches_help="timed batches")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; medians are reported")
     p.add_argument("--mode", choices=["inprocess", "mixed"], default="inprocess",

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-from benchkit import digits, start_server  # noqa: E402  (scripts/benchkit.py: data and server set-up)
+from benchkit import add_server_args, digits, start_server  # noqa: E402  (scripts/benchkit.py: data and server set-up)
 
 from mgg_replay.client import encode_npy  # noqa: E402
 from mgg_replay.v2 import encode_infer, infer_path  # noqa: E402
@@ -106,13 +106,7 @@ def senders(client: Any, triton: Any, model: str, batches: list[np.ndarray], str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet", help="'vit', 'resnet' or a classifier checkpoint")
-    p.add_argument("--method", default=None, help="default: the service default")
-    p.add_argument("--optimizer", default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=30, help="timed batches per round and protocol")
+    add_server_args(p, batches=30, batches_help="timed batches per round and protocol")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)

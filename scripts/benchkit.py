@@ -39,6 +39,18 @@ def labelled_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([src.get_image(int(i)) for i in idx]).astype(np.uint8), np.asarray(src.labels)[idx]
 
 
+def add_server_args(p: Any, *, batches: int, batches_help: str) -> None:
+    """The flags :func:`start_server` reads (model, engine, device, batch size), plus ``--batches``."""
+    p.add_argument("--model", default="resnet", help="'vit', 'resnet' or a classifier checkpoint")
+    p.add_argument("--method", default=None, help="default: the service default")
+    p.add_argument("--optimizer", default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--mgg-checkpoint", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=batches, help=batches_help)
+
+
 def start_server(args: Any, snapshot_dir: str, *extra: str, env: dict[str, str] | None = None) -> Any:
     """`mgg serve` in its own process with the benchmark's settings; returned started and ready.
 
