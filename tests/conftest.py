@@ -144,6 +144,29 @@ def wait_for(cond: Any, timeout: float = 30.0) -> None:
     raise TimeoutError("condition not reached")
 
 
+@contextlib.contextmanager
+def gated_engine(srv: Any, timeout: float = 60.0) -> Iterator[threading.Event]:
+    """Hold every engine call of the live server ``srv`` at a gate until the yielded event is set: the single step
+    and the fused one (fused steps, the default, may not go through ``engine.step``). On exit the gate opens and
+    the engine's own methods are back."""
+    engine = srv.app.state.svc.runtime.engine
+    gate = threading.Event()
+    real_step, real_many = engine.step, engine.step_many
+
+    def gated(real: Any) -> Any:
+        def call(*a: Any, **kw: Any) -> Any:
+            assert gate.wait(timeout), "the test never opened the engine gate"
+            return real(*a, **kw)
+        return call
+
+    engine.step, engine.step_many = gated(real_step), gated(real_many)
+    try:
+        yield gate
+    finally:
+        gate.set()
+        engine.step, engine.step_many = real_step, real_many
+
+
 # ----------------------------------------------------------------------------------- image helpers
 
 

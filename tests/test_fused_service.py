@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import npy_bytes, service_test_model, wait_for
+from conftest import gated_engine, npy_bytes, service_test_model, wait_for
 
 from mgg_replay.v2 import decode_infer, encode_infer, infer_path
 from service.settings import ServiceSettings
@@ -190,26 +190,6 @@ def test_a_streams_concurrent_requests_are_applied_one_at_a_time_in_a_consistent
     assert_states_equal(srv, ref, sids)
 
 
-def _gate_engine(srv) -> threading.Event:
-    """Hold every engine call at a gate until it is set (both the fused call and the single step)."""
-    engine = srv.app.state.svc.runtime.engine
-    gate = threading.Event()
-    real_many, real_step = engine.step_many, engine.step
-
-    def many(*a, **kw):
-        assert gate.wait(60)
-        return real_many(*a, **kw)
-
-    def step(*a, **kw):
-        assert gate.wait(60)
-        return real_step(*a, **kw)
-
-    engine.step_many, engine.step = many, step
-    return gate
-
-
-
-
 @pytest.mark.timeout(300)
 def test_a_failed_snapshot_write_fails_only_its_stream_in_a_fused_step(live_server, tmp_path, digit_images):
     srv = live_server(settings_for(tmp_path / "w", method="tent", optimizer="sgd", lr=0.05, update_images=1,
@@ -226,39 +206,39 @@ def test_a_failed_snapshot_write_fails_only_its_stream_in_a_fused_step(live_serv
             raise OSError(28, "No space left on device (injected)")
         return real_write(stream_id, *a, **kw)
 
-    gate = _gate_engine(srv)
-    store._write_files = write
-    results: dict[str, httpx.Response] = {}
+    with gated_engine(srv) as gate:
+        store._write_files = write
+        results: dict[str, httpx.Response] = {}
 
-    def send(sid: str) -> None:
+        def send(sid: str) -> None:
+            with srv.client() as c:
+                results[sid] = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": sid})
+
         with srv.client() as c:
-            results[sid] = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": sid})
-
-    with srv.client() as c:
-        calls_before = metric(c, "tta_fused_step_streams_count")
-        streams_before = metric(c, "tta_fused_step_streams_sum")
-        blocker = threading.Thread(target=send, args=("blocker",))
-        blocker.start()  # the first call holds the gate; the three requests below queue for the next one
-        wait_for(lambda: metric(c, "tta_fused_step_streams_count") == calls_before + 1)
-        threads = [threading.Thread(target=send, args=(sid,)) for sid in ("good1", "bad", "good2")]
-        for t in threads:
-            t.start()
-        wait_for(lambda: metric(c, "tta_queue_depth") == 4)
-        gate.set()
-        for t in [blocker, *threads]:
-            t.join(120)
-        assert metric(c, "tta_fused_step_streams_count") == calls_before + 2  # blocker alone, then the three
-        assert metric(c, "tta_fused_step_streams_sum") - streams_before == 4
-        store._write_files = real_write
-        assert results["bad"].status_code == 507 and results["bad"].json()["error"]["code"] == \
-            "snapshot_write_failed", results["bad"].text
-        assert "injected" not in results["bad"].text
-        for sid in ("good1", "good2", "blocker"):
-            assert results[sid].status_code == 200, results[sid].text
-        assert results["good1"].json()["step"] == results["good2"].json()["step"] == 2
-        assert c.get("/streams/bad", headers=AUTH).json()["step"] == 1  # not acknowledged, not kept
-        assert c.get("/streams/good1", headers=AUTH).json()["step"] == 2
-        assert send_predict(c, "bad", x)[2] == 2  # the stream continues from its last durable state
+            calls_before = metric(c, "tta_fused_step_streams_count")
+            streams_before = metric(c, "tta_fused_step_streams_sum")
+            blocker = threading.Thread(target=send, args=("blocker",))
+            blocker.start()  # the first call holds the gate; the three requests below queue for the next one
+            wait_for(lambda: metric(c, "tta_fused_step_streams_count") == calls_before + 1)
+            threads = [threading.Thread(target=send, args=(sid,)) for sid in ("good1", "bad", "good2")]
+            for t in threads:
+                t.start()
+            wait_for(lambda: metric(c, "tta_queue_depth") == 4)
+            gate.set()
+            for t in [blocker, *threads]:
+                t.join(120)
+            assert metric(c, "tta_fused_step_streams_count") == calls_before + 2  # blocker alone, then the three
+            assert metric(c, "tta_fused_step_streams_sum") - streams_before == 4
+            store._write_files = real_write
+            assert results["bad"].status_code == 507 and results["bad"].json()["error"]["code"] == \
+                "snapshot_write_failed", results["bad"].text
+            assert "injected" not in results["bad"].text
+            for sid in ("good1", "good2", "blocker"):
+                assert results[sid].status_code == 200, results[sid].text
+            assert results["good1"].json()["step"] == results["good2"].json()["step"] == 2
+            assert c.get("/streams/bad", headers=AUTH).json()["step"] == 1  # not acknowledged, not kept
+            assert c.get("/streams/good1", headers=AUTH).json()["step"] == 2
+            assert send_predict(c, "bad", x)[2] == 2  # the stream continues from its last durable state
 
 
 @pytest.mark.timeout(300)
@@ -266,28 +246,28 @@ def test_queues_fill_and_answer_429_while_a_fused_step_runs(live_server, tmp_pat
     srv = live_server(settings_for(tmp_path / "q", method="tent", optimizer="sgd", lr=0.05, update_images=1,
                                    bn_stats="batch", guard_check_share=0.0, max_queue_per_stream=1,
                                    max_queue_total=2, max_batch_delay_ms=0.0))
-    gate = _gate_engine(srv)
-    body = npy_bytes(digit_images[:4])
-    results: dict[str, httpx.Response] = {}
+    with gated_engine(srv) as gate:
+        body = npy_bytes(digit_images[:4])
+        results: dict[str, httpx.Response] = {}
 
-    def send(sid: str) -> None:
+        def send(sid: str) -> None:
+            with srv.client() as c:
+                results[sid] = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": sid})
+
+        threads = [threading.Thread(target=send, args=(f"q{i}",)) for i in range(2)]
         with srv.client() as c:
-            results[sid] = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": sid})
-
-    threads = [threading.Thread(target=send, args=(f"q{i}",)) for i in range(2)]
-    with srv.client() as c:
-        for t in threads:
-            t.start()
-        wait_for(lambda: metric(c, "tta_queue_depth") == 2)
-        r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
-        assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
-        r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
-        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and "retry-after" in r.headers
-        gate.set()
-        for t in threads:
-            t.join(60)
-        assert all(results[s].status_code == 200 and results[s].json()["step"] == 1 for s in ("q0", "q1"))
-        assert c.get("/streams/q-other", headers=AUTH).status_code == 404
+            for t in threads:
+                t.start()
+            wait_for(lambda: metric(c, "tta_queue_depth") == 2)
+            r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
+            r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and "retry-after" in r.headers
+            gate.set()
+            for t in threads:
+                t.join(60)
+            assert all(results[s].status_code == 200 and results[s].json()["step"] == 1 for s in ("q0", "q1"))
+            assert c.get("/streams/q-other", headers=AUTH).status_code == 404
 
 
 def test_fused_step_settings_reach_the_scheduler_and_are_validated(tmp_path):

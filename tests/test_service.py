@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LiveServer, npy_bytes, png_bytes, service_settings, service_test_model, wait_for
+from conftest import LiveServer, gated_engine, npy_bytes, png_bytes, service_settings, service_test_model, wait_for
 
 from service.settings import ServiceSettings
 
@@ -367,17 +367,6 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
     import httpx
 
     srv = live_server(settings_for(tmp_path / "q", max_queue_per_stream=1, max_queue_total=2))
-    engine = srv.app.state.svc.runtime.engine
-    real_step, real_many, gate = engine.step, engine.step_many, threading.Event()
-
-    def gated_step(*a, **kw):
-        gate.wait(30)
-        return real_step(*a, **kw)
-
-    def gated_many(*a, **kw):  # fused steps (fused_steps, the default) may not go through engine.step
-        gate.wait(30)
-        return real_many(*a, **kw)
-
     body = npy_bytes(digit_images[:4])
     results: dict[str, httpx.Response] = {}
 
@@ -386,31 +375,26 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
             results[sid] = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": sid})
 
     threads = [threading.Thread(target=send, args=(f"q{i}",)) for i in range(2)]
-    engine.step, engine.step_many = gated_step, gated_many
-    try:
-        with srv.client() as c:
-            threads[0].start()
-            wait_for(lambda: _queue_depth(c) == 1)
-            r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
-            assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
-            assert int(r.headers["retry-after"]) >= 1
-            threads[1].start()
-            wait_for(lambda: _queue_depth(c) == 2)
-            r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
-            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
-            assert "retry-after" in r.headers
-            gate.set()
-            for t in threads:
-                t.join(60)
-            assert all(results[s].status_code == 200 and results[s].json()["step"] == 1 for s in ("q0", "q1"))
-            # the refused requests changed nothing; the queue is free again
-            assert c.get("/streams/q-other", headers=AUTH).status_code == 404
-            r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
-            assert r.status_code == 200 and r.json()["step"] == 2
-            assert 'tta_requests_rejected_total{queue="stream"} 1.0' in c.get("/metrics").text
-    finally:
+    with gated_engine(srv) as gate, srv.client() as c:
+        threads[0].start()
+        wait_for(lambda: _queue_depth(c) == 1)
+        r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
+        assert int(r.headers["retry-after"]) >= 1
+        threads[1].start()
+        wait_for(lambda: _queue_depth(c) == 2)
+        r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert "retry-after" in r.headers
         gate.set()
-        engine.step, engine.step_many = real_step, real_many
+        for t in threads:
+            t.join(60)
+        assert all(results[s].status_code == 200 and results[s].json()["step"] == 1 for s in ("q0", "q1"))
+        # the refused requests changed nothing; the queue is free again
+        assert c.get("/streams/q-other", headers=AUTH).status_code == 404
+        r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
+        assert r.status_code == 200 and r.json()["step"] == 2
+        assert 'tta_requests_rejected_total{queue="stream"} 1.0' in c.get("/metrics").text
 
 
 def _queue_depth(c) -> float:

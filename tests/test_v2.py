@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import npy_bytes, service_settings
+from conftest import gated_engine, npy_bytes, service_settings
 
 from service.settings import ServiceSettings
 
@@ -302,16 +302,7 @@ def test_same_queue_429_with_retry_after_and_the_model_name_setting(live_server,
     import time
 
     srv = live_server(settings_for(tmp_path / "q", max_queue_per_stream=1, model_name="digits"))
-    engine = srv.app.state.svc.runtime.engine
-    real_step, real_many, gate, done = engine.step, engine.step_many, threading.Event(), {}
-
-    def gated_step(*a, **kw):
-        gate.wait(30)
-        return real_step(*a, **kw)
-
-    def gated_many(*a, **kw):  # fused steps (the default) may not go through engine.step
-        gate.wait(30)
-        return real_many(*a, **kw)
+    done: dict = {}
 
     def send() -> None:
         with srv.client() as c:
@@ -319,31 +310,26 @@ def test_same_queue_429_with_retry_after_and_the_model_name_setting(live_server,
                                headers={"Content-Type": "application/x-npy", "X-Stream-Id": "q"})
 
     t = threading.Thread(target=send)
-    engine.step, engine.step_many = gated_step, gated_many
-    try:
-        with srv.client() as c:
-            assert c.get("/v2/models/digits").json()["name"] == "digits"
-            assert c.get(f"/v2/models/{MODEL}").status_code == 404
-            t.start()
-            deadline = time.monotonic() + 30
-            while "tta_queue_depth 1.0" not in c.get("/metrics").text:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
-            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-            assert list(r.json()) == ["error"] and "queued" in r.json()["error"]
-            gate.set()
-            t.join(60)
-            assert done["r"].status_code == 200 and done["r"].json()["step"] == 1
-            r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
-            assert r.status_code == 200 and r.json()["parameters"]["step"] == 2
-            metrics = c.get("/metrics").text
-            assert 'tta_requests_rejected_total{queue="stream"} 1.0' in metrics
-            assert "tta_images_total 8.0" in metrics  # both protocols count their images in one place
-            assert 'route="/v2/models/{model_name}/infer",status="429"' in metrics  # templates: no names as labels
-    finally:
+    with gated_engine(srv) as gate, srv.client() as c:
+        assert c.get("/v2/models/digits").json()["name"] == "digits"
+        assert c.get(f"/v2/models/{MODEL}").status_code == 404
+        t.start()
+        deadline = time.monotonic() + 30
+        while "tta_queue_depth 1.0" not in c.get("/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert list(r.json()) == ["error"] and "queued" in r.json()["error"]
         gate.set()
-        engine.step, engine.step_many = real_step, real_many
+        t.join(60)
+        assert done["r"].status_code == 200 and done["r"].json()["step"] == 1
+        r = c.post("/v2/models/digits/infer", json=_raw(digit_images[:4], parameters={"sequence_id": "q"}))
+        assert r.status_code == 200 and r.json()["parameters"]["step"] == 2
+        metrics = c.get("/metrics").text
+        assert 'tta_requests_rejected_total{queue="stream"} 1.0' in metrics
+        assert "tta_images_total 8.0" in metrics  # both protocols count their images in one place
+        assert 'route="/v2/models/{model_name}/infer",status="429"' in metrics  # templates: no names as labels
 
 
 # ------------------------------------------------------------------------------- the load client's codec
