@@ -290,8 +290,9 @@ class AdaptationEngine:
                       momenta: torch.Tensor, features: bool):
         """One forward for S streams' requests of equal shape (``xs``: (S, N, C, H, W)), row s with the adapted
         scalars ``thetas[s]``, BatchNorm statistics ``norms[...][s]`` and update gate ``momenta[s]`` (1: the
-        statistics move with the request's images, 0: they are not updated): ``torch.func.vmap`` over ``functional_call``, so every layer, BatchNorm's batch statistics
-        and the feature taps included, sees one stream's images only. -> (logits (S, N, K), features (S, N, D) or
+        statistics move with the request's images, 0: they are not updated): ``torch.func.vmap`` over
+        ``functional_call``, so every layer, BatchNorm's batch statistics and the feature taps included, sees one
+        stream's images only. -> (logits (S, N, K), features (S, N, D) or
         None, the statistics' updates {name: (S, ...)})."""
         n = xs.shape[1]
 
@@ -342,7 +343,7 @@ class AdaptationEngine:
     def _fused_group(self, group: list[_Job]) -> list:
         """One vmapped forward for ``group`` (requests of one shape); no-gradient jobs get their output here,
         the others their loss (returned, with what :meth:`_fused_pass` needs to finish them)."""
-        n, grad = group[0].x.shape[0], any(j.grad for j in group)
+        grad = any(j.grad for j in group)
         norms = ({k: torch.stack([j.state.tensors[f"norm.{k}"] for j in group]) for k in self._source_norm}
                  if self.norm.per_stream else {})
         momenta = torch.tensor([1.0 if j.update_norm else 0.0 for j in group], dtype=torch.float64,

@@ -15,9 +15,10 @@ statistics; ``"batch"``: the statistics of the batch). Inside ``use(stats, n_ima
   of one image move the statistics as much as one request of N images. The per-image momentum ``m`` may depend
   on depth (TTN, Lim et al. 2023: shallow layers' statistics reflect the corruption, deep layers' the class mix):
   ``shallow_momentum`` for the first BatchNorm layer, ``momentum`` for the last, geometric interpolation over
-  the layers' order in between (:func:`layer_momenta`); without ``shallow_momentum`` every layer uses ``momentum``. Means and variances are merged as two
-  populations (the variance of the mixture, including the spread of the means). The gradient flows through the
-  batch part, so entropy minimisation still shapes the statistics as with batch statistics.
+  the layers' order in between (:func:`layer_momenta`); without ``shallow_momentum`` every layer uses ``momentum``.
+  Means and variances are merged as two populations (the variance of the mixture, including the spread of the
+  means). The gradient flows through the batch part, so entropy minimisation still shapes the statistics as with
+  batch statistics.
 
 Statistics live in the stream state (``StreamState.tensors``) under ``norm.<layer>.mean`` / ``.var``; ``use``
 yields a dict that receives the updated statistics of the *first* forward pass within the block (later passes of
@@ -143,8 +144,8 @@ class StreamNormStats:
         ``update`` may be a 0-dim 0/1 tensor: under ``torch.func.vmap`` (one stream per vmapped row) ``stats`` and
         ``update`` are the stream's rows, so one block serves many streams, each mixed with its own images'
         statistics only."""
-        m = (self.request_momenta(n_images, update) if self.mode == "ema"
-             else dict.fromkeys(self.layers, 1.0))
+        m: dict[str, float | torch.Tensor] = (self.request_momenta(n_images, update) if self.mode == "ema"
+                                              else dict.fromkeys(self.layers, 1.0))
         call = _Call(stats, m, record)
         prev, self._call = self._call, (call if self.layers and self.mode != "source" else None)
         try:

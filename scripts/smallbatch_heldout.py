@@ -11,8 +11,8 @@ Two stream kinds, mirroring the two test protocols of issue 9:
 
 * ``continual``: the 12 domains in a seeded shuffled order (seed 1; the test stream uses 0), ``--images`` images
   per domain, batch 16, never reset, i.i.d. or Dirichlet(alpha) label shift within a domain;
-* ``replay``: 6 of the domains (seeded choice; ``--replay-domains``), 64 images each, one stream, never reset, cut into requests of
-  64, 16, 4 and 1 images.
+* ``replay``: 6 of the domains (seeded choice; ``--replay-domains``), 64 images each, one stream, never reset,
+  cut into requests of 64, 16, 4 and 1 images.
 
 Variants are the service's default engine with overrides, e.g.::
 
