@@ -89,6 +89,11 @@ class ServiceSettings(BaseSettings):
     bn_momentum: float = Field(0.01, gt=0, le=1, description="per-image momentum of bn_stats='ema' (0.01: chosen on "
                                "held-out streams, docs/results/smallbatch/heldout; faster statistics lose the class "
                                "signal under label shift)")
+    bn_momentum_shallow: float | None = Field(
+        None, gt=0, le=1, description="per-image momentum of the first BatchNorm layer of bn_stats='ema'; the "
+        "deeper layers interpolate geometrically (over the layers' order) to bn_momentum at the last one: shallow "
+        "statistics reflect the corruption and may follow the stream fast, deep ones the class mix (TTN, Lim et "
+        "al. 2023). None = every layer bn_momentum")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")
