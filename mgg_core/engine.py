@@ -39,6 +39,12 @@ from .params import ParamSpec, fusable_model, initial_vector, select_norm_params
 from .reasons import ResetReason, RollbackReason, SkipReason
 from .state import StreamState
 
+#: skipped gradient steps whose request still moves the stream's BatchNorm statistics: the method's loss selected
+#: none of the images (EATA/SAR/DeYO filters), but the statistics describe every image the stream saw, so they do
+#: not depend on how the images were cut into requests (a 1-image request is filtered alone, a 64-image one only
+#: when all 64 are). Non-finite losses, gradients or updates leave the statistics untouched.
+STATISTICS_DESPITE_SKIP = frozenset({SkipReason.NO_RELIABLE_SAMPLES})
+
 #: default step sizes per optimizer (reference: ViT-B/16, batch 64)
 DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-3, "mgg": 1e-3}
 
@@ -527,6 +533,8 @@ class AdaptationEngine:
             out.skipped_reason = SkipReason.NON_FINITE_GRAD
         if out.skipped_reason is not None or raw is None:
             state.skipped += 1
+            if out.skipped_reason in STATISTICS_DESPITE_SKIP and job.update_norm and job.norm_sink:
+                state.set_group("norm", job.norm_sink)   # the images were seen: the statistics follow them
             return False
         grad, n = raw, x.shape[0]
         pending = int(state.tensors["accum.images"]) if "accum.images" in state.tensors else 0

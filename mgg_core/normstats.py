@@ -23,7 +23,8 @@ statistics; ``"batch"``: the statistics of the batch). Inside ``use(stats, n_ima
 Statistics live in the stream state (``StreamState.tensors``) under ``norm.<layer>.mean`` / ``.var``; ``use``
 yields a dict that receives the updated statistics of the *first* forward pass within the block (later passes of
 the same step, e.g. SAR's second pass or DeYO's shuffled images, read but do not update them). A step's statistics
-are committed by the engine, so a rejected step leaves them untouched.
+are committed by the engine: a step rejected for non-finite values leaves them untouched, a request whose images
+the method's filter rejected all still moves them (``engine.STATISTICS_DESPITE_SKIP``).
 """
 from __future__ import annotations
 

@@ -148,3 +148,23 @@ def test_depth_momentum_state_resets_snapshots_and_is_fingerprinted(tmp_path):
     other = _engine("eata", **{**DEPTH, "bn_momentum_shallow": 0.1})
     with pytest.raises(Exception, match="bn_momentum_shallow"):
         other.load_state(tmp_path / "s.safetensors")
+
+
+def test_requests_the_method_filters_out_still_move_the_statistics():
+    """EATA with an entropy margin no image passes skips every step (no reliable samples); the images were seen,
+    so the statistics move exactly as under the gradient-free ``bn`` method (else 1-image requests, filtered one
+    by one, would build the statistics from a selected subset that 64-image requests do not)."""
+    from mgg_core.reasons import SkipReason
+
+    filtered = AdaptationEngine(_resnet(), EngineConfig(method="eata", optimizer="sgd", lr=0.01,
+                                                        method_kwargs={"e_margin": 0.0}, **DEPTH), num_classes=10)
+    plain = _engine("bn", **{k: v for k, v in DEPTH.items() if k != "update_images"})
+    a, b, fresh = filtered.new_state(), plain.new_state(), plain.new_state()
+    for i in range(4):
+        r = filtered.step(a, _images(1, i))
+        assert r.skipped_reason == SkipReason.NO_RELIABLE_SAMPLES and not r.adapted
+        plain.step(b, _images(1, i))
+    norm = [k for k in fresh.tensors if k.startswith("norm.")]
+    assert norm and all(torch.equal(a.tensors[k], b.tensors[k]) for k in norm)
+    assert not torch.equal(a.tensors[norm[0]], fresh.tensors[norm[0]])
+    assert torch.equal(a.theta, filtered.new_state().theta)
