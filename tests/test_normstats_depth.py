@@ -168,3 +168,22 @@ def test_requests_the_method_filters_out_still_move_the_statistics():
     assert norm and all(torch.equal(a.tensors[k], b.tensors[k]) for k in norm)
     assert not torch.equal(a.tensors[norm[0]], fresh.tensors[norm[0]])
     assert torch.equal(a.theta, filtered.new_state().theta)
+
+
+def test_bn_momentum_shallow_is_a_validated_service_setting_that_reaches_the_engine(monkeypatch):
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValidationError, match="bn_momentum_shallow"):
+            ServiceSettings(_env_file=None, bn_momentum_shallow=bad)
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_MOMENTUM_SHALLOW", "0.3")
+    settings = ServiceSettings(_env_file=None, bn_momentum=0.004)
+    cfg = engine_config(settings, build_method("eata", 10), "cpu", None)
+    assert cfg.bn_momentum_shallow == 0.3 and cfg.bn_momentum == 0.004
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    names = list(eng.norm.layers)
+    assert eng.norm.momenta[names[0]] == pytest.approx(0.3) and eng.norm.momenta[names[-1]] == pytest.approx(0.004)
