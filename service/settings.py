@@ -86,8 +86,8 @@ class ServiceSettings(BaseSettings):
         "ema", description="BatchNorm statistics of adapting methods: 'ema' = per-stream statistics kept as a "
         "moving average over images (works for any request size), 'batch' = each request's own, 'source' = the "
         "source's; None = the method's default ('batch'). Methods that never adapt keep the source's")
-    bn_momentum: float = Field(0.002, gt=0, le=1, description="per-image momentum of bn_stats='ema'; of the deepest "
-                               "BatchNorm layer when bn_momentum_shallow is set (0.002 with bn_momentum_shallow 0.2: "
+    bn_momentum: float = Field(0.001, gt=0, le=1, description="per-image momentum of bn_stats='ema'; of the deepest "
+                               "BatchNorm layer when bn_momentum_shallow is set (0.001 with bn_momentum_shallow 0.2: "
                                "chosen on held-out streams, docs/results/smallbatch/heldout; fast deep statistics "
                                "lose the class signal under label shift)")
     bn_momentum_shallow: float | None = Field(
