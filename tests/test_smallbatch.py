@@ -386,3 +386,21 @@ def test_guard_shift_reference_is_built_per_hold_and_restarts_at_a_fallback():
     assert torch.equal(g["shift_ref"], ref) and shift_score(cfg, g) > 2.0  # frozen; the fast EMA moved
     with pytest.raises(ValueError, match="shift_threshold"):
         GuardConfig(shift_threshold=0.0)
+
+
+
+def test_a_hold_release_is_counted_in_the_metrics_and_sent_in_the_response():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from service.dataplane import DataPlane
+    from service.metrics import ServiceMetrics
+    from service.schemas import PredictResponse
+
+    eng = _engine(_models()["vit"](), "noadapt")
+    res = dataclasses.replace(eng.step(eng.new_state(), _images(1, 0)), hold_released=HoldRelease.DOMAIN_SHIFT)
+    metrics = ServiceMetrics()
+    DataPlane._record(SimpleNamespace(svc=SimpleNamespace(metrics=metrics)), res, 1, {})  # type: ignore[arg-type]
+    assert 'tta_guard_hold_releases_total{reason="domain_shift"} 1.0' in generate_latest(metrics.registry).decode()
+    assert "hold_released" in PredictResponse.model_fields
