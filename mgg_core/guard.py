@@ -97,7 +97,7 @@ class GuardConfig:
     min_source_confident: float = 0.3
     hold_images: int = 128           # 128 (was 512): chosen on held-out streams with the depth-dependent statistics
     hold_statistics: bool = False
-    shift_threshold: float | None = None   # end a hold on a domain shift (reference std devs); None: holds run out
+    shift_threshold: float | None = 6.0    # end a hold on a domain shift (reference std devs; held-out); None: off
     shift_images: int = 8                  # time constant (images) of the descriptor's fast EMA
     shift_reference_images: int = 32       # images at the start of a hold that make its reference
 
