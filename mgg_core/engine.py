@@ -11,6 +11,7 @@ import hashlib
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ from .normstats import StreamNormStats, batch_momentum
 from .optim import Optimizer, build_optimizer
 from .params import ParamSpec, fusable_model, initial_vector, select_norm_params
 from .reasons import ResetReason, RollbackReason, SkipReason
+from .segments import SegmentNorms
 from .state import StreamState
 
 #: default step sizes per optimizer (reference: ViT-B/16, batch 64)
@@ -65,6 +67,8 @@ class EngineConfig:
     fused: bool = True                      # step_many fuses streams (False: one step per stream, same results)
     fuse_max_images: int = 16               # step_many fuses requests of at most this many images (0: none; larger
                                             # ones amortise their own step: docs/results/fused/README.md)
+    segment_norms: bool = True              # step_many runs a group as one plain batch with segment-wise norm layers
+                                            # where the model allows (segments.py); False: always the vmap path
 
 
 @dataclass
@@ -175,6 +179,12 @@ class AdaptationEngine:
         # gradients in the fused pass: a fusable method (one forward, objective, backward) and an optimizer whose
         # update does not amplify the fused kernels' different rounding (Optimizer.fusable)
         self.fuse_gradients = self.method.fusable and (self.optimizer is None or self.optimizer.fusable)
+        # a group of streams runs as one plain batch with segment-wise norm layers when every layer type has a
+        # segment implementation (segments.SEGMENT_NORMS), else as one vmapped forward
+        self.segments = SegmentNorms(self.model, self.spec, self.norm)
+        self.segment_fused = bool(config.segment_norms) and self.segments.supported
+        #: fused group forwards run so far, by path ("segment", "vmap")
+        self.fused_forwards: Counter[str] = Counter()
         self._attention: list[Any] = [m for m in self.model.modules()
                                       if isinstance(getattr(m, "fused_attn", None), bool)]
         self.fingerprint = {
@@ -280,6 +290,32 @@ class AdaptationEngine:
         live = live.detach() + scale * (live - live.detach())
         return torch.cat([state.tensors["window.features"][-k:], live])
 
+    def _streams_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
+                         momenta: torch.Tensor, features: bool):
+        """One forward for S streams' requests of equal shape, row s with stream s's adapted scalars, statistics
+        and momentum (see :meth:`_vmap_forward`): segment-wise norm layers where the model allows, else vmap."""
+        path = "segment" if self.segment_fused else "vmap"
+        self.fused_forwards[path] += 1
+        run = self._segment_forward if self.segment_fused else self._vmap_forward
+        return run(thetas, xs, norms, momenta, features)
+
+    def _segment_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
+                         momenta: torch.Tensor, features: bool):
+        """:meth:`_vmap_forward`'s contract, as ONE plain forward of the S*N images: the frozen backbone is
+        shared, only the segment layers (segments.py) normalise and apply affines per stream."""
+        s, n = xs.shape[:2]
+        x = xs.reshape(s * n, *xs.shape[2:])
+        feats = None
+        with self._lock, self.segments.use(thetas, norms, momenta) as updates:
+            if features:
+                assert self.taps is not None
+                with self.taps.collect() as sink:
+                    logits = self.model(x)
+                feats = FeatureTaps.concat(sink).reshape(s, n, -1)
+            else:
+                logits = self.model(x)
+        return logits.reshape(s, n, -1), feats, dict(updates)
+
     def _vmap_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
                       momenta: torch.Tensor, features: bool):
         """One forward for S streams' requests of equal shape (``xs``: (S, N, C, H, W)), row s with the adapted
@@ -344,8 +380,8 @@ class AdaptationEngine:
         pending = []
         with torch.set_grad_enabled(grad):
             thetas = torch.stack([j.state.theta for j in group]).requires_grad_(grad)
-            logits, feats, updates = self._vmap_forward(thetas, torch.stack([j.x for j in group]), norms, momenta,
-                                                        grad and self.method.needs_features)
+            logits, feats, updates = self._streams_forward(thetas, torch.stack([j.x for j in group]), norms,
+                                                           momenta, grad and self.method.needs_features)
             for i, job in enumerate(group):
                 job.norm_sink.update({k: v[i].detach() for k, v in updates.items()})
                 if not job.grad:
@@ -584,7 +620,7 @@ class AdaptationEngine:
                     continue
                 xs = torch.stack([j.x[:j.checks] for j in group])
                 zeros = torch.zeros(len(group), dtype=torch.float64, device=self.device)
-                logits = self._vmap_forward(self.theta0.expand(len(group), -1), xs, {}, zeros, False)[0]
+                logits = self._streams_forward(self.theta0.expand(len(group), -1), xs, {}, zeros, False)[0]
                 for i, job in enumerate(group):
                     job.source_logits = logits[i]
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_MODES", "StreamNormStats", "batch_momentum"]
+__all__ = ["BN_MODES", "StreamNormStats", "batch_moments", "batch_momentum", "mix_moments"]
 
 #: how BatchNorm layers normalise, see the module docstring
 BN_MODES = ("source", "batch", "ema")
@@ -40,6 +40,26 @@ BN_MODES = ("source", "batch", "ema")
 def batch_momentum(momentum: float, n_images: int) -> float:
     """Momentum of one request of ``n_images`` images for a per-image momentum: ``1 - (1 - momentum)^n``."""
     return 1.0 - (1.0 - float(momentum)) ** int(n_images)
+
+
+def batch_moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of ``x`` over ``dims``, in two passes (mean, then mean squared deviation):
+    5-10x faster than ``torch.var_mean`` over these dimensions on the CPU (scripts/bench_fused.py), as exact
+    (1e-7 relative). Both keep the dimensions not reduced, in order."""
+    keep = x.mean(dim=dims, keepdim=True)
+    return keep.squeeze(dims), (x - keep).square().mean(dim=dims)
+
+
+def mix_moments(mean0: torch.Tensor, var0: torch.Tensor, b_mean: torch.Tensor, b_var: torch.Tensor,
+                m: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``"ema"`` merge of a stream's statistics (``mean0``, ``var0``) with a batch's, with momentum ``m`` (a float,
+    or a tensor broadcastable to the statistics: one momentum per stream), as two populations."""
+    one_m, mm = 1.0 - m, m * (1.0 - m)
+    if isinstance(m, torch.Tensor):   # computed in the momentum's precision, applied in the statistics'
+        m, one_m, mm = (t.to(b_mean.dtype) for t in (m, one_m, mm))
+    mean = one_m * mean0 + m * b_mean
+    var = one_m * var0 + m * b_var + mm * (b_mean - mean0).pow(2)
+    return mean, var
 
 
 class _Call:
@@ -121,6 +141,31 @@ class StreamNormStats:
         finally:
             self._call = prev
 
+    def segment_moments(self, name: str, xs: torch.Tensor, stats: dict[str, torch.Tensor],
+                        momenta: torch.Tensor | None, updates: dict[str, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and variance BatchNorm layer ``name`` normalises each segment of ``xs`` (S, n, C, ...) with:
+        those the hooks give segment s alone inside ``use(stats_s, n, momentum=momenta[s])``, where ``stats_s``
+        is row s of ``stats`` (``{"<layer>.mean": (S, C), ...}``; missing: the source's). Each segment's batch
+        statistics are over its own images only. Returns (S, C) tensors, or the source's (C,) ones where no
+        stream's statistics are involved; in ``"ema"`` the updated statistics go into ``updates`` (first call
+        per layer, detached), as ``use`` records them (see :mod:`mgg_core.segments`)."""
+        source = self.source[name]
+        if self.mode == "source":
+            return source
+        single = xs[0].numel() // max(1, xs.shape[2]) <= 1
+        if self.mode == "batch" and single:
+            return source
+        b_mean, b_var = batch_moments(xs, [1] + list(range(3, xs.dim())))
+        if self.mode == "batch":
+            return b_mean, b_var
+        mean0, var0 = stats.get(f"{name}.mean", source[0]), stats.get(f"{name}.var", source[1])
+        m = torch.zeros(xs.shape[0], 1, dtype=torch.float64, device=xs.device) if momenta is None else momenta
+        mean, var = mix_moments(mean0, var0, b_mean, b_var, m.reshape(-1, 1))
+        if f"{name}.mean" not in updates:
+            updates[f"{name}.mean"], updates[f"{name}.var"] = mean.detach(), var.detach()
+        return mean, var
+
     # ------------------------------------------------------------------------------------------ hooks
     def _pre_hook(self, name: str):
         def hook(bn: _BatchNorm, inputs):
@@ -136,14 +181,8 @@ class StreamNormStats:
                 return None
             mean0, var0 = call.stats[f"{name}.mean"], call.stats[f"{name}.var"]
             # one value per channel is a valid (zero-variance) population: the merge still holds
-            dims = [0] + list(range(2, x.dim()))
-            # two passes (mean, then mean squared deviation): 5-10x faster than torch.var_mean over these
-            # dimensions on the CPU (scripts/bench_fused.py), as exact (1e-7 relative)
-            keep = x.mean(dim=dims, keepdim=True)
-            b_var, b_mean = (x - keep).square().mean(dim=dims), keep.flatten()
-            m = call.m
-            mean = (1.0 - m) * mean0 + m * b_mean
-            var = (1.0 - m) * var0 + m * b_var + (m * (1.0 - m)) * (b_mean - mean0).pow(2)
+            b_mean, b_var = batch_moments(x, [0] + list(range(2, x.dim())))
+            mean, var = mix_moments(mean0, var0, b_mean, b_var, call.m)
             if call.record and f"{name}.mean" not in call.updates:
                 call.updates[f"{name}.mean"], call.updates[f"{name}.var"] = mean.detach(), var.detach()
             # native batch_norm takes no gradient through running statistics: normalise here, and let the layer
