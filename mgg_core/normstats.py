@@ -54,9 +54,13 @@ def mix_moments(mean0: torch.Tensor, var0: torch.Tensor, b_mean: torch.Tensor, b
                 m: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``"ema"`` merge of a stream's statistics (``mean0``, ``var0``) with a batch's, with momentum ``m`` (a float,
     or a tensor broadcastable to the statistics: one momentum per stream), as two populations."""
-    one_m, mm = 1.0 - m, m * (1.0 - m)
     if isinstance(m, torch.Tensor):   # computed in the momentum's precision, applied in the statistics'
-        m, one_m, mm = (t.to(b_mean.dtype) for t in (m, one_m, mm))
+        d = b_mean.dtype
+        return _mix(mean0, var0, b_mean, b_var, m.to(d), (1.0 - m).to(d), (m * (1.0 - m)).to(d))
+    return _mix(mean0, var0, b_mean, b_var, m, 1.0 - m, m * (1.0 - m))
+
+
+def _mix(mean0, var0, b_mean, b_var, m, one_m, mm) -> tuple[torch.Tensor, torch.Tensor]:
     mean = one_m * mean0 + m * b_mean
     var = one_m * var0 + m * b_var + mm * (b_mean - mean0).pow(2)
     return mean, var
