@@ -145,30 +145,28 @@ class StreamNormStats:
         finally:
             self._call = prev
 
-    def segment_moments(self, name: str, xs: torch.Tensor, stats: dict[str, torch.Tensor],
-                        momenta: torch.Tensor | None, updates: dict[str, torch.Tensor]
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean and variance BatchNorm layer ``name`` normalises each segment of ``xs`` (S, n, C, ...) with:
-        those the hooks give segment s alone inside ``use(stats_s, n, momentum=momenta[s])``, where ``stats_s``
-        is row s of ``stats`` (``{"<layer>.mean": (S, C), ...}``; missing: the source's). Each segment's batch
-        statistics are over its own images only. Returns (S, C) tensors, or the source's (C,) ones where no
-        stream's statistics are involved; in ``"ema"`` the updated statistics go into ``updates`` (first call
-        per layer, detached), as ``use`` records them (see :mod:`mgg_core.segments`)."""
-        source = self.source[name]
+    def segment_prior(self, name: str, xs: torch.Tensor, stats: dict[str, torch.Tensor],
+                      momenta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """What BatchNorm layer ``name`` normalises each segment of ``xs`` (S, n, C, ...) with, as the hooks do
+        for segment s alone inside ``use(stats_s, n, momentum=momenta[s])`` (``stats_s``: row s of ``stats``,
+        ``{"<layer>.mean": (S, C), ...}``; missing: the source's): the segment's own batch statistics (over its
+        images only) merged by :func:`mix_moments` with ``(mean0, var0)`` at momentum ``m`` ((S, 1), float64),
+        returned as ``(mean0, var0, m)``: in ``"batch"`` m = 1 (the batch's alone); None where no batch
+        statistics enter (``"source"``, or one value per channel in ``"batch"``): the source statistics
+        ``self.source[name]`` then. Used by :mod:`mgg_core.segments`, which records the merged statistics of
+        ``"ema"`` (:attr:`per_stream`) as ``use`` does."""
         if self.mode == "source":
-            return source
-        single = xs[0].numel() // max(1, xs.shape[2]) <= 1
-        if self.mode == "batch" and single:
-            return source
-        b_mean, b_var = batch_moments(xs, [1] + list(range(3, xs.dim())))
+            return None
+        mean_src, var_src = self.source[name]
+        rows = xs.shape[0]
         if self.mode == "batch":
-            return b_mean, b_var
-        mean0, var0 = stats.get(f"{name}.mean", source[0]), stats.get(f"{name}.var", source[1])
-        m = torch.zeros(xs.shape[0], 1, dtype=torch.float64, device=xs.device) if momenta is None else momenta
-        mean, var = mix_moments(mean0, var0, b_mean, b_var, m.reshape(-1, 1))
-        if f"{name}.mean" not in updates:
-            updates[f"{name}.mean"], updates[f"{name}.var"] = mean.detach(), var.detach()
-        return mean, var
+            if xs[0].numel() // max(1, xs.shape[2]) <= 1:
+                return None
+            ones = torch.ones(rows, 1, dtype=torch.float64, device=xs.device)
+            return torch.zeros_like(mean_src), torch.zeros_like(var_src), ones
+        m = torch.zeros(rows, dtype=torch.float64, device=xs.device) if momenta is None else momenta
+        mean0, var0 = stats.get(f"{name}.mean", mean_src), stats.get(f"{name}.var", var_src)
+        return mean0, var0, m.reshape(rows, 1)
 
     # ------------------------------------------------------------------------------------------ hooks
     def _pre_hook(self, name: str):

@@ -22,6 +22,7 @@ the module's hooks, feature taps included, still run); enter it only while holdi
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from timm import layers as _timm_layers
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .normstats import StreamNormStats
+from .normstats import StreamNormStats, batch_moments, mix_moments
 from .params import ParamSpec, is_norm_layer
 
 __all__ = ["SEGMENT_NORMS", "SegmentImpl", "SegmentNorms"]
@@ -72,20 +73,64 @@ def _affine(seg: _Segments, name: str, y: torch.Tensor, lead: int) -> torch.Tens
     return ys.reshape(y.shape)
 
 
+class _MixedBatchNorm(torch.autograd.Function):
+    """Per segment of ``xs`` (S, n, C, R): batch statistics over (n, R), merged with the stream's (``mean0``,
+    ``var0``) at momentum ``m`` ((S, 1)) by :func:`normstats.mix_moments`; ``y = (x - mean) * rsqrt(var + eps) * w
+    + b``. The composite of these ops, with a closed-form backward (two reductions and two fused passes instead of
+    autograd's dozen elementwise passes through the merge). Returns ``(y, mean, var)``; the statistics are not
+    differentiable outputs, ``mean0``/``var0``/``m`` (a stream's state) take no gradient."""
+
+    @staticmethod
+    def forward(ctx, xs, w, b, mean0, var0, m, eps):
+        b_mean, b_var = batch_moments(xs, [1, 3])
+        mean, var = mix_moments(mean0, var0, b_mean, b_var, m)
+        r = torch.rsqrt(var + eps)
+        scale = r if w is None else r * w
+        xc = xs - mean[:, None, :, None]
+        y = xc * scale[:, None, :, None] if b is None else torch.addcmul(b[:, None, :, None], xc,
+                                                                          scale[:, None, :, None])
+        ctx.has_w, ctx.has_b = w is not None, b is not None
+        ctx.save_for_backward(xc, r, w, scale, mean - b_mean, b_mean - mean0, m)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, _g_mean, _g_var):
+        xc, r, w, scale, shift, spread, m64 = ctx.saved_tensors
+        g_b = gy.sum(dim=(1, 3))
+        g_xc = (gy * xc).sum(dim=(1, 3))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            m, mm = m64.to(xc.dtype), (m64 * (1.0 - m64)).to(xc.dtype)
+            d_var = (g_xc if w is None else g_xc * w) * (-0.5 * r.pow(3))
+            d_bmean = -m * scale * g_b + 2.0 * mm * spread * d_var     # through mean and the merged variance
+            count = xc.shape[1] * xc.shape[3]
+            alpha, beta = d_bmean / count, 2.0 * m * d_var / count      # d mean_b / dx, d var_b / dx
+            # dx = gy * scale + alpha + beta * (x - mean_b), with x - mean_b = xc + (mean - mean_b)
+            grad_x = torch.addcmul((alpha + beta * shift)[:, None, :, None], xc, beta[:, None, :, None])
+            grad_x.addcmul_(gy, scale[:, None, :, None])
+        grad_w = g_xc * r if ctx.has_w else None
+        return grad_x, grad_w, (g_b if ctx.has_b else None), None, None, None, None
+
+
 def _batch_norm(seg: _Segments, name: str, bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm (any ``_BatchNorm``) per segment: statistics from :meth:`StreamNormStats.segment_moments`,
-    each stream's affine."""
-    xs = x.reshape(seg.count, -1, *x.shape[1:])
-    mean, var = seg.norm.segment_moments(name, xs, seg.stats, seg.momenta, seg.updates)
-    scale = torch.rsqrt(var + bn.eps)
+    """BatchNorm (any ``_BatchNorm``) per segment: the statistics :meth:`StreamNormStats.segment_prior` says (the
+    ``"ema"`` merge recorded as ``use`` records it), each stream's affine."""
+    xs = x.reshape(seg.count, -1, x.shape[1], math.prod(x.shape[2:]))
     w, b = seg.affine.get(f"{name}.weight"), seg.affine.get(f"{name}.bias")
-    if w is not None:
-        scale = scale * w
-    shape = (-1, 1, x.shape[1]) + (1,) * (x.dim() - 2)
-    centred = xs - mean.reshape(shape)
+    prior = seg.norm.segment_prior(name, xs, seg.stats, seg.momenta)
+    if prior is not None:
+        y, mean, var = _MixedBatchNorm.apply(xs, w, b, *prior, bn.eps)
+        if seg.norm.per_stream and f"{name}.mean" not in seg.updates:
+            seg.updates[f"{name}.mean"], seg.updates[f"{name}.var"] = mean, var
+        return y.reshape(x.shape)
+    mean, var = seg.norm.source[name]      # fixed statistics: each stream's affine only
+    scale = torch.rsqrt(var + bn.eps)
+    scale = scale.expand(seg.count, -1) if w is None else scale * w
+    centred = xs - mean[:, None]
     if b is None:
-        return (centred * scale.reshape(shape)).reshape(x.shape)
-    return torch.addcmul(b.reshape(shape), centred, scale.reshape(shape)).reshape(x.shape)
+        return (centred * scale[:, None, :, None]).reshape(x.shape)
+    return torch.addcmul(b[:, None, :, None], centred, scale[:, None, :, None]).reshape(x.shape)
 
 
 def _layer_norm(seg: _Segments, name: str, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:

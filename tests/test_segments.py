@@ -92,12 +92,15 @@ def _setup(cls: type, mode: str):
     return model, norm, spec, seg, thetas, stats, momenta, xs
 
 
-def _with_grad(fn, thetas, *args):
+def _with_grad(fn, thetas, xs=None):
+    """``fn``'s outputs and statistics, and the gradient of a random functional of the outputs w.r.t. the
+    adapted scalars (and, with ``xs``, w.r.t. the input images too: deeper layers' inputs carry gradients)."""
     th = thetas.clone().requires_grad_(True)
-    out, upd = fn(th, *args)
+    inputs = (th,) if xs is None else (th, xs.clone().requires_grad_(True))
+    out, upd = fn(*inputs)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    (grad,) = torch.autograd.grad((out * weights).sum(), th)
-    return out.detach(), upd, grad
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    return out.detach(), upd, grads[0], (None if xs is None else grads[1])
 
 
 CASES = [(cls, mode) for cls in SEGMENT_NORMS
@@ -107,14 +110,31 @@ CASES = [(cls, mode) for cls in SEGMENT_NORMS
 @pytest.mark.parametrize("cls,mode", CASES, ids=lambda c: getattr(c, "__name__", c))
 def test_every_segment_type_equals_each_stream_alone(cls, mode):
     model, norm, spec, seg, thetas, stats, momenta, xs = _setup(cls, mode)
-    ref = _with_grad(lambda th: _per_stream(model, norm, spec, th, xs, stats, momenta), thetas)
-    got = _with_grad(lambda th: _segmented(model, seg, th, xs, stats, momenta), thetas)
+    ref = _with_grad(lambda th, x: _per_stream(model, norm, spec, th, x, stats, momenta), thetas, xs)
+    got = _with_grad(lambda th, x: _segmented(model, seg, th, x, stats, momenta), thetas, xs)
     _close(got[0], ref[0], "outputs")
     assert got[1].keys() == ref[1].keys() and (bool(ref[1]) == (mode == "ema" and bool(norm.layers)))
     for k in ref[1]:
         _close(got[1][k], ref[1][k], f"statistics {k}")
     _close(got[2], ref[2], "gradient (S, numel)")
+    _close(got[3], ref[3], "gradient w.r.t. the images")
     assert all(m.__dict__.get("forward") is None for m in model.modules()), "a swapped forward was left behind"
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_mixed_batch_norm_backward_is_the_derivative_of_its_forward(affine):
+    """The closed-form backward of the merged-statistics BatchNorm against finite differences (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    xs = (torch.randn(3, 4, 5, 6, generator=gen, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    w = (torch.rand(3, 5, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(affine) if affine else None
+    b = torch.randn(3, 5, generator=gen, dtype=torch.float64).requires_grad_(affine) if affine else None
+    mean0, var0 = torch.randn(3, 5, dtype=torch.float64), torch.rand(3, 5, dtype=torch.float64) + 0.2
+    m = torch.tensor([[0.3], [0.0], [1.0]], dtype=torch.float64)   # ema, a frozen stream, batch statistics alone
+
+    def first(*a):
+        return segments._MixedBatchNorm.apply(*a)[0]
+
+    assert torch.autograd.gradcheck(first, (xs, w, b, mean0, var0, m, 1e-5))
 
 
 @pytest.mark.parametrize("mode", ["ema", "batch"])
