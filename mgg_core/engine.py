@@ -44,6 +44,11 @@ from .state import StreamState
 #: default step sizes per optimizer (reference: ViT-B/16, batch 64)
 DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-3, "mgg": 1e-3}
 
+#: largest request step_many fuses, per fused path, where EngineConfig.fuse_max_images is None: beyond it a request
+#: amortises its own step (measured fused / separate, docs/results/fused/README.md: the vmap path loses from 32
+#: images on; the segment path still gains at 32 on the ResNet and breaks even on the ViT)
+FUSE_MAX_IMAGES = {"segment": 32, "vmap": 16}
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
@@ -65,8 +70,8 @@ class EngineConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
     fused: bool = True                      # step_many fuses streams (False: one step per stream, same results)
-    fuse_max_images: int = 16               # step_many fuses requests of at most this many images (0: none; larger
-                                            # ones amortise their own step: docs/results/fused/README.md)
+    fuse_max_images: int | None = None      # step_many fuses requests of at most this many images (0: none; larger
+                                            # ones amortise their own step); None: the fused path's FUSE_MAX_IMAGES
     segment_norms: bool = True              # step_many runs a group as one plain batch with segment-wise norm layers
                                             # where the model allows (segments.py); False: always the vmap path
 
@@ -140,7 +145,7 @@ class AdaptationEngine:
         if int(config.update_images) < 1:
             raise ValueError(f"update_images must be >= 1, got {config.update_images}")
         self.update_images = int(config.update_images)
-        if int(config.fuse_max_images) < 0:
+        if config.fuse_max_images is not None and int(config.fuse_max_images) < 0:
             raise ValueError(f"fuse_max_images must be >= 0 (0: never fuse), got {config.fuse_max_images}")
 
         # one private, frozen copy of the backbone per engine (never per stream or per step)
@@ -194,6 +199,13 @@ class AdaptationEngine:
             "update_images": self.update_images, "feature_window": self.feature_window,
             "layout": hashlib.sha1(repr((self.spec.names, self.spec.shapes)).encode()).hexdigest()[:16],
         }
+
+    @property
+    def fuse_max_images(self) -> int:
+        """The largest request :meth:`step_many` fuses (``EngineConfig.fuse_max_images``, or the path's default)."""
+        if self.config.fuse_max_images is not None:
+            return int(self.config.fuse_max_images)
+        return FUSE_MAX_IMAGES["segment" if self.segment_fused else "vmap"]
 
     # ---------------------------------------------------------------- description
     def describe(self) -> dict:
@@ -438,12 +450,14 @@ class AdaptationEngine:
         ordered; the caller runs a second request of the same stream in a later call): ValueError, and no state
         changed, as for a malformed batch.
 
-        Fused: the streams' requests of equal shape run as one ``torch.func.vmap`` forward over their stacked
-        adapted scalars (each row normalised with its own images and BatchNorm statistics only; never padded),
-        each stream's ``objective`` on its rows, one backward for all (row s of the stacked gradient is stream
-        s's); the rest (gradient window, optimizer, commit, guard) per stream, the guard's source checks of all
-        streams in one source forward. A request alone in its shape, or of more than
-        ``EngineConfig.fuse_max_images`` images, and the gradient of a method or optimizer that is not ``fusable``
+        Fused: the streams' requests of equal shape (never padded) run as one forward over their stacked adapted
+        scalars, each stream normalised with its own images and BatchNorm statistics only: ONE plain batch through
+        the shared backbone with segment-wise norm layers (:mod:`mgg_core.segments`) where every adapted layer
+        type has a segment implementation (:attr:`segment_fused`), else a ``torch.func.vmap`` forward
+        (:attr:`fused_forwards` counts both); each stream's ``objective`` on its rows, one backward for all (row s
+        of the stacked gradient is stream s's); the rest (gradient window, optimizer, commit, guard) per stream,
+        the guard's source checks of all streams in one source forward. A request alone in its shape, or of more than
+        :attr:`fuse_max_images` images, and the gradient of a method or optimizer that is not ``fusable``
         (MGG: see ``Optimizer.fusable``), run as in :meth:`step` inside the call; engines whose model is not
         fusable (:func:`params.fusable_model`, ``EngineConfig.fused``) step the streams one by one.
         """
@@ -458,7 +472,7 @@ class AdaptationEngine:
         shared = Timer(self.device)
         jobs = [self._begin(state, x, adapt) for state, x in items]
         groups = _by_shape([j for j in jobs if (self.fuse_gradients or not j.grad)
-                            and j.x.shape[0] <= self.config.fuse_max_images], lambda j: j.x)
+                            and j.x.shape[0] <= self.fuse_max_images], lambda j: j.x)
         self._fused_pass([g for g in groups.values() if len(g) > 1], shared)
         for job in jobs:
             if job.out is None:     # alone in its shape, too large to gain, or a method that is not fusable

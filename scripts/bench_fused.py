@@ -143,7 +143,7 @@ def measure(args, update_images: int | None) -> dict:
               f"{fus_r['held_share']:.0%}, 2x64 {big_r['held_share']:.0%}", flush=True)
     return {"update_images": engine.update_images, "engine": engine.describe(), "fused_engine": engine.fused,
             "segment_norms": engine.segments.supported, "fused_forwards": dict(engine.fused_forwards),
-            "fuse_max_images": engine.config.fuse_max_images, "rows": rows}
+            "fuse_max_images": engine.fuse_max_images, "rows": rows}
 
 
 def markdown(report: dict) -> str:

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from mgg_core import segments
 from mgg_core.classifier import default_checkpoint, load_classifier
-from mgg_core.engine import AdaptationEngine, EngineConfig
+from mgg_core.engine import FUSE_MAX_IMAGES, AdaptationEngine, EngineConfig
 from mgg_core.normstats import StreamNormStats
 from mgg_core.params import select_norm_params
 from mgg_core.segments import SEGMENT_NORMS, SegmentNorms
@@ -216,3 +216,18 @@ def test_a_subclass_of_a_listed_type_has_no_implementation_of_its_own():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), timm_layers.LayerNorm2d(8))
     seg = SegmentNorms(model, select_norm_params(model), StreamNormStats(model, "ema"))
     assert not seg.supported and seg.missing == ["LayerNorm2d"]
+
+
+def test_fusing_limit_follows_the_fused_path():
+    model = _model("resnet")
+    seg = AdaptationEngine(model, EngineConfig(method="tent", lr=0.01), num_classes=10)
+    vm = AdaptationEngine(model, EngineConfig(method="tent", lr=0.01, segment_norms=False), num_classes=10)
+    fixed = AdaptationEngine(model, EngineConfig(method="tent", lr=0.01, fuse_max_images=8), num_classes=10)
+    assert seg.segment_fused and not vm.segment_fused and vm.fused
+    assert (seg.fuse_max_images, vm.fuse_max_images, fixed.fuse_max_images) == (
+        FUSE_MAX_IMAGES["segment"], FUSE_MAX_IMAGES["vmap"], 8)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(FUSE_MAX_IMAGES["segment"], 3, 32, 32, generator=gen) for _ in range(2)]
+    seg.step_many([(seg.new_state(), x) for x in xs])
+    vm.step_many([(vm.new_state(), x) for x in xs])
+    assert seg.fused_forwards["segment"] == 1 and sum(vm.fused_forwards.values()) == 0   # vmap: each alone
