@@ -115,12 +115,17 @@ def test_connections_past_limit_concurrency_get_503(live_server, tmp_path):
     limit = 4
     srv = live_server(settings(tmp_path / "s", limit_concurrency=limit, header_timeout_seconds=60))
 
+    refusals = []
+
     def status_with(idle: int) -> int:
         with ExitStack() as stack:
             for _ in range(idle):
                 stack.enter_context(connect(srv.port))
             time.sleep(0.2)  # the server has accepted them
-            return get(srv.port)[0]
+            status, headers, body = get(srv.port)
+            if status == 503:
+                refusals.append((headers, body))
+            return status
 
     deadline = time.monotonic() + 10
     while status_with(limit - 2) != 200:  # earlier connections (readiness polls) may still be closing
@@ -129,6 +134,11 @@ def test_connections_past_limit_concurrency_get_503(live_server, tmp_path):
     assert status_with(limit - 1) == 503  # the probe is the limit-th connection
     assert status_with(limit + 5) == 503
     assert status_with(0) == 200  # back once they are gone
+    for headers, body in refusals:  # the service's JSON error shape, not uvicorn's plain text
+        assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+        assert headers["retry-after"] == "1"
+        error = json.loads(body)["error"]
+        assert error["code"] == "too_many_connections" and f"limit of {limit}" in error["message"]
 
 
 def test_header_count_and_bytes_limits(live_server, tmp_path):
@@ -153,8 +163,20 @@ def test_incomplete_head_buffer_is_bounded(live_server, tmp_path):
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         time.sleep(0.2)
         s.sendall(b"X-Pad: " + b"a" * 4096)  # still no end of the head: h11 refuses to buffer more
-        status, _, _ = read_response(s)
+        status, headers, body = read_response(s)
         assert status == 400 and closed_by_server(s, 5)
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]["code"] == "bad_http_request" and "max_header_bytes" in body.decode()
+
+
+def test_unparsable_request_gets_a_json_400(live_server, tmp_path):
+    srv = live_server(settings(tmp_path / "s"))
+    with connect(srv.port) as s:
+        s.sendall(b"NOT AN HTTP REQUEST\r\n\r\n")
+        status, headers, body = read_response(s)
+        assert status == 400 and headers["content-type"] == "application/json" and closed_by_server(s, 5)
+        assert set(json.loads(body)) == {"error"} and json.loads(body)["error"]["code"] == "bad_http_request"
+    assert get(srv.port)[0] == 200  # the server is unaffected
 
 
 @pytest.mark.parametrize("field", ["limit_concurrency", "timeout_keep_alive_seconds", "header_timeout_seconds",
