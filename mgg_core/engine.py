@@ -394,8 +394,9 @@ class AdaptationEngine:
             thetas = torch.stack([j.state.theta for j in group]).requires_grad_(grad)
             logits, feats, updates = self._streams_forward(thetas, torch.stack([j.x for j in group]), norms,
                                                            momenta, grad and self.method.needs_features)
+            rows = {k: v.detach().unbind(0) for k, v in updates.items()}   # one call per layer, not per stream
             for i, job in enumerate(group):
-                job.norm_sink.update({k: v[i].detach() for k, v in updates.items()})
+                job.norm_sink.update({k: r[i] for k, r in rows.items()})
                 if not job.grad:
                     job.out = self._no_grad_output(job, logits[i])
                     continue
