@@ -34,12 +34,18 @@ from .guard import (
 )
 from .losses import softmax_entropy
 from .methods import GradOutput, Method, StepContext, Timer, build_method, loss_verdict
-from .normstats import StreamNormStats, batch_momentum
+from .normstats import StreamNormStats
 from .optim import Optimizer, build_optimizer
 from .params import ParamSpec, fusable_model, initial_vector, select_norm_params
 from .reasons import ResetReason, RollbackReason, SkipReason
 from .segments import SegmentNorms
 from .state import StreamState
+
+#: skipped gradient steps whose request still moves the stream's BatchNorm statistics: the method's loss selected
+#: none of the images (EATA/SAR/DeYO filters), but the statistics describe every image the stream saw, so they do
+#: not depend on how the images were cut into requests (a 1-image request is filtered alone, a 64-image one only
+#: when all 64 are). Non-finite losses, gradients or updates leave the statistics untouched.
+STATISTICS_DESPITE_SKIP = frozenset({SkipReason.NO_RELIABLE_SAMPLES})
 
 #: default step sizes per optimizer (reference: ViT-B/16, batch 64)
 DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-3, "mgg": 1e-3}
@@ -65,7 +71,10 @@ class EngineConfig:
     optimizer_kwargs: dict = field(default_factory=dict)
     mgg_checkpoint: str | None = None
     bn_stats: str | None = None             # None: the method's default ("batch" for adapting methods)
-    bn_momentum: float = 0.05               # per-image momentum of bn_stats="ema" (normstats.StreamNormStats)
+    bn_momentum: float = 0.05               # per-image momentum of bn_stats="ema" (normstats.StreamNormStats);
+                                            # of the deepest BatchNorm layer when bn_momentum_shallow is set
+    bn_momentum_shallow: float | None = None  # per-image momentum of the first BatchNorm layer (None: bn_momentum);
+                                            # geometric over the layers' order in between (normstats.layer_momenta)
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
@@ -151,7 +160,7 @@ class AdaptationEngine:
         # one private, frozen copy of the backbone per engine (never per stream or per step)
         self.model = copy.deepcopy(model).to(self.device).eval()
         self.model.requires_grad_(False)
-        self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum)
+        self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow)
         self._source_norm = self.norm.init_state()
         self.spec: ParamSpec = select_norm_params(self.model)
         self.theta0 = initial_vector(self.model, self.spec).to(self.device)
@@ -199,6 +208,8 @@ class AdaptationEngine:
             "update_images": self.update_images, "feature_window": self.feature_window,
             "layout": hashlib.sha1(repr((self.spec.names, self.spec.shapes)).encode()).hexdigest()[:16],
         }
+        if self.norm.per_stream and config.bn_momentum_shallow is not None:   # absent: uniform (older snapshots)
+            self.fingerprint["bn_momentum_shallow"] = float(config.bn_momentum_shallow)
 
     @property
     def fuse_max_images(self) -> int:
@@ -213,7 +224,8 @@ class AdaptationEngine:
             "model": self.model_id, "num_classes": self.num_classes, "adapted_scalars": self.spec.numel,
             "adapted_layers": len(self.spec.names), "method": self.method.name, "method_hparams": self.method.hparams(),
             "optimizer": self.optimizer.describe() if self.optimizer else None, "bn_stats": self.bn_stats,
-            "bn_momentum": self.config.bn_momentum, "update_images": self.update_images,
+            "bn_momentum": self.config.bn_momentum, "bn_momentum_shallow": self.config.bn_momentum_shallow,
+            "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),
         }
@@ -305,7 +317,7 @@ class AdaptationEngine:
     def _streams_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
                          momenta: torch.Tensor, features: bool):
         """One forward for S streams' requests of equal shape, row s with stream s's adapted scalars, statistics
-        and momentum (see :meth:`_vmap_forward`): segment-wise norm layers where the model allows, else vmap."""
+        and update gate (see :meth:`_vmap_forward`): segment-wise norm layers where the model allows, else vmap."""
         path = "segment" if self.segment_fused else "vmap"
         self.fused_forwards[path] += 1
         run = self._segment_forward if self.segment_fused else self._vmap_forward
@@ -331,14 +343,15 @@ class AdaptationEngine:
     def _vmap_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
                       momenta: torch.Tensor, features: bool):
         """One forward for S streams' requests of equal shape (``xs``: (S, N, C, H, W)), row s with the adapted
-        scalars ``thetas[s]``, BatchNorm statistics ``norms[...][s]`` and momentum ``momenta[s]`` (0: statistics
-        not updated): ``torch.func.vmap`` over ``functional_call``, so every layer, BatchNorm's batch statistics
-        and the feature taps included, sees one stream's images only. -> (logits (S, N, K), features (S, N, D) or
+        scalars ``thetas[s]``, BatchNorm statistics ``norms[...][s]`` and update gate ``momenta[s]`` (1: the
+        statistics move with the request's images, 0: they are not updated): ``torch.func.vmap`` over
+        ``functional_call``, so every layer, BatchNorm's batch statistics and the feature taps included, sees one
+        stream's images only. -> (logits (S, N, K), features (S, N, D) or
         None, the statistics' updates {name: (S, ...)})."""
         n = xs.shape[1]
 
         def one(theta, x, norm, m):
-            with self.norm.use(norm, n, momentum=m) as updates:
+            with self.norm.use(norm, n, update=m) as updates:
                 if not features:
                     return functional_call(self.model, self.spec.views(theta), (x,)), dict(updates)
                 assert self.taps is not None
@@ -384,11 +397,11 @@ class AdaptationEngine:
     def _fused_group(self, group: list[_Job]) -> list:
         """One vmapped forward for ``group`` (requests of one shape); no-gradient jobs get their output here,
         the others their loss (returned, with what :meth:`_fused_pass` needs to finish them)."""
-        n, grad = group[0].x.shape[0], any(j.grad for j in group)
+        grad = any(j.grad for j in group)
         norms = ({k: torch.stack([j.state.tensors[f"norm.{k}"] for j in group]) for k in self._source_norm}
                  if self.norm.per_stream else {})
-        m = batch_momentum(self.norm.momentum, n)
-        momenta = torch.tensor([m if j.update_norm else 0.0 for j in group], dtype=torch.float64, device=self.device)
+        momenta = torch.tensor([1.0 if j.update_norm else 0.0 for j in group], dtype=torch.float64,
+                               device=self.device)
         pending = []
         with torch.set_grad_enabled(grad):
             thetas = torch.stack([j.state.theta for j in group]).requires_grad_(grad)
@@ -571,6 +584,8 @@ class AdaptationEngine:
             out.skipped_reason = SkipReason.NON_FINITE_GRAD
         if out.skipped_reason is not None or raw is None:
             state.skipped += 1
+            if out.skipped_reason in STATISTICS_DESPITE_SKIP and job.update_norm and job.norm_sink:
+                state.set_group("norm", job.norm_sink)   # the images were seen: the statistics follow them
             return False
         grad, n = raw, x.shape[0]
         pending = int(state.tensors["accum.images"]) if "accum.images" in state.tensors else 0

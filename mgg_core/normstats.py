@@ -12,14 +12,19 @@ statistics; ``"batch"``: the statistics of the batch). Inside ``use(stats, n_ima
 * ``"ema"``: robust per-stream statistics (RoTTA's RBN, Yuan et al. 2023, with the BN-alpha family's mixing of
   source and test statistics): the stream's statistics, initialised to the source running statistics, are mixed
   with the batch's with a momentum that depends on the number of images, ``m_N = 1 - (1 - m)^N``, so N requests
-  of one image move the statistics as much as one request of N images. Means and variances are merged as two
-  populations (the variance of the mixture, including the spread of the means). The gradient flows through the
-  batch part, so entropy minimisation still shapes the statistics as with batch statistics.
+  of one image move the statistics as much as one request of N images. The per-image momentum ``m`` may depend
+  on depth (TTN, Lim et al. 2023: shallow layers' statistics reflect the corruption, deep layers' the class mix):
+  ``shallow_momentum`` for the first BatchNorm layer, ``momentum`` for the last, geometric interpolation over
+  the layers' order in between (:func:`layer_momenta`); without ``shallow_momentum`` every layer uses ``momentum``.
+  Means and variances are merged as two populations (the variance of the mixture, including the spread of the
+  means). The gradient flows through the batch part, so entropy minimisation still shapes the statistics as with
+  batch statistics.
 
 Statistics live in the stream state (``StreamState.tensors``) under ``norm.<layer>.mean`` / ``.var``; ``use``
 yields a dict that receives the updated statistics of the *first* forward pass within the block (later passes of
 the same step, e.g. SAR's second pass or DeYO's shuffled images, read but do not update them). A step's statistics
-are committed by the engine, so a rejected step leaves them untouched.
+are committed by the engine: a step rejected for non-finite values leaves them untouched, a request whose images
+the method's filter rejected all still moves them (``engine.STATISTICS_DESPITE_SKIP``).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_MODES", "StreamNormStats", "batch_moments", "batch_momentum", "mix_moments"]
+__all__ = ["BN_MODES", "StreamNormStats", "batch_moments", "batch_momentum", "layer_momenta", "mix_moments"]
 
 #: how BatchNorm layers normalise, see the module docstring
 BN_MODES = ("source", "batch", "ema")
@@ -40,6 +45,19 @@ BN_MODES = ("source", "batch", "ema")
 def batch_momentum(momentum: float, n_images: int) -> float:
     """Momentum of one request of ``n_images`` images for a per-image momentum: ``1 - (1 - momentum)^n``."""
     return 1.0 - (1.0 - float(momentum)) ** int(n_images)
+
+
+def layer_momenta(n_layers: int, momentum: float, shallow_momentum: float | None = None) -> list[float]:
+    """Per-image momentum of each of ``n_layers`` BatchNorm layers in order: ``shallow_momentum`` for the first,
+    ``momentum`` for the last, geometric in between (``shallow^(1-t) * momentum^t``, t = i / (n - 1)); every
+    layer ``momentum`` when ``shallow_momentum`` is None or there is one layer."""
+    for name, v in (("bn_momentum", momentum), ("bn_momentum_shallow", shallow_momentum)):
+        if v is not None and not 0.0 < float(v) <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {v}")
+    if shallow_momentum is None or n_layers < 2:
+        return [float(momentum)] * n_layers
+    lo, hi = math.log(float(shallow_momentum)), math.log(float(momentum))
+    return [math.exp(lo + (hi - lo) * i / (n_layers - 1)) for i in range(n_layers)]
 
 
 def batch_moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +85,9 @@ def _mix(mean0, var0, b_mean, b_var, m, one_m, mm) -> tuple[torch.Tensor, torch.
 
 
 class _Call:
-    """The statistics of one ``use`` block."""
+    """The statistics of one ``use`` block; ``m``: each layer's momentum for this request."""
 
-    def __init__(self, stats: dict[str, torch.Tensor], m: float | torch.Tensor, record: bool) -> None:
+    def __init__(self, stats: dict[str, torch.Tensor], m: dict[str, float | torch.Tensor], record: bool) -> None:
         self.stats, self.m, self.record = stats, m, record
         self.updates: dict[str, torch.Tensor] = {}
 
@@ -80,16 +98,24 @@ class StreamNormStats:
     Args:
         model: the engine's private model copy (eval mode); its BatchNorm running statistics are the source's.
         mode: one of :data:`BN_MODES`.
-        momentum: per-image momentum of ``"ema"`` (0 < momentum <= 1).
+        momentum: per-image momentum of ``"ema"`` (0 < momentum <= 1); of the deepest layer when
+            ``shallow_momentum`` is given.
+        shallow_momentum: per-image momentum of the first BatchNorm layer (None: every layer ``momentum``);
+            the layers in between interpolate geometrically (:func:`layer_momenta`).
     """
 
-    def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05) -> None:
+    def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05,
+                 shallow_momentum: float | None = None) -> None:
         if mode not in BN_MODES:
             raise ValueError(f"bn_stats must be one of {BN_MODES}, not {mode!r}")
-        if not 0.0 < float(momentum) <= 1.0:
-            raise ValueError(f"bn_momentum must be in (0, 1], got {momentum}")
-        self.mode, self.momentum = mode, float(momentum)
         self.layers: dict[str, _BatchNorm] = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+        self.mode, self.momentum = mode, float(momentum)
+        self.shallow_momentum = None if shallow_momentum is None else float(shallow_momentum)
+        #: per-image momentum of each layer (module order = depth order for sequential backbones)
+        self.momenta = dict(zip(self.layers, layer_momenta(len(self.layers), momentum, shallow_momentum),
+                                strict=True))
+        if not self.layers:   # validate the values even without BatchNorm layers
+            layer_momenta(2, momentum, shallow_momentum)
         self.source: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._units: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, bn in self.layers.items():
@@ -126,19 +152,26 @@ class StreamNormStats:
             out[f"{name}.mean"], out[f"{name}.var"] = mean.clone(), var.clone()
         return out
 
+    def request_momenta(self, n_images: int, update: bool | torch.Tensor = True) -> dict[str, float | torch.Tensor]:
+        """Each layer's momentum for a request of ``n_images`` images: ``batch_momentum(m_layer, n_images)``,
+        times ``update`` (False/0: the statistics are read, not moved; a 0-dim 0/1 tensor under vmap)."""
+        if isinstance(update, torch.Tensor):
+            return {k: update * batch_momentum(m, n_images) for k, m in self.momenta.items()}
+        return {k: (batch_momentum(m, n_images) if update else 0.0) for k, m in self.momenta.items()}
+
     @contextmanager
     def use(self, stats: dict[str, torch.Tensor], n_images: int, record: bool = True,
-            update: bool = True, momentum: torch.Tensor | None = None) -> Iterator[dict]:
+            update: bool | torch.Tensor = True) -> Iterator[dict]:
         """Within the block, the hooked layers normalise with ``stats`` mixed with the batch (see the module
         docstring; ``update=False``: with ``stats`` as they are); the yielded dict receives the updated statistics
         when ``record``. Enter it only while holding the engine's forward lock (the hooks are shared).
 
-        ``momentum``: the request's momentum as a 0-dim tensor, in place of ``batch_momentum(n_images)`` /
-        ``update``. Under ``torch.func.vmap`` (one stream per vmapped row) ``stats`` and ``momentum`` are the
-        stream's rows, so one block serves many streams, each mixed with its own images' statistics only."""
-        m: float | torch.Tensor = momentum if momentum is not None else (
-            batch_momentum(self.momentum, n_images) if update else 0.0)
-        call = _Call(stats, m if self.mode == "ema" else 1.0, record)
+        ``update`` may be a 0-dim 0/1 tensor: under ``torch.func.vmap`` (one stream per vmapped row) ``stats`` and
+        ``update`` are the stream's rows, so one block serves many streams, each mixed with its own images'
+        statistics only."""
+        m: dict[str, float | torch.Tensor] = (self.request_momenta(n_images, update) if self.mode == "ema"
+                                              else dict.fromkeys(self.layers, 1.0))
+        call = _Call(stats, m, record)
         prev, self._call = self._call, (call if self.layers and self.mode != "source" else None)
         try:
             yield call.updates
@@ -146,12 +179,13 @@ class StreamNormStats:
             self._call = prev
 
     def segment_prior(self, name: str, xs: torch.Tensor, stats: dict[str, torch.Tensor],
-                      momenta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                      updates: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """What BatchNorm layer ``name`` normalises each segment of ``xs`` (S, n, C, ...) with, as the hooks do
-        for segment s alone inside ``use(stats_s, n, momentum=momenta[s])`` (``stats_s``: row s of ``stats``,
-        ``{"<layer>.mean": (S, C), ...}``; missing: the source's): the segment's own batch statistics (over its
-        images only) merged by :func:`mix_moments` with ``(mean0, var0)`` at momentum ``m`` ((S, 1), float64),
-        returned as ``(mean0, var0, m)``: in ``"batch"`` m = 1 (the batch's alone); None where no batch
+        for segment s alone inside ``use(stats_s, n, update=updates[s])`` (``stats_s``: row s of ``stats``,
+        ``{"<layer>.mean": (S, C), ...}``, missing: the source's; ``updates``: (S,) 0/1 gates, None: all 0): the
+        segment's own batch statistics (over its images only) merged by :func:`mix_moments` with ``(mean0,
+        var0)`` at momentum ``m`` ((S, 1), float64: the gate times the layer's ``batch_momentum`` for n images),
+        returned as ``(mean0, var0, m)``; in ``"batch"`` m = 1 (the batch's alone). None where no batch
         statistics enter (``"source"``, or one value per channel in ``"batch"``): the source statistics
         ``self.source[name]`` then. Used by :mod:`mgg_core.segments`, which records the merged statistics of
         ``"ema"`` (:attr:`per_stream`) as ``use`` does."""
@@ -164,9 +198,10 @@ class StreamNormStats:
                 return None
             ones = torch.ones(rows, 1, dtype=torch.float64, device=xs.device)
             return torch.zeros_like(mean_src), torch.zeros_like(var_src), ones
-        m = torch.zeros(rows, dtype=torch.float64, device=xs.device) if momenta is None else momenta
+        gate = torch.zeros(rows, dtype=torch.float64, device=xs.device) if updates is None else updates
+        m = gate.to(torch.float64).reshape(rows, 1) * batch_momentum(self.momenta[name], xs.shape[1])
         mean0, var0 = stats.get(f"{name}.mean", mean_src), stats.get(f"{name}.var", var_src)
-        return mean0, var0, m.reshape(rows, 1)
+        return mean0, var0, m
 
     # ------------------------------------------------------------------------------------------ hooks
     def _pre_hook(self, name: str):
@@ -184,7 +219,7 @@ class StreamNormStats:
             mean0, var0 = call.stats[f"{name}.mean"], call.stats[f"{name}.var"]
             # one value per channel is a valid (zero-variance) population: the merge still holds
             b_mean, b_var = batch_moments(x, [0] + list(range(2, x.dim())))
-            mean, var = mix_moments(mean0, var0, b_mean, b_var, call.m)
+            mean, var = mix_moments(mean0, var0, b_mean, b_var, call.m[name])
             if call.record and f"{name}.mean" not in call.updates:
                 call.updates[f"{name}.mean"], call.updates[f"{name}.var"] = mean.detach(), var.detach()
             # native batch_norm takes no gradient through running statistics: normalise here, and let the layer

@@ -3,12 +3,13 @@
 Contract. The backbone is frozen and shared; per stream only the adapted norm layers differ (their affine
 parameters, rows of the stacked ``thetas``; BatchNorm's statistics). :class:`SegmentNorms` takes the engine's model
 copy and finds its *segment layers*: every norm layer holding adapted scalars and every BatchNorm layer (whose
-statistics are per stream even without an affine). Inside ``SegmentNorms.use(thetas, stats, momenta)`` (S streams),
+statistics are per stream even without an affine). Inside ``SegmentNorms.use(thetas, stats, updates)`` (S streams),
 a forward of the model on S*n images, stream s's images being rows ``s*n .. s*n+n-1`` (its *segment*), gives
 segment s exactly what the plain forward of stream s's images alone gives with adapted scalars ``thetas[s]``,
-BatchNorm statistics ``stats[...][s]`` and momentum ``momenta[s]`` (:mod:`mgg_core.normstats`: batch statistics
-over the segment's own images only, mixed with the stream's), within float rounding. Gradients reach ``thetas[s]``
-only through segment s's rows, so one backward of the summed losses gives the stacked gradient (row s = stream s).
+BatchNorm statistics ``stats[...][s]`` and update gate ``updates[s]`` (:mod:`mgg_core.normstats`: batch statistics
+over the segment's own images only, mixed with the stream's at each layer's momentum), within float rounding.
+Gradients reach ``thetas[s]`` only through segment s's rows, so one backward of the summed losses gives the stacked
+gradient (row s = stream s).
 
 Every other layer (convolutions, linears, attention) runs once on the whole batch. That is exact only when those
 layers treat images independently (no batch-level mixing outside the norm layers: true of timm's classifiers in
@@ -42,12 +43,13 @@ __all__ = ["SEGMENT_NORMS", "SegmentImpl", "SegmentNorms"]
 
 @dataclass
 class _Segments:
-    """One ``use`` block: S streams' adapted affines (name -> (S, *shape)), BatchNorm statistics and momenta."""
+    """One ``use`` block: S streams' adapted affines (name -> (S, *shape)), BatchNorm statistics and update
+    gates."""
 
     count: int
     affine: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]
-    momenta: torch.Tensor | None
+    gates: torch.Tensor | None
     norm: StreamNormStats
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -118,7 +120,7 @@ def _batch_norm(seg: _Segments, name: str, bn: _BatchNorm, x: torch.Tensor) -> t
     ``"ema"`` merge recorded as ``use`` records it), each stream's affine."""
     xs = x.reshape(seg.count, -1, x.shape[1], math.prod(x.shape[2:]))
     w, b = seg.affine.get(f"{name}.weight"), seg.affine.get(f"{name}.bias")
-    prior = seg.norm.segment_prior(name, xs, seg.stats, seg.momenta)
+    prior = seg.norm.segment_prior(name, xs, seg.stats, seg.gates)
     if prior is not None:
         y, mean, var = _MixedBatchNorm.apply(xs, w, b, *prior, bn.eps)
         if seg.norm.per_stream and f"{name}.mean" not in seg.updates:
@@ -198,14 +200,15 @@ class SegmentNorms:
 
     @contextmanager
     def use(self, thetas: torch.Tensor, stats: dict[str, torch.Tensor],
-            momenta: torch.Tensor | None) -> Iterator[dict[str, torch.Tensor]]:
+            updates: torch.Tensor | None) -> Iterator[dict[str, torch.Tensor]]:
         """Within the block the segment layers run per segment of ``thetas.shape[0]`` streams (``thetas``: (S,
         numel); ``stats``: ``{"<layer>.mean"/".var": (S, C)}``, as ``StreamNormStats`` keys them, may be empty;
-        ``momenta``: (S,), 0 where a stream's statistics do not move; None: all 0). Yields the dict that receives
-        the updated ``"ema"`` statistics, (S, C) per key. Hold the engine's forward lock."""
+        ``updates``: (S,) gates, 1 where a stream's statistics move with its images (at each layer's momentum,
+        ``StreamNormStats.request_momenta``), 0 where they are only read; None: all 0). Yields the dict that
+        receives the updated ``"ema"`` statistics, (S, C) per key. Hold the engine's forward lock."""
         if not self.supported:
             raise RuntimeError(f"no segment implementation for {', '.join(self.missing)}")
-        seg = _Segments(thetas.shape[0], self.spec.stacked_views(thetas), stats, momenta, self.norm)
+        seg = _Segments(thetas.shape[0], self.spec.stacked_views(thetas), stats, updates, self.norm)
         saved = []
         try:
             for name, module, impl in self.layers:

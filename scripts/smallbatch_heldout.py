@@ -11,8 +11,8 @@ Two stream kinds, mirroring the two test protocols of issue 9:
 
 * ``continual``: the 12 domains in a seeded shuffled order (seed 1; the test stream uses 0), ``--images`` images
   per domain, batch 16, never reset, i.i.d. or Dirichlet(alpha) label shift within a domain;
-* ``replay``: 6 of the domains (seeded choice), 64 images each, one stream, never reset, cut into requests of
-  64, 16, 4 and 1 images.
+* ``replay``: 6 of the domains (seeded choice; ``--replay-domains``), 64 images each, one stream, never reset,
+  cut into requests of 64, 16, 4 and 1 images.
 
 Variants are the service's default engine with overrides, e.g.::
 
@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 16, 4, 1])
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=JSON of EngineConfig overrides ('guard' takes GuardConfig overrides)")
+    p.add_argument("--replay-domains", type=int, default=6,
+                   help="held-out domains in the replay stream (seeded choice of the 12; 12: all of them)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
                     record["results"][f"{model}/{shift}/{name}"] = {"noadapt": base, "adapted": res}
         else:
             doms = heldout_domains(64, args.seed)
-            pick = np.random.default_rng([args.seed, 3]).permutation(len(doms))[:6]
+            pick = np.random.default_rng([args.seed, 3]).permutation(len(doms))[:args.replay_domains]
             stream = [(n, rt.preprocessor(x), torch.as_tensor(y)) for n, x, y in
                       order_stream([doms[k] for k in pick], None, args.seed)]
             base = run_replay(engine_variant(rt, method="noadapt"), stream, 64)

@@ -86,9 +86,16 @@ class ServiceSettings(BaseSettings):
         "ema", description="BatchNorm statistics of adapting methods: 'ema' = per-stream statistics kept as a "
         "moving average over images (works for any request size), 'batch' = each request's own, 'source' = the "
         "source's; None = the method's default ('batch'). Methods that never adapt keep the source's")
-    bn_momentum: float = Field(0.01, gt=0, le=1, description="per-image momentum of bn_stats='ema' (0.01: chosen on "
-                               "held-out streams, docs/results/smallbatch/heldout; faster statistics lose the class "
-                               "signal under label shift)")
+    bn_momentum: float = Field(0.001, gt=0, le=1, description="per-image momentum of bn_stats='ema'; of the deepest "
+                               "BatchNorm layer when bn_momentum_shallow is set (0.001 with bn_momentum_shallow 0.2: "
+                               "chosen on held-out streams, docs/results/smallbatch/heldout; fast deep statistics "
+                               "lose the class signal under label shift)")
+    bn_momentum_shallow: float | None = Field(
+        0.2, gt=0, le=1, description="per-image momentum of the first BatchNorm layer of bn_stats='ema'; the "
+        "deeper layers interpolate geometrically (over the layers' order) to bn_momentum at the last one: shallow "
+        "statistics reflect the corruption and may follow the stream fast, deep ones the class mix (TTN, Lim et "
+        "al. 2023; 0.2: chosen on held-out streams, the first layer follows about 5 images). None = every layer "
+        "bn_momentum")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")

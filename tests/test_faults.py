@@ -379,7 +379,7 @@ def test_snapshot_from_before_the_new_defaults_is_refused_clearly(live_server, t
 
     snaps, x = tmp_path / "s", digit_images[:8]
     ema = {"bn_stats": "ema"}
-    old = live_server(settings_for(snaps, bn_momentum=0.1, **ema))
+    old = live_server(settings_for(snaps, bn_momentum=0.1, bn_momentum_shallow=None, **ema))   # uniform momentum
     with old.client() as c:
         ok(c, "old", x)
     old.stop()
@@ -389,7 +389,8 @@ def test_snapshot_from_before_the_new_defaults_is_refused_clearly(live_server, t
     del tensors["state.guard.hold_stats"]                  # the state layout before statistics-only holds
     save_file(tensors, str(path), metadata=meta)
     for momentum, named in ((None, "bn_momentum"), (0.1, "guard.hold_stats")):
-        srv = live_server(settings_for(snaps, **ema, **({} if momentum is None else {"bn_momentum": momentum})))
+        srv = live_server(settings_for(snaps, **ema, **({} if momentum is None else
+                                                        {"bn_momentum": momentum, "bn_momentum_shallow": None})))
         with srv.client() as c:
             r = predict(c, "old", x)
             assert r.status_code == 500 and r.json()["error"]["code"] == "snapshot_restore_failed", r.text

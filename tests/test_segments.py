@@ -64,7 +64,7 @@ def _per_stream(model, norm, spec, thetas, xs, stats, momenta):
     outs, ups = [], []
     for s in range(thetas.shape[0]):
         row = {k: v[s] for k, v in stats.items()}
-        with norm.use(row, xs.shape[1], momentum=momenta[s]) as upd:
+        with norm.use(row, xs.shape[1], update=momenta[s]) as upd:
             outs.append(functional_call(model, spec.views(thetas[s]), (xs[s],)))
         ups.append(dict(upd))
     return torch.stack(outs), {k: torch.stack([u[k] for u in ups]) for k in ups[0]} if ups[0] else {}
@@ -87,7 +87,7 @@ def _setup(cls: type, mode: str):
     base = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     thetas = base + 0.2 * torch.randn(S, spec.numel)
     stats = {k: torch.stack([v + 0.1 * torch.rand(v.shape) for _ in range(S)]) for k, v in norm.init_state().items()}
-    momenta = torch.tensor([0.3, 0.0, 0.7], dtype=torch.float64)   # stream 1: statistics do not move
+    momenta = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)   # update gates; stream 1: statistics do not move
     xs = 1.5 * torch.randn(S, N, *shape) + 0.5
     return model, norm, spec, seg, thetas, stats, momenta, xs
 
@@ -164,16 +164,18 @@ def _model(kind: str) -> nn.Module:
     return load_classifier(default_checkpoint(kind), device="cpu").model
 
 
-@pytest.mark.parametrize("kind,method,bn_stats", [("resnet", "foa", "ema"), ("resnet", "tent", "batch"),
-                                                  ("vit", "foa", None), ("gn", "eata", None)])
-def test_segment_forward_equals_vmap_forward(kind, method, bn_stats):
-    cfg = EngineConfig(method=method, optimizer="sgd", bn_stats=bn_stats)
+@pytest.mark.parametrize("kind,method,bn_stats,shallow", [
+    ("resnet", "foa", "ema", None), ("resnet", "tent", "ema", 0.3), ("resnet", "tent", "batch", None),
+    ("vit", "foa", None, None), ("gn", "eata", None, None)])
+def test_segment_forward_equals_vmap_forward(kind, method, bn_stats, shallow):
+    # shallow: depth-dependent BatchNorm momenta (normstats.layer_momenta) reach each segment layer too
+    cfg = EngineConfig(method=method, optimizer="sgd", bn_stats=bn_stats, bn_momentum_shallow=shallow)
     eng = AdaptationEngine(_model(kind), cfg, num_classes=10)
     assert eng.segment_fused
     torch.manual_seed(0)
     thetas = eng.theta0 + 0.05 * torch.randn(S, eng.spec.numel)
     norms = {k: torch.stack([v * (1 + 0.1 * s) for s in range(S)]) for k, v in eng._source_norm.items()}
-    momenta = torch.tensor([0.2, 0.0, 0.5], dtype=torch.float64)
+    momenta = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)   # update gates
     xs = torch.randn(S, N, 3, 32, 32)
     features = eng.taps is not None
     results = {}

@@ -16,6 +16,7 @@ def test_one_image_requests_answer_200(live_server, tmp_path, digit_images, mode
     settings = ServiceSettings(_env_file=None, model=model, method=method, device="cpu", torch_threads=1,
                                snapshot_dir=tmp_path / "snap", log_level="warning")
     assert settings.update_images > 1 and settings.bn_stats == "ema"     # the small-batch defaults
+    assert settings.bn_momentum_shallow is not None and settings.bn_momentum_shallow > settings.bn_momentum
     srv = live_server(settings)
     with srv.client() as c:
         bodies = []
