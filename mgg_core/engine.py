@@ -11,6 +11,7 @@ import hashlib
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from .normstats import StreamNormStats
 from .optim import Optimizer, build_optimizer
 from .params import ParamSpec, fusable_model, initial_vector, select_norm_params
 from .reasons import HoldRelease, ResetReason, RollbackReason, SkipReason
+from .segments import SegmentNorms
 from .state import StreamState
 
 #: skipped gradient steps whose request still moves the stream's BatchNorm statistics: the method's loss selected
@@ -48,6 +50,11 @@ STATISTICS_DESPITE_SKIP = frozenset({SkipReason.NO_RELIABLE_SAMPLES})
 
 #: default step sizes per optimizer (reference: ViT-B/16, batch 64)
 DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-3, "mgg": 1e-3}
+
+#: largest request step_many fuses, per fused path, where EngineConfig.fuse_max_images is None: beyond it a request
+#: amortises its own step (measured fused / separate, docs/results/fused/README.md: the vmap path loses from 32
+#: images on; the segment path still gains at 32 on the ResNet and breaks even on the ViT)
+FUSE_MAX_IMAGES = {"segment": 32, "vmap": 16}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -73,8 +80,10 @@ class EngineConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
     fused: bool = True                      # step_many fuses streams (False: one step per stream, same results)
-    fuse_max_images: int = 16               # step_many fuses requests of at most this many images (0: none; larger
-                                            # ones amortise their own step: docs/results/fused/README.md)
+    fuse_max_images: int | None = None      # step_many fuses requests of at most this many images (0: none; larger
+                                            # ones amortise their own step); None: the fused path's FUSE_MAX_IMAGES
+    segment_norms: bool = True              # step_many runs a group as one plain batch with segment-wise norm layers
+                                            # where the model allows (segments.py); False: always the vmap path
 
 
 @dataclass
@@ -147,7 +156,7 @@ class AdaptationEngine:
         if int(config.update_images) < 1:
             raise ValueError(f"update_images must be >= 1, got {config.update_images}")
         self.update_images = int(config.update_images)
-        if int(config.fuse_max_images) < 0:
+        if config.fuse_max_images is not None and int(config.fuse_max_images) < 0:
             raise ValueError(f"fuse_max_images must be >= 0 (0: never fuse), got {config.fuse_max_images}")
 
         # one private, frozen copy of the backbone per engine (never per stream or per step)
@@ -186,6 +195,12 @@ class AdaptationEngine:
         # gradients in the fused pass: a fusable method (one forward, objective, backward) and an optimizer whose
         # update does not amplify the fused kernels' different rounding (Optimizer.fusable)
         self.fuse_gradients = self.method.fusable and (self.optimizer is None or self.optimizer.fusable)
+        # a group of streams runs as one plain batch with segment-wise norm layers when every layer type has a
+        # segment implementation (segments.SEGMENT_NORMS), else as one vmapped forward
+        self.segments = SegmentNorms(self.model, self.spec, self.norm)
+        self.segment_fused = bool(config.segment_norms) and self.segments.supported
+        #: fused group forwards run so far, by path ("segment", "vmap")
+        self.fused_forwards: Counter[str] = Counter()
         self._attention: list[Any] = [m for m in self.model.modules()
                                       if isinstance(getattr(m, "fused_attn", None), bool)]
         self.fingerprint = {
@@ -197,6 +212,13 @@ class AdaptationEngine:
         }
         if self.norm.per_stream and config.bn_momentum_shallow is not None:   # absent: uniform (older snapshots)
             self.fingerprint["bn_momentum_shallow"] = float(config.bn_momentum_shallow)
+
+    @property
+    def fuse_max_images(self) -> int:
+        """The largest request :meth:`step_many` fuses (``EngineConfig.fuse_max_images``, or the path's default)."""
+        if self.config.fuse_max_images is not None:
+            return int(self.config.fuse_max_images)
+        return FUSE_MAX_IMAGES["segment" if self.segment_fused else "vmap"]
 
     # ---------------------------------------------------------------- description
     def describe(self) -> dict:
@@ -294,6 +316,32 @@ class AdaptationEngine:
         live = live.detach() + scale * (live - live.detach())
         return torch.cat([state.tensors["window.features"][-k:], live])
 
+    def _streams_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
+                         momenta: torch.Tensor, features: bool):
+        """One forward for S streams' requests of equal shape, row s with stream s's adapted scalars, statistics
+        and update gate (see :meth:`_vmap_forward`): segment-wise norm layers where the model allows, else vmap."""
+        path = "segment" if self.segment_fused else "vmap"
+        self.fused_forwards[path] += 1
+        run = self._segment_forward if self.segment_fused else self._vmap_forward
+        return run(thetas, xs, norms, momenta, features)
+
+    def _segment_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
+                         momenta: torch.Tensor, features: bool):
+        """:meth:`_vmap_forward`'s contract, as ONE plain forward of the S*N images: the frozen backbone is
+        shared, only the segment layers (segments.py) normalise and apply affines per stream."""
+        s, n = xs.shape[:2]
+        x = xs.reshape(s * n, *xs.shape[2:])
+        feats = None
+        with self._lock, self.segments.use(thetas, norms, momenta) as updates:
+            if features:
+                assert self.taps is not None
+                with self.taps.collect() as sink:
+                    logits = self.model(x)
+                feats = FeatureTaps.concat(sink).reshape(s, n, -1)
+            else:
+                logits = self.model(x)
+        return logits.reshape(s, n, -1), feats, dict(updates)
+
     def _vmap_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
                       momenta: torch.Tensor, features: bool):
         """One forward for S streams' requests of equal shape (``xs``: (S, N, C, H, W)), row s with the adapted
@@ -359,10 +407,11 @@ class AdaptationEngine:
         pending = []
         with torch.set_grad_enabled(grad):
             thetas = torch.stack([j.state.theta for j in group]).requires_grad_(grad)
-            logits, feats, updates = self._vmap_forward(thetas, torch.stack([j.x for j in group]), norms, momenta,
-                                                        grad and self.method.needs_features)
+            logits, feats, updates = self._streams_forward(thetas, torch.stack([j.x for j in group]), norms,
+                                                           momenta, grad and self.method.needs_features)
+            rows = {k: v.detach().unbind(0) for k, v in updates.items()}   # one call per layer, not per stream
             for i, job in enumerate(group):
-                job.norm_sink.update({k: v[i].detach() for k, v in updates.items()})
+                job.norm_sink.update({k: r[i] for k, r in rows.items()})
                 if not job.grad:
                     job.out = self._no_grad_output(job, logits[i])
                     continue
@@ -417,12 +466,14 @@ class AdaptationEngine:
         ordered; the caller runs a second request of the same stream in a later call): ValueError, and no state
         changed, as for a malformed batch.
 
-        Fused: the streams' requests of equal shape run as one ``torch.func.vmap`` forward over their stacked
-        adapted scalars (each row normalised with its own images and BatchNorm statistics only; never padded),
-        each stream's ``objective`` on its rows, one backward for all (row s of the stacked gradient is stream
-        s's); the rest (gradient window, optimizer, commit, guard) per stream, the guard's source checks of all
-        streams in one source forward. A request alone in its shape, or of more than
-        ``EngineConfig.fuse_max_images`` images, and the gradient of a method or optimizer that is not ``fusable``
+        Fused: the streams' requests of equal shape (never padded) run as one forward over their stacked adapted
+        scalars, each stream normalised with its own images and BatchNorm statistics only: ONE plain batch through
+        the shared backbone with segment-wise norm layers (:mod:`mgg_core.segments`) where every adapted layer
+        type has a segment implementation (:attr:`segment_fused`), else a ``torch.func.vmap`` forward
+        (:attr:`fused_forwards` counts both); each stream's ``objective`` on its rows, one backward for all (row s
+        of the stacked gradient is stream s's); the rest (gradient window, optimizer, commit, guard) per stream,
+        the guard's source checks of all streams in one source forward. A request alone in its shape, or of more than
+        :attr:`fuse_max_images` images, and the gradient of a method or optimizer that is not ``fusable``
         (MGG: see ``Optimizer.fusable``), run as in :meth:`step` inside the call; engines whose model is not
         fusable (:func:`params.fusable_model`, ``EngineConfig.fused``) step the streams one by one.
         """
@@ -437,7 +488,7 @@ class AdaptationEngine:
         shared = Timer(self.device)
         jobs = [self._begin(state, x, adapt) for state, x in items]
         groups = _by_shape([j for j in jobs if (self.fuse_gradients or not j.grad)
-                            and j.x.shape[0] <= self.config.fuse_max_images], lambda j: j.x)
+                            and j.x.shape[0] <= self.fuse_max_images], lambda j: j.x)
         self._fused_pass([g for g in groups.values() if len(g) > 1], shared)
         for job in jobs:
             if job.out is None:     # alone in its shape, too large to gain, or a method that is not fusable
@@ -601,7 +652,7 @@ class AdaptationEngine:
                     continue
                 xs = torch.stack([j.x[:j.checks] for j in group])
                 zeros = torch.zeros(len(group), dtype=torch.float64, device=self.device)
-                logits = self._vmap_forward(self.theta0.expand(len(group), -1), xs, {}, zeros, False)[0]
+                logits = self._streams_forward(self.theta0.expand(len(group), -1), xs, {}, zeros, False)[0]
                 for i, job in enumerate(group):
                     job.source_logits = logits[i]
 

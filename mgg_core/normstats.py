@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_MODES", "StreamNormStats", "batch_momentum", "layer_momenta"]
+__all__ = ["BN_MODES", "StreamNormStats", "batch_moments", "batch_momentum", "layer_momenta", "mix_moments"]
 
 #: how BatchNorm layers normalise, see the module docstring
 BN_MODES = ("source", "batch", "ema")
@@ -58,6 +58,30 @@ def layer_momenta(n_layers: int, momentum: float, shallow_momentum: float | None
         return [float(momentum)] * n_layers
     lo, hi = math.log(float(shallow_momentum)), math.log(float(momentum))
     return [math.exp(lo + (hi - lo) * i / (n_layers - 1)) for i in range(n_layers)]
+
+
+def batch_moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of ``x`` over ``dims``, in two passes (mean, then mean squared deviation):
+    5-10x faster than ``torch.var_mean`` over these dimensions on the CPU (scripts/bench_fused.py), as exact
+    (1e-7 relative). Both keep the dimensions not reduced, in order."""
+    keep = x.mean(dim=dims, keepdim=True)
+    return keep.squeeze(dims), (x - keep).square().mean(dim=dims)
+
+
+def mix_moments(mean0: torch.Tensor, var0: torch.Tensor, b_mean: torch.Tensor, b_var: torch.Tensor,
+                m: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``"ema"`` merge of a stream's statistics (``mean0``, ``var0``) with a batch's, with momentum ``m`` (a float,
+    or a tensor broadcastable to the statistics: one momentum per stream), as two populations."""
+    if isinstance(m, torch.Tensor):   # computed in the momentum's precision, applied in the statistics'
+        d = b_mean.dtype
+        return _mix(mean0, var0, b_mean, b_var, m.to(d), (1.0 - m).to(d), (m * (1.0 - m)).to(d))
+    return _mix(mean0, var0, b_mean, b_var, m, 1.0 - m, m * (1.0 - m))
+
+
+def _mix(mean0, var0, b_mean, b_var, m, one_m, mm) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = one_m * mean0 + m * b_mean
+    var = one_m * var0 + m * b_var + mm * (b_mean - mean0).pow(2)
+    return mean, var
 
 
 class _Call:
@@ -154,6 +178,31 @@ class StreamNormStats:
         finally:
             self._call = prev
 
+    def segment_prior(self, name: str, xs: torch.Tensor, stats: dict[str, torch.Tensor],
+                      updates: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """What BatchNorm layer ``name`` normalises each segment of ``xs`` (S, n, C, ...) with, as the hooks do
+        for segment s alone inside ``use(stats_s, n, update=updates[s])`` (``stats_s``: row s of ``stats``,
+        ``{"<layer>.mean": (S, C), ...}``, missing: the source's; ``updates``: (S,) 0/1 gates, None: all 0): the
+        segment's own batch statistics (over its images only) merged by :func:`mix_moments` with ``(mean0,
+        var0)`` at momentum ``m`` ((S, 1), float64: the gate times the layer's ``batch_momentum`` for n images),
+        returned as ``(mean0, var0, m)``; in ``"batch"`` m = 1 (the batch's alone). None where no batch
+        statistics enter (``"source"``, or one value per channel in ``"batch"``): the source statistics
+        ``self.source[name]`` then. Used by :mod:`mgg_core.segments`, which records the merged statistics of
+        ``"ema"`` (:attr:`per_stream`) as ``use`` does."""
+        if self.mode == "source":
+            return None
+        mean_src, var_src = self.source[name]
+        rows = xs.shape[0]
+        if self.mode == "batch":
+            if xs[0].numel() // max(1, xs.shape[2]) <= 1:
+                return None
+            ones = torch.ones(rows, 1, dtype=torch.float64, device=xs.device)
+            return torch.zeros_like(mean_src), torch.zeros_like(var_src), ones
+        gate = torch.zeros(rows, dtype=torch.float64, device=xs.device) if updates is None else updates
+        m = gate.to(torch.float64).reshape(rows, 1) * batch_momentum(self.momenta[name], xs.shape[1])
+        mean0, var0 = stats.get(f"{name}.mean", mean_src), stats.get(f"{name}.var", var_src)
+        return mean0, var0, m
+
     # ------------------------------------------------------------------------------------------ hooks
     def _pre_hook(self, name: str):
         def hook(bn: _BatchNorm, inputs):
@@ -169,14 +218,8 @@ class StreamNormStats:
                 return None
             mean0, var0 = call.stats[f"{name}.mean"], call.stats[f"{name}.var"]
             # one value per channel is a valid (zero-variance) population: the merge still holds
-            dims = [0] + list(range(2, x.dim()))
-            # two passes (mean, then mean squared deviation): 5-10x faster than torch.var_mean over these
-            # dimensions on the CPU (scripts/bench_fused.py), as exact (1e-7 relative)
-            keep = x.mean(dim=dims, keepdim=True)
-            b_var, b_mean = (x - keep).square().mean(dim=dims), keep.flatten()
-            m = call.m[name]
-            mean = (1.0 - m) * mean0 + m * b_mean
-            var = (1.0 - m) * var0 + m * b_var + (m * (1.0 - m)) * (b_mean - mean0).pow(2)
+            b_mean, b_var = batch_moments(x, [0] + list(range(2, x.dim())))
+            mean, var = mix_moments(mean0, var0, b_mean, b_var, call.m[name])
             if call.record and f"{name}.mean" not in call.updates:
                 call.updates[f"{name}.mean"], call.updates[f"{name}.var"] = mean.detach(), var.detach()
             # native batch_norm takes no gradient through running statistics: normalise here, and let the layer

@@ -66,6 +66,15 @@ class ParamSpec:
             for name, shape, off in zip(self.names, self.shapes, self.offsets, strict=True)
         }
 
+    def stacked_views(self, flats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views into ``flats`` (S, numel), one row per stream: name -> (S, *shape) (autograd flows back)."""
+        # one split (its backward: one concatenation), not a slice per parameter (each slice's backward writes a
+        # zero-filled (S, numel) gradient and adds it up: 2 x names full-size passes)
+        rows = flats.shape[0]
+        parts = flats.split([_prod(shape) for shape in self.shapes], dim=1)
+        return {name: part.reshape(rows, *shape) for name, shape, part in zip(self.names, self.shapes, parts,
+                                                                             strict=True)}
+
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tensors[name].detach().reshape(-1) for name in self.names])
 

@@ -201,11 +201,25 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("model,method,optimizer,bn_stats,update_images,guard", CASES)
-def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, update_images, guard):
-    eng = _engine(model, method, optimizer, bn_stats, update_images, guard)
+#: the generic vmap path (EngineConfig.segment_norms=False), kept for layer types without a segment implementation
+VMAP_CASES = [
+    ("resnet", "eata", "adam", "ema", 16, "watch"),
+    ("resnet", "tent", "sgd", "batch", 1, "hold"),
+    ("vit", "foa", "sgd", None, 16, "watch"),
+    ("gn", "tent", "sgd", None, 1, "watch"),
+]
+
+
+@pytest.mark.parametrize("model,method,optimizer,bn_stats,update_images,guard,path",
+                         [c + ("segment",) for c in CASES] + [c + ("vmap",) for c in VMAP_CASES])
+def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, update_images, guard, path):
+    eng = _engine(model, method, optimizer, bn_stats, update_images, guard, segment_norms=path == "segment")
     assert eng.fused and eng.method.fusable and eng.fuse_gradients == (optimizer != "mgg")
     states, results, fused_states = _compare(eng, _calls(model, 4, SIZES))
+    # the fused groups ran the path asked for, and only it (MGG engines fuse gradient-free requests only)
+    other = "vmap" if path == "segment" else "segment"
+    assert eng.fused_forwards[other] == 0 and (eng.fused_forwards[path] > 0 or not eng.fuse_gradients), \
+        dict(eng.fused_forwards)
     if not eng.fuse_gradients:   # MGG: gradients per stream, as step() takes them: parameters bit-identical
         assert all(torch.equal(a.theta, b.theta) for a, b in zip(fused_states, states, strict=True))
     reasons = {r.skipped_reason for row in results for r in row} | {r.rollback_reason for row in results for r in row}
@@ -278,13 +292,13 @@ def test_model_with_a_norm_layer_vmap_does_not_batch_falls_back(monkeypatch):
 def test_requests_above_the_fusing_limit_run_alone(monkeypatch):
     eng = _engine("resnet", "tent", "sgd", "ema", fuse_max_images=4)
     shapes: list[int] = []
-    real = eng._vmap_forward
+    real = eng._streams_forward
 
     def spy(thetas, xs, *args):
         shapes.append(tuple(xs.shape[:2]))
         return real(thetas, xs, *args)
 
-    monkeypatch.setattr(eng, "_vmap_forward", spy)
+    monkeypatch.setattr(eng, "_streams_forward", spy)
     _compare(eng, _calls("resnet", 1))
     assert shapes == [(2, 1), (2, 4)], shapes   # fused: the pairs of 1 and 4 images; 3 alone, 8 over the limit
     with pytest.raises(ValueError, match="fuse_max_images"):
