@@ -28,16 +28,17 @@ from .guard import (
     check_count,
     guard_init_state,
     hold_length,
+    hold_release,
     judge,
     observe,
-    source_failing,
+    start_hold_reference,
 )
 from .losses import softmax_entropy
 from .methods import GradOutput, Method, StepContext, Timer, build_method, loss_verdict
 from .normstats import StreamNormStats
 from .optim import Optimizer, build_optimizer
 from .params import ParamSpec, fusable_model, initial_vector, select_norm_params
-from .reasons import ResetReason, RollbackReason, SkipReason
+from .reasons import HoldRelease, ResetReason, RollbackReason, SkipReason
 from .segments import SegmentNorms
 from .state import StreamState
 
@@ -97,6 +98,7 @@ class StepResult:
     step: int                               # updates the stream has taken after this batch
     rolled_back: bool = False
     rollback_reason: RollbackReason | None = None
+    hold_released: HoldRelease | None = None   # the guard ended a hold at source early, after this batch
     reset_reason: ResetReason | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -660,13 +662,18 @@ class AdaptationEngine:
         g = self.config.guard
         state, result, n = job.state, job.result, job.x.shape[0]
         assert result is not None and job.logits is not None
-        state.set_group("guard", observe(g, job.guard_sig, job.logits, job.source_logits))
+        state.set_group("guard", observe(g, job.guard_sig, job.logits, job.source_logits, images=job.x,
+                                         holding=job.hold > 0 and job.adapt))
         if not (g.enabled and self.method.needs_grad):
             return
         if float(state.tensors["guard.hold"]) > 0:
-            if source_failing(g, state.group("guard")):
+            release = hold_release(g, state.group("guard"))
+            if release is not None:      # the source failing, or the domain the hold was for has gone
                 state.tensors["guard.hold"] = torch.zeros_like(state.tensors["guard.hold"])
                 state.tensors["guard.hold_stats"] = torch.zeros_like(state.tensors["guard.hold_stats"])
+                if release is HoldRelease.DOMAIN_SHIFT:    # a new domain: its fallbacks start a new backoff
+                    state.tensors["guard.backoff"] = torch.zeros_like(state.tensors["guard.backoff"])
+                result.hold_released = release
             elif float(state.tensors["guard.hold_stats"]) > 0:   # statistics-only hold: still judged
                 reason = judge(g, state.group("guard"), state.images)
                 if reason is not None:                           # the statistics hurt too: full source hold
@@ -693,8 +700,13 @@ class AdaptationEngine:
         held = float(state.tensors["guard.hold"]) > 0
         if reason in HOLD_REASONS or held:      # the source is better here: back to it, and stay a while
             backoff = state.tensors["guard.backoff"] + 1
+            fast = state.tensors["guard.shift_fast"]
             self._to_source(state)
             state.tensors["guard.backoff"] = backoff
+            state.tensors["guard.shift_fast"] = fast      # the descriptor follows the data, not the model
+            ref = state.group("guard")
+            start_hold_reference(ref)
+            state.set_group("guard", ref)
             hold = hold_length(self.config.guard, state.group("guard"))
             state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"], hold)
             # the first fallback in a row keeps the statistics adapting (guard.py: statistics-only holds)

@@ -37,6 +37,18 @@ there (no adaptation) for ``hold_images`` images, doubled for every such fallbac
 is cleared by a healthy anchor), before adapting again; the hold ends early when the source stops being a usable
 reference (:func:`source_failing`: the data changed under the stream, and the source is no longer better).
 
+Holds end with the domain that caused them (``shift_threshold``; None: off). A hold is meant for the data that made
+the source the better model; on a stream of short domains a hold of ``hold_images`` images (doubled on repeated
+fallbacks) outlasts that domain and keeps the following ones at source, where adaptation would help. A label-free
+domain-shift signal ends it early. Every image gets a small descriptor of its pixels (:func:`image_descriptor`:
+mean, log contrast, log high-frequency energy, colour spread; what the corruptions of the benchmark change, and
+independent of the model). The guard keeps a fast per-image EMA of it (time constant ``shift_images``), and, from
+the start of each hold, a reference: the mean and per-image variance of the descriptor over the hold's first
+``shift_reference_images`` images, then frozen. Once the reference is complete, a hold ends (and the backoff count
+is cleared) when some feature of the fast EMA is more than ``shift_threshold`` reference standard deviations away
+from the reference (:func:`shift_score`). The release is counted (:class:`~mgg_core.reasons.HoldRelease`,
+``StepResult.hold_released``), as is the older early end when the source stops being a usable reference.
+
 Statistics-only holds (``hold_statistics``; a model with per-stream normalisation statistics). On a BatchNorm model
 most of the gain comes from the per-stream statistics, and the parameters are what drifts. With
 ``hold_statistics`` the first fallback of :data:`HOLD_REASONS` in a row resets the stream to source but keeps its
@@ -54,10 +66,11 @@ from dataclasses import dataclass
 import torch
 
 from .losses import softmax_entropy
-from .reasons import RollbackReason
+from .reasons import HoldRelease, RollbackReason
 
-__all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "check_count", "guard_init_state", "hold_length", "judge",
-           "observe", "source_diversity", "source_failing"]
+__all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count", "domain_shift",
+           "guard_init_state", "hold_length", "hold_release", "image_descriptor", "judge", "observe", "shift_score",
+           "source_diversity", "source_failing", "start_hold_reference"]
 
 
 #: why the guard fell back (``StepResult.rollback_reason``; a metric label value): the engine's RollbackReason
@@ -84,10 +97,17 @@ class GuardConfig:
     min_source_confident: float = 0.3
     hold_images: int = 128           # 128 (was 512): chosen on held-out streams with the depth-dependent statistics
     hold_statistics: bool = False
+    shift_threshold: float | None = 6.0    # end a hold on a domain shift (reference std devs; held-out); None: off
+    shift_images: int = 8                  # time constant (images) of the descriptor's fast EMA
+    shift_reference_images: int = 32       # images at the start of a hold that make its reference
 
     def __post_init__(self) -> None:
         if self.horizon_images < 1 or self.anchor_every_images < 1:
             raise ValueError("guard horizon_images and anchor_every_images must be >= 1")
+        if self.shift_images < 1 or self.shift_reference_images < 1:
+            raise ValueError("guard shift_images and shift_reference_images must be >= 1")
+        if self.shift_threshold is not None and not self.shift_threshold > 0:
+            raise ValueError(f"guard shift_threshold must be > 0 or None, got {self.shift_threshold}")
         if not 0.0 <= self.check_share <= 1.0:
             raise ValueError(f"guard check_share must be in [0, 1], got {self.check_share}")
 
@@ -103,7 +123,26 @@ def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
             "adapted_hist": torch.zeros(num_classes, device=device),
             "source_hist": torch.zeros(num_classes, device=device),
             "agreement": torch.full((), float("nan"), device=device),
-            "entropy_gap": torch.full((), float("nan"), device=device)}
+            "entropy_gap": torch.full((), float("nan"), device=device),
+            "shift_fast": torch.full((SHIFT_FEATURES,), float("nan"), device=device),
+            "shift_ref": torch.zeros(SHIFT_FEATURES, device=device),
+            "shift_ref_sq": torch.zeros(SHIFT_FEATURES, device=device),
+            "shift_ref_n": z.clone()}
+
+
+#: features of :func:`image_descriptor`
+SHIFT_FEATURES = 4
+_SHIFT_VAR_FLOOR = 1e-4
+
+
+def image_descriptor(x: torch.Tensor) -> torch.Tensor:
+    """Per image (rows): mean intensity, log contrast (pixel std), log high-frequency energy (mean absolute
+    difference of neighbouring pixels), colour spread (std of the channel means); ``x``: (N, C, H, W)."""
+    x = x.detach().float()
+    means = x.mean((2, 3))
+    contrast = x.std((2, 3), unbiased=False).mean(1)
+    hf = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+    return torch.stack([means.mean(1), (contrast + 1e-3).log(), (hf + 1e-3).log(), means.std(1, unbiased=False)], 1)
 
 
 def _keep(cfg: GuardConfig, n: int | float) -> float:
@@ -128,15 +167,53 @@ def check_count(cfg: GuardConfig, g: dict[str, torch.Tensor], n: int) -> tuple[i
     return k, torch.full_like(g["credit"], credit - k)
 
 
+def _observe_shift(cfg: GuardConfig, g: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
+                   images: torch.Tensor, holding: bool) -> None:
+    """The descriptor's fast EMA; while holding, the hold's reference until it has ``shift_reference_images``."""
+    d = image_descriptor(images).to(g["shift_fast"])
+    n = d.shape[0]
+    out["shift_fast"] = _ema(g["shift_fast"], d.mean(0), (1.0 - 1.0 / cfg.shift_images) ** n)
+    seen = float(g["shift_ref_n"])
+    if holding and seen < cfg.shift_reference_images:   # running mean over the hold's first images
+        w = n / (seen + n)
+        out["shift_ref"] = (1 - w) * g["shift_ref"] + w * d.mean(0)
+        out["shift_ref_sq"] = (1 - w) * g["shift_ref_sq"] + w * d.pow(2).mean(0)
+        out["shift_ref_n"] = g["shift_ref_n"] + n
+
+
+def start_hold_reference(g: dict[str, torch.Tensor]) -> None:
+    """A new hold: its reference is built from its own first images (in place)."""
+    for k in ("shift_ref", "shift_ref_sq", "shift_ref_n"):
+        g[k] = torch.zeros_like(g[k])
+
+
+def shift_score(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
+    """Largest distance, in reference standard deviations, of the fast descriptor EMA from the hold's reference
+    (0 until the reference has ``shift_reference_images`` images)."""
+    if float(g["shift_ref_n"]) < cfg.shift_reference_images or bool(torch.isnan(g["shift_fast"]).any()):
+        return 0.0
+    var = (g["shift_ref_sq"] - g["shift_ref"].pow(2)).clamp(min=0) + _SHIFT_VAR_FLOOR
+    return float(((g["shift_fast"] - g["shift_ref"]).abs() / var.sqrt()).max())
+
+
+def domain_shift(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
+    """While holding: the data moved away from the domain the hold was for (off when ``shift_threshold`` is None)."""
+    return cfg.shift_threshold is not None and shift_score(cfg, g) > cfg.shift_threshold
+
+
 def observe(cfg: GuardConfig, g: dict[str, torch.Tensor], logits: torch.Tensor,
-            source_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Updated guard signals after one request (``source_logits``: of the request's first checked images)."""
+            source_logits: torch.Tensor | None, images: torch.Tensor | None = None,
+            holding: bool = False) -> dict[str, torch.Tensor]:
+    """Updated guard signals after one request (``source_logits``: of the request's first checked images;
+    ``images``: the request, for the domain-shift descriptor; ``holding``: the request was held at source)."""
     n, c = logits.shape
     ln_c = math.log(c)
     keep = _keep(cfg, n)
     ent = (softmax_entropy(logits.float()) / ln_c).clamp(0, 1)
     hist = torch.bincount(logits.argmax(1), minlength=c).float() / n
     out = dict(g)
+    if images is not None and "shift_fast" in g:
+        _observe_shift(cfg, g, out, images, holding)
     out["entropy_ema"] = _ema(g["entropy_ema"], ent.mean(), keep)
     out["class_share"] = _mix_hist(g["class_share"], hist, keep)
     if source_logits is None or source_logits.shape[0] == 0:
@@ -182,6 +259,15 @@ def hold_length(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
 def source_failing(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
     """While holding at source: the source now predicts (nearly) one class, so it is no longer the better model."""
     return float(g["checked"]) >= cfg.warmup_checks and source_diversity(g["source_hist"]) < cfg.min_source_diversity
+
+
+def hold_release(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> HoldRelease | None:
+    """While holding at source: why the hold ends early (the source failing first), or None to keep holding."""
+    if source_failing(cfg, g):
+        return HoldRelease.SOURCE_FAILING
+    if domain_shift(cfg, g):
+        return HoldRelease.DOMAIN_SHIFT
+    return None
 
 
 def judge(cfg: GuardConfig, g: dict[str, torch.Tensor], images: int) -> Fallback | None:

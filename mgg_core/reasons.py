@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["ResetPolicy", "ResetReason", "RollbackReason", "SkipReason", "StrEnum"]
+__all__ = ["HoldRelease", "ResetPolicy", "ResetReason", "RollbackReason", "SkipReason", "StrEnum"]
 
 
 class StrEnum(str, Enum):
@@ -46,6 +46,13 @@ class RollbackReason(StrEnum):
     PARTIAL_COLLAPSE = "partial_collapse"                      # one class far more often than the source predicts it
     SOURCE_DISAGREEMENT = "source_disagreement"                # overturns the source's confident predictions
     LESS_CERTAIN_THAN_SOURCE = "less_certain_than_source"      # less certain than the source on the same images
+
+
+class HoldRelease(StrEnum):
+    """``StepResult.hold_released``: why the guard ended a hold at source before its images ran out."""
+
+    DOMAIN_SHIFT = "domain_shift"              # the data moved away from the domain the hold was for
+    SOURCE_FAILING = "source_failing"          # the source predicts (nearly) one class: no longer the better model
 
 
 class ResetReason(StrEnum):

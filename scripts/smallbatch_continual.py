@@ -59,6 +59,9 @@ def run(engine, batches, signals: bool = False) -> dict:
         c[1] += len(y)
         if res.rolled_back:
             fallbacks[str(res.rollback_reason)] = fallbacks.get(str(res.rollback_reason), 0) + 1
+        if res.hold_released is not None:
+            key = f"released:{res.hold_released}"
+            fallbacks[key] = fallbacks.get(key, 0) + 1
         if signals:
             src = engine.source_predict(x).cpu()
             sp = src.softmax(1)

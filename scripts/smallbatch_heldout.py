@@ -130,7 +130,8 @@ def main(argv=None) -> int:
             for name, js in variants.items():
                 eng = _variant(rt, json.loads(js))
                 row = {b: run_replay(eng, stream, b, 0) for b in args.batch_sizes}
-                cells = " ".join(f"b{b}={row[b]['accuracy']:.1f}(rb{row[b]['rollbacks']})" for b in args.batch_sizes)
+                cells = " ".join(f"b{b}={row[b]['accuracy']:.1f}(rb{row[b]['rollbacks']}"
+                                 f"/rel{row[b].get('hold_releases', 0)})" for b in args.batch_sizes)
                 print(f"{model:6s} replay {name:12s} noadapt={base['accuracy']:.1f} {cells}", flush=True)
                 record["results"][f"{model}/replay/{name}"] = {"noadapt": base, **{str(b): r for b, r in row.items()}}
     if args.json:

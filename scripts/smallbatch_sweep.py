@@ -70,18 +70,19 @@ def engine_variant(rt, method: str | None = None, optimizer: str | None = None, 
 
 def run(engine, domains, batch_size: int, seed: int = 0) -> dict:
     state = engine.new_state(seed=seed)
-    per_domain, t0, fallbacks = {}, time.perf_counter(), 0
+    per_domain, t0, fallbacks, releases = {}, time.perf_counter(), 0, 0
     for name, x, y in domains:
         correct = 0
         for i in range(0, len(y), batch_size):
             res = engine.step(state, x[i:i + batch_size])
             correct += int((res.logits.argmax(1) == y[i:i + batch_size]).sum())
             fallbacks += int(res.rolled_back)
+            releases += int(res.hold_released is not None)
         per_domain[name] = 100.0 * correct / len(y)
     n = sum(len(y) for _, _, y in domains)
     acc = 100.0 * sum(per_domain[d] * len(y) / 100.0 for d, _, y in domains) / n
     return {"accuracy": acc, "per_domain": per_domain, "seconds": time.perf_counter() - t0, "images": n,
-            "rollbacks": fallbacks, "rollbacks_total": state.rollbacks}
+            "rollbacks": fallbacks, "rollbacks_total": state.rollbacks, "hold_releases": releases}
 
 
 def _parse_set(items):

@@ -243,6 +243,7 @@ class DataPlane:
             rolled_back=res.rolled_back,
             rollback_reason=res.rollback_reason if res.rolled_back else None,
             reset_reason=res.reset_reason,
+            hold_released=res.hold_released,
             batch_entropy=finite(res.batch_entropy),
             loss=finite(res.loss),
             predictions_after_update=out.post_update,
@@ -270,6 +271,8 @@ class DataPlane:
             metrics.batch_entropy.observe(be)
         if res.rolled_back:
             metrics.rollbacks.labels(reason=str(res.rollback_reason or "unknown")).inc()
+        if res.hold_released:
+            metrics.hold_releases.labels(reason=str(res.hold_released)).inc()
 
 
 __all__ = ["DataPlane", "StepOutcome", "finite", "make_predictions", "persist_error", "softmax_outputs"]

@@ -41,6 +41,10 @@ class ServiceMetrics:
         self.rollbacks = Counter(
             "tta_rollbacks_total", "Collapse-guard rollbacks of a stream's state.", ["reason"], registry=r
         )
+        self.hold_releases = Counter(
+            "tta_guard_hold_releases_total", "Guard holds at source ended early (the domain changed, the source "
+            "failed).", ["reason"], registry=r
+        )
         self.streams_active = Gauge("tta_streams_active", "Streams whose state is in memory.", registry=r)
         self.streams_known = Gauge("tta_streams_known", "Streams in memory or snapshotted on disk.", registry=r)
         self.state_bytes = Gauge("tta_state_bytes", "Bytes of stream state held in memory.", registry=r)

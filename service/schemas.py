@@ -44,6 +44,8 @@ class PredictResponse(BaseModel):
     skipped_reason: str | None = Field(None, description="why no update was applied, or null")
     rolled_back: bool = Field(False, description="the collapse guard restored the last good state")
     rollback_reason: str | None = None
+    hold_released: str | None = Field(
+        None, description="the guard ended a hold at source early after this batch (domain_shift, source_failing)")
     reset_reason: str | None = Field(None, description="the method reset the stream to source after this batch")
     batch_entropy: float | None = Field(None, description="mean prediction entropy / ln(num_classes), 0..1")
     loss: float | None = None

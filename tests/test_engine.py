@@ -6,6 +6,7 @@ from torch import nn
 
 from mgg_core.engine import AdaptationEngine, EngineConfig, GuardConfig, compute_fisher
 from mgg_core.features import compute_source_stats
+from mgg_core.guard import SHIFT_FEATURES
 from mgg_core.methods import METHODS
 from mgg_core.mgg import GradientMemoryLayer
 from mgg_core.optim import MGG
@@ -179,8 +180,9 @@ def test_state_size_accounts_for_every_tensor():
     eng = _engine(_vit(), "foa", "mgg")
     st = eng.new_state()
     n = eng.spec.numel
-    # theta, m, v, W (8x8), b (8) per scalar, + step, guard signals (guard.py: 10 scalars + 3 class histograms)
-    assert st.nbytes() == 4 * (n * (1 + 1 + 1 + 64 + 8) + 10 + 3 * 10) + 8
+    # theta, m, v, W (8x8), b (8) per scalar, + step, guard signals (guard.py: 11 scalars + 3 class histograms
+    # + 3 domain-shift descriptor vectors)
+    assert st.nbytes() == 4 * (n * (1 + 1 + 1 + 64 + 8) + 11 + 3 * 10 + 3 * SHIFT_FEATURES) + 8
     assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors.values())
 
 

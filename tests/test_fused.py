@@ -90,6 +90,11 @@ GUARDS = {
                              anchor_every_images=8, min_agreement=1.01, source_confidence=0.0,
                              min_source_confident=0.0, min_source_diversity=0.0, hold_images=6, max_entropy=1.01,
                              max_class_share=1.01, hold_statistics=True),
+    # holds that end early on a domain shift (guard.py): a 1-image fast EMA and a 0.5-sigma threshold release often
+    "shift": GuardConfig(enabled=True, check_share=0.5, warmup_images=4, warmup_checks=2, horizon_images=16,
+                         anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
+                         min_source_diversity=0.0, hold_images=1000, max_entropy=1.01, max_class_share=1.01,
+                         shift_threshold=0.5, shift_images=1, shift_reference_images=4),
     "entropy": GuardConfig(enabled=True, check_share=0.25, warmup_images=4, warmup_checks=2, horizon_images=16,
                            anchor_every_images=8, max_entropy=0.0),
 }
@@ -156,7 +161,8 @@ def _same_state(a, b, where: str, tol: float = TOL) -> None:
 def _same_result(r, q, where: str, tol: float = TOL) -> None:
     _close(r.logits, q.logits, f"{where} logits", tol)
     assert torch.equal(r.logits.argmax(1), q.logits.argmax(1)), f"{where}: predicted labels differ"
-    for f in ("adapted", "skipped_reason", "rolled_back", "rollback_reason", "reset_reason", "n_selected", "step"):
+    for f in ("adapted", "skipped_reason", "rolled_back", "rollback_reason", "hold_released", "reset_reason",
+              "n_selected", "step"):
         assert getattr(r, f) == getattr(q, f), f"{where}: {f} {getattr(r, f)!r} != {getattr(q, f)!r}"
     assert (r.loss is None) == (q.loss is None), f"{where}: loss"
     if r.loss is not None:
@@ -184,6 +190,7 @@ CASES = [
     ("resnet", "eata", "mgg", "batch", 16, "hold"),
     ("resnet", "tent", "mgg", "ema", 1, "entropy"),
     ("resnet", "eata", "sgd", "ema", 1, "holdstats"),
+    ("resnet", "eata", "adam", "ema", 1, "shift"),
     ("vit", "eata", "adam", None, 1, "watch"),
     ("vit", "foa", "sgd", None, 16, "watch"),
     ("vit", "tent", "adam", None, 1, "hold"),
@@ -221,8 +228,10 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert "accumulating" in reasons, "the gradient window was never used"
     if guard != "watch":
         assert sum(st.rollbacks for st in states) > 0, f"guard {guard!r} never fell back"
-    if guard in ("hold", "holdstats"):
+    if guard in ("hold", "holdstats", "shift"):
         assert "guard_hold" in reasons
+    if guard == "shift":
+        assert any(r.hold_released == "domain_shift" for row in results for r in row), "no hold ended early"
 
 
 def test_gradient_free_methods_and_calls_without_adaptation():

@@ -15,10 +15,11 @@ from torch import nn
 
 from mgg_core.engine import AdaptationEngine, EngineConfig
 from mgg_core.features import compute_source_stats
-from mgg_core.guard import Fallback, GuardConfig, guard_init_state, judge, observe
+from mgg_core.guard import Fallback, GuardConfig, guard_init_state, image_descriptor, judge, observe, shift_score
 from mgg_core.mgg import GradientMemoryLayer
 from mgg_core.normstats import batch_momentum
 from mgg_core.optim import MGG
+from mgg_core.reasons import HoldRelease
 
 METHOD_OPTIMIZERS = [(m, o) for m in ("tent", "eata", "sar", "deyo", "foa") for o in ("sgd", "adam", "mgg")]
 SMALL = dict(bn_stats="ema", bn_momentum=0.1, update_images=8)   # small-batch design, small window for tests
@@ -328,3 +329,78 @@ def test_guard_fallback_keeps_the_annotations_an_exact_reset_clears():
     assert st.annotations == {"idempotency": '[{"key":"k1"}]'}
     eng.reset(st)
     assert st.annotations == {} and st.resets == 1
+
+
+# ------------------------------------------------------------------------------- holds end with their domain
+def _other_domain(n, seed):
+    """Images of another 'corruption': low contrast, shifted mean, blurred (each descriptor feature moves)."""
+    x = _images(n, seed)
+    return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1) * 0.3 + 0.5
+
+
+def test_image_descriptor_is_per_image_and_sees_contrast_and_blur():
+    x = _images(6, 1)
+    d = image_descriptor(x)
+    assert d.shape == (6, 4) and torch.allclose(image_descriptor(x[2:3]), d[2:3])
+    o = image_descriptor(_other_domain(6, 1))
+    assert bool((o[:, 0] > d[:, 0] + 0.4).all() and (o[:, 1] < d[:, 1]).all() and (o[:, 2] < d[:, 2]).all())
+
+
+@pytest.mark.parametrize("threshold", [None, 3.0])
+def test_guard_hold_ends_early_when_the_domain_changes(threshold):
+    """A hold is for the domain that caused it: with ``shift_threshold`` set, new data ends it (counted, backoff
+    cleared) and the stream adapts again; without it the hold runs its 1000 images out."""
+    eng = _engine(_models()["resnet"](), "tent", "sgd",
+                  guard=_always_disagrees(shift_threshold=threshold, shift_reference_images=8), **SMALL)
+    st = eng.new_state()
+    assert eng.step(st, _images(8, 1)).rollback_reason == Fallback.SOURCE_DISAGREEMENT
+    for i in range(4):                       # same domain: the hold goes on (the reference is complete after 8)
+        res = eng.step(st, _images(4, 10 + i))
+        assert res.skipped_reason == "guard_hold" and res.hold_released is None
+    assert float(st.tensors["guard.shift_ref_n"]) == 8 and shift_score(eng.config.guard, st.group("guard")) < 3.0
+    released = eng.step(st, _other_domain(4, 20)).hold_released
+    hold, backoff = float(st.tensors["guard.hold"]), float(st.tensors["guard.backoff"])
+    nxt = eng.step(st, _other_domain(4, 30))
+    if threshold is None:
+        assert released is None and nxt.skipped_reason == "guard_hold" and not nxt.rolled_back
+        assert hold > 900 and backoff == 1 and st.rollbacks == 1
+        return
+    assert released == HoldRelease.DOMAIN_SHIFT and hold == 0 and backoff == 0
+    # adapting again: the next request takes the method's gradient (and this always-disagreeing guard, judging
+    # it, falls back once more: a first fallback again, as the backoff was cleared)
+    assert nxt.skipped_reason != "guard_hold" and nxt.rolled_back and st.rollbacks == 2
+    assert float(st.tensors["guard.backoff"]) == 1 and float(st.tensors["guard.shift_ref_n"]) == 0
+
+
+def test_guard_shift_reference_is_built_per_hold_and_restarts_at_a_fallback():
+    cfg = GuardConfig(enabled=True, shift_reference_images=8, shift_threshold=2.0)
+    g = guard_init_state(10, "cpu")
+    logits = torch.randn(4, 10)
+    g = observe(cfg, g, logits, None, images=_images(4, 1))            # not holding: no reference
+    assert float(g["shift_ref_n"]) == 0 and not bool(torch.isnan(g["shift_fast"]).any())
+    g = observe(cfg, g, logits, None, images=_images(4, 2), holding=True)
+    assert float(g["shift_ref_n"]) == 4 and shift_score(cfg, g) == 0.0  # not complete: never a shift
+    g = observe(cfg, g, logits, None, images=_images(4, 3), holding=True)
+    ref = g["shift_ref"].clone()
+    g = observe(cfg, g, logits, None, images=_other_domain(4, 4), holding=True)
+    assert torch.equal(g["shift_ref"], ref) and shift_score(cfg, g) > 2.0  # frozen; the fast EMA moved
+    with pytest.raises(ValueError, match="shift_threshold"):
+        GuardConfig(shift_threshold=0.0)
+
+
+
+def test_a_hold_release_is_counted_in_the_metrics_and_sent_in_the_response():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from service.dataplane import DataPlane
+    from service.metrics import ServiceMetrics
+    from service.schemas import PredictResponse
+
+    eng = _engine(_models()["vit"](), "noadapt")
+    res = dataclasses.replace(eng.step(eng.new_state(), _images(1, 0)), hold_released=HoldRelease.DOMAIN_SHIFT)
+    metrics = ServiceMetrics()
+    DataPlane._record(SimpleNamespace(svc=SimpleNamespace(metrics=metrics)), res, 1, {})  # type: ignore[arg-type]
+    assert 'tta_guard_hold_releases_total{reason="domain_shift"} 1.0' in generate_latest(metrics.registry).decode()
+    assert "hold_released" in PredictResponse.model_fields
