@@ -96,6 +96,18 @@ def live_server() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a shared
+    2-core machine more threads make these tiny models tens of times slower. The count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One live server for the whole test module, built from the module's ``settings_for(snapshot_dir)``."""
     srv = LiveServer(request.module.settings_for(tmp_path_factory.mktemp("snapshots")))

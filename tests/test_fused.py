@@ -30,13 +30,7 @@ from mgg_core.methods import METHODS, Method
 SIZES = (1, 1, 3, 4, 4, 8, 8, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine more threads make these tiny models tens of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOL = 1e-5
 MGG_CHECKPOINT = str(default_mgg_checkpoint("resnet"))   # the bundled learned optimizer (per-scalar: any model)

@@ -29,12 +29,7 @@ TOL = 1e-5
 S, N = 3, 4     # streams, images per stream
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = TOL) -> None:
