@@ -144,6 +144,32 @@ def service_settings(snapshot_dir: Path, **kw: Any) -> Any:
     return ServiceSettings(_env_file=None, **base)
 
 
+def metric(c: Any, name: str, **labels: str) -> float:
+    """The sum of the ``/metrics`` samples named ``name`` whose labels include ``labels`` (0.0 when none), read
+    through ``c`` (an httpx client of a live server) with prometheus_client's own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(c.get("/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def posting_threads(srv: Any, body: bytes, headers: dict[str, str], stream_ids: list[str]
+                    ) -> tuple[list[threading.Thread], dict[str, Any]]:
+    """One unstarted thread per stream id that POSTs ``body`` to ``srv``'s /predict with ``headers`` and that
+    ``X-Stream-Id``, each on its own client; the dict receives each stream's response once its thread is done."""
+    results: dict[str, Any] = {}
+
+    def send(sid: str) -> None:
+        with srv.client() as c:
+            results[sid] = c.post("/predict", content=body, headers={**headers, "X-Stream-Id": sid})
+
+    return [threading.Thread(target=send, args=(sid,)) for sid in stream_ids], results
+
+
 def wait_for(cond: Any, timeout: float = 30.0) -> None:
     """Poll ``cond()`` every 20 ms until it is true; TimeoutError after ``timeout`` seconds."""
     import time

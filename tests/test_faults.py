@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import npy_bytes, png_bytes, service_settings, service_test_model
+from conftest import metric, npy_bytes, png_bytes, service_settings, service_test_model
 
 from mgg_replay.server import ServerProcess, kill9_restart, serve_command
 from service.decode import DecodeError, DecodeLimits, PixelBudget, decode_body, decode_npy, probe_image
@@ -46,17 +46,6 @@ def ok(c: httpx.Client, sid: str, x: np.ndarray) -> dict:
 
 def scores(resp: dict) -> list[list[float]]:
     return [[p["label"], p["score"], p["entropy"], *[t["score"] for t in p["topk"]]] for p in resp["predictions"]]
-
-
-def metric(c: httpx.Client, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for fam in text_string_to_metric_families(c.get("/metrics").text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def server_errors(c: httpx.Client) -> float:

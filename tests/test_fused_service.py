@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import gated_engine, npy_bytes, service_test_model, wait_for
+from conftest import gated_engine, metric, npy_bytes, posting_threads, service_test_model, wait_for
 
 from mgg_replay.v2 import decode_infer, encode_infer, infer_path
 from service.settings import ServiceSettings
@@ -34,16 +34,6 @@ def settings_for(snapshot_dir: Path, **kw) -> ServiceSettings:
     )
     base.update(kw)
     return ServiceSettings(_env_file=None, **base)
-
-
-def metric(c: httpx.Client, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for fam in text_string_to_metric_families(c.get("/metrics").text):
-        for s in fam.samples:
-            if s.name == name and not s.labels:
-                return s.value
-    return 0.0
 
 
 def softmax(logits: torch.Tensor) -> np.ndarray:
@@ -248,13 +238,7 @@ def test_queues_fill_and_answer_429_while_a_fused_step_runs(live_server, tmp_pat
                                    max_queue_total=2, max_batch_delay_ms=0.0))
     with gated_engine(srv) as gate:
         body = npy_bytes(digit_images[:4])
-        results: dict[str, httpx.Response] = {}
-
-        def send(sid: str) -> None:
-            with srv.client() as c:
-                results[sid] = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": sid})
-
-        threads = [threading.Thread(target=send, args=(f"q{i}",)) for i in range(2)]
+        threads, results = posting_threads(srv, body, NPY, ["q0", "q1"])
         with srv.client() as c:
             for t in threads:
                 t.start()

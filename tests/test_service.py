@@ -7,7 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LiveServer, gated_engine, npy_bytes, png_bytes, service_settings, service_test_model, wait_for
+from conftest import (
+    LiveServer,
+    gated_engine,
+    metric,
+    npy_bytes,
+    png_bytes,
+    posting_threads,
+    service_settings,
+    service_test_model,
+    wait_for,
+)
 
 from service.settings import ServiceSettings
 
@@ -364,25 +374,17 @@ def test_two_apps_have_independent_registries(tmp_path):
 def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_images):
     """A request takes its place in the stream's queue once its body has arrived; steps held at a gate keep the
     places taken, so a queue of size 1 (and a global queue of 2) fill deterministically."""
-    import httpx
-
     srv = live_server(settings_for(tmp_path / "q", max_queue_per_stream=1, max_queue_total=2))
     body = npy_bytes(digit_images[:4])
-    results: dict[str, httpx.Response] = {}
-
-    def send(sid: str) -> None:
-        with srv.client() as c:
-            results[sid] = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": sid})
-
-    threads = [threading.Thread(target=send, args=(f"q{i}",)) for i in range(2)]
+    threads, results = posting_threads(srv, body, NPY, ["q0", "q1"])
     with gated_engine(srv) as gate, srv.client() as c:
         threads[0].start()
-        wait_for(lambda: _queue_depth(c) == 1)
+        wait_for(lambda: metric(c, "tta_queue_depth") == 1)
         r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "stream_queue_full"
         assert int(r.headers["retry-after"]) >= 1
         threads[1].start()
-        wait_for(lambda: _queue_depth(c) == 2)
+        wait_for(lambda: metric(c, "tta_queue_depth") == 2)
         r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q-other"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         assert "retry-after" in r.headers
@@ -395,13 +397,6 @@ def test_queue_bounds_answer_429_with_retry_after(live_server, tmp_path, digit_i
         r = c.post("/predict", content=body, headers={**NPY, "X-Stream-Id": "q0"})
         assert r.status_code == 200 and r.json()["step"] == 2
         assert 'tta_requests_rejected_total{queue="stream"} 1.0' in c.get("/metrics").text
-
-
-def _queue_depth(c) -> float:
-    for line in c.get("/metrics").text.splitlines():
-        if line.startswith("tta_queue_depth "):
-            return float(line.split()[1])
-    return -1
 
 
 # ------------------------------------------------------------------ idle eviction, post-update, bad snapshots
