@@ -31,7 +31,6 @@ from .guard import (
     hold_release,
     judge,
     observe,
-    start_hold_reference,
 )
 from .losses import softmax_entropy
 from .methods import GradOutput, Method, StepContext, Timer, build_method, loss_verdict
@@ -703,10 +702,9 @@ class AdaptationEngine:
             fast = state.tensors["guard.shift_fast"]
             self._to_source(state)
             state.tensors["guard.backoff"] = backoff
-            state.tensors["guard.shift_fast"] = fast      # the descriptor follows the data, not the model
-            ref = state.group("guard")
-            start_hold_reference(ref)
-            state.set_group("guard", ref)
+            # the descriptor follows the data, not the model; the hold's reference starts empty (the source
+            # state's shift_ref*), to be built from the hold's own first images
+            state.tensors["guard.shift_fast"] = fast
             hold = hold_length(self.config.guard, state.group("guard"))
             state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"], hold)
             # the first fallback in a row keeps the statistics adapting (guard.py: statistics-only holds)

@@ -70,7 +70,7 @@ from .reasons import HoldRelease, RollbackReason
 
 __all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count", "domain_shift",
            "guard_init_state", "hold_length", "hold_release", "image_descriptor", "judge", "observe", "shift_score",
-           "source_diversity", "source_failing", "start_hold_reference"]
+           "source_diversity", "source_failing"]
 
 
 #: why the guard fell back (``StepResult.rollback_reason``; a metric label value): the engine's RollbackReason
@@ -179,12 +179,6 @@ def _observe_shift(cfg: GuardConfig, g: dict[str, torch.Tensor], out: dict[str, 
         out["shift_ref"] = (1 - w) * g["shift_ref"] + w * d.mean(0)
         out["shift_ref_sq"] = (1 - w) * g["shift_ref_sq"] + w * d.pow(2).mean(0)
         out["shift_ref_n"] = g["shift_ref_n"] + n
-
-
-def start_hold_reference(g: dict[str, torch.Tensor]) -> None:
-    """A new hold: its reference is built from its own first images (in place)."""
-    for k in ("shift_ref", "shift_ref_sq", "shift_ref_n"):
-        g[k] = torch.zeros_like(g[k])
 
 
 def shift_score(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
