@@ -30,7 +30,7 @@ from .guard import (
     hold_length,
     hold_release,
     judge,
-    observe,
+    observe_many,
 )
 from .losses import softmax_entropy
 from .methods import GradOutput, Method, StepContext, Timer, build_method, loss_verdict
@@ -432,8 +432,15 @@ class AdaptationEngine:
 
     @torch.no_grad()
     def source_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the source model (source parameters and statistics)."""
-        return self._forward(self.theta0, x.to(self.device), norm=self._source_norm, update_norm=False)[0]
+        """Logits of the source model (source parameters and statistics). Where the frozen model outside a
+        statistics block *is* the source model (its parameters are ``theta0``, its BatchNorm layers read the
+        source running statistics: ``StreamNormStats.source_outside_use``), one plain forward: no parameter swap,
+        no statistics hooks (the guard's source checks of every step run it); else the stream path at source."""
+        x = x.to(self.device)
+        if self.norm.source_outside_use:
+            with self._lock:
+                return self.model(x)
+        return self._forward(self.theta0, x, norm=self._source_norm, update_norm=False)[0]
 
     @torch.no_grad()
     def source_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -454,6 +461,7 @@ class AdaptationEngine:
         if self._plan_checks(job):
             with job.timer("guard"):
                 job.source_logits = self.source_predict(job.x[:job.checks])
+        self._observe([job])
         return self._finish(job)
 
     def step_many(self, items: Sequence[tuple[StreamState, torch.Tensor]], adapt: bool = True) -> list[StepResult]:
@@ -494,6 +502,7 @@ class AdaptationEngine:
                 self._solo(job)
             self._apply(job)
         self._source_checks([j for j in jobs if self._plan_checks(j)], shared)
+        self._observe(jobs)
         results = []
         for job in jobs:
             for phase, sec in shared.times.items():
@@ -655,18 +664,29 @@ class AdaptationEngine:
                 for i, job in enumerate(group):
                     job.source_logits = logits[i]
 
+    def _observe(self, jobs: list[_Job]) -> None:
+        """Phase 5a: each job's guard signals after its request (``guard.observe_many``: the streams' requests of
+        equal shape in one set of tensor ops), written to its state and kept in ``job.guard_sig``."""
+        logits = [j.logits for j in jobs if j.logits is not None]      # set by _apply
+        assert len(logits) == len(jobs)
+        signals = observe_many(self.config.guard, [j.guard_sig for j in jobs], logits,
+                               [j.source_logits for j in jobs], [j.x for j in jobs],
+                               [j.hold > 0 and j.adapt for j in jobs])
+        for job, sig in zip(jobs, signals, strict=True):
+            job.state.set_group("guard", sig)
+            job.guard_sig = sig
+
     def _guard(self, job: _Job) -> None:
-        """Update the stream's guard signals (guard.py) and fall back when adaptation hurts: to the last healthy
-        anchor, or to source when there is none (or a second fallback comes before a new anchor)."""
+        """Judge the stream's guard signals (guard.py; :meth:`_observe` updated them) and fall back when adaptation
+        hurts: to the last healthy anchor, or to source when there is none (or a second fallback comes before a new
+        anchor)."""
         g = self.config.guard
         state, result, n = job.state, job.result, job.x.shape[0]
         assert result is not None and job.logits is not None
-        state.set_group("guard", observe(g, job.guard_sig, job.logits, job.source_logits, images=job.x,
-                                         holding=job.hold > 0 and job.adapt))
         if not (g.enabled and self.method.needs_grad):
             return
         if float(state.tensors["guard.hold"]) > 0:
-            release = hold_release(g, state.group("guard"))
+            release = hold_release(g, job.guard_sig)
             if release is not None:      # the source failing, or the domain the hold was for has gone
                 state.tensors["guard.hold"] = torch.zeros_like(state.tensors["guard.hold"])
                 state.tensors["guard.hold_stats"] = torch.zeros_like(state.tensors["guard.hold_stats"])
@@ -674,11 +694,11 @@ class AdaptationEngine:
                     state.tensors["guard.backoff"] = torch.zeros_like(state.tensors["guard.backoff"])
                 result.hold_released = release
             elif float(state.tensors["guard.hold_stats"]) > 0:   # statistics-only hold: still judged
-                reason = judge(g, state.group("guard"), state.images)
+                reason = judge(g, job.guard_sig, state.images)
                 if reason is not None:                           # the statistics hurt too: full source hold
                     self._fall_back(state, reason, result, statistics=False)
             return
-        reason = judge(g, state.group("guard"), state.images)
+        reason = judge(g, job.guard_sig, state.images)
         if reason is None:
             if result.adapted:
                 before = state.healthy_streak
