@@ -33,7 +33,7 @@ from .guard import (
     observe_many,
 )
 from .losses import softmax_entropy
-from .methods import GradOutput, Method, StepContext, Timer, build_method, loss_verdict
+from .methods import GradOutput, Method, StepContext, Timer, build_method
 from .normstats import StreamNormStats
 from .optim import Optimizer, build_optimizer
 from .params import ParamSpec, fusable_model, initial_vector, select_norm_params
@@ -378,32 +378,36 @@ class AdaptationEngine:
                 m.fused_attn = True
 
     def _fused_pass(self, groups: list[list[_Job]], timer: Timer) -> None:
-        """Phase 2 for many streams: per group (requests of one shape) one vmapped forward, each stream's
-        ``objective`` on its rows, then one backward for all (streams never interact, so row s of the gradient
-        of the summed losses is stream s's gradient)."""
-        pending: list[tuple[_Job, torch.Tensor, int, torch.Tensor, torch.Tensor, dict, int]] = []
+        """Phase 2 for many streams: per group (requests of one shape) one fused forward and the method's
+        objectives of all its streams at once (``Method.objective_many``), then one backward for all (streams never
+        interact, so row s of the gradient of the summed losses is stream s's gradient)."""
+        pending: list[tuple[_Job, torch.Tensor, int, float, torch.Tensor, dict, int]] = []
+        losses: list[torch.Tensor] = []
         with timer("forward"):
             for group in groups:
-                pending += self._fused_group(group)
+                done, loss = self._fused_group(group)
+                pending += done
+                if loss is not None:
+                    losses.append(loss)
         if not pending:
             return
         stacks = list({id(p[1]): p[1] for p in pending}.values())
         with timer("backward"):
             grads = dict(zip((id(t) for t in stacks),
-                             torch.autograd.grad(torch.stack([p[3] for p in pending]).sum(), stacks), strict=True))
-        for job, thetas, row, loss, logits, updates, n_sel in pending:
-            job.out = GradOutput(logits, float(loss.detach()), grads[id(thetas)][row], state_updates=updates,
+                             torch.autograd.grad(torch.cat(losses).sum(), stacks), strict=True))
+        for job, thetas, row, loss_value, logits, updates, n_sel in pending:
+            job.out = GradOutput(logits, loss_value, grads[id(thetas)][row], state_updates=updates,
                                  n_selected=n_sel)
 
-    def _fused_group(self, group: list[_Job]) -> list:
-        """One vmapped forward for ``group`` (requests of one shape); no-gradient jobs get their output here,
-        the others their loss (returned, with what :meth:`_fused_pass` needs to finish them)."""
+    def _fused_group(self, group: list[_Job]) -> tuple[list, torch.Tensor | None]:
+        """One fused forward for ``group`` (requests of one shape); no-gradient jobs and skipped steps get their
+        output here, the others are returned with what :meth:`_fused_pass` needs to finish them, and their losses
+        (stacked; None when there are none)."""
         grad = any(j.grad for j in group)
         norms = ({k: torch.stack([j.state.tensors[f"norm.{k}"] for j in group]) for k in self._source_norm}
                  if self.norm.per_stream else {})
         momenta = torch.tensor([1.0 if j.update_norm else 0.0 for j in group], dtype=torch.float64,
                                device=self.device)
-        pending = []
         with torch.set_grad_enabled(grad):
             thetas = torch.stack([j.state.theta for j in group]).requires_grad_(grad)
             logits, feats, updates = self._streams_forward(thetas, torch.stack([j.x for j in group]), norms,
@@ -413,16 +417,39 @@ class AdaptationEngine:
                 job.norm_sink.update({k: r[i] for k, r in rows.items()})
                 if not job.grad:
                     job.out = self._no_grad_output(job, logits[i])
-                    continue
-                f = None if feats is None else self._window_features(job.state, feats[i], job.window_sink)
-                loss, state_updates, n_sel = self.method.objective(self._context(job, _no_forward), thetas[i],
-                                                                   logits[i], f)
-                skipped = loss_verdict(logits[i], loss)
-                if skipped is not None or loss is None:
-                    job.out = skipped
-                    continue
-                pending.append((job, thetas, i, loss, logits[i].detach(), state_updates, n_sel))
-        return pending
+            idx = [i for i, job in enumerate(group) if job.grad]
+            if not idx:
+                return [], None
+            return self._fused_objectives(group, idx, thetas, logits, feats)
+
+    def _fused_objectives(self, group: list[_Job], idx: list[int], thetas: torch.Tensor, logits: torch.Tensor,
+                          feats: torch.Tensor | None) -> tuple[list, torch.Tensor | None]:
+        """The method's objectives of the gradient jobs ``group[i]``, ``i`` in ``idx`` (rows of the group's
+        forward), at once; one host read of the losses for all (a missing or non-finite loss skips the step, as
+        ``loss_verdict`` does in ``step``)."""
+        jobs = [group[i] for i in idx]
+        rows = torch.tensor(idx, device=self.device) if len(idx) < len(group) else None
+        sub_thetas = thetas if rows is None else thetas.index_select(0, rows)
+        sub_logits = logits if rows is None else logits.index_select(0, rows)
+        f = None if feats is None else [self._window_features(j.state, feats[i], j.window_sink)
+                                        for i, j in zip(idx, jobs, strict=True)]
+        obj = self.method.objective_many([self._context(j, _no_forward) for j in jobs], sub_thetas, sub_logits, f)
+        values = obj.losses.detach().tolist()
+        pending, keep = [], []
+        for r, (i, job) in enumerate(zip(idx, jobs, strict=True)):
+            out = logits[i].detach()
+            if not obj.has_loss[r]:
+                job.out = GradOutput(out, skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
+            elif not math.isfinite(values[r]):
+                job.out = GradOutput(out, loss=values[r], skipped_reason=SkipReason.NON_FINITE_LOSS)
+            else:
+                keep.append(r)
+                pending.append((job, thetas, i, values[r], out, obj.state_updates[r], obj.selected[r]))
+        if not keep:
+            return pending, None
+        losses = obj.losses if len(keep) == len(jobs) else obj.losses.index_select(
+            0, torch.tensor(keep, device=obj.losses.device))
+        return pending, losses
 
     @torch.no_grad()
     def predict(self, state: StreamState, x: torch.Tensor) -> torch.Tensor:
