@@ -189,6 +189,12 @@ class AdaptationEngine:
         self.feature_window = (self.update_images - 1 if self.method.needs_features and self.source_stats is not None
                                and self.method.needs_grad else 0)
         self._initial = self._initial_tensors()
+        #: the state's keys per group ("guard" -> [("hold", "guard.hold"), ...]): :meth:`_group` reads a group by
+        #: these instead of scanning every key of the state (a BatchNorm model's state has ~100)
+        self._group_keys: dict[str, list[tuple[str, str]]] = {}
+        for key in self._initial:
+            prefix, _, name = key.partition(".")
+            self._group_keys.setdefault(prefix, []).append((name, key))
         # step_many fuses streams when every adapted norm layer is of a type vmap batches (params.py)
         self.fused = bool(config.fused) and fusable_model(self.model)
         # gradients in the fused pass: a fusable method (one forward, objective, backward) and an optimizer whose
@@ -265,6 +271,15 @@ class AdaptationEngine:
         state.step = state.batches = state.images = state.skipped = 0
         state.anchor, state.anchor_step, state.healthy_streak = None, 0, 0
 
+    def _group(self, state: StreamState, prefix: str) -> dict[str, torch.Tensor]:
+        """``state.group(prefix)`` for the groups of this engine's states, read by their known keys (a state that
+        lacks one, e.g. an older snapshot, is read by ``state.group``); keys outside the layout are not included."""
+        tensors = state.tensors
+        try:
+            return {name: tensors[key] for name, key in self._group_keys.get(prefix, ())}
+        except KeyError:
+            return state.group(prefix)
+
     def load_state(self, path) -> StreamState:
         return StreamState.load(path, expected_fingerprint=self.fingerprint, device=self.device)
 
@@ -293,7 +308,7 @@ class AdaptationEngine:
         feature-statistics losses on small batches, the features of the stream's recent images (detached) in front
         of the batch's, whose gradient is scaled by (rows / batch rows) so that gradients accumulated over
         ``update_images`` images weigh the statistics term as one batch of that size would."""
-        norm = state.group("norm")
+        norm = self._group(state, "norm")
 
         def forward(theta, x, features=False):
             logits, feats = self._forward(theta, x, features, norm, norm_sink)
@@ -455,7 +470,7 @@ class AdaptationEngine:
     def predict(self, state: StreamState, x: torch.Tensor) -> torch.Tensor:
         """Logits with the stream's current state (statistics not updated)."""
         x = x.to(self.device)
-        return self._forward(state.theta, x, norm=state.group("norm"), update_norm=False)[0].cpu()
+        return self._forward(state.theta, x, norm=self._group(state, "norm"), update_norm=False)[0].cpu()
 
     @torch.no_grad()
     def source_predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -561,7 +576,7 @@ class AdaptationEngine:
     def _context(self, job: _Job, forward) -> StepContext:
         state = job.state
         gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))
-        return StepContext(x=job.x, theta=state.theta, theta0=self.theta0, state=state.group("method"),
+        return StepContext(x=job.x, theta=state.theta, theta0=self.theta0, state=self._group(state, "method"),
                            forward=forward, timer=job.timer, generator=gen, source_stats=self.source_stats)
 
     def _solo(self, job: _Job) -> None:
@@ -570,7 +585,7 @@ class AdaptationEngine:
             job.out = self._gradient_one(job)
             return
         with torch.no_grad(), job.timer("forward"):
-            logits = self._forward(job.state.theta, job.x, norm=job.state.group("norm"), norm_sink=job.norm_sink,
+            logits = self._forward(job.state.theta, job.x, norm=self._group(job.state, "norm"), norm_sink=job.norm_sink,
                                    update_norm=job.update_norm)[0]
         job.out = self._no_grad_output(job, logits)
 
@@ -636,7 +651,7 @@ class AdaptationEngine:
             out.skipped_reason = SkipReason.ACCUMULATING
             return False
         with job.timer("optimizer"):
-            new_theta, new_opt = self.optimizer.update(state.theta, grad, state.group("opt"))
+            new_theta, new_opt = self.optimizer.update(state.theta, grad, self._group(state, "opt"))
             new_theta = self.method.post_update(new_theta, self.theta0)   # e.g. ROID's weight ensembling
         if not bool(torch.isfinite(new_theta).all()):
             out.skipped_reason = SkipReason.NON_FINITE_UPDATE
@@ -665,7 +680,7 @@ class AdaptationEngine:
     def _plan_checks(self, job: _Job) -> bool:
         """Phase 4: how many of the request's images the guard checks against the source (its credit moves)."""
         g = self.config.guard
-        job.guard_sig = job.state.group("guard")
+        job.guard_sig = self._group(job.state, "guard")
         if g.enabled and self.method.needs_grad and g.check_share > 0:   # also while holding: source_failing()
             job.checks, job.guard_sig["credit"] = check_count(g, job.guard_sig, job.x.shape[0])
         return job.checks > 0
