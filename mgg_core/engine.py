@@ -123,6 +123,8 @@ class _Job:
     checks: int = 0                         # images the guard classifies with the source too
     guard_sig: dict[str, torch.Tensor] = field(default_factory=dict)
     source_logits: torch.Tensor | None = None
+    grad_finite: bool = False               # read by _read_gradients: the job's gradient is finite
+    pending: int = 0                        # read by _read_gradients: images in the stream's gradient window
 
 
 def _by_shape(jobs: list[_Job], key) -> dict[tuple[int, ...], list[_Job]]:
@@ -499,7 +501,7 @@ class AdaptationEngine:
         self._check_batch(x)
         job = self._begin(state, x, adapt)
         self._solo(job)
-        self._apply(job)
+        self._apply([job])
         if self._plan_checks(job):
             with job.timer("guard"):
                 job.source_logits = self.source_predict(job.x[:job.checks])
@@ -542,7 +544,7 @@ class AdaptationEngine:
         for job in jobs:
             if job.out is None:     # alone in its shape, too large to gain, or a method that is not fusable
                 self._solo(job)
-            self._apply(job)
+        self._apply(jobs)
         self._source_checks([j for j in jobs if self._plan_checks(j)], shared)
         self._observe(jobs)
         results = []
@@ -594,25 +596,50 @@ class AdaptationEngine:
         return self.method.gradient(self._context(job, self._stream_forward(job.state, job.norm_sink,
                                                                             job.window_sink)))
 
-    def _apply(self, job: _Job) -> None:
-        """Phase 3: the gradient window, the optimizer's update and the commit (or the no-gradient path's
-        statistics); the step's result before the guard."""
-        state, out = job.state, job.out
-        assert out is not None
-        if job.grad:
-            job.adapted = self._update(job)
-        elif job.update_norm:
-            state.set_group("norm", job.norm_sink)
-        state.batches += 1
-        state.images += job.x.shape[0]
-        logits = out.logits.detach()
-        ent = (softmax_entropy(logits.float()) / math.log(self.num_classes)).clamp(0, 1)
-        job.logits = logits
-        job.result = StepResult(
-            logits=logits.cpu(), adapted=job.adapted, skipped_reason=out.skipped_reason, loss=out.loss,
-            batch_entropy=float(ent.mean()), sample_entropy=ent.cpu(), n_selected=out.n_selected, step=state.step,
-            timings=job.timer.times,
-        )
+    def _apply(self, jobs: list[_Job]) -> None:
+        """Phase 3 for each job: the gradient window, the optimizer's update and the commit (or the no-gradient
+        path's statistics); the step's result before the guard. What the per-stream steps branch on is read from
+        the device once for all jobs (:meth:`_read_gradients`), and the results' entropies are computed on all
+        jobs' logits at once."""
+        self._read_gradients(jobs)
+        for job in jobs:
+            state = job.state
+            if job.grad:
+                job.adapted = self._update(job)
+            elif job.update_norm:
+                state.set_group("norm", job.norm_sink)
+            state.batches += 1
+            state.images += job.x.shape[0]
+        outs = [j.out for j in jobs if j.out is not None]
+        assert len(outs) == len(jobs)
+        logits = [o.logits.detach() for o in outs]
+        sizes = [t.shape[0] for t in logits]
+        ent = (softmax_entropy(torch.cat(logits).float()) / math.log(self.num_classes)).clamp(0, 1)
+        parts = ent.split(sizes)
+        means = (ent.reshape(len(sizes), -1).mean(1) if len(set(sizes)) == 1
+                 else torch.stack([e.mean() for e in parts])).tolist()
+        cpu_logits, cpu_ent = torch.cat(logits).cpu().split(sizes), ent.cpu().split(sizes)
+        for i, (job, out) in enumerate(zip(jobs, outs, strict=True)):
+            job.logits = logits[i]
+            job.result = StepResult(
+                logits=cpu_logits[i], adapted=job.adapted, skipped_reason=out.skipped_reason, loss=out.loss,
+                batch_entropy=means[i], sample_entropy=cpu_ent[i], n_selected=out.n_selected,
+                step=job.state.step, timings=job.timer.times,
+            )
+
+    def _read_gradients(self, jobs: list[_Job]) -> None:
+        """For the jobs with a gradient to apply: whether it is finite and how many images their gradient window
+        already holds (``job.grad_finite``, ``job.pending``), in one host read for all of them."""
+        todo = [j for j in jobs if j.grad and j.out is not None and j.out.skipped_reason is None
+                and j.out.grad is not None]
+        if not todo:
+            return
+        grads = [j.out.grad for j in todo if j.out is not None and j.out.grad is not None]
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        pending = [j.state.tensors.get("accum.images", zero).to(torch.int64) for j in todo]
+        host = torch.cat([torch.isfinite(torch.stack(grads)).all(1).to(torch.int64), torch.stack(pending)]).tolist()
+        for i, job in enumerate(todo):
+            job.grad_finite, job.pending = bool(host[i]), int(host[len(todo) + i])
 
     def _finish(self, job: _Job) -> StepResult:
         """Phase 5: the guard's judgement and fallback, the method's reset request."""
@@ -632,7 +659,7 @@ class AdaptationEngine:
         assert self.optimizer is not None and job.out is not None
         state, out, x = job.state, job.out, job.x
         raw = out.grad
-        if out.skipped_reason is None and (raw is None or not bool(torch.isfinite(raw).all())):
+        if out.skipped_reason is None and (raw is None or not job.grad_finite):
             out.skipped_reason = SkipReason.NON_FINITE_GRAD
         if out.skipped_reason is not None or raw is None:
             state.skipped += 1
@@ -640,7 +667,7 @@ class AdaptationEngine:
                 state.set_group("norm", job.norm_sink)   # the images were seen: the statistics follow them
             return False
         grad, n = raw, x.shape[0]
-        pending = int(state.tensors["accum.images"]) if "accum.images" in state.tensors else 0
+        pending = job.pending
         if pending:
             grad = (state.tensors["accum.grad"] + n * grad) / (pending + n)
         commit = {"norm": job.norm_sink, "method": {k: v.detach() for k, v in out.state_updates.items()}}
