@@ -522,8 +522,10 @@ class AdaptationEngine:
         the shared backbone with segment-wise norm layers (:mod:`mgg_core.segments`) where every adapted layer
         type has a segment implementation (:attr:`segment_fused`), else a ``torch.func.vmap`` forward
         (:attr:`fused_forwards` counts both); each stream's ``objective`` on its rows, one backward for all (row s
-        of the stacked gradient is stream s's); the rest (gradient window, optimizer, commit, guard) per stream,
-        the guard's source checks of all streams in one source forward. A request alone in its shape, or of more than
+        of the stacked gradient is stream s's); the objectives of a group at once (``Method.objective_many``), the
+        guard's signals of all streams at once (``guard.observe_many``), one host read of what the per-stream steps
+        branch on; the gradient window, optimizer, commit and the guard's judgement per stream; the guard's source
+        checks of all streams in one source forward. A request alone in its shape, or of more than
         :attr:`fuse_max_images` images, and the gradient of a method or optimizer that is not ``fusable``
         (MGG: see ``Optimizer.fusable``), run as in :meth:`step` inside the call; engines whose model is not
         fusable (:func:`params.fusable_model`, ``EngineConfig.fused``) step the streams one by one.
