@@ -219,6 +219,7 @@ class ServiceState:
             max_streams=s.max_streams,
             max_snapshot_bytes=s.max_snapshot_bytes,
             retention_seconds=s.snapshot_retention_seconds,
+            commit_group_max_streams=s.commit_group_max_streams,
         )
 
     def open_scheduler(self, rt: Runtime, store: StreamStore) -> FusedScheduler | None:

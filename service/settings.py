@@ -193,6 +193,10 @@ class ServiceSettings(BaseSettings):
         "background every snapshot_interval_steps steps or snapshot_interval_seconds, whichever comes first, "
         "so a crash loses at most that many acknowledged steps per stream (tta_steps_unpersisted shows how many "
         "are at risk now)")
+    commit_group_max_streams: int = Field(
+        64, ge=1, description="durability='step': streams whose snapshots share one durable write (group commit: "
+        "the steps that finish together, e.g. one fused step's streams, are written, fsynced and renamed together; "
+        "a failed write refuses and reverts all of them); 1 = each stream written on its own")
     snapshot_interval_steps: int = Field(
         32, ge=1, description="durability='interval': a stream is snapshotted after this many unpersisted steps")
     snapshot_interval_seconds: float = Field(
