@@ -112,9 +112,12 @@ def atomic_write_group(files: Sequence[tuple[str | os.PathLike[str], bytes, bool
     pending: list[tuple[Path, Path, bool]] = []  # (tmp, destination, durable)
     open_fds: list[int] = []
     try:
+        folders: set[Path] = set()
         for path, data, durable in files:
             dest = Path(path)
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.parent not in folders:  # once per folder: each call is two system calls (mkdir, stat)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                folders.add(dest.parent)
             fd, name = tempfile.mkstemp(dir=str(dest.parent), prefix=f".{dest.name}.", suffix=".tmp")
             open_fds.append(fd)
             pending.append((Path(name), dest, durable))

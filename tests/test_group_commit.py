@@ -278,3 +278,24 @@ def test_kill_9_after_the_answers_keeps_every_stream_of_every_group(tmp_path, di
             assert r.status_code == 200 and r.json()["step"] == step + 1, r.text  # restored, validated, continued
 
     kill9_restart(lambda: _serve(snaps), history, check, timeout=60)
+
+
+def test_gil_switch_interval_is_set_at_start_up_and_validated(tmp_path):
+    from pydantic import ValidationError
+
+    from service.runtime import load_runtime
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        load_runtime(settings_for(tmp_path, gil_switch_interval_ms=0.25))
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+        sys.setswitchinterval(0.005)
+        load_runtime(settings_for(tmp_path, gil_switch_interval_ms=None))  # None: left as it is
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(before)
+    assert settings_for(tmp_path).gil_switch_interval_ms == 0.5
+    for bad in (0, -1, 101):
+        with pytest.raises(ValidationError):
+            settings_for(tmp_path, gil_switch_interval_ms=bad)
