@@ -97,7 +97,7 @@ class GroupWriteError(OSError):
     before it (complete new files, their folder fsynced), ``error`` is the rename's own error."""
 
     def __init__(self, replaced: list[Path], error: OSError) -> None:
-        super().__init__(error.errno, f"group write stopped after {len(replaced)} file(s): {error}")
+        super().__init__(error.errno, f"group write stopped after {len(replaced)} file(s): {error.strerror}")
         self.replaced = replaced
         self.error = error
 

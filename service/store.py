@@ -163,7 +163,7 @@ class _GroupSplit(OSError):
     """A group write failed at a rename: the streams in ``committed`` are durable, the others are not."""
 
     def __init__(self, sizes: list[int], committed: set[str], error: OSError) -> None:
-        super().__init__(error.errno, str(error))
+        super().__init__(error.errno, error.strerror or str(error))
         self.sizes = sizes
         self.committed = committed
 
@@ -172,7 +172,7 @@ class _GroupSplit(OSError):
 class _Commit:
     """One acknowledged-to-be step waiting for its group's durable write."""
 
-    entry: Any  # _Stream
+    entry: _Stream
     durable: tuple[Any, ...]  # the listing as on disk, restored on failure
     fut: asyncio.Future
 
@@ -606,16 +606,16 @@ class StreamStore:
     async def _persist_or_revert(self, entry: _Stream, durable: tuple[Any, ...]) -> None:
         """Write the stream now (alone, or in a commit group); on failure revert it (back to its last durable state)
         and raise :class:`PersistError`."""
+        commit = _Commit(entry, durable, asyncio.get_running_loop().create_future())
         if self.commit_group_max_streams == 1:
             try:
                 await self._write(entry)
             except OSError as exc:
-                self._persist_failed([_Commit(entry, durable, asyncio.get_running_loop().create_future())], exc)
-                raise PersistError(entry.id, disk_full=isinstance(exc, _DiskCapReached)) from None
+                self._persist_failed([commit], exc)
+                await commit.fut  # raises its PersistError
             self._metrics.snapshots.labels(reason="step").inc()
             self._m.commit_group.observe(1)
             return
-        commit = _Commit(entry, durable, asyncio.get_running_loop().create_future())
         self._commit_queue.append(commit)
         if not self._committing:
             self._committing = True
@@ -636,7 +636,10 @@ class StreamStore:
 
     async def _commit_group(self, group: builtins.list[_Commit]) -> None:
         """One durable write for ``group``; resolves every member's future (None, or PersistError)."""
-        items = [(c.entry.id, c.entry.state, self._sidecar_meta(c.entry), c.entry.disk_bytes) for c in group]
+        items = []
+        for c in group:
+            assert c.entry.state is not None, "a stepped stream stays resident until its write (its ticket is held)"
+            items.append((c.entry.id, c.entry.state, self._sidecar_meta(c.entry), c.entry.disk_bytes))
         t0 = time.perf_counter()
         try:
             sizes = await asyncio.to_thread(self._write_files, items)
