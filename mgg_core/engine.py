@@ -211,6 +211,8 @@ class AdaptationEngine:
         }
         if self.norm.per_stream and config.bn_momentum_shallow is not None:   # absent: uniform (older snapshots)
             self.fingerprint["bn_momentum_shallow"] = float(config.bn_momentum_shallow)
+        if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
+            self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
 
     @property
     def fuse_max_images(self) -> int:
