@@ -124,10 +124,12 @@ class GuardConfig:
             raise ValueError(f"guard check_share must be in [0, 1], got {self.check_share}")
 
 
-def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
-    """A new stream's guard signals (``guard.`` prefix in the stream state)."""
+def guard_init_state(num_classes: int, device, source_entropy: bool = True) -> dict[str, torch.Tensor]:
+    """A new stream's guard signals (``guard.`` prefix in the stream state); ``source_entropy``: with the source's
+    entropy EMA that :func:`confident_source` judges (engines leave it out when that check is off, so that their
+    snapshots keep the older layout)."""
     z = torch.zeros((), device=device)
-    return {"entropy_ema": torch.full((), float("nan"), device=device),
+    out = {"entropy_ema": torch.full((), float("nan"), device=device),
             "class_share": torch.zeros(num_classes, device=device),
             "credit": z.clone(), "checked": z.clone(), "confident": z.clone(), "hold": z.clone(), "backoff": z.clone(),
             "hold_stats": z.clone(),
@@ -136,11 +138,13 @@ def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
             "source_hist": torch.zeros(num_classes, device=device),
             "agreement": torch.full((), float("nan"), device=device),
             "entropy_gap": torch.full((), float("nan"), device=device),
-            "source_entropy": torch.full((), float("nan"), device=device),
             "shift_fast": torch.full((SHIFT_FEATURES,), float("nan"), device=device),
             "shift_ref": torch.zeros(SHIFT_FEATURES, device=device),
             "shift_ref_sq": torch.zeros(SHIFT_FEATURES, device=device),
             "shift_ref_n": z.clone()}
+    if source_entropy:
+        out["source_entropy"] = torch.full((), float("nan"), device=device)
+    return out
 
 
 #: features of :func:`image_descriptor`
