@@ -293,11 +293,15 @@ def hold_release(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> HoldRelease | 
 def confident_source(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
     """The source is already good here and adaptation only makes the model less certain (off when
     ``confident_entropy`` is None): at least ``confident_checks`` checked images, the source's entropy EMA at most
-    ``confident_entropy``, the adapted model's at least ``confident_entropy_gap`` above it, and the adapted model
+    ``confident_entropy``, the adapted model's at least ``confident_entropy_gap`` above it, the adapted model
     agreeing with the source's confident predictions at least ``confident_agreement`` of the time (a source that
-    confidently predicts one class for a corruption is overturned by a helpful adaptation: no hold then)."""
+    confidently predicts one class for a corruption is overturned by a helpful adaptation: no hold then), and the
+    source's predictions diverse (``min_source_diversity``, as for the other source checks: on several test
+    corruptions the source predicts one class for every image, confidently)."""
     if cfg.confident_entropy is None or "source_entropy" not in g or float(g["checked"]) < cfg.confident_checks:
         return False
+    if source_diversity(g["source_hist"]) < cfg.min_source_diversity:
+        return False     # a source predicting (nearly) one class, however confident, is no reference (judge())
     se, gap, agree = float(g["source_entropy"]), float(g["entropy_gap"]), float(g["agreement"])
     if math.isnan(se) or math.isnan(gap) or math.isnan(agree):
         return False

@@ -94,7 +94,7 @@ GUARDS = {
     "confident": GuardConfig(enabled=True, check_share=0.5, warmup_images=1000, warmup_checks=1000,
                              horizon_images=16, anchor_every_images=8, max_entropy=1.01, max_class_share=1.01,
                              hold_images=6, confident_entropy=1.0, confident_entropy_gap=0.01, confident_agreement=0.0,
-                             confident_checks=2),
+                             confident_checks=2, min_source_diversity=0.0),
     "entropy": GuardConfig(enabled=True, check_share=0.25, warmup_images=4, warmup_checks=2, horizon_images=16,
                            anchor_every_images=8, max_entropy=0.0),
 }

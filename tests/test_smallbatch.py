@@ -451,6 +451,14 @@ def test_guard_confident_source_leaves_helpful_adaptation_alone():
     # what helps there (agreement 0.25 < confident_agreement), no hold
     g = _confident_signals(cfg, adapted_margin=3.0, source_labels=torch.zeros(4, dtype=torch.long))
     assert float(g["agreement"]) == pytest.approx(0.25) and judge(cfg, g, images=12) is None
+    # a confident source predicting one class for everything, the adapted model agreeing but less certain: a
+    # source like that is no reference (min_source_diversity), whatever its confidence
+    one = torch.zeros(4, dtype=torch.long)
+    g = guard_init_state(10, "cpu")
+    for _ in range(3):
+        g = observe(cfg, g, _peaked(one, 3.0), _peaked(one, 12.0))
+    assert float(g["agreement"]) == 1.0 and float(g["entropy_gap"]) > 0.3 and judge(cfg, g, images=12) is None
+    assert judge(dataclasses.replace(cfg, min_source_diversity=0.0), g, images=12) == Fallback.CONFIDENT_SOURCE
     # an uncertain source (entropy above confident_entropy): the usual checks only
     g = guard_init_state(10, "cpu")
     for _ in range(3):
@@ -508,7 +516,7 @@ def test_engine_holds_at_a_confident_source_when_adaptation_degrades(by_class, l
     counts it. On the i.i.d. stream TENT makes the model more certain: the same guard leaves it alone."""
     clf, x = _clean_digits(128, by_class)
     guard = GuardConfig(enabled=True, confident_entropy=0.2, confident_entropy_gap=0.02, confident_checks=8,
-                        hold_images=1000, warmup_images=1000)
+                        hold_images=1000, warmup_images=1000, min_source_diversity=0.0)   # one class per request
     eng = AdaptationEngine(clf, EngineConfig(method="tent", optimizer="sgd", lr=lr, bn_stats="ema", bn_momentum=0.001,
                                              update_images=16, guard=guard))
     st = eng.new_state()
