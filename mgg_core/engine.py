@@ -219,6 +219,8 @@ class AdaptationEngine:
         }
         if self.norm.per_stream and config.bn_momentum_shallow is not None:   # absent: uniform (older snapshots)
             self.fingerprint["bn_momentum_shallow"] = float(config.bn_momentum_shallow)
+        if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
+            self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
 
     @property
     def fuse_max_images(self) -> int:
@@ -253,7 +255,9 @@ class AdaptationEngine:
             dim = int(self.source_stats["mean"].numel())  # type: ignore[index]
             t["window.features"] = torch.zeros(self.feature_window, dim, device=self.device)
             t["window.count"] = torch.zeros((), dtype=torch.int64, device=self.device)
-        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device).items()})
+        g = self.config.guard
+        confident = g.enabled and g.confident_entropy is not None     # the fingerprint says so (__init__)
+        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident).items()})
         return t
 
     def new_state(self, seed: int = 0) -> StreamState:

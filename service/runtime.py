@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,8 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
 
     Args:
         settings: the service settings; reads method, optimizer, lr, bn_stats, bn_momentum, bn_momentum_shallow,
-            update_images, collapse_guard and guard_check_share.
+            update_images, collapse_guard, guard_check_share, guard_confident_entropy and
+            guard_confident_entropy_gap.
         method: the built method (its defaults decide the optimizer and whether BatchNorm statistics adapt).
         device: where the engine runs (``settings.resolved_device()`` for the service).
         mgg_checkpoint: the MGG meta-network's checkpoint when the optimizer is MGG.
@@ -108,7 +110,9 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
         mgg_checkpoint=mgg_checkpoint, bn_stats=settings.bn_stats if method.bn_stats != "source" else None,
         bn_momentum=settings.bn_momentum, bn_momentum_shallow=settings.bn_momentum_shallow,
         update_images=settings.update_images,
-        guard=GuardConfig(enabled=settings.collapse_guard, check_share=settings.guard_check_share), device=device,
+        guard=GuardConfig(enabled=settings.collapse_guard, check_share=settings.guard_check_share,
+                          confident_entropy=settings.guard_confident_entropy,
+                          confident_entropy_gap=settings.guard_confident_entropy_gap), device=device,
     )
 
 
@@ -118,7 +122,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     Args:
         settings: the service settings; reads model, method, optimizer, lr, mgg_checkpoint, source_stats,
             source_data, collapse_guard, bn_stats, bn_momentum, bn_momentum_shallow, update_images, guard_check_share,
-            device and torch_threads.
+            guard_confident_entropy, guard_confident_entropy_gap,
+            device, torch_threads and gil_switch_interval_ms (process-wide: sys.setswitchinterval).
 
     Bundled companions are found the way the rest of the project finds them (``mgg_core.assets``): the MGG
     checkpoint pretrained for this classifier (matched by the weights' sha256, else the bundled one of the same
@@ -134,6 +139,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     device = settings.resolved_device()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     checkpoint = resolve_checkpoint(settings.model)
     clf = load_classifier(checkpoint, device=device)
     method = build_method(settings.method, clf.num_classes)
@@ -219,6 +226,7 @@ class ServiceState:
             max_streams=s.max_streams,
             max_snapshot_bytes=s.max_snapshot_bytes,
             retention_seconds=s.snapshot_retention_seconds,
+            commit_group_max_streams=s.commit_group_max_streams,
         )
 
     def open_scheduler(self, rt: Runtime, store: StreamStore) -> FusedScheduler | None:

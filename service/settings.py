@@ -101,10 +101,25 @@ class ServiceSettings(BaseSettings):
                                "the adaptation)")
     guard_check_share: float = Field(0.25, ge=0, le=1, description="share of images the guard also classifies "
                                      "with the source model to judge the adapted one against it")
+    guard_confident_entropy: float | None = Field(
+        None, gt=0, le=1, description="the guard holds a stream at source, from its first checked images on, while "
+        "the source is confident on them (its normalised entropy EMA at or below this) and the adapted model is "
+        "guard_confident_entropy_gap less certain; it also keeps a hold from ending because such a source predicts few "
+        "classes (label shift). None = off, the default: on held-out streams 0.05-0.15 fixed the domains where the "
+        "source is confident and cost another domain more (docs/results/smallbatch/heldout)")
+    guard_confident_entropy_gap: float = Field(
+        0.05, ge=0, le=1, description="normalised-entropy excess of the adapted model over a confident source "
+        "that makes the guard hold the stream at source (guard_confident_entropy)")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     torch_threads: int | None = Field(
         None, ge=1, description="torch CPU threads for the model (None = torch's default, one per core); on a CPU "
         "shared with other work, fewer threads avoid oversubscription")
+    gil_switch_interval_ms: float | None = Field(
+        0.5, gt=0, le=100, description="the interpreter's thread switch interval (sys.setswitchinterval), set at "
+        "start-up; None keeps Python's 5 ms. While the engine thread runs Python code, every other thread waits up "
+        "to this long each time it takes the GIL back after a system call: a group commit's ~4 calls per file then "
+        "cost 5 ms each at the default (a 3.5 ms write of 8 snapshots took 142 ms next to a busy thread, 21 ms at "
+        "0.5 ms)")
     return_post_update: bool = Field(
         False, description="return predictions made after the update instead of before it (costs one more forward)"
     )
@@ -193,6 +208,10 @@ class ServiceSettings(BaseSettings):
         "background every snapshot_interval_steps steps or snapshot_interval_seconds, whichever comes first, "
         "so a crash loses at most that many acknowledged steps per stream (tta_steps_unpersisted shows how many "
         "are at risk now)")
+    commit_group_max_streams: int = Field(
+        64, ge=1, description="durability='step': streams whose snapshots share one durable write (group commit: "
+        "the steps that finish together, e.g. one fused step's streams, are written, fsynced and renamed together; "
+        "a failed write refuses and reverts all of them); 1 = each stream written on its own")
     snapshot_interval_steps: int = Field(
         32, ge=1, description="durability='interval': a stream is snapshotted after this many unpersisted steps")
     snapshot_interval_seconds: float = Field(

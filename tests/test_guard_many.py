@@ -36,7 +36,8 @@ STREAMS = [(4, 1, True, False), (4, 1, True, True), (4, 1, True, False), (4, 0, 
 def test_observe_many_equals_observe_per_stream(source_confidence):
     cfg = GuardConfig(**{**CFG.__dict__, "source_confidence": source_confidence})
     gen = torch.Generator().manual_seed(0)
-    many = [guard_init_state(C, "cpu") for _ in STREAMS]
+    # stream 2 has the older signal layout (no source entropy EMA: engines whose confident-source check is off)
+    many = [guard_init_state(C, "cpu", source_entropy=s != 2) for s in range(len(STREAMS))]
     alone = [dict(g) for g in many]
     for step in range(8):
         requests = [_request(gen, n, k, img) for n, k, img, _ in STREAMS]
