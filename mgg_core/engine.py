@@ -75,6 +75,8 @@ class EngineConfig:
                                             # of the deepest BatchNorm layer when bn_momentum_shallow is set
     bn_momentum_shallow: float | None = None  # per-image momentum of the first BatchNorm layer (None: bn_momentum);
                                             # geometric over the layers' order in between (normstats.layer_momenta)
+    bn_prior_images: float | None = None    # statistics warm-up: image t since the source merges with momentum
+                                            # max(m, 1/(N0+t+1)), N0 = this (normstats.warm_momentum); None: off
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
@@ -161,7 +163,8 @@ class AdaptationEngine:
         # one private, frozen copy of the backbone per engine (never per stream or per step)
         self.model = copy.deepcopy(model).to(self.device).eval()
         self.model.requires_grad_(False)
-        self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow)
+        self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow,
+                                    config.bn_prior_images)
         self._source_norm = self.norm.init_state()
         self.spec: ParamSpec = select_norm_params(self.model)
         self.theta0 = initial_vector(self.model, self.spec).to(self.device)
@@ -211,6 +214,8 @@ class AdaptationEngine:
         }
         if self.norm.per_stream and config.bn_momentum_shallow is not None:   # absent: uniform (older snapshots)
             self.fingerprint["bn_momentum_shallow"] = float(config.bn_momentum_shallow)
+        if self.norm.per_stream and config.bn_prior_images is not None:      # absent: no warm-up (older snapshots)
+            self.fingerprint["bn_prior_images"] = float(config.bn_prior_images)
 
     @property
     def fuse_max_images(self) -> int:
@@ -226,6 +231,7 @@ class AdaptationEngine:
             "adapted_layers": len(self.spec.names), "method": self.method.name, "method_hparams": self.method.hparams(),
             "optimizer": self.optimizer.describe() if self.optimizer else None, "bn_stats": self.bn_stats,
             "bn_momentum": self.config.bn_momentum, "bn_momentum_shallow": self.config.bn_momentum_shallow,
+            "bn_prior_images": self.config.bn_prior_images,
             "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),

@@ -96,6 +96,11 @@ class ServiceSettings(BaseSettings):
         "statistics reflect the corruption and may follow the stream fast, deep ones the class mix (TTN, Lim et "
         "al. 2023; 0.2: chosen on held-out streams, the first layer follows about 5 images). None = every layer "
         "bn_momentum")
+    bn_prior_images: float | None = Field(
+        None, gt=0, le=1_000_000, description="statistics warm-up of bn_stats='ema': the t-th image since a stream's "
+        "statistics were the source's (a new stream, a reset, a guard fallback) merges with momentum max(m, 1/(N0 + t "
+        "+ 1)), N0 = this prior strength in images (a cumulative mean of the source and the stream's images until "
+        "the layer's own momentum takes over; Schneider et al. 2020). None = no warm-up")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")
