@@ -129,16 +129,21 @@ class StreamNormStats:
             the layers in between interpolate geometrically (:func:`layer_momenta`).
         prior_images: the warm-up's prior strength N0 in images (> 0; None: no warm-up), see the module
             docstring; the stream's count is the statistics entry ``seen``.
+        warm_start: whether a stream (and a restart from source) starts in the warm-up (count 0); False: with the
+            warm-up over (:attr:`warm_done`), so only a caller that sets the count to 0 starts one (the engine's
+            domain-shift restart, ``EngineConfig.bn_warmup_shift``).
     """
 
     #: the statistics entry that counts the images merged since the source (with ``prior_images``)
     SEEN = "seen"
 
     def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05,
-                 shallow_momentum: float | None = None, prior_images: float | None = None) -> None:
+                 shallow_momentum: float | None = None, prior_images: float | None = None,
+                 warm_start: bool = True) -> None:
         if prior_images is not None and not float(prior_images) > 0:
             raise ValueError(f"bn_prior_images must be > 0 or None, got {prior_images}")
         self.prior_images = None if prior_images is None else float(prior_images)
+        self.warm_start = bool(warm_start)
         if mode not in BN_MODES:
             raise ValueError(f"bn_stats must be one of {BN_MODES}, not {mode!r}")
         self.layers: dict[str, _BatchNorm] = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
@@ -184,8 +189,16 @@ class StreamNormStats:
         for name, (mean, var) in self.source.items():
             out[f"{name}.mean"], out[f"{name}.var"] = mean.clone(), var.clone()
         if self.prior_images is not None:
-            out[self.SEEN] = torch.zeros((), dtype=torch.float64, device=next(iter(self.source.values()))[0].device)
+            start = 0.0 if self.warm_start else self.warm_done
+            out[self.SEEN] = torch.full((), start, dtype=torch.float64,
+                                        device=next(iter(self.source.values()))[0].device)
         return out
+
+    @property
+    def warm_done(self) -> float:
+        """A count at which every layer's warm-up is over (the source's statistics then merge at the layers' own
+        momenta); the count a stream starts with when ``warm_start`` is False."""
+        return float(math.ceil(1.0 / min(self.momenta.values(), default=1.0)))
 
     def _momentum(self, name: str, n_images: int, seen: float | torch.Tensor | None) -> float | torch.Tensor:
         """Layer ``name``'s momentum for a request of ``n_images`` (after ``seen`` images, with the warm-up)."""

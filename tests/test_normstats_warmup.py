@@ -150,3 +150,78 @@ def test_bn_prior_images_is_a_validated_service_setting_that_reaches_the_engine(
     assert cfg.bn_prior_images == 24.0
     eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
     assert eng.norm.prior_images == 24.0 and eng.describe()["bn_prior_images"] == 24.0
+
+
+SHIFT = {**WARM, "bn_warmup_shift": 3.0}
+
+
+def _domain(n: int, seed: int, scale: float, offset: float) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * scale + offset
+
+
+def test_warm_up_on_shift_starts_over_only_when_the_domain_changes():
+    """With ``bn_warmup_shift`` a stream starts with the warm-up over; requests of one domain leave it over; a
+    request from a clearly different domain (pixel statistics) restarts it, and the next images then merge at the
+    warm-up's momentum."""
+    eng = _engine("bn", **{**SHIFT, "update_images": 1})
+    st = eng.new_state()
+    done = eng.norm.warm_done
+    assert float(st.tensors["norm.seen"]) == done and done == 1000.0
+    for i in range(12):                                   # one domain: no restart
+        eng.step(st, _domain(4, i, 1.0, 0.0))
+    assert float(st.tensors["norm.seen"]) == done + 48
+    for i in range(3):                                    # another domain: contrast x0.1, brighter
+        eng.step(st, _domain(4, 100 + i, 0.1, 2.0))
+    seen = float(st.tensors["norm.seen"])
+    assert seen < 12, seen                                # restarted within the new domain's first requests
+    off = _engine("bn", **{**SHIFT, "update_images": 1, "bn_warmup_shift": None, "bn_prior_images": None})
+    assert "warm.slow" not in off.new_state().tensors and "bn_warmup_shift" not in off.fingerprint
+    with pytest.raises(ValueError, match="bn_warmup_shift"):
+        _engine("bn", **{**SHIFT, "bn_prior_images": None})
+
+
+def test_warm_up_on_shift_state_resets_survives_fallback_restores_and_is_fingerprinted(tmp_path):
+    from mgg_core.engine import StepResult
+    from mgg_core.reasons import RollbackReason
+
+    eng = _engine("eata", guard=GuardConfig(enabled=True, warmup_images=2, warmup_checks=1, max_entropy=1.01,
+                                            max_class_share=1.01, hold_images=8), **SHIFT)
+    fresh, st = eng.new_state(seed=1), eng.new_state(seed=1)
+    assert torch.isnan(fresh.tensors["warm.slow"]).all()
+    assert st.nbytes() == _engine("eata", **WARM).new_state().nbytes() + 2 * 4 * 8
+    for i, (n, scale) in enumerate([(4, 1.0), (2, 1.0), (4, 0.1), (1, 0.1)]):
+        eng.step(st, _domain(n, 10 + i, scale, 0.5))
+    st.save(tmp_path / "s.safetensors")
+    restored = eng.load_state(tmp_path / "s.safetensors")
+    for i, n in enumerate([1, 4, 2]):
+        a, b = eng.step(st, _domain(n, 50 + i, 1.0, 0.0)), eng.step(restored, _domain(n, 50 + i, 1.0, 0.0))
+        assert torch.equal(a.logits, b.logits)
+    _same(st.tensors, restored.tensors)
+    slow = st.tensors["warm.slow"].clone()
+    res = StepResult(logits=torch.zeros(1, 10), adapted=False, skipped_reason=None, loss=None, batch_entropy=0.0,
+                     sample_entropy=torch.zeros(1), n_selected=0, step=0)
+    eng._fall_back(st, RollbackReason.SOURCE_DISAGREEMENT, res)
+    assert torch.equal(st.tensors["warm.slow"], slow)                 # the reference follows the data: kept
+    assert float(st.tensors["norm.seen"]) == eng.norm.warm_done        # back at source: warm-up over
+    eng.reset(st)
+    _same(st.tensors, fresh.tensors)
+    assert eng.fingerprint["bn_warmup_shift"] == 3.0
+    with pytest.raises(Exception, match="bn_warmup_shift"):
+        _engine("eata", **WARM).load_state(tmp_path / "s.safetensors")
+
+
+def test_bn_warmup_shift_is_a_validated_service_setting_that_reaches_the_engine(monkeypatch):
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    for bad in (0.0, -1.0, 1001.0):
+        with pytest.raises(ValidationError, match="bn_warmup_shift"):
+            ServiceSettings(_env_file=None, bn_warmup_shift=bad)
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_WARMUP_SHIFT", "1000")
+    cfg = engine_config(ServiceSettings(_env_file=None, bn_prior_images=8), build_method("eata", 10), "cpu", None)
+    assert cfg.bn_warmup_shift == 1000.0
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    assert eng.warmup_shift == 1000.0 and not eng.norm.warm_start
