@@ -228,6 +228,8 @@ class AdaptationEngine:
             self.fingerprint["bn_prior_images"] = float(config.bn_prior_images)
         if self.warmup_shift is not None:
             self.fingerprint["bn_warmup_shift"] = self.warmup_shift
+        if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
+            self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
 
     @property
     def fuse_max_images(self) -> int:
@@ -263,7 +265,9 @@ class AdaptationEngine:
             dim = int(self.source_stats["mean"].numel())  # type: ignore[index]
             t["window.features"] = torch.zeros(self.feature_window, dim, device=self.device)
             t["window.count"] = torch.zeros((), dtype=torch.int64, device=self.device)
-        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device).items()})
+        g = self.config.guard
+        confident = g.enabled and g.confident_entropy is not None     # the fingerprint says so (__init__)
+        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident).items()})
         if self.warmup_shift is not None:     # the slow descriptor reference of _warmup_on_shift (unset: NaN)
             nan = torch.full((len(t["guard.shift_fast"]),), float("nan"), dtype=torch.float64, device=self.device)
             t["warm.slow"], t["warm.slow_sq"] = nan, nan.clone()

@@ -68,7 +68,8 @@ import torch
 from .losses import softmax_entropy
 from .reasons import HoldRelease, RollbackReason
 
-__all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count", "domain_shift",
+__all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count",
+           "confident_source", "domain_shift",
            "guard_init_state", "hold_length", "hold_release", "image_descriptor", "judge", "observe", "shift_score",
            "source_diversity", "source_failing"]
 
@@ -100,6 +101,11 @@ class GuardConfig:
     shift_threshold: float | None = 6.0    # end a hold on a domain shift (reference std devs; held-out); None: off
     shift_images: int = 8                  # time constant (images) of the descriptor's fast EMA
     shift_reference_images: int = 32       # images at the start of a hold that make its reference
+    confident_entropy: float | None = None  # the source is "confident" at or below this entropy EMA; None: off
+    confident_entropy_gap: float = 0.05     # ... and adaptation hurts when it is this much less certain than it
+    confident_checks: int = 8               # checked images before the confident-source check judges
+    confident_agreement: float = 0.5        # ... and only while the adapted model mostly agrees with the source
+    confident_keeps_hold: bool = True       # a confident source is never "failing" (source_failing) while held
 
     def __post_init__(self) -> None:
         if self.horizon_images < 1 or self.anchor_every_images < 1:
@@ -108,14 +114,22 @@ class GuardConfig:
             raise ValueError("guard shift_images and shift_reference_images must be >= 1")
         if self.shift_threshold is not None and not self.shift_threshold > 0:
             raise ValueError(f"guard shift_threshold must be > 0 or None, got {self.shift_threshold}")
+        if self.confident_entropy is not None and not 0.0 < self.confident_entropy <= 1.0:
+            raise ValueError(f"guard confident_entropy must be in (0, 1] or None, got {self.confident_entropy}")
+        if not 0.0 <= self.confident_entropy_gap <= 1.0 or not 0.0 <= self.confident_agreement <= 1.0:
+            raise ValueError("guard confident_entropy_gap and confident_agreement must be in [0, 1]")
+        if self.confident_checks < 1:
+            raise ValueError(f"guard confident_checks must be >= 1, got {self.confident_checks}")
         if not 0.0 <= self.check_share <= 1.0:
             raise ValueError(f"guard check_share must be in [0, 1], got {self.check_share}")
 
 
-def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
-    """A new stream's guard signals (``guard.`` prefix in the stream state)."""
+def guard_init_state(num_classes: int, device, source_entropy: bool = True) -> dict[str, torch.Tensor]:
+    """A new stream's guard signals (``guard.`` prefix in the stream state); ``source_entropy``: with the source's
+    entropy EMA that :func:`confident_source` judges (engines leave it out when that check is off, so that their
+    snapshots keep the older layout)."""
     z = torch.zeros((), device=device)
-    return {"entropy_ema": torch.full((), float("nan"), device=device),
+    out = {"entropy_ema": torch.full((), float("nan"), device=device),
             "class_share": torch.zeros(num_classes, device=device),
             "credit": z.clone(), "checked": z.clone(), "confident": z.clone(), "hold": z.clone(), "backoff": z.clone(),
             "hold_stats": z.clone(),
@@ -128,6 +142,9 @@ def guard_init_state(num_classes: int, device) -> dict[str, torch.Tensor]:
             "shift_ref": torch.zeros(SHIFT_FEATURES, device=device),
             "shift_ref_sq": torch.zeros(SHIFT_FEATURES, device=device),
             "shift_ref_n": z.clone()}
+    if source_entropy:
+        out["source_entropy"] = torch.full((), float("nan"), device=device)
+    return out
 
 
 #: features of :func:`image_descriptor`
@@ -219,8 +236,10 @@ def observe(cfg: GuardConfig, g: dict[str, torch.Tensor], logits: torch.Tensor,
     out["adapted_hist"] = _mix_hist(g["adapted_hist"], torch.bincount(a_pred, minlength=c).float() / k, keep_k)
     out["source_hist"] = _mix_hist(g["source_hist"], torch.bincount(s_prob.argmax(1), minlength=c).float() / k,
                                    keep_k)
-    gap = (softmax_entropy(a) - softmax_entropy(s)).mean() / ln_c
-    out["entropy_gap"] = _ema(g["entropy_gap"], gap, keep_k)
+    s_ent = softmax_entropy(s).mean() / ln_c
+    out["entropy_gap"] = _ema(g["entropy_gap"], softmax_entropy(a).mean() / ln_c - s_ent, keep_k)
+    if "source_entropy" in g:
+        out["source_entropy"] = _ema(g["source_entropy"], s_ent, keep_k)
     conf = s_prob.max(1).values >= cfg.source_confidence
     out["confident_share"] = _ema(g["confident_share"], conf.float().mean(), keep_k)
     if bool(conf.any()):
@@ -242,7 +261,8 @@ def source_diversity(hist: torch.Tensor) -> float:
 
 
 #: fallbacks that say "the source model is better here": the stream holds at source for hold_images images
-HOLD_REASONS = frozenset({Fallback.SOURCE_DISAGREEMENT, Fallback.LESS_CERTAIN_THAN_SOURCE})
+HOLD_REASONS = frozenset({Fallback.SOURCE_DISAGREEMENT, Fallback.LESS_CERTAIN_THAN_SOURCE,
+                          Fallback.CONFIDENT_SOURCE})
 
 
 def hold_length(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
@@ -251,8 +271,14 @@ def hold_length(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
 
 
 def source_failing(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
-    """While holding at source: the source now predicts (nearly) one class, so it is no longer the better model."""
-    return float(g["checked"]) >= cfg.warmup_checks and source_diversity(g["source_hist"]) < cfg.min_source_diversity
+    """While holding at source: the source now predicts (nearly) one class, so it is no longer the better model.
+    Not while the source is confident (``confident_entropy`` set and its entropy EMA at or below it): a confident
+    source predicting few classes is what label shift looks like; a new domain ends the hold (``shift_threshold``)."""
+    if float(g["checked"]) < cfg.warmup_checks or source_diversity(g["source_hist"]) >= cfg.min_source_diversity:
+        return False
+    se = float(g["source_entropy"]) if "source_entropy" in g else float("nan")
+    return (cfg.confident_entropy is None or not cfg.confident_keeps_hold or math.isnan(se)
+            or se > cfg.confident_entropy)
 
 
 def hold_release(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> HoldRelease | None:
@@ -264,8 +290,28 @@ def hold_release(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> HoldRelease | 
     return None
 
 
+def confident_source(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
+    """The source is already good here and adaptation only makes the model less certain (off when
+    ``confident_entropy`` is None): at least ``confident_checks`` checked images, the source's entropy EMA at most
+    ``confident_entropy``, the adapted model's at least ``confident_entropy_gap`` above it, the adapted model
+    agreeing with the source's confident predictions at least ``confident_agreement`` of the time (a source that
+    confidently predicts one class for a corruption is overturned by a helpful adaptation: no hold then), and the
+    source's predictions diverse (``min_source_diversity``, as for the other source checks: on several test
+    corruptions the source predicts one class for every image, confidently)."""
+    if cfg.confident_entropy is None or "source_entropy" not in g or float(g["checked"]) < cfg.confident_checks:
+        return False
+    if source_diversity(g["source_hist"]) < cfg.min_source_diversity:
+        return False     # a source predicting (nearly) one class, however confident, is no reference (judge())
+    se, gap, agree = float(g["source_entropy"]), float(g["entropy_gap"]), float(g["agreement"])
+    if math.isnan(se) or math.isnan(gap) or math.isnan(agree):
+        return False
+    return se <= cfg.confident_entropy and gap > cfg.confident_entropy_gap and agree >= cfg.confident_agreement
+
+
 def judge(cfg: GuardConfig, g: dict[str, torch.Tensor], images: int) -> Fallback | None:
     """The reason to fall back, or None while the stream looks healthy."""
+    if confident_source(cfg, g):         # judged from the first checks on: no warm-up for a source this good
+        return Fallback.CONFIDENT_SOURCE
     if images < cfg.warmup_images:
         return None
     share = g["class_share"]

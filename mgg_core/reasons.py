@@ -46,6 +46,7 @@ class RollbackReason(StrEnum):
     PARTIAL_COLLAPSE = "partial_collapse"                      # one class far more often than the source predicts it
     SOURCE_DISAGREEMENT = "source_disagreement"                # overturns the source's confident predictions
     LESS_CERTAIN_THAN_SOURCE = "less_certain_than_source"      # less certain than the source on the same images
+    CONFIDENT_SOURCE = "confident_source"                      # the source is confident here, adaptation less so
 
 
 class HoldRelease(StrEnum):

@@ -112,6 +112,15 @@ class ServiceSettings(BaseSettings):
                                "the adaptation)")
     guard_check_share: float = Field(0.25, ge=0, le=1, description="share of images the guard also classifies "
                                      "with the source model to judge the adapted one against it")
+    guard_confident_entropy: float | None = Field(
+        None, gt=0, le=1, description="the guard holds a stream at source, from its first checked images on, while "
+        "the source is confident on them (its normalised entropy EMA at or below this) and the adapted model is "
+        "guard_confident_entropy_gap less certain; it also keeps a hold from ending because such a source predicts few "
+        "classes (label shift). None = off, the default: on held-out streams 0.05-0.15 fixed the domains where the "
+        "source is confident and cost another domain more (docs/results/smallbatch/heldout)")
+    guard_confident_entropy_gap: float = Field(
+        0.05, ge=0, le=1, description="normalised-entropy excess of the adapted model over a confident source "
+        "that makes the guard hold the stream at source (guard_confident_entropy)")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     torch_threads: int | None = Field(
         None, ge=1, description="torch CPU threads for the model (None = torch's default, one per core); on a CPU "

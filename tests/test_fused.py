@@ -89,6 +89,12 @@ GUARDS = {
                          anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
                          min_source_diversity=0.0, hold_images=1000, max_entropy=1.01, max_class_share=1.01,
                          shift_threshold=0.5, shift_images=1, shift_reference_images=4),
+    # a confident source judged before the warm-up (guard.py confident_source): loose thresholds (a gap of 0.01, not
+    # 0: rounding would decide), so an adapted model less certain than the source, at any agreement, falls back
+    "confident": GuardConfig(enabled=True, check_share=0.5, warmup_images=1000, warmup_checks=1000,
+                             horizon_images=16, anchor_every_images=8, max_entropy=1.01, max_class_share=1.01,
+                             hold_images=6, confident_entropy=1.0, confident_entropy_gap=0.01, confident_agreement=0.0,
+                             confident_checks=2, min_source_diversity=0.0),
     "entropy": GuardConfig(enabled=True, check_share=0.25, warmup_images=4, warmup_checks=2, horizon_images=16,
                            anchor_every_images=8, max_entropy=0.0),
 }
@@ -185,6 +191,7 @@ CASES = [
     ("resnet", "tent", "mgg", "ema", 1, "entropy"),
     ("resnet", "eata", "sgd", "ema", 1, "holdstats"),
     ("resnet", "eata", "adam", "ema", 1, "shift"),
+    ("resnet", "eata", "adam", "ema", 1, "confident"),
     ("vit", "eata", "adam", None, 1, "watch"),
     ("vit", "foa", "sgd", None, 16, "watch"),
     ("vit", "tent", "adam", None, 1, "hold"),
@@ -222,8 +229,10 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert "accumulating" in reasons, "the gradient window was never used"
     if guard != "watch":
         assert sum(st.rollbacks for st in states) > 0, f"guard {guard!r} never fell back"
-    if guard in ("hold", "holdstats", "shift"):
+    if guard in ("hold", "holdstats", "shift", "confident"):
         assert "guard_hold" in reasons
+    if guard == "confident":
+        assert "confident_source" in reasons
     if guard == "shift":
         assert any(r.hold_released == "domain_shift" for row in results for r in row), "no hold ended early"
 

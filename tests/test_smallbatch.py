@@ -404,3 +404,136 @@ def test_a_hold_release_is_counted_in_the_metrics_and_sent_in_the_response():
     DataPlane._record(SimpleNamespace(svc=SimpleNamespace(metrics=metrics)), res, 1, {})  # type: ignore[arg-type]
     assert 'tta_guard_hold_releases_total{reason="domain_shift"} 1.0' in generate_latest(metrics.registry).decode()
     assert "hold_released" in PredictResponse.model_fields
+
+
+# ------------------------------------------------------------------------------- a confident source: stay there
+def _peaked(labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Logits predicting ``labels`` with a top-class margin ``margin`` (large: confident, small: uncertain)."""
+    out = torch.zeros(len(labels), 10)
+    out[torch.arange(len(labels)), labels] = margin
+    return out
+
+
+def _confident_signals(cfg: GuardConfig, adapted_margin: float, source_labels=None, rounds: int = 3):
+    """Guard signals after ``rounds`` 4-image requests, every image checked; the source predicts ``0..3`` with a
+    margin of 12 (normalised entropy ~0.0003), the adapted model the same classes with ``adapted_margin``, or
+    ``source_labels`` for the source (a source that confidently predicts one class while the adapted model differs)."""
+    g = guard_init_state(10, "cpu")
+    labels = torch.arange(4)
+    for _ in range(rounds):
+        g = observe(cfg, g, _peaked(labels, adapted_margin), _peaked(labels if source_labels is None
+                                                                     else source_labels, 12.0))
+    return g
+
+
+def test_guard_confident_source_falls_back_before_its_warm_up():
+    """The source is confident and the adapted model, agreeing with it, is clearly less certain: with
+    ``confident_entropy`` set the guard falls back from ``confident_checks`` checked images on, long before the
+    usual warm-up (64 images); off (None) or before ``confident_checks`` it does not judge."""
+    cfg = GuardConfig(enabled=True, check_share=1.0, confident_entropy=0.1, confident_checks=8)
+    g = _confident_signals(cfg, adapted_margin=3.0)            # adapted entropy ~0.44: far less certain
+    assert float(g["source_entropy"]) < 0.01 and float(g["entropy_gap"]) > 0.3
+    assert judge(cfg, g, images=12) == Fallback.CONFIDENT_SOURCE
+    assert judge(dataclasses.replace(cfg, confident_entropy=None), g, images=12) is None
+    assert judge(cfg, _confident_signals(cfg, 3.0, rounds=1), images=4) is None          # 4 < 8 checked images
+    # thresholds at their limits: a gap just above the one measured, a source entropy just below the one measured
+    gap, se = float(g["entropy_gap"]), float(g["source_entropy"])
+    assert judge(dataclasses.replace(cfg, confident_entropy_gap=gap + 1e-3), g, images=12) is None
+    assert judge(dataclasses.replace(cfg, confident_entropy=se * 0.5), g, images=12) is None
+    assert judge(dataclasses.replace(cfg, confident_entropy=se * 1.01), g, images=12) == Fallback.CONFIDENT_SOURCE
+
+
+def test_guard_confident_source_leaves_helpful_adaptation_alone():
+    cfg = GuardConfig(enabled=True, check_share=1.0, confident_entropy=0.1, confident_checks=8)
+    # the adapted model as certain as the source: no fallback
+    assert judge(cfg, _confident_signals(cfg, adapted_margin=12.0), images=12) is None
+    # a source that confidently predicts one class for everything, overturned by the adapted model: adaptation is
+    # what helps there (agreement 0.25 < confident_agreement), no hold
+    g = _confident_signals(cfg, adapted_margin=3.0, source_labels=torch.zeros(4, dtype=torch.long))
+    assert float(g["agreement"]) == pytest.approx(0.25) and judge(cfg, g, images=12) is None
+    # a confident source predicting one class for everything, the adapted model agreeing but less certain: a
+    # source like that is no reference (min_source_diversity), whatever its confidence
+    one = torch.zeros(4, dtype=torch.long)
+    g = guard_init_state(10, "cpu")
+    for _ in range(3):
+        g = observe(cfg, g, _peaked(one, 3.0), _peaked(one, 12.0))
+    assert float(g["agreement"]) == 1.0 and float(g["entropy_gap"]) > 0.3 and judge(cfg, g, images=12) is None
+    assert judge(dataclasses.replace(cfg, min_source_diversity=0.0), g, images=12) == Fallback.CONFIDENT_SOURCE
+    # an uncertain source (entropy above confident_entropy): the usual checks only
+    g = guard_init_state(10, "cpu")
+    for _ in range(3):
+        g = observe(cfg, g, _peaked(torch.arange(4), 3.0), _peaked(torch.arange(4), 2.0))
+    assert float(g["source_entropy"]) > 0.1 and judge(cfg, g, images=12) is None
+
+
+def test_a_confident_source_predicting_few_classes_is_not_failing():
+    """While holding: a source predicting few classes is 'failing' (the hold ends) unless it is confident, which is
+    what label shift looks like; with ``confident_entropy`` None the older rule holds."""
+    from mgg_core.guard import source_failing
+
+    cfg = GuardConfig(enabled=True, check_share=1.0, confident_entropy=0.1, warmup_checks=8)
+    one = torch.zeros(4, dtype=torch.long)
+    g = guard_init_state(10, "cpu")
+    for _ in range(3):
+        g = observe(cfg, g, _peaked(one, 12.0), _peaked(one, 12.0))       # held: adapted = source, one class
+    assert float(g["source_entropy"]) < 0.1 and not source_failing(cfg, g)
+    assert source_failing(dataclasses.replace(cfg, confident_entropy=None), g)
+    assert source_failing(dataclasses.replace(cfg, confident_keeps_hold=False), g)
+    u = guard_init_state(10, "cpu")
+    for _ in range(3):
+        u = observe(cfg, u, _peaked(one, 1.0), _peaked(one, 1.0))         # an uncertain source on one class
+    assert float(u["source_entropy"]) > 0.1 and source_failing(cfg, u)
+
+
+def test_guard_confident_source_config_limits():
+    for bad in ({"confident_entropy": 0.0}, {"confident_entropy": 1.5}, {"confident_entropy_gap": -0.1},
+                {"confident_agreement": 1.1}, {"confident_checks": 0}):
+        with pytest.raises(ValueError, match="confident"):
+            GuardConfig(**bad)
+    GuardConfig(confident_entropy=1.0, confident_entropy_gap=0.0, confident_agreement=1.0, confident_checks=1)
+
+
+def _clean_digits(n: int, by_class: bool = False):
+    """The bundled ResNet and ``n`` clean test digits (seeded), i.i.d. or sorted by class (label shift)."""
+    import numpy as np
+
+    from mgg_core.classifier import default_checkpoint, load_classifier
+    from mgg_core.data.sources import mnist5k
+
+    clf = load_classifier(default_checkpoint("resnet"))
+    src = mnist5k("test")
+    order = np.random.default_rng(0).permutation(len(src))[:400]
+    if by_class:
+        order = order[np.argsort(np.asarray(src.labels)[order], kind="stable")]
+    return clf, clf.preprocessor(np.stack([src.get_image(int(i)) for i in order[:n]]))
+
+
+@pytest.mark.parametrize("by_class,lr,falls_back", [(True, 1e-4, True), (False, 0.05, False)])
+def test_engine_holds_at_a_confident_source_when_adaptation_degrades(by_class, lr, falls_back):
+    """Clean digits: the bundled source is confident and right. Sorted by class, the per-stream statistics make the
+    adapted model less certain than the source while it still agrees with it: the guard falls back to source with
+    ``confident_source`` long before the usual warm-up (here 1000 images: no other check judges), holds there and
+    counts it. On the i.i.d. stream TENT makes the model more certain: the same guard leaves it alone."""
+    clf, x = _clean_digits(128, by_class)
+    guard = GuardConfig(enabled=True, confident_entropy=0.2, confident_entropy_gap=0.02, confident_checks=8,
+                        hold_images=1000, warmup_images=1000, min_source_diversity=0.0)   # one class per request
+    eng = AdaptationEngine(clf, EngineConfig(method="tent", optimizer="sgd", lr=lr, bn_stats="ema", bn_momentum=0.001,
+                                             update_images=16, guard=guard))
+    st = eng.new_state()
+    results = [eng.step(st, b) for b in x.split(16)]
+    first = next((i for i, r in enumerate(results) if r.rolled_back), None)
+    if not falls_back:
+        assert first is None and st.rollbacks == 0 and float(st.tensors["guard.entropy_gap"]) < 0.02
+        return
+    assert first is not None and results[first].rollback_reason == Fallback.CONFIDENT_SOURCE and st.rollbacks == 1
+    assert all(r.skipped_reason == "guard_hold" for r in results[first + 1:])
+    assert torch.equal(st.theta, eng.theta0)
+
+
+def test_confident_source_guard_is_fingerprinted():
+    model = _models()["resnet"]()
+    on = _engine(model, "tent", guard=GuardConfig(enabled=True, confident_entropy=0.1), **SMALL)
+    off = _engine(model, "tent", guard=GuardConfig(enabled=True, confident_entropy=None), **SMALL)
+    assert on.fingerprint["guard_confident_entropy"] == 0.1 and "guard_confident_entropy" not in off.fingerprint
+    # the source entropy is state only when judged: default engines keep the older snapshot layout
+    assert "guard.source_entropy" in on.new_state().tensors and "guard.source_entropy" not in off.new_state().tensors

@@ -29,3 +29,19 @@ def test_one_image_requests_answer_200(live_server, tmp_path, digit_images, mode
         assert all(np.isfinite(b["batch_entropy"]) for b in bodies)
         info = c.get("/streams/one").json()
         assert info["requests"] == 4 and info["bytes"] > 0
+
+
+def test_confident_source_guard_settings_reach_the_engine_and_are_bounded():
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+
+    for bad in ({"guard_confident_entropy": 0.0}, {"guard_confident_entropy": 1.01},
+                {"guard_confident_entropy_gap": -0.01}, {"guard_confident_entropy_gap": 1.01}):
+        with pytest.raises(ValidationError, match="guard_confident_entropy"):
+            ServiceSettings(_env_file=None, **bad)
+    for value in (None, 1.0):          # the limits that are allowed: off, and the loosest entropy
+        s = ServiceSettings(_env_file=None, guard_confident_entropy=value, guard_confident_entropy_gap=0.0)
+        cfg = engine_config(s, build_method(s.method, 10), "cpu", None).guard
+        assert cfg.confident_entropy == value and cfg.confident_entropy_gap == 0.0
