@@ -7,8 +7,6 @@ Snapshots are single safetensors files (tensors + JSON metadata), written atomic
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,9 @@ from pathlib import Path
 import torch
 
 FORMAT_VERSION = "1"
+# dtypes whose tensors safetensors.numpy writes exactly as safetensors.torch does (same dtype tag, same bytes)
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool})
 
 
 @dataclass
@@ -84,28 +85,36 @@ class StreamState:
         )
 
     # ---- persistence ----
-    def save(self, path: str | Path) -> int:
-        """Atomic safetensors snapshot; returns the file size in bytes."""
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The snapshot file's bytes (safetensors: tensors ``state.*``/``anchor.*`` + JSON metadata).
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out = {f"state.{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        Serialised through ``safetensors.numpy`` (the same file as ``safetensors.torch`` writes: same header, dtype
+        tags, offsets and tensor bytes; at under half its cost for these small tensors) whenever every tensor's
+        dtype has a numpy equivalent; through ``safetensors.torch`` otherwise (bfloat16).
+        """
+        out = {f"state.{k}": v for k, v in self.tensors.items()}
         if self.anchor is not None:
-            out.update({f"anchor.{k}": v.detach().cpu().contiguous() for k, v in self.anchor.items()})
+            out.update({f"anchor.{k}": v for k, v in self.anchor.items()})
         meta = {"format": FORMAT_VERSION, "scalars": json.dumps(self._scalars()),
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
         if self.annotations:
             meta["annotations"] = json.dumps(self.annotations)
-        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(out, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path.stat().st_size
+        cpu = {k: v.detach().cpu().contiguous() for k, v in out.items()}
+        if all(t.dtype in _NUMPY_DTYPES for t in cpu.values()):
+            from safetensors.numpy import save as save_numpy
+
+            return save_numpy({k: t.numpy() for k, t in cpu.items()}, metadata=meta)
+        from safetensors.torch import save as save_torch
+
+        return save_torch(cpu, metadata=meta)
+
+    def save(self, path: str | Path) -> int:
+        """Atomic, durable safetensors snapshot (:func:`mgg_core.io.atomic_write_bytes`); returns its size."""
+        from .io import atomic_write_bytes
+
+        data = self.to_bytes()
+        atomic_write_bytes(path, data)
+        return len(data)
 
     @classmethod
     def load(cls, path: str | Path, expected_fingerprint: dict | None = None, device=None) -> StreamState:

@@ -177,6 +177,7 @@ def _fused_metrics(url: str) -> dict[str, float]:
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for smp in fam.samples:
             if smp.name in ("tta_fused_step_streams_sum", "tta_fused_step_streams_count", "tta_fused_step_images_sum",
+                            "tta_commit_group_streams_sum", "tta_commit_group_streams_count",
                             "tta_fused_queue_wait_seconds_sum", "tta_fused_queue_wait_seconds_count"):
                 out[smp.name] = smp.value
     return out
@@ -184,7 +185,9 @@ def _fused_metrics(url: str) -> dict[str, float]:
 
 def _config_flags(config: str) -> list[str]:
     """``off`` (--no-fused-steps) or ``on`` (the default scheduler), ``on`` optionally followed by ``/d<ms>``
-    (max_batch_delay_ms) and ``/c<n>`` (max_concurrent_streams), e.g. ``on/d25/c1``."""
+    (max_batch_delay_ms), ``/c<n>`` (max_concurrent_streams), ``/g<n>`` (commit_group_max_streams; g1 = one
+    durable write per stream, as before group commit) and ``/i<ms>`` (gil_switch_interval_ms; i5 = Python's
+    default), e.g. ``on/d25/c1``."""
     head, *opts = config.split("/")
     if head == "off" and not opts:
         return ["--no-fused-steps"]
@@ -192,7 +195,8 @@ def _config_flags(config: str) -> list[str]:
         raise ValueError(f"unknown config {config!r}")
     flags = ["--fused-steps"]
     for opt in opts:
-        flag = {"d": "--max-batch-delay-ms", "c": "--max-concurrent-streams"}.get(opt[:1])
+        flag = {"d": "--max-batch-delay-ms", "c": "--max-concurrent-streams",
+                "g": "--commit-group-max-streams", "i": "--gil-switch-interval-ms"}.get(opt[:1])
         if flag is None:
             raise ValueError(f"unknown option {opt!r} in config {config!r}")
         flags += [flag, opt[1:]]
@@ -212,6 +216,9 @@ def _mixed_round(url: str, tag: str, small: dict, big: dict, alone: list) -> dic
         calls = m1.get("tta_fused_step_streams_count", 0) - m0.get("tta_fused_step_streams_count", 0)
         streams = m1.get("tta_fused_step_streams_sum", 0) - m0.get("tta_fused_step_streams_sum", 0)
         per_step[name] = streams / calls if calls else None
+        writes = m1.get("tta_commit_group_streams_count", 0) - m0.get("tta_commit_group_streams_count", 0)
+        carried = m1.get("tta_commit_group_streams_sum", 0) - m0.get("tta_commit_group_streams_sum", 0)
+        per_step[name + "_per_write"] = carried / writes if writes else None
     return {"big": b, "small": sm, "alone": a, "streams_per_fused_step": per_step,
             "stream0_small": sm["labels"][f"{tag}-small0"], "stream0_alone": a["labels"][f"{tag}-alone0"]}
 
@@ -305,7 +312,8 @@ def _lone_interleaved(servers: dict[str, Any], bodies: list[tuple[bytes, str]], 
 def _print_round(config: str, r: int, res: dict[str, Any]) -> None:
     print(f"  {config:>10} round {r + 1}: small {res['small']['img_s']:7.1f} img/s "
           f"(p50 {res['small']['p50_ms']:.0f} ms, p99 {res['small']['p99_ms']:.0f} ms, "
-          f"{res['streams_per_fused_step']['small'] or 1:.1f} streams/step) | big "
+          f"{res['streams_per_fused_step']['small'] or 1:.1f} streams/step, "
+          f"{res['streams_per_fused_step'].get('small_per_write') or 1:.1f} streams/write) | big "
           f"{res['big']['img_s']:7.1f} img/s (p50 {res['big']['p50_ms']:.0f} ms) | ratio "
           f"{res['small']['img_s'] / res['big']['img_s']:.2f} | alone {res['alone']['img_s']:.1f} img/s | stream 0 "
           f"acc {res['accuracy_stream0_small']:.3f} among 16, {res['accuracy_stream0_alone']:.3f} alone", flush=True)
@@ -325,6 +333,7 @@ def _mixed_summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[s
             "big_p50_ms": med(lambda r: r["big"]["p50_ms"]), "big_p99_ms": med(lambda r: r["big"]["p99_ms"]),
             "alone_img_s": med(lambda r: r["alone"]["img_s"]), "alone_p50_ms": med(lambda r: r["alone"]["p50_ms"]),
             "streams_per_step_small": med(lambda r: r["streams_per_fused_step"]["small"] or 1.0),
+            "streams_per_write_small": med(lambda r: r["streams_per_fused_step"].get("small_per_write") or 1.0),
             "acc_small": med(lambda r: r["accuracy_stream0_small"]),
             "acc_alone": med(lambda r: r["accuracy_stream0_alone"]),
         }
@@ -362,11 +371,13 @@ def _mixed_protocol(args: argparse.Namespace, info: dict[str, Any], configs: lis
 def _mixed_markdown(protocol: dict[str, Any], summary: dict[str, dict[str, float]],
                     lone: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = ["| config | small img/s | big img/s | ratio small/big | small p50 / p99 ms | big p50 / p99 ms | "
-            "streams per fused step (small) | stream 0 acc. among 16 / alone |", "|" + " --- |" * 8]
+            "streams per fused step (small) | streams per durable write (small) | stream 0 acc. among 16 / alone |",
+            "|" + " --- |" * 9]
     for c, r in summary.items():
         rows.append(f"| {c} | {r['small_img_s']:.1f} | {r['big_img_s']:.1f} | {r['ratio']:.2f} | "
                     f"{r['small_p50_ms']:.0f} / {r['small_p99_ms']:.0f} | {r['big_p50_ms']:.0f} / "
-                    f"{r['big_p99_ms']:.0f} | {r['streams_per_step_small']:.1f} | {r['acc_small']:.3f} / "
+                    f"{r['big_p99_ms']:.0f} | {r['streams_per_step_small']:.1f} | {r['streams_per_write_small']:.1f} | "
+                    f"{r['acc_small']:.3f} / "
                     f"{r['acc_alone']:.3f} |")
     rows += ["", "Lone stream (requests interleaved one by one between the configs' servers):", "",
              "| request size | " + " | ".join(f"{c} img/s (p50 ms)" for c in summary) + " |",

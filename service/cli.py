@@ -23,6 +23,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                       "classifier card's name)"}),
     ("--device", "device", {"help": "auto (cuda when available), cpu, cuda, cuda:N"}),
     ("--torch-threads", "torch_threads", {"type": int, "help": "torch CPU threads (default: one per core)"}),
+    ("--gil-switch-interval-ms", "gil_switch_interval_ms",
+     {"type": float, "help": "the interpreter's thread switch interval (default 0.5)"}),
     ("--snapshot-dir", "snapshot_dir", {"help": "per-stream snapshots (default ./mgg-snapshots: in the working dir)"}),
     ("--state-budget-bytes", "state_budget_bytes", {"type": int, "help": "bytes of stream state kept in memory"}),
     ("--idle-seconds", "idle_seconds", {"type": float, "help": "unload streams idle this long"}),
@@ -50,6 +52,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-headers", "max_headers", {"type": int, "help": "header fields per request (431 past it)"}),
     ("--durability", "durability", {"choices": ["step", "interval"],
                                     "help": "step (default): persist before each answer; interval: in the background"}),
+    ("--commit-group-max-streams", "commit_group_max_streams",
+     {"type": int, "help": "durability step: streams per durable write (group commit; 1 = one write per stream)"}),
     ("--max-streams", "max_streams", {"type": int, "help": "streams known at once"}),
     ("--max-snapshot-bytes", "max_snapshot_bytes", {"type": int, "help": "bytes of snapshots on disk"}),
     ("--admin-token", "admin_token", {"help": "Bearer token for /reset and /streams (prefer MGG_ADMIN_TOKEN); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     Args:
         settings: the service settings; reads model, method, optimizer, lr, mgg_checkpoint, source_stats,
             source_data, collapse_guard, bn_stats, bn_momentum, bn_momentum_shallow, bn_prior_images, bn_warmup_shift,
-            update_images, guard_check_share, guard_confident_entropy, guard_confident_entropy_gap, device and
-            torch_threads.
+            update_images, guard_check_share, guard_confident_entropy, guard_confident_entropy_gap, device,
+            torch_threads and gil_switch_interval_ms (process-wide: sys.setswitchinterval).
 
     Bundled companions are found the way the rest of the project finds them (``mgg_core.assets``): the MGG
     checkpoint pretrained for this classifier (matched by the weights' sha256, else the bundled one of the same
@@ -139,6 +140,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     device = settings.resolved_device()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     checkpoint = resolve_checkpoint(settings.model)
     clf = load_classifier(checkpoint, device=device)
     method = build_method(settings.method, clf.num_classes)
@@ -224,6 +227,7 @@ class ServiceState:
             max_streams=s.max_streams,
             max_snapshot_bytes=s.max_snapshot_bytes,
             retention_seconds=s.snapshot_retention_seconds,
+            commit_group_max_streams=s.commit_group_max_streams,
         )
 
     def open_scheduler(self, rt: Runtime, store: StreamStore) -> FusedScheduler | None:

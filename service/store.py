@@ -14,7 +14,21 @@ Durability. With ``durability="step"`` (the default) a predict job writes the st
 (``<snapshot_dir>/<id>.safetensors`` + ``<id>.json`` sidecar, through :mod:`mgg_core.io`: temp file, fsync,
 rename, fsync of the folder) before its result is returned, so an acknowledged step survives ``kill -9``. When
 that write fails the in-memory state is dropped (the stream is back at its last durable state) and
-:class:`PersistError` is raised: the step is not acknowledged. With ``durability="interval"`` snapshots are
+:class:`PersistError` is raised: the step is not acknowledged.
+
+Group commit (``durability="step"``, ``commit_group_max_streams`` > 1). The snapshots of the steps that finish
+together (the streams of one fused call, and whatever finished while the previous group was being written) are
+written as one group, at most ``commit_group_max_streams`` streams, by :func:`mgg_core.io.atomic_write_group`:
+every temp file written and fsynced, then every rename, then one fsync of the folder; one group is written at a
+time, while the next fused call computes. The group is all or nothing: when any of its files cannot be written
+(an I/O error, or the group would pass ``max_snapshot_bytes``) no snapshot is replaced, every stream of the group
+is reverted to its last durable state and every one gets :class:`PersistError`. Only a rename failing after the
+fsyncs (an I/O error of the folder itself) splits a group: the streams renamed before it are durable and
+acknowledged, the rest are reverted and refused. A ``kill -9`` mid-group leaves each stream's snapshot either
+the old or the new complete file: no acknowledged step is lost (a stream whose new file was renamed just before
+the crash keeps that unanswered step, as a single write's crash between rename and answer always could; a retry
+with its ``Idempotency-Key`` gets the recorded answer). ``commit_group_max_streams=1`` writes every stream on
+its own, as before group commit. With ``durability="interval"`` snapshots are
 written in the background once a stream has ``snapshot_interval_steps`` unpersisted steps or its oldest one is
 ``snapshot_interval_seconds`` old; a crash loses at most that much per stream (gauge ``tta_steps_unpersisted``).
 
@@ -45,18 +59,18 @@ import os
 import re
 import shutil
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic import Field as PydField
 
-from mgg_core.io import atomic_path, atomic_write_text, fsync_dir
+from mgg_core.io import GroupWriteError, atomic_write_group, fsync_dir
 
 from .metrics import ServiceMetrics
 
@@ -145,6 +159,24 @@ class _DiskCapReached(OSError):
     pass
 
 
+class _GroupSplit(OSError):
+    """A group write failed at a rename: the streams in ``committed`` are durable, the others are not."""
+
+    def __init__(self, sizes: list[int], committed: set[str], error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error))
+        self.sizes = sizes
+        self.committed = committed
+
+
+@dataclass(eq=False)
+class _Commit:
+    """One acknowledged-to-be step waiting for its group's durable write."""
+
+    entry: _Stream
+    durable: tuple[Any, ...]  # the listing as on disk, restored on failure
+    fut: asyncio.Future
+
+
 class SnapshotMeta(BaseModel):
     """The ``<id>.json`` sidecar (listing data), validated by type at start-up; unknown fields are ignored."""
 
@@ -176,6 +208,9 @@ class _StoreMetrics:
                                       "Requests refused because their stream's files are invalid.", registry=r)
         self.expired = Counter("tta_streams_expired_total", "Idle streams forgotten after the retention time.",
                                registry=r)
+        self.commit_group = Histogram(
+            "tta_commit_group_streams", "Streams whose snapshots one durable write (group commit) carried.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
 
 
 @dataclass
@@ -316,6 +351,7 @@ class StreamStore:
         max_streams: int = 10_000,
         max_snapshot_bytes: int = 10 * 1024**3,
         retention_seconds: float | None = None,
+        commit_group_max_streams: int = 64,
     ) -> None:
         """Args:
             engine: the shared adaptation engine (``new_state``, ``reset``, ``load_state``, ``fingerprint``).
@@ -325,7 +361,11 @@ class StreamStore:
             durability: ``"step"`` (persist before answering) or ``"interval"`` (see the module docstring).
             max_streams, max_snapshot_bytes: bounds on known streams and snapshot bytes on disk.
             retention_seconds: forget streams idle this long (None: never).
+            commit_group_max_streams: ``durability="step"``: streams whose snapshots go into one durable write
+                (group commit, see the module docstring); 1 writes each stream on its own.
         """
+        if commit_group_max_streams < 1:
+            raise ValueError("commit_group_max_streams must be >= 1")
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
         self.engine = engine
@@ -341,6 +381,9 @@ class StreamStore:
         self.max_streams = int(max_streams)
         self.max_snapshot_bytes = int(max_snapshot_bytes)
         self.retention_seconds = None if retention_seconds is None else float(retention_seconds)
+        self.commit_group_max_streams = int(commit_group_max_streams)
+        self._commit_queue: deque[_Commit] = deque()  # steps waiting for their group's durable write
+        self._committing = False  # a group-commit writer task is running
         self._metrics = metrics
         self._m = _StoreMetrics(metrics)
         self._m.disk_budget.set(self.max_snapshot_bytes)
@@ -561,15 +604,83 @@ class StreamStore:
         self._m.unpersisted.set(self._unpersisted_total)
 
     async def _persist_or_revert(self, entry: _Stream, durable: tuple[Any, ...]) -> None:
-        """Write the stream now; on failure drop it from memory (back to its last durable state) and raise."""
+        """Write the stream now (alone, or in a commit group); on failure revert it (back to its last durable state)
+        and raise :class:`PersistError`."""
+        commit = _Commit(entry, durable, asyncio.get_running_loop().create_future())
+        if self.commit_group_max_streams == 1:
+            try:
+                await self._write(entry)
+            except OSError as exc:
+                self._persist_failed([commit], exc)
+                await commit.fut  # raises its PersistError
+            self._metrics.snapshots.labels(reason="step").inc()
+            self._m.commit_group.observe(1)
+            return
+        self._commit_queue.append(commit)
+        if not self._committing:
+            self._committing = True
+            self._spawn(self._commit_loop())
+        await commit.fut
+
+    async def _commit_loop(self) -> None:
+        """Write the queued steps group by group, one group at a time, until none is left."""
         try:
-            await self._write(entry)
+            # the other streams of the same fused call were woken in the same pass of the event loop as the one
+            # that started this task: by the time it runs they are queued, and go into the same group
+            await asyncio.sleep(0)
+            while self._commit_queue:
+                take = min(len(self._commit_queue), self.commit_group_max_streams)
+                await self._commit_group([self._commit_queue.popleft() for _ in range(take)])
+        finally:
+            self._committing = False
+
+    async def _commit_group(self, group: builtins.list[_Commit]) -> None:
+        """One durable write for ``group``; resolves every member's future (None, or PersistError)."""
+        items = []
+        for c in group:
+            assert c.entry.state is not None, "a stepped stream stays resident until its write (its ticket is held)"
+            items.append((c.entry.id, c.entry.state, self._sidecar_meta(c.entry), c.entry.disk_bytes))
+        t0 = time.perf_counter()
+        try:
+            sizes = await asyncio.to_thread(self._write_files, items)
+        except _GroupSplit as split:  # renames failed midway: the renamed streams are durable
+            done = [(c, n) for c, n in zip(group, split.sizes, strict=True) if c.entry.id in split.committed]
+            self._commit_done(done, time.perf_counter() - t0)
+            self._persist_failed([c for c in group if c.entry.id not in split.committed], split)
+            return
         except OSError as exc:
+            self._persist_failed(group, exc)
+            return
+        except BaseException as exc:  # a bug: nobody may wait forever, nobody is acknowledged
+            self._persist_failed(group, OSError(str(exc)))
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("group commit failed")
+            return
+        self._commit_done(list(zip(group, sizes, strict=True)), time.perf_counter() - t0)
+
+    def _commit_done(self, done: builtins.list[tuple[_Commit, int]], seconds: float) -> None:
+        if done:
+            self._m.commit_group.observe(len(done))
+            self._metrics.snapshot_duration.observe(seconds)
+        for commit, size in done:
+            self._written(commit.entry, size)
+            self._metrics.observe_phase("snapshot", seconds)
+            self._metrics.snapshots.labels(reason="step").inc()
+            if not commit.fut.done():
+                commit.fut.set_result(None)
+
+    def _persist_failed(self, group: builtins.list[_Commit], exc: OSError) -> None:
+        """Revert every stream of ``group`` to its last durable state; their requests get PersistError."""
+        if not group:
+            return
+        log.error("stream(s) %s: durable write failed (%s); the step(s) are not acknowledged",
+                  ", ".join(c.entry.id for c in group), exc)
+        for commit in group:
             self._metrics.snapshot_errors.labels(op="write").inc()
-            log.error("stream %s: durable write failed (%s); the step is not acknowledged", entry.id, exc)
-            self._revert(entry, durable)
-            raise PersistError(entry.id, disk_full=isinstance(exc, _DiskCapReached)) from None
-        self._metrics.snapshots.labels(reason="step").inc()
+            self._revert(commit.entry, commit.durable)
+            if not commit.fut.done():
+                commit.fut.set_exception(PersistError(commit.entry.id, disk_full=isinstance(exc, _DiskCapReached)))
 
     def _revert(self, entry: _Stream, durable: tuple[Any, ...]) -> None:
         """Forget the resident state: the next request restores the last durable one (or the source state)."""
@@ -958,38 +1069,55 @@ class StreamStore:
             ticket.release()
 
     async def _write(self, entry: _Stream) -> None:
-        """Write the resident state of ``entry`` durably (raises OSError); marks it clean and persisted."""
-        state = entry.state
-        assert state is not None, "only resident streams are written"
-        meta = {k: v for k, v in entry.info().items() if k in SnapshotMeta.model_fields}
+        """Write the resident state of ``entry`` durably, on its own (raises OSError); marks it clean and persisted."""
+        assert entry.state is not None, "only resident streams are written"
         t0 = time.perf_counter()
-        size = await asyncio.to_thread(self._write_files, entry.id, state, meta, entry.disk_bytes)
+        sizes = await asyncio.to_thread(
+            self._write_files, [(entry.id, entry.state, self._sidecar_meta(entry), entry.disk_bytes)])
         dt = time.perf_counter() - t0
         self._metrics.snapshot_duration.observe(dt)
         self._metrics.observe_phase("snapshot", dt)
+        self._written(entry, sizes[0])
+
+    def _sidecar_meta(self, entry: _Stream) -> dict[str, Any]:
+        return {k: v for k, v in entry.info().items() if k in SnapshotMeta.model_fields}
+
+    def _written(self, entry: _Stream, size: int) -> None:
+        """``entry``'s files (``size`` bytes) are durable: it is clean and persisted."""
         self._set_disk(entry, size)
         self._file_estimate = max(self._file_estimate, size)
         entry.on_disk, entry.dirty, entry.fresh = True, False, False
         self._set_persisted(entry)
 
-    def _write_files(self, stream_id: str, state: StreamState, meta: dict[str, Any], old_size: int) -> int:
-        """Sidecar, then snapshot, each atomically (mgg_core.io), the snapshot fsynced; returns the bytes both take.
+    def _write_files(self, items: builtins.list[tuple[str, StreamState, dict[str, Any], int]]) -> builtins.list[int]:
+        """Write the snapshots of ``items`` (stream id, state, sidecar fields, bytes its files take now) as one
+        group (:func:`mgg_core.io.atomic_write_group`); returns the bytes each stream's files take.
 
-        The snapshot is written last: it is authoritative, and a crash between the two leaves at worst a
-        sidecar one step ahead of it (listing data only; the stream is listed from the snapshot once loaded).
+        Each stream's sidecar is renamed before its snapshot: the snapshot is authoritative, and a crash between
+        the two leaves at worst a sidecar one step ahead of it (listing data only; the stream is listed from the
+        snapshot once loaded). Sidecars are not fsynced themselves (the folder's fsync makes their renames
+        durable; an empty sidecar after a power loss is read as a missing one). Raises :class:`_DiskCapReached`
+        before writing anything when the group would pass ``max_snapshot_bytes``, :class:`_GroupSplit` when a
+        rename failed after others succeeded.
         """
-        path = self._snapshot_path(stream_id)
-        with atomic_path(path) as tmp:
-            state.save(tmp)
-            size = tmp.stat().st_size
-            sidecar = json.dumps({**meta, "saved_at": _iso(time.time())}, indent=1)
-            total = size + len(sidecar.encode())
-            if self._disk_total - old_size + total > self.max_snapshot_bytes:
-                raise _DiskCapReached(f"snapshot disk limit of {self.max_snapshot_bytes} bytes reached")
-            # listing data only: atomic but not fsynced itself; the snapshot's folder fsync below makes its rename
-            # durable, and an empty sidecar after a power loss is read as a missing one
-            atomic_write_text(self._meta_path(stream_id), sidecar, durable=False)
-        return total
+        files: builtins.list[tuple[Path, bytes, bool]] = []
+        sizes: builtins.list[int] = []
+        growth = 0
+        saved_at = _iso(time.time())
+        for stream_id, state, meta, old_size in items:
+            data = state.to_bytes()
+            sidecar = json.dumps({**meta, "saved_at": saved_at}, indent=1).encode()
+            sizes.append(len(data) + len(sidecar))
+            growth += sizes[-1] - old_size
+            files += [(self._meta_path(stream_id), sidecar, False), (self._snapshot_path(stream_id), data, True)]
+        if self._disk_total + growth > self.max_snapshot_bytes:
+            raise _DiskCapReached(f"snapshot disk limit of {self.max_snapshot_bytes} bytes reached")
+        try:
+            atomic_write_group(files)
+        except GroupWriteError as exc:
+            committed = {p.name[: -len(SNAPSHOT_SUFFIX)] for p in exc.replaced if p.name.endswith(SNAPSHOT_SUFFIX)}
+            raise _GroupSplit(sizes, committed, exc.error) from exc
+        return sizes
 
     def _snapshot_path(self, stream_id: str) -> Path:
         return self.snapshot_dir / f"{stream_id}{SNAPSHOT_SUFFIX}"

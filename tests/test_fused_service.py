@@ -184,20 +184,26 @@ def test_a_streams_concurrent_requests_are_applied_one_at_a_time_in_a_consistent
 
 
 @pytest.mark.timeout(300)
-def test_a_failed_snapshot_write_fails_only_its_stream_in_a_fused_step(live_server, tmp_path, digit_images):
+@pytest.mark.parametrize("group", [64, 1], ids=["group_commit", "one_write_per_stream"])
+def test_a_failed_snapshot_write_in_a_fused_step(live_server, tmp_path, digit_images, group):
+    """Group commit (the default): the fused step's three streams share one durable write, so one stream's failed
+    file fails and reverts all three. One write per stream (commit_group_max_streams=1): only its own stream."""
     srv = live_server(settings_for(tmp_path / "w", method="tent", optimizer="sgd", lr=0.05, update_images=1,
-                                   bn_stats="batch", guard_check_share=0.0, max_batch_delay_ms=0.0))
+                                   bn_stats="batch", guard_check_share=0.0, max_batch_delay_ms=0.0,
+                                   commit_group_max_streams=group))
     store = srv.app.state.svc.store
     x = digit_images[:4]
     with srv.client() as c:
         for sid in ("good1", "bad", "good2"):  # one durable step each first
             send_predict(c, sid, x)
     real_write = store._write_files
+    writes: list[list[str]] = []
 
-    def write(stream_id, *a, **kw):
-        if stream_id == "bad":
+    def write(items, *a, **kw):
+        writes.append([item[0] for item in items])
+        if any(item[0] == "bad" for item in items):
             raise OSError(28, "No space left on device (injected)")
-        return real_write(stream_id, *a, **kw)
+        return real_write(items, *a, **kw)
 
     with gated_engine(srv) as gate:
         store._write_files = write
@@ -223,15 +229,21 @@ def test_a_failed_snapshot_write_fails_only_its_stream_in_a_fused_step(live_serv
             assert metric(c, "tta_fused_step_streams_count") == calls_before + 2  # blocker alone, then the three
             assert metric(c, "tta_fused_step_streams_sum") - streams_before == 4
             store._write_files = real_write
-            assert results["bad"].status_code == 507 and results["bad"].json()["error"]["code"] == \
-                "snapshot_write_failed", results["bad"].text
-            assert "injected" not in results["bad"].text
-            for sid in ("good1", "good2", "blocker"):
-                assert results[sid].status_code == 200, results[sid].text
-            assert results["good1"].json()["step"] == results["good2"].json()["step"] == 2
-            assert c.get("/streams/bad", headers=AUTH).json()["step"] == 1  # not acknowledged, not kept
-            assert c.get("/streams/good1", headers=AUTH).json()["step"] == 2
-            assert send_predict(c, "bad", x)[2] == 2  # the stream continues from its last durable state
+            assert writes[0] == ["blocker"]
+            assert sorted(sid for w in writes[1:] for sid in w) == ["bad", "good1", "good2"]
+            assert len(writes) == (2 if group > 1 else 4)  # one write for the fused step's group, or one each
+            failed = ("good1", "bad", "good2") if group > 1 else ("bad",)
+            for sid in ("good1", "bad", "good2", "blocker"):
+                r = results[sid]
+                if sid in failed:
+                    assert r.status_code == 507 and r.json()["error"]["code"] == "snapshot_write_failed", r.text
+                    assert "injected" not in r.text
+                    assert c.get(f"/streams/{sid}", headers=AUTH).json()["step"] == 1  # not acknowledged, not kept
+                else:
+                    assert r.status_code == 200 and r.json()["step"] == (1 if sid == "blocker" else 2), r.text
+                    assert c.get(f"/streams/{sid}", headers=AUTH).json()["step"] == r.json()["step"]
+            assert send_predict(c, "bad", x)[2] == 2  # the streams continue from their last durable state
+            assert send_predict(c, "good1", x)[2] == (2 if group > 1 else 3)
 
 
 @pytest.mark.timeout(300)

@@ -65,14 +65,20 @@ class ShardStore(StreamStore):
         super().__init__(*args, **kwargs)
         self.last_write_s: dict[str, float] = {}
 
-    def _write_files(self, stream_id: str, state: Any, meta: dict[str, Any], old_size: int) -> int:
-        if not self.may_write(stream_id):
-            log.warning("stream %s moved to another replica: its stale copy here is dropped, not written", stream_id)
-            return old_size
+    def _write_files(self, items: list[tuple[str, Any, dict[str, Any], int]]) -> list[int]:
+        allowed = []
+        for item in items:
+            if self.may_write(item[0]):
+                allowed.append(item)
+            else:
+                log.warning("stream %s moved to another replica: its stale copy here is dropped, not written",
+                            item[0])
         t0 = time.perf_counter()
-        size = super()._write_files(stream_id, state, meta, old_size)
-        self.last_write_s[stream_id] = time.perf_counter() - t0
-        return size
+        sizes = dict(zip([i[0] for i in allowed], super()._write_files(allowed), strict=True)) if allowed else {}
+        dt = time.perf_counter() - t0
+        for stream_id in sizes:
+            self.last_write_s[stream_id] = dt
+        return [sizes.get(stream_id, old_size) for stream_id, _state, _meta, old_size in items]
 
     def _scan(self) -> None:
         """Like StreamStore._scan, without removing temp files (other replicas' writes in progress)."""
