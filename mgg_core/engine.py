@@ -29,6 +29,7 @@ from .guard import (
     guard_init_state,
     hold_length,
     hold_release,
+    image_descriptor,
     judge,
     observe_many,
 )
@@ -54,6 +55,8 @@ DEFAULT_LR = {"sgd": 1e-3, "adam": 1e-3, "mgg": 1e-3}
 #: amortises its own step (measured fused / separate, docs/results/fused/README.md: the vmap path loses from 32
 #: images on; the segment path still gains at 32 on the ResNet and breaks even on the ViT)
 FUSE_MAX_IMAGES = {"segment": 32, "vmap": 16}
+#: time constant (images) of the slow descriptor reference of EngineConfig.bn_warmup_shift
+WARMUP_SLOW_IMAGES = 64
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -75,6 +78,11 @@ class EngineConfig:
                                             # of the deepest BatchNorm layer when bn_momentum_shallow is set
     bn_momentum_shallow: float | None = None  # per-image momentum of the first BatchNorm layer (None: bn_momentum);
                                             # geometric over the layers' order in between (normstats.layer_momenta)
+    bn_prior_images: float | None = None    # statistics warm-up: image t since the source merges with momentum
+                                            # max(m, 1/(N0+t+1)), N0 = this (normstats.warm_momentum); None: off
+    bn_warmup_shift: float | None = None    # with bn_prior_images: the warm-up starts on a detected domain shift
+                                            # (pixel descriptor this many slow std devs away; _warmup_on_shift),
+                                            # not at a new stream or a restart from source; None: off
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
@@ -163,7 +171,12 @@ class AdaptationEngine:
         # one private, frozen copy of the backbone per engine (never per stream or per step)
         self.model = copy.deepcopy(model).to(self.device).eval()
         self.model.requires_grad_(False)
-        self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow)
+        if config.bn_warmup_shift is not None and not (config.bn_warmup_shift > 0 and config.bn_prior_images):
+            raise ValueError(f"bn_warmup_shift must be > 0 and needs bn_prior_images, got {config.bn_warmup_shift}")
+        self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow,
+                                    config.bn_prior_images, warm_start=config.bn_warmup_shift is None)
+        self.warmup_shift = (float(config.bn_warmup_shift) if config.bn_warmup_shift is not None
+                             and self.norm.per_stream else None)
         self._source_norm = self.norm.init_state()
         self.spec: ParamSpec = select_norm_params(self.model)
         self.theta0 = initial_vector(self.model, self.spec).to(self.device)
@@ -219,6 +232,10 @@ class AdaptationEngine:
         }
         if self.norm.per_stream and config.bn_momentum_shallow is not None:   # absent: uniform (older snapshots)
             self.fingerprint["bn_momentum_shallow"] = float(config.bn_momentum_shallow)
+        if self.norm.per_stream and config.bn_prior_images is not None:      # absent: no warm-up (older snapshots)
+            self.fingerprint["bn_prior_images"] = float(config.bn_prior_images)
+        if self.warmup_shift is not None:
+            self.fingerprint["bn_warmup_shift"] = self.warmup_shift
         if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
             self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
 
@@ -236,6 +253,7 @@ class AdaptationEngine:
             "adapted_layers": len(self.spec.names), "method": self.method.name, "method_hparams": self.method.hparams(),
             "optimizer": self.optimizer.describe() if self.optimizer else None, "bn_stats": self.bn_stats,
             "bn_momentum": self.config.bn_momentum, "bn_momentum_shallow": self.config.bn_momentum_shallow,
+            "bn_prior_images": self.config.bn_prior_images, "bn_warmup_shift": self.config.bn_warmup_shift,
             "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),
@@ -258,6 +276,9 @@ class AdaptationEngine:
         g = self.config.guard
         confident = g.enabled and g.confident_entropy is not None     # the fingerprint says so (__init__)
         t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident).items()})
+        if self.warmup_shift is not None:     # the slow descriptor reference of _warmup_on_shift (unset: NaN)
+            nan = torch.full((len(t["guard.shift_fast"]),), float("nan"), dtype=torch.float64, device=self.device)
+            t["warm.slow"], t["warm.slow_sq"] = nan, nan.clone()
         return t
 
     def new_state(self, seed: int = 0) -> StreamState:
@@ -652,6 +673,7 @@ class AdaptationEngine:
         result, state = job.result, job.state
         assert result is not None and job.out is not None
         self._guard(job)
+        self._warmup_on_shift(job)
         if job.out.request_reset and not result.rolled_back:
             self._to_source(state)
             state.resets += 1
@@ -785,12 +807,44 @@ class AdaptationEngine:
             return
         self._fall_back(state, reason, result)
 
+    def _warmup_on_shift(self, job: _Job) -> None:
+        """``bn_warmup_shift``: restart the statistics warm-up (``norm.seen`` := 0) when the data moved to another
+        domain. The stream keeps a slow EMA (``WARMUP_SLOW_IMAGES``) of the guard's pixel descriptor
+        (:func:`guard.image_descriptor`) and of its square (``warm.slow``, ``warm.slow_sq``); a shift is some
+        feature of the guard's fast EMA (``guard.shift_fast``) more than ``bn_warmup_shift`` slow standard deviations
+        from the slow mean, outside a hold. Then the warm-up restarts and the slow reference restarts at the fast
+        EMA; else the reference follows the request's images. Why: a request-size-independent merge gives a small
+        request after a domain switch mostly the previous domain's statistics, where a large one is normalised
+        mostly with its own (docs/results/smallbatch/README.md, session 5)."""
+        state = job.state
+        if self.warmup_shift is None or "warm.slow" not in state.tensors:
+            return
+        d = image_descriptor(job.x).double()
+        mean, sq = d.mean(0), d.pow(2).mean(0)
+        slow, slow_sq = state.tensors["warm.slow"], state.tensors["warm.slow_sq"]
+        if bool(torch.isnan(slow).any()):
+            state.tensors["warm.slow"], state.tensors["warm.slow_sq"] = mean, sq
+            return
+        fast = state.tensors["guard.shift_fast"].double()
+        var = (slow_sq - slow.pow(2)).clamp(min=0) + 1e-4
+        if float(state.tensors["guard.hold"]) <= 0 and float(((fast - slow).abs() / var.sqrt()).max()) > \
+                self.warmup_shift:
+            seen = state.tensors["norm.seen"]
+            state.tensors["norm.seen"] = torch.zeros_like(seen)
+            state.tensors["warm.slow"], state.tensors["warm.slow_sq"] = fast.clone(), fast.pow(2) + var
+            return
+        keep = (1.0 - 1.0 / WARMUP_SLOW_IMAGES) ** d.shape[0]
+        state.tensors["warm.slow"] = keep * slow + (1.0 - keep) * mean
+        state.tensors["warm.slow_sq"] = keep * slow_sq + (1.0 - keep) * sq
+
     def _fall_back(self, state: StreamState, reason: RollbackReason, result: StepResult,
                    statistics: bool = True) -> None:
         """Roll ``state`` back for ``reason`` (guard.py); ``statistics=False``: a statistics-only hold escalates to a
         full source hold."""
         result.rolled_back, result.rollback_reason = True, reason
         rollbacks = state.rollbacks + 1
+        # like shift_fast, the warm-up's descriptor reference follows the data, not the model: kept
+        slow = {k: v for k, v in state.tensors.items() if k.startswith("warm.")}
         held = float(state.tensors["guard.hold"]) > 0
         if reason in HOLD_REASONS or held:      # the source is better here: back to it, and stay a while
             backoff = state.tensors["guard.backoff"] + 1
@@ -812,6 +866,7 @@ class AdaptationEngine:
             state.anchor = None                 # a second fallback before a new healthy anchor goes to source
         else:
             self._to_source(state)
+        state.tensors.update(slow)
         state.healthy_streak = 0
         state.rollbacks = rollbacks
 

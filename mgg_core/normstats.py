@@ -16,6 +16,13 @@ statistics; ``"batch"``: the statistics of the batch). Inside ``use(stats, n_ima
   on depth (TTN, Lim et al. 2023: shallow layers' statistics reflect the corruption, deep layers' the class mix):
   ``shallow_momentum`` for the first BatchNorm layer, ``momentum`` for the last, geometric interpolation over
   the layers' order in between (:func:`layer_momenta`); without ``shallow_momentum`` every layer uses ``momentum``.
+  Optional statistics warm-up (``prior_images`` N0; Schneider et al. 2020's prior strength, as a count): the
+  stream counts the images merged since its statistics were the source's (``norm.seen``, t), and image t is merged
+  with momentum ``max(m, 1 / (N0 + t + 1))``: a cumulative mean of the source (weighted as N0 images) and the
+  stream's images until that falls below the layer's own momentum, then the usual EMA. A request of n images at
+  count t merges in closed form (:func:`warm_momentum`): ``1 - M = (N0 + t) / (N0 + t + w) * (1 - m)^(n - w)``,
+  w the request's images still in the warm-up, so N one-image requests move the statistics as one N-image request.
+  Slow (deep) layers after a reset or a guard fallback then follow the first images like a large request would.
   Means and variances are merged as two populations (the variance of the mixture, including the spread of the
   means). The gradient flows through the batch part, so entropy minimisation still shapes the statistics as with
   batch statistics.
@@ -36,7 +43,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_MODES", "StreamNormStats", "batch_moments", "batch_momentum", "layer_momenta", "mix_moments"]
+__all__ = ["BN_MODES", "StreamNormStats", "batch_moments", "batch_momentum", "layer_momenta", "mix_moments",
+           "warm_momentum"]
 
 #: how BatchNorm layers normalise, see the module docstring
 BN_MODES = ("source", "batch", "ema")
@@ -45,6 +53,23 @@ BN_MODES = ("source", "batch", "ema")
 def batch_momentum(momentum: float, n_images: int) -> float:
     """Momentum of one request of ``n_images`` images for a per-image momentum: ``1 - (1 - momentum)^n``."""
     return 1.0 - (1.0 - float(momentum)) ** int(n_images)
+
+
+def warm_momentum(momentum: float, n_images: int, seen: float | torch.Tensor,
+                  prior_images: float) -> float | torch.Tensor:
+    """Momentum of one request of ``n_images`` images merged after ``seen`` images (float, or a tensor: one count
+    per stream) with the warm-up of strength ``prior_images`` (N0): image j (0-based, counted since the source) has
+    momentum ``max(momentum, 1 / (N0 + j + 1))``; their product in closed form (module docstring)."""
+    m, n0 = float(momentum), float(prior_images)
+    # image j is in the warm-up while 1 / (N0 + j + 1) > m, i.e. j < 1/m - N0 - 1 (at equality both give m)
+    warm_end = max(0, math.ceil(1.0 / m - n0 - 1.0))
+    if isinstance(seen, torch.Tensor):
+        t = seen.to(torch.float64)
+        w = (warm_end - t).clamp(0, int(n_images))
+        return 1.0 - (n0 + t) / (n0 + t + w) * (1.0 - m) ** (int(n_images) - w)
+    t_f = float(seen)
+    w_f = min(max(warm_end - t_f, 0.0), float(n_images))
+    return 1.0 - (n0 + t_f) / (n0 + t_f + w_f) * (1.0 - m) ** (int(n_images) - w_f)
 
 
 def layer_momenta(n_layers: int, momentum: float, shallow_momentum: float | None = None) -> list[float]:
@@ -102,10 +127,23 @@ class StreamNormStats:
             ``shallow_momentum`` is given.
         shallow_momentum: per-image momentum of the first BatchNorm layer (None: every layer ``momentum``);
             the layers in between interpolate geometrically (:func:`layer_momenta`).
+        prior_images: the warm-up's prior strength N0 in images (> 0; None: no warm-up), see the module
+            docstring; the stream's count is the statistics entry ``seen``.
+        warm_start: whether a stream (and a restart from source) starts in the warm-up (count 0); False: with the
+            warm-up over (:attr:`warm_done`), so only a caller that sets the count to 0 starts one (the engine's
+            domain-shift restart, ``EngineConfig.bn_warmup_shift``).
     """
 
+    #: the statistics entry that counts the images merged since the source (with ``prior_images``)
+    SEEN = "seen"
+
     def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05,
-                 shallow_momentum: float | None = None) -> None:
+                 shallow_momentum: float | None = None, prior_images: float | None = None,
+                 warm_start: bool = True) -> None:
+        if prior_images is not None and not float(prior_images) > 0:
+            raise ValueError(f"bn_prior_images must be > 0 or None, got {prior_images}")
+        self.prior_images = None if prior_images is None else float(prior_images)
+        self.warm_start = bool(warm_start)
         if mode not in BN_MODES:
             raise ValueError(f"bn_stats must be one of {BN_MODES}, not {mode!r}")
         self.layers: dict[str, _BatchNorm] = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
@@ -157,14 +195,40 @@ class StreamNormStats:
         out = {}
         for name, (mean, var) in self.source.items():
             out[f"{name}.mean"], out[f"{name}.var"] = mean.clone(), var.clone()
+        if self.prior_images is not None:
+            start = 0.0 if self.warm_start else self.warm_done
+            out[self.SEEN] = torch.full((), start, dtype=torch.float64,
+                                        device=next(iter(self.source.values()))[0].device)
         return out
 
-    def request_momenta(self, n_images: int, update: bool | torch.Tensor = True) -> dict[str, float | torch.Tensor]:
-        """Each layer's momentum for a request of ``n_images`` images: ``batch_momentum(m_layer, n_images)``,
-        times ``update`` (False/0: the statistics are read, not moved; a 0-dim 0/1 tensor under vmap)."""
+    @property
+    def warm_done(self) -> float:
+        """A count at which every layer's warm-up is over (the source's statistics then merge at the layers' own
+        momenta); the count a stream starts with when ``warm_start`` is False."""
+        return float(math.ceil(1.0 / min(self.momenta.values(), default=1.0)))
+
+    def _momentum(self, name: str, n_images: int, seen: float | torch.Tensor | None) -> float | torch.Tensor:
+        """Layer ``name``'s momentum for a request of ``n_images`` (after ``seen`` images, with the warm-up)."""
+        if self.prior_images is None or seen is None:
+            return batch_momentum(self.momenta[name], n_images)
+        return warm_momentum(self.momenta[name], n_images, seen, self.prior_images)
+
+    def advance(self, stats: dict[str, torch.Tensor], n_images: int,
+                update: bool | torch.Tensor = True) -> dict[str, torch.Tensor]:
+        """The count entry after a request of ``n_images`` (``update`` False/0: unchanged); {} without warm-up."""
+        if self.prior_images is None or self.SEEN not in stats:
+            return {}
+        gate = update.to(torch.float64) if isinstance(update, torch.Tensor) else float(bool(update))
+        return {self.SEEN: stats[self.SEEN] + gate * int(n_images)}
+
+    def request_momenta(self, n_images: int, update: bool | torch.Tensor = True,
+                        seen: float | torch.Tensor | None = None) -> dict[str, float | torch.Tensor]:
+        """Each layer's momentum for a request of ``n_images`` images: ``batch_momentum(m_layer, n_images)`` (with
+        the warm-up and a count ``seen``: :func:`warm_momentum`), times ``update`` (False/0: the statistics are
+        read, not moved; a 0-dim 0/1 tensor under vmap)."""
         if isinstance(update, torch.Tensor):
-            return {k: update * batch_momentum(m, n_images) for k, m in self.momenta.items()}
-        return {k: (batch_momentum(m, n_images) if update else 0.0) for k, m in self.momenta.items()}
+            return {k: update * self._momentum(k, n_images, seen) for k in self.momenta}
+        return {k: (self._momentum(k, n_images, seen) if update else 0.0) for k in self.momenta}
 
     @contextmanager
     def use(self, stats: dict[str, torch.Tensor], n_images: int, record: bool = True,
@@ -176,9 +240,11 @@ class StreamNormStats:
         ``update`` may be a 0-dim 0/1 tensor: under ``torch.func.vmap`` (one stream per vmapped row) ``stats`` and
         ``update`` are the stream's rows, so one block serves many streams, each mixed with its own images'
         statistics only."""
-        m: dict[str, float | torch.Tensor] = (self.request_momenta(n_images, update) if self.mode == "ema"
-                                              else dict.fromkeys(self.layers, 1.0))
+        m: dict[str, float | torch.Tensor] = (self.request_momenta(n_images, update, stats.get(self.SEEN))
+                                              if self.mode == "ema" else dict.fromkeys(self.layers, 1.0))
         call = _Call(stats, m, record)
+        if record and self.per_stream:
+            call.updates.update(self.advance(stats, n_images, update))
         prev, self._call = self._call, (call if self.layers and self.mode != "source" else None)
         try:
             yield call.updates
@@ -206,7 +272,9 @@ class StreamNormStats:
             ones = torch.ones(rows, 1, dtype=torch.float64, device=xs.device)
             return torch.zeros_like(mean_src), torch.zeros_like(var_src), ones
         gate = torch.zeros(rows, dtype=torch.float64, device=xs.device) if updates is None else updates
-        m = gate.to(torch.float64).reshape(rows, 1) * batch_momentum(self.momenta[name], xs.shape[1])
+        seen = stats.get(self.SEEN)
+        mom = self._momentum(name, xs.shape[1], None if seen is None else seen.reshape(rows, 1))
+        m = gate.to(torch.float64).reshape(rows, 1) * mom
         mean0, var0 = stats.get(f"{name}.mean", mean_src), stats.get(f"{name}.var", var_src)
         return mean0, var0, m
 

@@ -125,6 +125,10 @@ def _batch_norm(seg: _Segments, name: str, bn: _BatchNorm, x: torch.Tensor) -> t
         y, mean, var = _MixedBatchNorm.apply(xs, w, b, *prior, bn.eps)
         if seg.norm.per_stream and f"{name}.mean" not in seg.updates:
             seg.updates[f"{name}.mean"], seg.updates[f"{name}.var"] = mean, var
+            seen = seg.stats.get(StreamNormStats.SEEN)
+            if seen is not None and StreamNormStats.SEEN not in seg.updates:   # the warm-up's count, once per block
+                gates = torch.zeros_like(seen) if seg.gates is None else seg.gates
+                seg.updates.update(seg.norm.advance(seg.stats, xs.shape[1], gates))
         return y.reshape(x.shape)
     mean, var = seg.norm.source[name]      # fixed statistics: each stream's affine only
     scale = torch.rsqrt(var + bn.eps)

@@ -96,6 +96,17 @@ class ServiceSettings(BaseSettings):
         "statistics reflect the corruption and may follow the stream fast, deep ones the class mix (TTN, Lim et "
         "al. 2023; 0.2: chosen on held-out streams, the first layer follows about 5 images). None = every layer "
         "bn_momentum")
+    bn_prior_images: float | None = Field(
+        None, gt=0, le=1_000_000, description="statistics warm-up of bn_stats='ema': the t-th image since a stream's "
+        "statistics were the source's (a new stream, a reset, a guard fallback) merges with momentum max(m, 1/(N0 + t "
+        "+ 1)), N0 = this prior strength in images (a cumulative mean of the source and the stream's images until "
+        "the layer's own momentum takes over; Schneider et al. 2020; 16 with bn_warmup_shift 3 won the held-out rule "
+        "but made the label-shifted test stream worse, docs/results/smallbatch/README.md session 5). None = no warm-up")
+    bn_warmup_shift: float | None = Field(
+        None, gt=0, le=1000, description="with bn_prior_images: the warm-up starts when the stream's data moves to "
+        "another domain (its pixel descriptor this many standard deviations from a slow per-stream reference), "
+        "instead of at a new stream or a guard fallback to source (a warm-up at every restart from source costs "
+        "label-shifted streams). None = off")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")

@@ -1,0 +1,227 @@
+"""Statistics warm-up of the per-stream BatchNorm statistics (``bn_prior_images``, normstats.warm_momentum).
+
+Image t since the stream's statistics were the source's merges with momentum ``max(m, 1/(N0 + t + 1))``: a
+cumulative mean of the source (worth N0 images) and the stream's images, until the layer's own momentum takes
+over. The tests check the closed form against the per-image product, the cumulative mean through the hooks, that
+request sizes do not matter, and that the count is exact stream state (reset, fallback, snapshot, fingerprint).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_normstats_depth import _engine, _images, _resnet, _same
+from torch import nn
+
+from mgg_core.engine import AdaptationEngine
+from mgg_core.guard import GuardConfig
+from mgg_core.normstats import StreamNormStats, batch_momentum, warm_momentum
+
+WARM = dict(bn_stats="ema", bn_momentum=0.001, bn_momentum_shallow=0.2, bn_prior_images=16, update_images=8)
+
+
+def _per_image(m: float, n: int, t: int, n0: float) -> float:
+    keep = 1.0
+    for j in range(t, t + n):
+        keep *= 1.0 - max(m, 1.0 / (n0 + j + 1))
+    return 1.0 - keep
+
+
+@pytest.mark.parametrize("m,n0", [(0.001, 16), (0.2, 16), (0.2, 2), (0.01, 50), (0.05, 0.5)])
+def test_closed_form_is_the_product_of_the_per_image_momenta(m, n0):
+    for t in (0, 1, 7, 19, 99, 998, 5000):
+        for n in (1, 3, 4, 64, 300):
+            want = _per_image(m, n, t, n0)
+            assert warm_momentum(m, n, t, n0) == pytest.approx(want, abs=1e-12)
+            rows = warm_momentum(m, n, torch.tensor([float(t), float(t + 1)], dtype=torch.float64), n0)
+            assert float(rows[0]) == pytest.approx(want, abs=1e-12)          # one count per stream
+            assert float(rows[1]) == pytest.approx(_per_image(m, n, t + 1, n0), abs=1e-12)
+    # long after the warm-up it is the plain momentum; at the start a request of n weighs n / (N0 + n)
+    assert warm_momentum(m, 4, 10**7, n0) == pytest.approx(batch_momentum(m, 4), rel=1e-12)
+    if 1.0 / (n0 + 4) > m:
+        assert warm_momentum(m, 4, 0, n0) == pytest.approx(4 / (n0 + 4))
+
+
+def test_warm_up_is_a_cumulative_mean_of_source_and_images_and_ignores_request_sizes():
+    torch.manual_seed(2)
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.uniform_(-1, 1)
+    model = nn.Sequential(bn)
+    norm = StreamNormStats(model, "ema", momentum=1e-4, prior_images=10)
+    xs = [torch.randn(1, 3, 4, 4) * 2 + i for i in range(12)]
+
+    def run(chunks):
+        stats = norm.init_state()
+        for c in chunks:
+            with torch.no_grad(), norm.use(stats, c.shape[0]) as upd:
+                model(c)
+            stats = {**stats, **upd}
+        return stats
+
+    one = run(xs)
+    four = run([torch.cat(xs[i:i + 4]) for i in range(0, 12, 4)])
+    src = norm.source["0"][0]
+    want = (10 * src + sum(x.mean((0, 2, 3)) for x in xs)) / (10 + 12)      # the cumulative mean
+    assert torch.allclose(one["0.mean"], want, atol=1e-5)
+    assert torch.allclose(four["0.mean"], want, atol=1e-5)
+    assert float(one["seen"]) == float(four["seen"]) == 12.0
+    plain = StreamNormStats(nn.Sequential(bn), "ema", momentum=1e-4)
+    assert "seen" not in plain.init_state()           # without the warm-up the state keeps its older layout
+    for bad in (0.0, -3.0):
+        with pytest.raises(ValueError, match="bn_prior_images"):
+            StreamNormStats(nn.Sequential(nn.BatchNorm2d(3)), "ema", prior_images=bad)
+
+
+def test_engine_deep_layer_follows_the_first_request_like_a_cumulative_mean():
+    x = _images(4)
+    warm, plain = _engine("bn", **{**WARM, "update_images": 1}), _engine("bn", **{
+        **WARM, "update_images": 1, "bn_prior_images": None})
+    names = list(warm.norm.layers)
+    assert warm.norm.momenta[names[-1]] == pytest.approx(0.001)
+    sw, sp, src = warm.new_state(), plain.new_state(), warm.new_state()
+    warm.step(sw, x)
+    plain.step(sp, x)
+    assert float(sw.tensors["norm.seen"]) == 4.0
+    last = f"norm.{names[-1]}.var"
+    moved_w = (sw.tensors[last] - src.tensors[last]).abs().mean()
+    moved_p = (sp.tensors[last] - src.tensors[last]).abs().mean()
+    # the deepest layer moves about (4/20) / (1 - 0.999^4) = 50x more in the warm-up
+    assert float(moved_w) > 20 * float(moved_p)
+
+
+def test_warm_up_count_resets_restarts_on_fallback_snapshots_and_is_fingerprinted(tmp_path):
+    # a random model's near-uniform predictions would trip the entropy fallback (which restarts the count)
+    eng = _engine("eata", guard=GuardConfig(enabled=True, warmup_images=2, warmup_checks=1, max_entropy=1.01,
+                                            max_class_share=1.01), **WARM)
+    fresh, st = eng.new_state(seed=3), eng.new_state(seed=3)
+    assert "norm.seen" in fresh.tensors and fresh.tensors["norm.seen"].dtype == torch.float64
+    plain = _engine("eata", **{**WARM, "bn_prior_images": None})
+    assert st.nbytes() == plain.new_state().nbytes() + 8          # the count is counted in the state's bytes
+    for i, n in enumerate([1, 2, 1, 3]):
+        eng.step(st, _images(n, 10 + i))
+    assert float(st.tensors["norm.seen"]) == 7.0 and st.rollbacks == 0
+    st.save(tmp_path / "s.safetensors")
+    restored = eng.load_state(tmp_path / "s.safetensors")
+    a = [eng.step(st, _images(n, 50 + i)).logits for i, n in enumerate([1, 4, 1])]
+    b = [eng.step(restored, _images(n, 50 + i)).logits for i, n in enumerate([1, 4, 1])]
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    _same(st.tensors, restored.tensors)
+    assert float(st.tensors["norm.seen"]) == 13.0
+    eng.reset(st)
+    _same(st.tensors, fresh.tensors)
+    assert eng.fingerprint["bn_prior_images"] == 16.0 and "bn_prior_images" not in plain.fingerprint
+    with pytest.raises(Exception, match="bn_prior_images"):
+        plain.load_state(tmp_path / "s.safetensors")
+    other = _engine("eata", **{**WARM, "bn_prior_images": 32})
+    with pytest.raises(Exception, match="bn_prior_images"):
+        other.load_state(tmp_path / "s.safetensors")
+
+
+def test_a_guard_fallback_to_source_restarts_the_count_and_a_hold_pauses_it():
+    from mgg_core.engine import StepResult
+    from mgg_core.reasons import RollbackReason
+
+    eng = _engine("eata", guard=GuardConfig(enabled=True, hold_images=8, max_entropy=1.01, max_class_share=1.01),
+                  **WARM)
+    st = eng.new_state()
+    for i in range(3):
+        eng.step(st, _images(4, i))
+    assert float(st.tensors["norm.seen"]) == 12.0
+    res = StepResult(logits=torch.zeros(1, 10), adapted=False, skipped_reason=None, loss=None, batch_entropy=0.0,
+                     sample_entropy=torch.zeros(1), n_selected=0, step=0)
+    eng._fall_back(st, RollbackReason.SOURCE_DISAGREEMENT, res)
+    assert float(st.tensors["norm.seen"]) == 0.0 and float(st.tensors["guard.hold"]) == 8.0
+    eng.step(st, _images(4, 7))                                      # held at source: the count does not move
+    assert float(st.tensors["norm.seen"]) == 0.0
+
+
+def test_bn_prior_images_is_a_validated_service_setting_that_reaches_the_engine(monkeypatch):
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    for bad in (0.0, -1.0, 2_000_000.0):
+        with pytest.raises(ValidationError, match="bn_prior_images"):
+            ServiceSettings(_env_file=None, bn_prior_images=bad)
+    assert ServiceSettings(_env_file=None, bn_prior_images=1_000_000.0).bn_prior_images == 1_000_000.0
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_PRIOR_IMAGES", "24")
+    cfg = engine_config(ServiceSettings(_env_file=None), build_method("eata", 10), "cpu", None)
+    assert cfg.bn_prior_images == 24.0
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    assert eng.norm.prior_images == 24.0 and eng.describe()["bn_prior_images"] == 24.0
+
+
+SHIFT = {**WARM, "bn_warmup_shift": 3.0}
+
+
+def _domain(n: int, seed: int, scale: float, offset: float) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * scale + offset
+
+
+def test_warm_up_on_shift_starts_over_only_when_the_domain_changes():
+    """With ``bn_warmup_shift`` a stream starts with the warm-up over; requests of one domain leave it over; a
+    request from a clearly different domain (pixel statistics) restarts it, and the next images then merge at the
+    warm-up's momentum."""
+    eng = _engine("bn", **{**SHIFT, "update_images": 1})
+    st = eng.new_state()
+    done = eng.norm.warm_done
+    assert float(st.tensors["norm.seen"]) == done and done == 1000.0
+    for i in range(12):                                   # one domain: no restart
+        eng.step(st, _domain(4, i, 1.0, 0.0))
+    assert float(st.tensors["norm.seen"]) == done + 48
+    for i in range(3):                                    # another domain: contrast x0.1, brighter
+        eng.step(st, _domain(4, 100 + i, 0.1, 2.0))
+    seen = float(st.tensors["norm.seen"])
+    assert seen < 12, seen                                # restarted within the new domain's first requests
+    off = _engine("bn", **{**SHIFT, "update_images": 1, "bn_warmup_shift": None, "bn_prior_images": None})
+    assert "warm.slow" not in off.new_state().tensors and "bn_warmup_shift" not in off.fingerprint
+    with pytest.raises(ValueError, match="bn_warmup_shift"):
+        _engine("bn", **{**SHIFT, "bn_prior_images": None})
+
+
+def test_warm_up_on_shift_state_resets_survives_fallback_restores_and_is_fingerprinted(tmp_path):
+    from mgg_core.engine import StepResult
+    from mgg_core.reasons import RollbackReason
+
+    eng = _engine("eata", guard=GuardConfig(enabled=True, warmup_images=2, warmup_checks=1, max_entropy=1.01,
+                                            max_class_share=1.01, hold_images=8), **SHIFT)
+    fresh, st = eng.new_state(seed=1), eng.new_state(seed=1)
+    assert torch.isnan(fresh.tensors["warm.slow"]).all()
+    assert st.nbytes() == _engine("eata", **WARM).new_state().nbytes() + 2 * 4 * 8
+    for i, (n, scale) in enumerate([(4, 1.0), (2, 1.0), (4, 0.1), (1, 0.1)]):
+        eng.step(st, _domain(n, 10 + i, scale, 0.5))
+    st.save(tmp_path / "s.safetensors")
+    restored = eng.load_state(tmp_path / "s.safetensors")
+    for i, n in enumerate([1, 4, 2]):
+        a, b = eng.step(st, _domain(n, 50 + i, 1.0, 0.0)), eng.step(restored, _domain(n, 50 + i, 1.0, 0.0))
+        assert torch.equal(a.logits, b.logits)
+    _same(st.tensors, restored.tensors)
+    slow = st.tensors["warm.slow"].clone()
+    res = StepResult(logits=torch.zeros(1, 10), adapted=False, skipped_reason=None, loss=None, batch_entropy=0.0,
+                     sample_entropy=torch.zeros(1), n_selected=0, step=0)
+    eng._fall_back(st, RollbackReason.SOURCE_DISAGREEMENT, res)
+    assert torch.equal(st.tensors["warm.slow"], slow)                 # the reference follows the data: kept
+    assert float(st.tensors["norm.seen"]) == eng.norm.warm_done        # back at source: warm-up over
+    eng.reset(st)
+    _same(st.tensors, fresh.tensors)
+    assert eng.fingerprint["bn_warmup_shift"] == 3.0
+    with pytest.raises(Exception, match="bn_warmup_shift"):
+        _engine("eata", **WARM).load_state(tmp_path / "s.safetensors")
+
+
+def test_bn_warmup_shift_is_a_validated_service_setting_that_reaches_the_engine(monkeypatch):
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    for bad in (0.0, -1.0, 1001.0):
+        with pytest.raises(ValidationError, match="bn_warmup_shift"):
+            ServiceSettings(_env_file=None, bn_warmup_shift=bad)
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_WARMUP_SHIFT", "1000")
+    cfg = engine_config(ServiceSettings(_env_file=None, bn_prior_images=8), build_method("eata", 10), "cpu", None)
+    assert cfg.bn_warmup_shift == 1000.0
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    assert eng.warmup_shift == 1000.0 and not eng.norm.warm_start
