@@ -31,10 +31,10 @@ from .guard import (
     hold_release,
     image_descriptor,
     judge,
-    observe,
+    observe_many,
 )
 from .losses import softmax_entropy
-from .methods import GradOutput, Method, StepContext, Timer, build_method, loss_verdict
+from .methods import GradOutput, Method, StepContext, Timer, build_method
 from .normstats import StreamNormStats
 from .optim import Optimizer, build_optimizer
 from .params import ParamSpec, fusable_model, initial_vector, select_norm_params
@@ -131,6 +131,8 @@ class _Job:
     checks: int = 0                         # images the guard classifies with the source too
     guard_sig: dict[str, torch.Tensor] = field(default_factory=dict)
     source_logits: torch.Tensor | None = None
+    grad_finite: bool = False               # read by _read_gradients: the job's gradient is finite
+    pending: int = 0                        # read by _read_gradients: images in the stream's gradient window
 
 
 def _by_shape(jobs: list[_Job], key) -> dict[tuple[int, ...], list[_Job]]:
@@ -202,6 +204,12 @@ class AdaptationEngine:
         self.feature_window = (self.update_images - 1 if self.method.needs_features and self.source_stats is not None
                                and self.method.needs_grad else 0)
         self._initial = self._initial_tensors()
+        #: the state's keys per group ("guard" -> [("hold", "guard.hold"), ...]): :meth:`_group` reads a group by
+        #: these instead of scanning every key of the state (a BatchNorm model's state has ~100)
+        self._group_keys: dict[str, list[tuple[str, str]]] = {}
+        for key in self._initial:
+            prefix, _, name = key.partition(".")
+            self._group_keys.setdefault(prefix, []).append((name, key))
         # step_many fuses streams when every adapted norm layer is of a type vmap batches (params.py)
         self.fused = bool(config.fused) and fusable_model(self.model)
         # gradients in the fused pass: a fusable method (one forward, objective, backward) and an optimizer whose
@@ -290,6 +298,15 @@ class AdaptationEngine:
         state.step = state.batches = state.images = state.skipped = 0
         state.anchor, state.anchor_step, state.healthy_streak = None, 0, 0
 
+    def _group(self, state: StreamState, prefix: str) -> dict[str, torch.Tensor]:
+        """``state.group(prefix)`` for the groups of this engine's states, read by their known keys (a state that
+        lacks one, e.g. an older snapshot, is read by ``state.group``); keys outside the layout are not included."""
+        tensors = state.tensors
+        try:
+            return {name: tensors[key] for name, key in self._group_keys.get(prefix, ())}
+        except KeyError:
+            return state.group(prefix)
+
     def load_state(self, path) -> StreamState:
         return StreamState.load(path, expected_fingerprint=self.fingerprint, device=self.device)
 
@@ -318,7 +335,7 @@ class AdaptationEngine:
         feature-statistics losses on small batches, the features of the stream's recent images (detached) in front
         of the batch's, whose gradient is scaled by (rows / batch rows) so that gradients accumulated over
         ``update_images`` images weigh the statistics term as one batch of that size would."""
-        norm = state.group("norm")
+        norm = self._group(state, "norm")
 
         def forward(theta, x, features=False):
             logits, feats = self._forward(theta, x, features, norm, norm_sink)
@@ -403,32 +420,36 @@ class AdaptationEngine:
                 m.fused_attn = True
 
     def _fused_pass(self, groups: list[list[_Job]], timer: Timer) -> None:
-        """Phase 2 for many streams: per group (requests of one shape) one vmapped forward, each stream's
-        ``objective`` on its rows, then one backward for all (streams never interact, so row s of the gradient
-        of the summed losses is stream s's gradient)."""
-        pending: list[tuple[_Job, torch.Tensor, int, torch.Tensor, torch.Tensor, dict, int]] = []
+        """Phase 2 for many streams: per group (requests of one shape) one fused forward and the method's
+        objectives of all its streams at once (``Method.objective_many``), then one backward for all (streams never
+        interact, so row s of the gradient of the summed losses is stream s's gradient)."""
+        pending: list[tuple[_Job, torch.Tensor, int, float, torch.Tensor, dict, int]] = []
+        losses: list[torch.Tensor] = []
         with timer("forward"):
             for group in groups:
-                pending += self._fused_group(group)
+                done, loss = self._fused_group(group)
+                pending += done
+                if loss is not None:
+                    losses.append(loss)
         if not pending:
             return
         stacks = list({id(p[1]): p[1] for p in pending}.values())
         with timer("backward"):
             grads = dict(zip((id(t) for t in stacks),
-                             torch.autograd.grad(torch.stack([p[3] for p in pending]).sum(), stacks), strict=True))
-        for job, thetas, row, loss, logits, updates, n_sel in pending:
-            job.out = GradOutput(logits, float(loss.detach()), grads[id(thetas)][row], state_updates=updates,
+                             torch.autograd.grad(torch.cat(losses).sum(), stacks), strict=True))
+        for job, thetas, row, loss_value, logits, updates, n_sel in pending:
+            job.out = GradOutput(logits, loss_value, grads[id(thetas)][row], state_updates=updates,
                                  n_selected=n_sel)
 
-    def _fused_group(self, group: list[_Job]) -> list:
-        """One vmapped forward for ``group`` (requests of one shape); no-gradient jobs get their output here,
-        the others their loss (returned, with what :meth:`_fused_pass` needs to finish them)."""
+    def _fused_group(self, group: list[_Job]) -> tuple[list, torch.Tensor | None]:
+        """One fused forward for ``group`` (requests of one shape); no-gradient jobs and skipped steps get their
+        output here, the others are returned with what :meth:`_fused_pass` needs to finish them, and their losses
+        (stacked; None when there are none)."""
         grad = any(j.grad for j in group)
         norms = ({k: torch.stack([j.state.tensors[f"norm.{k}"] for j in group]) for k in self._source_norm}
                  if self.norm.per_stream else {})
         momenta = torch.tensor([1.0 if j.update_norm else 0.0 for j in group], dtype=torch.float64,
                                device=self.device)
-        pending = []
         with torch.set_grad_enabled(grad):
             thetas = torch.stack([j.state.theta for j in group]).requires_grad_(grad)
             logits, feats, updates = self._streams_forward(thetas, torch.stack([j.x for j in group]), norms,
@@ -438,27 +459,57 @@ class AdaptationEngine:
                 job.norm_sink.update({k: r[i] for k, r in rows.items()})
                 if not job.grad:
                     job.out = self._no_grad_output(job, logits[i])
-                    continue
-                f = None if feats is None else self._window_features(job.state, feats[i], job.window_sink)
-                loss, state_updates, n_sel = self.method.objective(self._context(job, _no_forward), thetas[i],
-                                                                   logits[i], f)
-                skipped = loss_verdict(logits[i], loss)
-                if skipped is not None or loss is None:
-                    job.out = skipped
-                    continue
-                pending.append((job, thetas, i, loss, logits[i].detach(), state_updates, n_sel))
-        return pending
+            idx = [i for i, job in enumerate(group) if job.grad]
+            if not idx:
+                return [], None
+            return self._fused_objectives(group, idx, thetas, logits, feats)
+
+    def _fused_objectives(self, group: list[_Job], idx: list[int], thetas: torch.Tensor, logits: torch.Tensor,
+                          feats: torch.Tensor | None) -> tuple[list, torch.Tensor | None]:
+        """The method's objectives of the gradient jobs ``group[i]``, ``i`` in ``idx`` (rows of the group's
+        forward), at once; one host read of the losses for all (a missing or non-finite loss skips the step, as
+        ``loss_verdict`` does in ``step``)."""
+        jobs = [group[i] for i in idx]
+        rows = torch.tensor(idx, device=self.device) if len(idx) < len(group) else None
+        sub_thetas = thetas if rows is None else thetas.index_select(0, rows)
+        sub_logits = logits if rows is None else logits.index_select(0, rows)
+        f = None if feats is None else [self._window_features(j.state, feats[i], j.window_sink)
+                                        for i, j in zip(idx, jobs, strict=True)]
+        obj = self.method.objective_many([self._context(j, _no_forward) for j in jobs], sub_thetas, sub_logits, f)
+        values = obj.losses.detach().tolist()
+        pending, keep = [], []
+        for r, (i, job) in enumerate(zip(idx, jobs, strict=True)):
+            out = logits[i].detach()
+            if not obj.has_loss[r]:
+                job.out = GradOutput(out, skipped_reason=SkipReason.NO_RELIABLE_SAMPLES)
+            elif not math.isfinite(values[r]):
+                job.out = GradOutput(out, loss=values[r], skipped_reason=SkipReason.NON_FINITE_LOSS)
+            else:
+                keep.append(r)
+                pending.append((job, thetas, i, values[r], out, obj.state_updates[r], obj.selected[r]))
+        if not keep:
+            return pending, None
+        losses = obj.losses if len(keep) == len(jobs) else obj.losses.index_select(
+            0, torch.tensor(keep, device=obj.losses.device))
+        return pending, losses
 
     @torch.no_grad()
     def predict(self, state: StreamState, x: torch.Tensor) -> torch.Tensor:
         """Logits with the stream's current state (statistics not updated)."""
         x = x.to(self.device)
-        return self._forward(state.theta, x, norm=state.group("norm"), update_norm=False)[0].cpu()
+        return self._forward(state.theta, x, norm=self._group(state, "norm"), update_norm=False)[0].cpu()
 
     @torch.no_grad()
     def source_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the source model (source parameters and statistics)."""
-        return self._forward(self.theta0, x.to(self.device), norm=self._source_norm, update_norm=False)[0]
+        """Logits of the source model (source parameters and statistics). Where the frozen model outside a
+        statistics block *is* the source model (its parameters are ``theta0``, its BatchNorm layers read the
+        source running statistics: ``StreamNormStats.source_outside_use``), one plain forward: no parameter swap,
+        no statistics hooks (the guard's source checks of every step run it); else the stream path at source."""
+        x = x.to(self.device)
+        if self.norm.source_outside_use:
+            with self._lock:
+                return self.model(x)
+        return self._forward(self.theta0, x, norm=self._source_norm, update_norm=False)[0]
 
     @torch.no_grad()
     def source_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -475,10 +526,11 @@ class AdaptationEngine:
         self._check_batch(x)
         job = self._begin(state, x, adapt)
         self._solo(job)
-        self._apply(job)
+        self._apply([job])
         if self._plan_checks(job):
             with job.timer("guard"):
                 job.source_logits = self.source_predict(job.x[:job.checks])
+        self._observe([job])
         return self._finish(job)
 
     def step_many(self, items: Sequence[tuple[StreamState, torch.Tensor]], adapt: bool = True) -> list[StepResult]:
@@ -495,8 +547,10 @@ class AdaptationEngine:
         the shared backbone with segment-wise norm layers (:mod:`mgg_core.segments`) where every adapted layer
         type has a segment implementation (:attr:`segment_fused`), else a ``torch.func.vmap`` forward
         (:attr:`fused_forwards` counts both); each stream's ``objective`` on its rows, one backward for all (row s
-        of the stacked gradient is stream s's); the rest (gradient window, optimizer, commit, guard) per stream,
-        the guard's source checks of all streams in one source forward. A request alone in its shape, or of more than
+        of the stacked gradient is stream s's); the objectives of a group at once (``Method.objective_many``), the
+        guard's signals of all streams at once (``guard.observe_many``), one host read of what the per-stream steps
+        branch on; the gradient window, optimizer, commit and the guard's judgement per stream; the guard's source
+        checks of all streams in one source forward. A request alone in its shape, or of more than
         :attr:`fuse_max_images` images, and the gradient of a method or optimizer that is not ``fusable``
         (MGG: see ``Optimizer.fusable``), run as in :meth:`step` inside the call; engines whose model is not
         fusable (:func:`params.fusable_model`, ``EngineConfig.fused``) step the streams one by one.
@@ -517,8 +571,9 @@ class AdaptationEngine:
         for job in jobs:
             if job.out is None:     # alone in its shape, too large to gain, or a method that is not fusable
                 self._solo(job)
-            self._apply(job)
+        self._apply(jobs)
         self._source_checks([j for j in jobs if self._plan_checks(j)], shared)
+        self._observe(jobs)
         results = []
         for job in jobs:
             for phase, sec in shared.times.items():
@@ -550,7 +605,7 @@ class AdaptationEngine:
     def _context(self, job: _Job, forward) -> StepContext:
         state = job.state
         gen = torch.Generator().manual_seed((state.seed * 1_000_003 + state.batches) % (2 ** 63))
-        return StepContext(x=job.x, theta=state.theta, theta0=self.theta0, state=state.group("method"),
+        return StepContext(x=job.x, theta=state.theta, theta0=self.theta0, state=self._group(state, "method"),
                            forward=forward, timer=job.timer, generator=gen, source_stats=self.source_stats)
 
     def _solo(self, job: _Job) -> None:
@@ -559,7 +614,7 @@ class AdaptationEngine:
             job.out = self._gradient_one(job)
             return
         with torch.no_grad(), job.timer("forward"):
-            logits = self._forward(job.state.theta, job.x, norm=job.state.group("norm"), norm_sink=job.norm_sink,
+            logits = self._forward(job.state.theta, job.x, norm=self._group(job.state, "norm"), norm_sink=job.norm_sink,
                                    update_norm=job.update_norm)[0]
         job.out = self._no_grad_output(job, logits)
 
@@ -568,25 +623,50 @@ class AdaptationEngine:
         return self.method.gradient(self._context(job, self._stream_forward(job.state, job.norm_sink,
                                                                             job.window_sink)))
 
-    def _apply(self, job: _Job) -> None:
-        """Phase 3: the gradient window, the optimizer's update and the commit (or the no-gradient path's
-        statistics); the step's result before the guard."""
-        state, out = job.state, job.out
-        assert out is not None
-        if job.grad:
-            job.adapted = self._update(job)
-        elif job.update_norm:
-            state.set_group("norm", job.norm_sink)
-        state.batches += 1
-        state.images += job.x.shape[0]
-        logits = out.logits.detach()
-        ent = (softmax_entropy(logits.float()) / math.log(self.num_classes)).clamp(0, 1)
-        job.logits = logits
-        job.result = StepResult(
-            logits=logits.cpu(), adapted=job.adapted, skipped_reason=out.skipped_reason, loss=out.loss,
-            batch_entropy=float(ent.mean()), sample_entropy=ent.cpu(), n_selected=out.n_selected, step=state.step,
-            timings=job.timer.times,
-        )
+    def _apply(self, jobs: list[_Job]) -> None:
+        """Phase 3 for each job: the gradient window, the optimizer's update and the commit (or the no-gradient
+        path's statistics); the step's result before the guard. What the per-stream steps branch on is read from
+        the device once for all jobs (:meth:`_read_gradients`), and the results' entropies are computed on all
+        jobs' logits at once."""
+        self._read_gradients(jobs)
+        for job in jobs:
+            state = job.state
+            if job.grad:
+                job.adapted = self._update(job)
+            elif job.update_norm:
+                state.set_group("norm", job.norm_sink)
+            state.batches += 1
+            state.images += job.x.shape[0]
+        outs = [j.out for j in jobs if j.out is not None]
+        assert len(outs) == len(jobs)
+        logits = [o.logits.detach() for o in outs]
+        sizes = [t.shape[0] for t in logits]
+        ent = (softmax_entropy(torch.cat(logits).float()) / math.log(self.num_classes)).clamp(0, 1)
+        parts = ent.split(sizes)
+        means = (ent.reshape(len(sizes), -1).mean(1) if len(set(sizes)) == 1
+                 else torch.stack([e.mean() for e in parts])).tolist()
+        cpu_logits, cpu_ent = torch.cat(logits).cpu().split(sizes), ent.cpu().split(sizes)
+        for i, (job, out) in enumerate(zip(jobs, outs, strict=True)):
+            job.logits = logits[i]
+            job.result = StepResult(
+                logits=cpu_logits[i], adapted=job.adapted, skipped_reason=out.skipped_reason, loss=out.loss,
+                batch_entropy=means[i], sample_entropy=cpu_ent[i], n_selected=out.n_selected,
+                step=job.state.step, timings=job.timer.times,
+            )
+
+    def _read_gradients(self, jobs: list[_Job]) -> None:
+        """For the jobs with a gradient to apply: whether it is finite and how many images their gradient window
+        already holds (``job.grad_finite``, ``job.pending``), in one host read for all of them."""
+        todo = [j for j in jobs if j.grad and j.out is not None and j.out.skipped_reason is None
+                and j.out.grad is not None]
+        if not todo:
+            return
+        grads = [j.out.grad for j in todo if j.out is not None and j.out.grad is not None]
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        pending = [j.state.tensors.get("accum.images", zero).to(torch.int64) for j in todo]
+        host = torch.cat([torch.isfinite(torch.stack(grads)).all(1).to(torch.int64), torch.stack(pending)]).tolist()
+        for i, job in enumerate(todo):
+            job.grad_finite, job.pending = bool(host[i]), int(host[len(todo) + i])
 
     def _finish(self, job: _Job) -> StepResult:
         """Phase 5: the guard's judgement and fallback, the method's reset request."""
@@ -607,7 +687,7 @@ class AdaptationEngine:
         assert self.optimizer is not None and job.out is not None
         state, out, x = job.state, job.out, job.x
         raw = out.grad
-        if out.skipped_reason is None and (raw is None or not bool(torch.isfinite(raw).all())):
+        if out.skipped_reason is None and (raw is None or not job.grad_finite):
             out.skipped_reason = SkipReason.NON_FINITE_GRAD
         if out.skipped_reason is not None or raw is None:
             state.skipped += 1
@@ -615,7 +695,7 @@ class AdaptationEngine:
                 state.set_group("norm", job.norm_sink)   # the images were seen: the statistics follow them
             return False
         grad, n = raw, x.shape[0]
-        pending = int(state.tensors["accum.images"]) if "accum.images" in state.tensors else 0
+        pending = job.pending
         if pending:
             grad = (state.tensors["accum.grad"] + n * grad) / (pending + n)
         commit = {"norm": job.norm_sink, "method": {k: v.detach() for k, v in out.state_updates.items()}}
@@ -626,7 +706,7 @@ class AdaptationEngine:
             out.skipped_reason = SkipReason.ACCUMULATING
             return False
         with job.timer("optimizer"):
-            new_theta, new_opt = self.optimizer.update(state.theta, grad, state.group("opt"))
+            new_theta, new_opt = self.optimizer.update(state.theta, grad, self._group(state, "opt"))
             new_theta = self.method.post_update(new_theta, self.theta0)   # e.g. ROID's weight ensembling
         if not bool(torch.isfinite(new_theta).all()):
             out.skipped_reason = SkipReason.NON_FINITE_UPDATE
@@ -655,7 +735,7 @@ class AdaptationEngine:
     def _plan_checks(self, job: _Job) -> bool:
         """Phase 4: how many of the request's images the guard checks against the source (its credit moves)."""
         g = self.config.guard
-        job.guard_sig = job.state.group("guard")
+        job.guard_sig = self._group(job.state, "guard")
         if g.enabled and self.method.needs_grad and g.check_share > 0:   # also while holding: source_failing()
             job.checks, job.guard_sig["credit"] = check_count(g, job.guard_sig, job.x.shape[0])
         return job.checks > 0
@@ -681,18 +761,29 @@ class AdaptationEngine:
                 for i, job in enumerate(group):
                     job.source_logits = logits[i]
 
+    def _observe(self, jobs: list[_Job]) -> None:
+        """Phase 5a: each job's guard signals after its request (``guard.observe_many``: the streams' requests of
+        equal shape in one set of tensor ops), written to its state and kept in ``job.guard_sig``."""
+        logits = [j.logits for j in jobs if j.logits is not None]      # set by _apply
+        assert len(logits) == len(jobs)
+        signals = observe_many(self.config.guard, [j.guard_sig for j in jobs], logits,
+                               [j.source_logits for j in jobs], [j.x for j in jobs],
+                               [j.hold > 0 and j.adapt for j in jobs])
+        for job, sig in zip(jobs, signals, strict=True):
+            job.state.set_group("guard", sig)
+            job.guard_sig = sig
+
     def _guard(self, job: _Job) -> None:
-        """Update the stream's guard signals (guard.py) and fall back when adaptation hurts: to the last healthy
-        anchor, or to source when there is none (or a second fallback comes before a new anchor)."""
+        """Judge the stream's guard signals (guard.py; :meth:`_observe` updated them) and fall back when adaptation
+        hurts: to the last healthy anchor, or to source when there is none (or a second fallback comes before a new
+        anchor)."""
         g = self.config.guard
         state, result, n = job.state, job.result, job.x.shape[0]
         assert result is not None and job.logits is not None
-        state.set_group("guard", observe(g, job.guard_sig, job.logits, job.source_logits, images=job.x,
-                                         holding=job.hold > 0 and job.adapt))
         if not (g.enabled and self.method.needs_grad):
             return
         if float(state.tensors["guard.hold"]) > 0:
-            release = hold_release(g, state.group("guard"))
+            release = hold_release(g, job.guard_sig)
             if release is not None:      # the source failing, or the domain the hold was for has gone
                 state.tensors["guard.hold"] = torch.zeros_like(state.tensors["guard.hold"])
                 state.tensors["guard.hold_stats"] = torch.zeros_like(state.tensors["guard.hold_stats"])
@@ -700,11 +791,11 @@ class AdaptationEngine:
                     state.tensors["guard.backoff"] = torch.zeros_like(state.tensors["guard.backoff"])
                 result.hold_released = release
             elif float(state.tensors["guard.hold_stats"]) > 0:   # statistics-only hold: still judged
-                reason = judge(g, state.group("guard"), state.images)
+                reason = judge(g, job.guard_sig, state.images)
                 if reason is not None:                           # the statistics hurt too: full source hold
                     self._fall_back(state, reason, result, statistics=False)
             return
-        reason = judge(g, state.group("guard"), state.images)
+        reason = judge(g, job.guard_sig, state.images)
         if reason is None:
             if result.adapted:
                 before = state.healthy_streak

@@ -61,6 +61,7 @@ backoff count > 1) hold at full source directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,8 @@ from .losses import softmax_entropy
 from .reasons import HoldRelease, RollbackReason
 
 __all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count",
-           "confident_source", "domain_shift",
-           "guard_init_state", "hold_length", "hold_release", "image_descriptor", "judge", "observe", "shift_score",
-           "source_diversity", "source_failing"]
+           "confident_source", "domain_shift", "guard_init_state", "hold_length", "hold_release", "image_descriptor",
+           "judge", "observe", "observe_many", "shift_score", "source_diversity", "source_failing"]
 
 
 #: why the guard fell back (``StepResult.rollback_reason``; a metric label value): the engine's RollbackReason
@@ -248,6 +248,119 @@ def observe(cfg: GuardConfig, g: dict[str, torch.Tensor], logits: torch.Tensor,
         out["confident"] = g["confident"] + int(conf.sum())
     out["checked"] = g["checked"] + k
     return out
+
+
+def observe_many(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]], logits: Sequence[torch.Tensor],
+                 source_logits: Sequence[torch.Tensor | None], images: Sequence[torch.Tensor | None],
+                 holding: Sequence[bool]) -> list[dict[str, torch.Tensor]]:
+    """:func:`observe` for many streams at once (``gs[i]``, ``logits[i]``, ... : stream i's arguments): the streams
+    whose requests have equal shapes (images, checked images) share one set of tensor ops over their stacked
+    signals, instead of a few dozen small ops each. Stream i's result equals ``observe(cfg, gs[i], logits[i],
+    source_logits[i], images[i], holding[i])`` within float rounding (tests/test_guard_many.py), with no host
+    synchronisation."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (g, lg, src, im) in enumerate(zip(gs, logits, source_logits, images, strict=True)):
+        k = 0 if src is None else int(src.shape[0])
+        shape = None if im is None or "shift_fast" not in g else tuple(im.shape)
+        groups.setdefault((tuple(lg.shape), k, shape, "source_entropy" in g), []).append(i)
+    out: list[dict[str, torch.Tensor]] = [{} for _ in gs]
+    for (_, k, shape, _), idx in groups.items():
+        rows = _observe_rows(cfg, [gs[i] for i in idx], torch.stack([logits[i] for i in idx]),
+                             _stack_rows(source_logits, idx) if k else None,
+                             None if shape is None else _stack_rows(images, idx), [bool(holding[i]) for i in idx])
+        for r, i in enumerate(idx):
+            out[i] = dict(gs[i])
+            out[i].update({key: v[r] for key, v in rows.items()})
+    return out
+
+
+def _stack_rows(items: Sequence[torch.Tensor | None], idx: list[int]) -> torch.Tensor:
+    rows = [t for t in (items[i] for i in idx) if t is not None]
+    if len(rows) != len(idx):
+        raise ValueError("observe_many: a group mixes given and missing tensors")
+    return torch.stack(rows)
+
+
+def _stacked(gs: Sequence[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+    return torch.stack([g[key] for g in gs])
+
+
+def _ema_rows(old: torch.Tensor, new: torch.Tensor, keep: float) -> torch.Tensor:
+    """:func:`_ema` per row of ``old`` (S, ...): a row with a NaN takes ``new`` as it is."""
+    new = new.to(old)
+    fresh = torch.isnan(old).reshape(old.shape[0], -1).any(1).reshape((-1,) + (1,) * (old.dim() - 1))
+    return torch.where(fresh, new, keep * old + (1.0 - keep) * new)
+
+
+def _mix_hist_rows(old: torch.Tensor, hist: torch.Tensor, keep: float) -> torch.Tensor:
+    """:func:`_mix_hist` per row of ``old`` (S, C) (the histograms are non-negative: sum 0 means empty)."""
+    hist = hist.to(old)
+    return torch.where(old.sum(1, keepdim=True) == 0, hist, keep * old + (1.0 - keep) * hist)
+
+
+def _hist_rows(pred: torch.Tensor, c: int) -> torch.Tensor:
+    """Per row of ``pred`` (S, n) class indices: the class histogram (S, c) as shares, by one ``bincount``."""
+    rows, n = pred.shape
+    offsets = torch.arange(rows, device=pred.device).unsqueeze(1) * c
+    return torch.bincount((pred + offsets).reshape(-1), minlength=rows * c).reshape(rows, c).float() / n
+
+
+def _observe_rows(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]], logits: torch.Tensor,
+                  source_logits: torch.Tensor | None, images: torch.Tensor | None,
+                  holding: list[bool]) -> dict[str, torch.Tensor]:
+    """:func:`observe` for S streams of equal request shapes (``logits`` (S, n, C), ``source_logits`` (S, k, C),
+    ``images`` (S, n, ...)): the updated signals, stacked (S, ...)."""
+    rows, n, c = logits.shape
+    ln_c = math.log(c)
+    keep = _keep(cfg, n)
+    ent = (softmax_entropy(logits.reshape(rows * n, c).float()) / ln_c).clamp(0, 1).reshape(rows, n)
+    new = {"entropy_ema": _ema_rows(_stacked(gs, "entropy_ema"), ent.mean(1), keep),
+           "class_share": _mix_hist_rows(_stacked(gs, "class_share"), _hist_rows(logits.argmax(2), c), keep)}
+    if images is not None:
+        _observe_shift_rows(cfg, gs, new, images, holding)
+    if source_logits is None or source_logits.shape[1] == 0:
+        return new
+    k = source_logits.shape[1]
+    a, s = logits[:, :k].float(), source_logits.float()
+    a_pred, s_prob = a.argmax(2), s.softmax(2)
+    s_pred = s_prob.argmax(2)
+    new["adapted_hist"] = _mix_hist_rows(_stacked(gs, "adapted_hist"), _hist_rows(a_pred, c), keep)
+    new["source_hist"] = _mix_hist_rows(_stacked(gs, "source_hist"), _hist_rows(s_pred, c), keep)
+    s_ent = softmax_entropy(s.reshape(rows * k, c)).reshape(rows, k).mean(1) / ln_c
+    a_ent = softmax_entropy(a.reshape(rows * k, c)).reshape(rows, k).mean(1) / ln_c
+    new["entropy_gap"] = _ema_rows(_stacked(gs, "entropy_gap"), a_ent - s_ent, keep)
+    if "source_entropy" in gs[0]:            # the groups of observe_many: all or none of its streams have it
+        new["source_entropy"] = _ema_rows(_stacked(gs, "source_entropy"), s_ent, keep)
+    conf = s_prob.max(2).values >= cfg.source_confidence
+    new["confident_share"] = _ema_rows(_stacked(gs, "confident_share"), conf.float().mean(1), keep)
+    n_conf = conf.sum(1)
+    agree = ((a_pred == s_pred) & conf).sum(1).float() / n_conf.clamp(min=1).float()
+    old_agreement = _stacked(gs, "agreement")
+    new["agreement"] = torch.where(n_conf > 0, _ema_rows(old_agreement, agree, keep), old_agreement)
+    new["confident"] = _stacked(gs, "confident") + n_conf
+    new["checked"] = _stacked(gs, "checked") + k
+    return new
+
+
+def _observe_shift_rows(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]], new: dict[str, torch.Tensor],
+                        images: torch.Tensor, holding: list[bool]) -> None:
+    """:func:`_observe_shift` for S streams' requests of equal shape (``images`` (S, n, ...))."""
+    rows, n = images.shape[:2]
+    fast = _stacked(gs, "shift_fast")
+    per_image = image_descriptor(images.reshape(rows * n, *images.shape[2:])).to(fast).reshape(rows, n, -1)
+    d = per_image.mean(1)
+    new["shift_fast"] = _ema_rows(fast, d, (1.0 - 1.0 / cfg.shift_images) ** n)
+    if not any(holding):
+        return
+    seen = _stacked(gs, "shift_ref_n")
+    grow = torch.tensor(holding, device=seen.device) & (seen < cfg.shift_reference_images)
+    w64 = n / (seen.double() + n)            # the running mean's weight, as observe rounds it (float64)
+    w, w_old = w64.to(fast).unsqueeze(1), (1.0 - w64).to(fast).unsqueeze(1)
+    ref, ref_sq = _stacked(gs, "shift_ref"), _stacked(gs, "shift_ref_sq")
+    d_sq = per_image.pow(2).mean(1)
+    new["shift_ref"] = torch.where(grow.unsqueeze(1), w_old * ref + w * d, ref)
+    new["shift_ref_sq"] = torch.where(grow.unsqueeze(1), w_old * ref_sq + w * d_sq, ref_sq)
+    new["shift_ref_n"] = torch.where(grow, seen + n, seen)
 
 
 def source_diversity(hist: torch.Tensor) -> float:

@@ -181,6 +181,13 @@ class StreamNormStats:
         forwards of several streams may be concatenated into one."""
         return not (self.layers and self.mode == "batch")
 
+    @property
+    def source_outside_use(self) -> bool:
+        """True when a plain forward of the model outside :meth:`use` normalises every BatchNorm layer with the
+        source running statistics (modes ``"source"`` and ``"ema"``, or no BatchNorm layer): the frozen model is
+        then the source model as it is, with no hook work (``AdaptationEngine.source_predict``)."""
+        return self.images_independent
+
     def init_state(self) -> dict[str, torch.Tensor]:
         """A new stream's statistics (the source's), keyed ``<layer>.mean`` / ``<layer>.var``."""
         if not self.per_stream:

@@ -358,3 +358,18 @@ def test_step_many_equals_separate_steps_and_refuses_a_stream_twice():
     with pytest.raises(ValueError, match="more than once"):
         eng.step_many([(many[0], xs[0]), (many[0], xs[1])])
     assert many[0].step == 1, "a refused call changes no state"
+
+
+# ------------------------------------------------------------------ state groups by the engine's layout
+def test_engine_reads_state_groups_by_its_layout_and_falls_back_for_older_states():
+    eng = AdaptationEngine(_resnet(), EngineConfig(method="eata", optimizer="sgd", bn_stats="ema",
+                                                   guard=GuardConfig(enabled=True)), num_classes=10)
+    state = eng.new_state()
+    eng.step(state, _batches(1, 4)[0])
+    for prefix in ("guard", "norm", "method", "opt"):
+        fast, scan = eng._group(state, prefix), state.group(prefix)
+        assert fast.keys() == scan.keys() and all(fast[k] is scan[k] for k in scan), prefix
+    old = state.clone()
+    del old.tensors["guard.shift_fast"]          # a state from before the domain-shift signal
+    assert eng._group(old, "guard").keys() == old.group("guard").keys()
+    assert "shift_fast" not in eng._group(old, "guard")

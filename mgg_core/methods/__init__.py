@@ -19,6 +19,7 @@ from .base import (
     GradOutput,
     Method,
     MethodState,
+    Objectives,
     StepContext,
     Timer,
     build_method,
@@ -26,8 +27,8 @@ from .base import (
     register,
 )
 
-__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "loss_verdict",
-           "register"]
+__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "Objectives", "StepContext", "Timer", "build_method",
+           "loss_verdict", "register"]
 
 # every module of this package registers its method on import: adding a method is adding a file
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -22,8 +22,8 @@ import torch
 from ..reasons import ResetReason, SkipReason
 from ..registry import Registry
 
-__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "StepContext", "Timer", "build_method", "loss_verdict",
-           "register", "resolved"]
+__all__ = ["METHODS", "GradOutput", "Method", "MethodState", "Objectives", "StepContext", "Timer", "build_method",
+           "loss_verdict", "register", "resolved"]
 
 MethodState = dict[str, torch.Tensor]
 
@@ -74,6 +74,16 @@ class GradOutput:
 
 
 @dataclass
+class Objectives:
+    """The objectives of S streams' requests of one shape (:meth:`Method.objective_many`), row s = stream s."""
+
+    losses: torch.Tensor                     # (S,): stream s's loss; any value where not has_loss[s]
+    has_loss: list[bool]                     # False: no sample qualified (the stream's step is skipped)
+    selected: list[int]                      # images each stream's loss selected
+    state_updates: list[MethodState]
+
+
+@dataclass
 class Method:
     """Base class. Subclasses set the class variables and implement ``objective`` (or override ``gradient``)."""
 
@@ -121,6 +131,22 @@ class Method:
     def objective(self, ctx: StepContext, theta: torch.Tensor, logits: torch.Tensor, features):
         """-> (loss or None when no sample qualifies, state_updates, n_selected)."""
         raise NotImplementedError
+
+    def objective_many(self, ctxs: Sequence[StepContext], thetas: torch.Tensor, logits: torch.Tensor,
+                       features: Sequence[torch.Tensor] | None) -> Objectives:
+        """:meth:`objective` for S streams' requests of equal shape at once (``ctxs[s]``, ``thetas[s]`` (S, numel),
+        ``logits[s]`` (S, N, C), ``features[s]``: stream s's), for the engine's fused pass. Row s must equal
+        ``objective(ctxs[s], thetas[s], logits[s], features[s])`` within float rounding, with the gradient reaching
+        ``thetas`` only through row s (a subclass overrides this with tensor ops over the rows, and a test checks
+        it against ``objective``). Default: ``objective`` per stream."""
+        losses, has, selected, updates = [], [], [], []
+        for s, ctx in enumerate(ctxs):
+            loss, upd, n = self.objective(ctx, thetas[s], logits[s], None if features is None else features[s])
+            losses.append(logits.new_zeros(()) if loss is None else loss)
+            has.append(loss is not None)
+            selected.append(n)
+            updates.append(upd)
+        return Objectives(torch.stack(losses), has, selected, updates)
 
     def gradient(self, ctx: StepContext) -> GradOutput:
         theta = ctx.theta.detach().requires_grad_(True)

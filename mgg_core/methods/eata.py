@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import softmax_entropy
-from .base import Method, register, resolved
+from .base import Method, Objectives, register, resolved
 
 __all__ = ["EATA"]
 
@@ -58,3 +58,30 @@ class EATA(Method):
             loss = loss + self.fisher_alpha * (self.fisher * (theta - ctx.theta0) ** 2).sum()
         updates = {"mean_probs": new_mean, "mean_probs_set": torch.ones_like(ctx.state["mean_probs_set"])}
         return loss, updates, int(keep.sum())
+
+    def objective_many(self, ctxs, thetas, logits, features):
+        """:meth:`objective` over S streams' rows at once: the filter as masks, the selected means as masked sums,
+        one host read (the selected counts) for all streams."""
+        rows, n, c = logits.shape
+        e_margin = resolved(self.e_margin)
+        ent = softmax_entropy(logits.reshape(rows * n, c)).reshape(rows, n)
+        probs = logits.softmax(2).detach()
+        mean_probs = torch.stack([ctx.state["mean_probs"] for ctx in ctxs])
+        flags = torch.stack([ctx.state["mean_probs_set"] for ctx in ctxs])
+        is_set = flags > 0
+        cos = F.cosine_similarity(mean_probs.unsqueeze(1), probs, dim=2)
+        keep = (ent < e_margin) & (~is_set.unsqueeze(1) | (cos.abs() < resolved(self.d_margin)))
+        count = keep.sum(1)
+        denom = count.clamp(min=1)
+        sel_probs = torch.where(keep.unsqueeze(2), probs, 0.0).sum(1) / denom.unsqueeze(1)
+        new_mean = torch.where(is_set.unsqueeze(1),
+                               self.prob_momentum * mean_probs + (1 - self.prob_momentum) * sel_probs, sel_probs)
+        coeff = torch.exp(-(ent.detach() - e_margin))
+        losses = torch.where(keep, ent * coeff, 0.0).sum(1) / denom
+        if self.fisher is not None and self.fisher_alpha:
+            losses = losses + self.fisher_alpha * (self.fisher * (thetas - ctxs[0].theta0) ** 2).sum(1)
+        selected = count.tolist()
+        ones = torch.ones_like(flags).unbind(0)
+        updates = [{"mean_probs": new_mean[s], "mean_probs_set": ones[s]} if selected[s] else {}
+                   for s in range(rows)]
+        return Objectives(losses, [k > 0 for k in selected], selected, updates)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..losses import softmax_entropy
-from .base import Method, register
+from .base import Method, Objectives, register
 
 __all__ = ["Tent"]
 
@@ -20,3 +20,8 @@ class Tent(Method):
 
     def objective(self, ctx, theta, logits, features):
         return softmax_entropy(logits).mean(), {}, logits.shape[0]
+
+    def objective_many(self, ctxs, thetas, logits, features):
+        rows, n, c = logits.shape
+        losses = softmax_entropy(logits.reshape(rows * n, c)).reshape(rows, n).mean(1)
+        return Objectives(losses, [True] * rows, [n] * rows, [{} for _ in range(rows)])
