@@ -125,9 +125,14 @@ class GuardConfig:
 
 
 def guard_init_state(num_classes: int, device, source_entropy: bool = True) -> dict[str, torch.Tensor]:
-    """A new stream's guard signals (``guard.`` prefix in the stream state); ``source_entropy``: with the source's
-    entropy EMA that :func:`confident_source` judges (engines leave it out when that check is off, so that their
-    snapshots keep the older layout)."""
+    """A new stream's guard signals (``guard.`` prefix in the stream state).
+
+    Args:
+        num_classes: the classifier's classes (the histograms' length).
+        device: where the signals live (the engine's device).
+        source_entropy: with the source's entropy EMA that :func:`confident_source` judges (engines leave it out
+            when that check is off, so that their snapshots keep the older layout).
+    """
     z = torch.zeros((), device=device)
     out = {"entropy_ema": torch.full((), float("nan"), device=device),
             "class_share": torch.zeros(num_classes, device=device),
