@@ -631,17 +631,22 @@ class StreamStore:
             while self._commit_queue:
                 take = min(len(self._commit_queue), self.commit_group_max_streams)
                 await self._commit_group([self._commit_queue.popleft() for _ in range(take)])
+        except BaseException as exc:  # cancelled (shutdown): the queued steps are refused, nobody waits forever
+            rest = builtins.list(self._commit_queue)
+            self._commit_queue.clear()
+            self._persist_failed(rest, OSError(type(exc).__name__))
+            raise
         finally:
             self._committing = False
 
     async def _commit_group(self, group: builtins.list[_Commit]) -> None:
         """One durable write for ``group``; resolves every member's future (None, or PersistError)."""
-        items = []
-        for c in group:
-            assert c.entry.state is not None, "a stepped stream stays resident until its write (its ticket is held)"
-            items.append((c.entry.id, c.entry.state, self._sidecar_meta(c.entry), c.entry.disk_bytes))
         t0 = time.perf_counter()
         try:
+            items = []
+            for c in group:  # inside the try: a failure here, too, must answer every member (none may hang)
+                assert c.entry.state is not None, "a stepped stream stays resident until its write (ticket held)"
+                items.append((c.entry.id, c.entry.state, self._sidecar_meta(c.entry), c.entry.disk_bytes))
             sizes = await asyncio.to_thread(self._write_files, items)
         except _GroupSplit as split:  # renames failed midway: the renamed streams are durable
             done = [(c, n) for c, n in zip(group, split.sizes, strict=True) if c.entry.id in split.committed]

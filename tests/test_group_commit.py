@@ -336,3 +336,24 @@ def test_gil_switch_interval_is_set_at_start_up_and_validated(tmp_path):
     for bad in (0, -1, 101):
         with pytest.raises(ValidationError):
             settings_for(tmp_path, gil_switch_interval_ms=bad)
+
+
+def test_a_bug_while_preparing_a_group_refuses_its_streams_instead_of_hanging(live_server, tmp_path, digit_images):
+    """Whatever fails while a group is prepared (here: its sidecar data) fails the group's requests (507, the step
+    not kept) rather than leaving them waiting for a write that never comes; the next request is served."""
+    srv = live_server(settings_for(tmp_path / "b"))
+    store = srv.app.state.svc.store
+    real = store._sidecar_meta
+
+    def broken(entry):
+        raise RuntimeError("internal detail that must not leak")
+
+    store._sidecar_meta = broken
+    x = digit_images[:4]
+    with srv.client(timeout=30) as c:
+        r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": "s"})
+        assert r.status_code == 507 and r.json()["error"]["code"] == "snapshot_write_failed", r.text
+        assert "internal detail" not in r.text
+        store._sidecar_meta = real
+        r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": "s"})
+        assert r.status_code == 200 and r.json()["step"] == 1, r.text  # the refused step was not kept
