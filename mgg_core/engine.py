@@ -42,6 +42,9 @@ from .reasons import HoldRelease, ResetReason, RollbackReason, SkipReason
 from .segments import SegmentNorms
 from .state import StreamState
 
+__all__ = ["DEFAULT_LR", "FUSE_MAX_IMAGES", "STATISTICS_DESPITE_SKIP", "WARMUP_SLOW_IMAGES", "AdaptationEngine",
+           "EngineConfig", "GuardConfig", "StepResult", "compute_fisher", "resolve_device"]
+
 #: skipped gradient steps whose request still moves the stream's BatchNorm statistics: the method's loss selected
 #: none of the images (EATA/SAR/DeYO filters), but the statistics describe every image the stream saw, so they do
 #: not depend on how the images were cut into requests (a 1-image request is filtered alone, a 64-image one only

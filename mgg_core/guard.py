@@ -125,9 +125,14 @@ class GuardConfig:
 
 
 def guard_init_state(num_classes: int, device, source_entropy: bool = True) -> dict[str, torch.Tensor]:
-    """A new stream's guard signals (``guard.`` prefix in the stream state); ``source_entropy``: with the source's
-    entropy EMA that :func:`confident_source` judges (engines leave it out when that check is off, so that their
-    snapshots keep the older layout)."""
+    """A new stream's guard signals (``guard.`` prefix in the stream state).
+
+    Args:
+        num_classes: the classifier's classes (the histograms' length).
+        device: where the signals live (the engine's device).
+        source_entropy: with the source's entropy EMA that :func:`confident_source` judges (engines leave it out
+            when that check is off, so that their snapshots keep the older layout).
+    """
     z = torch.zeros((), device=device)
     out = {"entropy_ema": torch.full((), float("nan"), device=device),
             "class_share": torch.zeros(num_classes, device=device),
@@ -167,35 +172,11 @@ def _keep(cfg: GuardConfig, n: int | float) -> float:
     return (1.0 - 1.0 / cfg.horizon_images) ** float(n)
 
 
-def _ema(old: torch.Tensor, new: torch.Tensor, keep: float) -> torch.Tensor:
-    if bool(torch.isnan(old).any()):
-        return new.to(old)
-    return keep * old + (1.0 - keep) * new.to(old)
-
-
-def _mix_hist(old: torch.Tensor, hist: torch.Tensor, keep: float) -> torch.Tensor:
-    return hist.to(old) if float(old.sum()) == 0 else keep * old + (1.0 - keep) * hist.to(old)
-
-
 def check_count(cfg: GuardConfig, g: dict[str, torch.Tensor], n: int) -> tuple[int, torch.Tensor]:
     """How many of the next ``n`` images to check against the source, and the new credit."""
     credit = float(g["credit"]) + cfg.check_share * n
     k = min(n, int(math.floor(credit + 1e-9)))
     return k, torch.full_like(g["credit"], credit - k)
-
-
-def _observe_shift(cfg: GuardConfig, g: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
-                   images: torch.Tensor, holding: bool) -> None:
-    """The descriptor's fast EMA; while holding, the hold's reference until it has ``shift_reference_images``."""
-    d = image_descriptor(images).to(g["shift_fast"])
-    n = d.shape[0]
-    out["shift_fast"] = _ema(g["shift_fast"], d.mean(0), (1.0 - 1.0 / cfg.shift_images) ** n)
-    seen = float(g["shift_ref_n"])
-    if holding and seen < cfg.shift_reference_images:   # running mean over the hold's first images
-        w = n / (seen + n)
-        out["shift_ref"] = (1 - w) * g["shift_ref"] + w * d.mean(0)
-        out["shift_ref_sq"] = (1 - w) * g["shift_ref_sq"] + w * d.pow(2).mean(0)
-        out["shift_ref_n"] = g["shift_ref_n"] + n
 
 
 def shift_score(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
@@ -216,48 +197,19 @@ def observe(cfg: GuardConfig, g: dict[str, torch.Tensor], logits: torch.Tensor,
             source_logits: torch.Tensor | None, images: torch.Tensor | None = None,
             holding: bool = False) -> dict[str, torch.Tensor]:
     """Updated guard signals after one request (``source_logits``: of the request's first checked images;
-    ``images``: the request, for the domain-shift descriptor; ``holding``: the request was held at source)."""
-    n, c = logits.shape
-    ln_c = math.log(c)
-    keep = _keep(cfg, n)
-    ent = (softmax_entropy(logits.float()) / ln_c).clamp(0, 1)
-    hist = torch.bincount(logits.argmax(1), minlength=c).float() / n
-    out = dict(g)
-    if images is not None and "shift_fast" in g:
-        _observe_shift(cfg, g, out, images, holding)
-    out["entropy_ema"] = _ema(g["entropy_ema"], ent.mean(), keep)
-    out["class_share"] = _mix_hist(g["class_share"], hist, keep)
-    if source_logits is None or source_logits.shape[0] == 0:
-        return out
-    k = source_logits.shape[0]
-    keep_k = keep            # time constants in stream images: the checked images stand for the whole request
-    a, s = logits[:k].float(), source_logits.float()
-    a_pred, s_prob = a.argmax(1), s.softmax(1)
-    out["adapted_hist"] = _mix_hist(g["adapted_hist"], torch.bincount(a_pred, minlength=c).float() / k, keep_k)
-    out["source_hist"] = _mix_hist(g["source_hist"], torch.bincount(s_prob.argmax(1), minlength=c).float() / k,
-                                   keep_k)
-    s_ent = softmax_entropy(s).mean() / ln_c
-    out["entropy_gap"] = _ema(g["entropy_gap"], softmax_entropy(a).mean() / ln_c - s_ent, keep_k)
-    if "source_entropy" in g:
-        out["source_entropy"] = _ema(g["source_entropy"], s_ent, keep_k)
-    conf = s_prob.max(1).values >= cfg.source_confidence
-    out["confident_share"] = _ema(g["confident_share"], conf.float().mean(), keep_k)
-    if bool(conf.any()):
-        agree = (a_pred[conf] == s_prob.argmax(1)[conf]).float().mean()
-        out["agreement"] = _ema(g["agreement"], agree, keep)
-        out["confident"] = g["confident"] + int(conf.sum())
-    out["checked"] = g["checked"] + k
-    return out
+    ``images``: the request, for the domain-shift descriptor; ``holding``: the request was held at source):
+    :func:`observe_many` of one stream."""
+    return observe_many(cfg, [g], [logits], [source_logits], [images], [holding])[0]
 
 
 def observe_many(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]], logits: Sequence[torch.Tensor],
                  source_logits: Sequence[torch.Tensor | None], images: Sequence[torch.Tensor | None],
                  holding: Sequence[bool]) -> list[dict[str, torch.Tensor]]:
-    """:func:`observe` for many streams at once (``gs[i]``, ``logits[i]``, ... : stream i's arguments): the streams
-    whose requests have equal shapes (images, checked images) share one set of tensor ops over their stacked
-    signals, instead of a few dozen small ops each. Stream i's result equals ``observe(cfg, gs[i], logits[i],
-    source_logits[i], images[i], holding[i])`` within float rounding (tests/test_guard_many.py), with no host
-    synchronisation."""
+    """Updated guard signals of many streams after one request each (``gs[i]``, ``logits[i]``, ... : stream i's
+    arguments, as :func:`observe` takes them): the streams whose requests have equal shapes (images, checked images)
+    share one set of tensor ops over their stacked signals, instead of a few dozen small ops each, with no host
+    synchronisation. The one implementation of the update (:func:`observe` is this for one stream);
+    tests/test_guard_many.py checks every stream's result against a per-stream reference, within float rounding."""
     groups: dict[tuple, list[int]] = {}
     for i, (g, lg, src, im) in enumerate(zip(gs, logits, source_logits, images, strict=True)):
         k = 0 if src is None else int(src.shape[0])
@@ -286,14 +238,15 @@ def _stacked(gs: Sequence[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
 
 
 def _ema_rows(old: torch.Tensor, new: torch.Tensor, keep: float) -> torch.Tensor:
-    """:func:`_ema` per row of ``old`` (S, ...): a row with a NaN takes ``new`` as it is."""
+    """EMA per row of ``old`` (S, ...): ``keep * old + (1 - keep) * new``; a row with a NaN (unset) takes ``new``."""
     new = new.to(old)
     fresh = torch.isnan(old).reshape(old.shape[0], -1).any(1).reshape((-1,) + (1,) * (old.dim() - 1))
     return torch.where(fresh, new, keep * old + (1.0 - keep) * new)
 
 
 def _mix_hist_rows(old: torch.Tensor, hist: torch.Tensor, keep: float) -> torch.Tensor:
-    """:func:`_mix_hist` per row of ``old`` (S, C) (the histograms are non-negative: sum 0 means empty)."""
+    """Histogram EMA per row of ``old`` (S, C); an empty row (sum 0: the histograms are non-negative) takes
+    ``hist``."""
     hist = hist.to(old)
     return torch.where(old.sum(1, keepdim=True) == 0, hist, keep * old + (1.0 - keep) * hist)
 
@@ -344,7 +297,8 @@ def _observe_rows(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]], logit
 
 def _observe_shift_rows(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]], new: dict[str, torch.Tensor],
                         images: torch.Tensor, holding: list[bool]) -> None:
-    """:func:`_observe_shift` for S streams' requests of equal shape (``images`` (S, n, ...))."""
+    """The domain-shift descriptor's signals for S streams' requests of equal shape (``images`` (S, n, ...)): its
+    fast EMA; while holding, the hold's reference (a running mean) until it has ``shift_reference_images``."""
     rows, n = images.shape[:2]
     fast = _stacked(gs, "shift_fast")
     per_image = image_descriptor(images.reshape(rows * n, *images.shape[2:])).to(fast).reshape(rows, n, -1)

@@ -13,10 +13,17 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["FORMAT_VERSION", "StreamState", "owned"]
+
 FORMAT_VERSION = "1"
 # dtypes whose tensors safetensors.numpy writes exactly as safetensors.torch does (same dtype tag, same bytes)
 _NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
                            torch.int8, torch.uint8, torch.bool})
+
+
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when its storage is larger than the tensor itself (a view such as a row of a stack)."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
 @dataclass
@@ -49,8 +56,11 @@ class StreamState:
         return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def set_group(self, prefix: str, values: dict[str, torch.Tensor]) -> None:
+        """Store ``values`` as ``<prefix>.<key>``. A value that is a view into a larger storage (a row of the fused
+        step's stacked tensors) is stored as a copy, so the state never keeps other streams' rows alive and
+        :meth:`nbytes` counts what it holds."""
         for k, v in values.items():
-            self.tensors[f"{prefix}.{k}"] = v
+            self.tensors[f"{prefix}.{k}"] = owned(v)
 
     @property
     def entropy_ema(self) -> float | None:

@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "MGG_"
@@ -238,6 +238,12 @@ class ServiceSettings(BaseSettings):
         30 * 24 * 3600.0, gt=0, description="snapshots of streams idle this long are deleted and the streams "
         "forgotten (None = keep forever)")
     max_page_size: int = Field(1000, ge=1, description="GET /streams: most streams per page (?limit=)")
+
+    @model_validator(mode="after")
+    def _warmup_shift_needs_prior(self) -> ServiceSettings:
+        if self.bn_warmup_shift is not None and self.bn_prior_images is None:
+            raise ValueError("bn_warmup_shift needs bn_prior_images (the warm-up it starts)")
+        return self
 
     @field_validator("admin_token")
     @classmethod

@@ -160,9 +160,10 @@ class _DiskCapReached(OSError):
 
 
 class _GroupSplit(OSError):
-    """A group write failed at a rename: the streams in ``committed`` are durable, the others are not."""
+    """A group write failed at a rename: the streams in ``committed`` are durable (``sizes``: the bytes of each
+    written stream's files, by stream id), the others are not."""
 
-    def __init__(self, sizes: list[int], committed: set[str], error: OSError) -> None:
+    def __init__(self, sizes: dict[str, int], committed: set[str], error: OSError) -> None:
         super().__init__(error.errno, error.strerror or str(error))
         self.sizes = sizes
         self.committed = committed
@@ -624,27 +625,38 @@ class StreamStore:
 
     async def _commit_loop(self) -> None:
         """Write the queued steps group by group, one group at a time, until none is left."""
+        group: builtins.list[_Commit] = []
         try:
             # the other streams of the same fused call were woken in the same pass of the event loop as the one
             # that started this task: by the time it runs they are queued, and go into the same group
             await asyncio.sleep(0)
             while self._commit_queue:
                 take = min(len(self._commit_queue), self.commit_group_max_streams)
-                await self._commit_group([self._commit_queue.popleft() for _ in range(take)])
+                group = [self._commit_queue.popleft() for _ in range(take)]
+                await self._commit_group(group)
+                group = []
+        except BaseException as exc:  # cancelled (shutdown), or a bug: the unanswered steps are refused, nobody
+            rest = [c for c in group if not c.fut.done()] + builtins.list(self._commit_queue)  # waits forever
+            self._commit_queue.clear()
+            self._persist_failed(rest, OSError(type(exc).__name__))
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("group commit failed")
         finally:
             self._committing = False
 
     async def _commit_group(self, group: builtins.list[_Commit]) -> None:
         """One durable write for ``group``; resolves every member's future (None, or PersistError)."""
-        items = []
-        for c in group:
-            assert c.entry.state is not None, "a stepped stream stays resident until its write (its ticket is held)"
-            items.append((c.entry.id, c.entry.state, self._sidecar_meta(c.entry), c.entry.disk_bytes))
         t0 = time.perf_counter()
         try:
+            items = []
+            for c in group:  # inside the try: a failure here, too, must answer every member (none may hang)
+                assert c.entry.state is not None, "a stepped stream stays resident until its write (ticket held)"
+                items.append((c.entry.id, c.entry.state, self._sidecar_meta(c.entry), c.entry.disk_bytes))
             sizes = await asyncio.to_thread(self._write_files, items)
         except _GroupSplit as split:  # renames failed midway: the renamed streams are durable
-            done = [(c, n) for c, n in zip(group, split.sizes, strict=True) if c.entry.id in split.committed]
+            # by id: a subclass may write a subset of the group (the Ray shard drops streams that moved)
+            done = [(c, split.sizes[c.entry.id]) for c in group if c.entry.id in split.committed]
             self._commit_done(done, time.perf_counter() - t0)
             self._persist_failed([c for c in group if c.entry.id not in split.committed], split)
             return
@@ -1116,7 +1128,8 @@ class StreamStore:
             atomic_write_group(files)
         except GroupWriteError as exc:
             committed = {p.name[: -len(SNAPSHOT_SUFFIX)] for p in exc.replaced if p.name.endswith(SNAPSHOT_SUFFIX)}
-            raise _GroupSplit(sizes, committed, exc.error) from exc
+            raise _GroupSplit(dict(zip([item[0] for item in items], sizes, strict=True)), committed,
+                              exc.error) from exc
         return sizes
 
     def _snapshot_path(self, stream_id: str) -> Path:

@@ -386,3 +386,23 @@ def test_fused_step_with_the_statistics_warm_up_equals_separate_steps(path, guar
     else:                                    # fallbacks restarted the counts, released holds let them run again
         assert sum(st.rollbacks for st in states) > 0
         assert any(r.hold_released for row in results for r in row)
+
+
+def test_fused_states_own_their_tensors():
+    """A fused step stores its per-stream results (BatchNorm statistics, the guard's signals, EATA's running mean)
+    as each stream's own tensors, not as rows of the call's stacked tensors: a row view would keep the whole stack
+    alive with the stream's state while ``StreamState.nbytes`` counts only the row (and a snapshot would pin the
+    other streams' rows)."""
+    eng = _engine("resnet", "eata", "sgd", "ema", 1, "watch")
+    states, results = _run(eng, _calls("resnet", 2, sizes=(4, 4, 4)), fused=True)
+    assert sum(eng.fused_forwards.values()) > 0 and any(r.adapted for call in results for r in call)
+    keys = set()
+    for st in states:
+        stored = {**st.tensors, **{f"anchor/{k}": v for k, v in (st.anchor or {}).items()}}
+        for key, t in stored.items():
+            own, held = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+            assert held == own, f"{key}: its storage holds {held} bytes, the tensor {own}"
+            assert not t.requires_grad, key
+            keys.add(key.partition(".")[0])
+        assert st.nbytes() == sum(t.untyped_storage().nbytes() for t in stored.values())
+    assert {"norm", "guard", "method"} <= keys

@@ -336,3 +336,56 @@ def test_gil_switch_interval_is_set_at_start_up_and_validated(tmp_path):
     for bad in (0, -1, 101):
         with pytest.raises(ValidationError):
             settings_for(tmp_path, gil_switch_interval_ms=bad)
+
+
+def test_a_bug_while_preparing_a_group_refuses_its_streams_instead_of_hanging(live_server, tmp_path, digit_images):
+    """Whatever fails while a group is prepared (here: its sidecar data) fails the group's requests (507, the step
+    not kept) rather than leaving them waiting for a write that never comes; the next request is served."""
+    srv = live_server(settings_for(tmp_path / "b"))
+    store = srv.app.state.svc.store
+    real = store._sidecar_meta
+
+    def broken(entry):
+        raise RuntimeError("internal detail that must not leak")
+
+    store._sidecar_meta = broken
+    x = digit_images[:4]
+    with srv.client(timeout=30) as c:
+        r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": "s"})
+        assert r.status_code == 507 and r.json()["error"]["code"] == "snapshot_write_failed", r.text
+        assert "internal detail" not in r.text
+        store._sidecar_meta = real
+        r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": "s"})
+        assert r.status_code == 200 and r.json()["step"] == 1, r.text  # the refused step was not kept
+
+
+def test_a_split_group_of_which_a_subclass_wrote_a_subset_answers_every_stream(live_server, tmp_path, digit_images,
+                                                                               monkeypatch):
+    """The Ray shard's ``_write_files`` writes only the streams it still owns; when such a subset's group splits
+    at a rename, the split is matched to the streams by id: the renamed stream is answered 200, the others 507,
+    none is left waiting (the sizes were zipped by position)."""
+    import mgg_core.io as mio
+
+    srv = live_server(settings_for(tmp_path / "s"))
+    store = srv.app.state.svc.store
+    real_write, real_replace, snapshots = store._write_files, os.replace, []
+
+    def subset(items):  # as service/rayserve/shard.py: the first stream "moved", its write is skipped
+        sizes = real_write(items[1:])
+        return [items[0][3], *sizes]
+
+    def replace(src, dst):  # the subset's second snapshot rename fails
+        if Path(dst).suffix == ".safetensors" and Path(dst).stem in sids:
+            snapshots.append(Path(dst).stem)
+            if len(snapshots) == 2:
+                raise OSError(5, "I/O error (injected)")
+        return real_replace(src, dst)
+
+    sids = ["a", "b", "c", "d"]
+    store._write_files = subset
+    monkeypatch.setattr(mio.os, "replace", replace)
+    results = fused_group(srv, sids, digit_images[:4])
+    monkeypatch.setattr(mio.os, "replace", real_replace)
+    codes = {sid: results[sid].status_code for sid in sids}
+    assert [sid for sid in sids if codes[sid] == 200] == [snapshots[0]], codes
+    assert all(codes[sid] == 507 for sid in sids if sid != snapshots[0]), codes

@@ -219,7 +219,9 @@ def test_bn_warmup_shift_is_a_validated_service_setting_that_reaches_the_engine(
 
     for bad in (0.0, -1.0, 1001.0):
         with pytest.raises(ValidationError, match="bn_warmup_shift"):
-            ServiceSettings(_env_file=None, bn_warmup_shift=bad)
+            ServiceSettings(_env_file=None, bn_prior_images=8, bn_warmup_shift=bad)
+    with pytest.raises(ValidationError, match="bn_warmup_shift needs bn_prior_images"):   # at start-up, not later
+        ServiceSettings(_env_file=None, bn_warmup_shift=3.0)
     monkeypatch.setenv(f"{ENV_PREFIX}BN_WARMUP_SHIFT", "1000")
     cfg = engine_config(ServiceSettings(_env_file=None, bn_prior_images=8), build_method("eata", 10), "cpu", None)
     assert cfg.bn_warmup_shift == 1000.0
