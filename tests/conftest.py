@@ -127,6 +127,21 @@ def service_test_model() -> str:
     return os.environ.get("MGG_SERVICE_TEST_MODEL", "resnet")
 
 
+def serve_process(snapshot_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Any:
+    """`mgg serve` in its own process (so that it can be killed with SIGKILL), started and ready: the test model,
+    TENT + SGD at lr 0.05, one torch thread, ``extra`` flags; ``MGG_*`` variables of the caller are dropped and
+    ``env`` is added."""
+    from mgg_replay.server import ServerProcess, serve_command
+
+    flags = ["--model", service_test_model(), "--device", "cpu", "--snapshot-dir", str(snapshot_dir),
+             "--log-level", "warning", "--method", "tent", "--optimizer", "sgd", "--lr", "0.05",
+             "--torch-threads", "1", *extra]
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
+    full.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(env or {}))
+    return ServerProcess(lambda port: serve_command(port, *flags), full, inherit_env=False,
+                         cwd=snapshot_dir.parent).start()
+
+
 def service_settings(snapshot_dir: Path, **kw: Any) -> Any:
     """``ServiceSettings`` of the loopback service tests (test_service, test_v2, test_faults, ...): the small bundled
     model on the CPU with TENT + SGD, small request limits, one update per request and no source checks (these tests

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
 import struct
 import threading
@@ -18,9 +17,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import metric, npy_bytes, png_bytes, service_settings, service_test_model
+from conftest import metric, npy_bytes, png_bytes, serve_process, service_settings
 
-from mgg_replay.server import ServerProcess, kill9_restart, serve_command
+from mgg_replay.server import kill9_restart
 from service.decode import DecodeError, DecodeLimits, PixelBudget, decode_body, decode_npy, probe_image
 from service.settings import ServiceSettings
 
@@ -211,17 +210,6 @@ def test_npy_bad_dims_over_http_are_400(live_server, tmp_path):
 # ------------------------------------------------------------------------------- 5. kill -9 durability
 
 
-def serve(snapshot_dir: Path, *extra: str) -> ServerProcess:
-    """`mgg serve` in its own process (so that it can be killed with SIGKILL), started and ready."""
-    flags = ["--model", service_test_model(), "--device", "cpu", "--snapshot-dir", str(snapshot_dir),
-             "--log-level", "warning", "--method", "tent", "--optimizer", "sgd", "--lr", "0.05",
-             "--torch-threads", "1", *extra]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return ServerProcess(lambda port: serve_command(port, *flags), env, inherit_env=False,
-                         cwd=snapshot_dir.parent).start()
-
-
 @pytest.mark.timeout(500)
 def test_kill_9_loses_no_acknowledged_step_under_the_defaults(tmp_path, digit_images):
     snaps = tmp_path / "snaps"
@@ -251,7 +239,7 @@ def test_kill_9_loses_no_acknowledged_step_under_the_defaults(tmp_path, digit_im
                 assert got["step"] == want["step"] and scores(got) == scores(want)
         assert ok(c, "s0", probe)["step"] == acked["s0"] + 1
 
-    kill9_restart(lambda: serve(snaps, "--admin-token", TOKEN), history, check, timeout=60)
+    kill9_restart(lambda: serve_process(snaps, "--admin-token", TOKEN), history, check, timeout=60)
 
 
 def test_durability_interval_bounds_and_meters_unpersisted_steps(live_server, tmp_path, digit_images):

@@ -21,11 +21,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import gated_engine, metric, npy_bytes, service_test_model, wait_for
+from conftest import gated_engine, metric, npy_bytes, serve_process, service_test_model, wait_for
 
 from mgg_core.io import GroupWriteError, atomic_write_group
 from mgg_core.state import StreamState
-from mgg_replay.server import ServerProcess, kill9_restart, serve_command
+from mgg_replay.server import kill9_restart
 from service.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,16 +268,6 @@ def test_commit_group_max_streams_is_validated(tmp_path):
         settings_for(tmp_path, commit_group_max_streams=0)
 
 
-def _serve(snapshot_dir: Path) -> ServerProcess:
-    flags = ["--model", service_test_model(), "--device", "cpu", "--snapshot-dir", str(snapshot_dir),
-             "--log-level", "warning", "--method", "tent", "--optimizer", "sgd", "--lr", "0.05",
-             "--torch-threads", "1", "--admin-token", TOKEN, "--max-batch-delay-ms", "50"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), MGG_UPDATE_IMAGES="1")  # every request updates
-    return ServerProcess(lambda port: serve_command(port, *flags), env, inherit_env=False,
-                         cwd=snapshot_dir.parent).start()
-
-
 @pytest.mark.timeout(500)
 def test_kill_9_after_the_answers_keeps_every_stream_of_every_group(tmp_path, digit_images):
     snaps = tmp_path / "snaps"
@@ -314,7 +304,8 @@ def test_kill_9_after_the_answers_keeps_every_stream_of_every_group(tmp_path, di
             r = c.post("/predict", content=npy_bytes(digit_images[:4]), headers={**NPY, "X-Stream-Id": sid})
             assert r.status_code == 200 and r.json()["step"] == step + 1, r.text  # restored, validated, continued
 
-    kill9_restart(lambda: _serve(snaps), history, check, timeout=60)
+    kill9_restart(lambda: serve_process(snaps, "--admin-token", TOKEN, "--max-batch-delay-ms", "50",
+                                        env={"MGG_UPDATE_IMAGES": "1"}), history, check, timeout=60)
 
 
 def test_gil_switch_interval_is_set_at_start_up_and_validated(tmp_path):

@@ -128,18 +128,23 @@ def test_one_image_requests_work_with_depth_momentum(method):
     assert not torch.equal(st.tensors[k], fresh.tensors[k])     # the 1-image requests moved the statistics
 
 
-def test_depth_momentum_state_resets_snapshots_and_is_fingerprinted(tmp_path):
-    eng = _engine("eata", guard=GuardConfig(enabled=True, warmup_images=2, warmup_checks=1), **DEPTH)
-    fresh = eng.new_state(seed=3)
-    st = eng.new_state(seed=3)
-    for i, n in enumerate([1, 2, 1, 3]):
-        eng.step(st, _images(n, 10 + i))
+def _restore_and_continue(eng: AdaptationEngine, st, tmp_path) -> None:
+    """Save ``st``, restore it, run the same 1-, 4- and 1-image requests on both: identical logits and states."""
     st.save(tmp_path / "s.safetensors")
     restored = eng.load_state(tmp_path / "s.safetensors")
     a = [eng.step(st, _images(n, 50 + i)).logits for i, n in enumerate([1, 4, 1])]
     b = [eng.step(restored, _images(n, 50 + i)).logits for i, n in enumerate([1, 4, 1])]
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     _same(st.tensors, restored.tensors)
+
+
+def test_depth_momentum_state_resets_snapshots_and_is_fingerprinted(tmp_path):
+    eng = _engine("eata", guard=GuardConfig(enabled=True, warmup_images=2, warmup_checks=1), **DEPTH)
+    fresh = eng.new_state(seed=3)
+    st = eng.new_state(seed=3)
+    for i, n in enumerate([1, 2, 1, 3]):
+        eng.step(st, _images(n, 10 + i))
+    _restore_and_continue(eng, st, tmp_path)
     eng.reset(st)
     _same(st.tensors, fresh.tensors)
     assert eng.fingerprint["bn_momentum_shallow"] == 0.2

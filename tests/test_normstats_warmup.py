@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_normstats_depth import _engine, _images, _resnet, _same
+from test_normstats_depth import _engine, _images, _resnet, _restore_and_continue, _same
 from torch import nn
 
 from mgg_core.engine import AdaptationEngine
@@ -99,12 +99,7 @@ def test_warm_up_count_resets_restarts_on_fallback_snapshots_and_is_fingerprinte
     for i, n in enumerate([1, 2, 1, 3]):
         eng.step(st, _images(n, 10 + i))
     assert float(st.tensors["norm.seen"]) == 7.0 and st.rollbacks == 0
-    st.save(tmp_path / "s.safetensors")
-    restored = eng.load_state(tmp_path / "s.safetensors")
-    a = [eng.step(st, _images(n, 50 + i)).logits for i, n in enumerate([1, 4, 1])]
-    b = [eng.step(restored, _images(n, 50 + i)).logits for i, n in enumerate([1, 4, 1])]
-    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
-    _same(st.tensors, restored.tensors)
+    _restore_and_continue(eng, st, tmp_path)
     assert float(st.tensors["norm.seen"]) == 13.0
     eng.reset(st)
     _same(st.tensors, fresh.tensors)
