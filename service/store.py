@@ -608,14 +608,9 @@ class StreamStore:
         """Write the stream now (alone, or in a commit group); on failure revert it (back to its last durable state)
         and raise :class:`PersistError`."""
         commit = _Commit(entry, durable, asyncio.get_running_loop().create_future())
-        if self.commit_group_max_streams == 1:
-            try:
-                await self._write(entry)
-            except OSError as exc:
-                self._persist_failed([commit], exc)
-                await commit.fut  # raises its PersistError
-            self._metrics.snapshots.labels(reason="step").inc()
-            self._m.commit_group.observe(1)
+        if self.commit_group_max_streams == 1:  # a group of one, written right here
+            await self._commit_group([commit])
+            await commit.fut  # None, or raises its PersistError
             return
         self._commit_queue.append(commit)
         if not self._committing:
