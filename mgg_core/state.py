@@ -25,8 +25,10 @@ _NUMPY_DTYPES = frozenset(_NUMPY_NAMES)
 try:  # safetensors >= 0.8: tensors described by pointer, serialised without a per-tensor copy or numpy lookups
     from safetensors import TensorSpec as _TensorSpec
     from safetensors import serialize as _serialize
+
+    _POINTER_SPECS = True
 except ImportError:  # pragma: no cover - older safetensors: the safetensors.numpy path below
-    _TensorSpec = None
+    _POINTER_SPECS = False
 
 
 def owned(t: torch.Tensor) -> torch.Tensor:
@@ -122,7 +124,7 @@ class StreamState:
             meta["annotations"] = json.dumps(self.annotations)
         cpu = {k: v.detach().cpu().contiguous() for k, v in out.items()}
         if all(t.dtype in _NUMPY_DTYPES for t in cpu.values()):
-            if _TensorSpec is not None:  # ``cpu`` keeps every tensor alive while serialize reads the pointers
+            if _POINTER_SPECS:  # ``cpu`` keeps every tensor alive while serialize reads the pointers
                 specs = {k: _TensorSpec(dtype=_NUMPY_NAMES[t.dtype], shape=t.shape, data_ptr=t.data_ptr(),
                                         data_len=t.numel() * t.element_size()) for k, t in cpu.items()}
                 return bytes(_serialize(specs, metadata=meta))
