@@ -241,6 +241,21 @@ async def _until_running(s: FusedScheduler, key: str) -> None:
         await asyncio.sleep(0.005)
 
 
+def test_a_stream_whose_requests_would_not_fit_is_not_waited_for():
+    """b sends 8-image requests, the budget is 10 images: a's 4-image call cannot take b's next request, so it
+    does not wait for b, however due b is."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=60.0, active_window_s=60.0, max_images=10)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(8)))
+        await asyncio.wait_for(s.submit("a", state("a"), x(4)), 5)  # b would wait 60 s otherwise (no think yet)
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("a", 1), ("b", 8)], [("a", 4)]]
+
+
 def test_think_limits_are_validated():
     for bad in (dict(late_factor=0.5), dict(late_margin_s=-1.0), dict(think_ema=0.0), dict(think_ema=1.5)):
         with pytest.raises(ValueError):
