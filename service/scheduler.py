@@ -25,10 +25,11 @@ Contract.
     within the last ``active_window_s`` and is *due*, is already queued or running. A lone stream therefore never
     waits, and a group of streams is run as soon as all of them are in.
   - due: each stream's think time (from the end of its previous call to its next submit) is kept as an
-    exponential average. A stream whose next submit is predicted (end of its last call + its think time) after
-    the oldest item's deadline is not waited for: streams that send now and then (an open-loop camera) cost the
-    others no delay, however long ``max_delay_s`` is. A stream is waited for until ``late_factor`` x its think
-    time + ``late_margin_s`` after its last call ended, not longer. A stream without a think time yet (it has
+    exponential average, with its average absolute deviation (spread). A stream whose next submit is predicted,
+    pessimistically (end of its last call + think time + spread), after the oldest item's deadline is not waited
+    for: streams that send now and then, or at irregular times (an open-loop camera), cost the others little or
+    no delay, however long ``max_delay_s`` is. A stream is waited for until ``late_factor`` x (think time +
+    spread) + ``late_margin_s`` after its last call ended, not longer. A stream without a think time yet (it has
     submitted once) is waited for up to the delay. A stream in a running call is due when that call's predicted
     end (its start + the average call length) plus its think time is before the deadline. A stream whose last
     request would not fit in the call's remaining image budget is not waited for. Closed-loop clients
@@ -142,6 +143,7 @@ class FusedScheduler:
         self._seen: dict[Hashable, float] = {}  # key -> monotonic time of its last submit (within the window)
         self._ended: dict[Hashable, float] = {}  # key -> monotonic end of its last call (while in the window)
         self._think: dict[Hashable, float] = {}  # key -> average seconds from the end of a call to its next submit
+        self._spread: dict[Hashable, float] = {}  # key -> average absolute deviation of those seconds
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self._calls: set[asyncio.Task] = set()
@@ -255,7 +257,11 @@ class FusedScheduler:
         gap = max(0.0, submitted - ended)
         old = self._think.get(key)
         a = self.limits.think_ema
-        self._think[key] = gap if old is None else (1 - a) * old + a * gap
+        if old is None:  # one gap says little about the next: start its spread at half of it
+            self._think[key], self._spread[key] = gap, gap / 2
+        else:
+            self._think[key] = (1 - a) * old + a * gap
+            self._spread[key] = (1 - a) * self._spread[key] + a * abs(gap - old)
 
     def _due(self, key: Hashable, since: float | None, busy_s: float | None, deadline: float, now: float
              ) -> float | None:
@@ -264,7 +270,10 @@ class FusedScheduler:
         when that is after ``deadline``, unknown, or already late (``late_factor`` x (busy + think) +
         ``late_margin_s`` after ``since``)."""
         think = self._think.get(key)
-        if since is None or busy_s is None or think is None or since + busy_s + think > deadline:
+        if since is None or busy_s is None or think is None:
+            return None
+        think += self._spread[key]  # pessimistic: a stream whose think time varies more than the delay is not due
+        if since + busy_s + think > deadline:
             return None
         late = since + self.limits.late_factor * (busy_s + think) + self.limits.late_margin_s
         return late if now < late else None
@@ -279,7 +288,7 @@ class FusedScheduler:
         for key, t in list(self._seen.items()):
             if now - t >= lim.active_window_s:
                 del self._seen[key]
-                for known in (self._ended, self._think, self._sizes):
+                for known in (self._ended, self._think, self._spread, self._sizes):
                     known.pop(key, None)
         present = {i.key for i in self._queue} | self._running
         if self._incoming is not None and set(self._incoming()) - present:

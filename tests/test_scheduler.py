@@ -241,6 +241,29 @@ async def _until_running(s: FusedScheduler, key: str) -> None:
         await asyncio.sleep(0.005)
 
 
+def test_a_stream_whose_think_time_varies_more_than_the_delay_is_not_waited_for():
+    """b comes back after 0.3 s, then at once, alternately: its average think time (~0.11 s) is within the 0.2 s
+    delay, but its spread is not, so a's call does not wait for it (an open-loop client is not predictable)."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=0.2, active_window_s=60.0)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        for gap in (0.3, 0.0, 0.3, 0.0):
+            await asyncio.sleep(gap)
+            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        t0 = time.monotonic()
+        await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)
+        waited = time.monotonic() - t0
+        await s.close()
+        return s, waited
+
+    s, waited = run(main())
+    assert s._think["b"] < 0.2 < s._think["b"] + s._spread["b"]
+    assert waited < 0.1
+    assert [len(c) for c in eng.calls] == [2] * 5 + [1]
+
+
 def test_a_stream_whose_requests_would_not_fit_is_not_waited_for():
     """b sends 8-image requests, the budget is 10 images: a's 4-image call cannot take b's next request, so it
     does not wait for b, however due b is."""
