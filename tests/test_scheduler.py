@@ -160,28 +160,28 @@ def test_a_stream_past_the_active_window_is_no_longer_waited_for():
 
 
 def test_a_stream_that_comes_back_later_than_the_delay_is_not_waited_for():
-    """b's think time (end of its call -> its next submit) is 0.4 s, longer than the 0.15 s delay: once learned, a's
+    """b's think time (end of its call -> its next submit) is 1 s, longer than the 0.5 s delay: once learned, a's
     calls no longer wait for b (before it is learned, they wait the whole delay)."""
     eng = RecordingEngine()
 
     async def main():
-        s = sched(eng, max_delay_s=0.15, active_window_s=60.0)
+        s = sched(eng, max_delay_s=0.5, active_window_s=60.0)
         waits = []
         for _ in range(3):
             await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
             t0 = time.monotonic()
             a = asyncio.create_task(s.submit("a", state("a"), x(1)))
             a.add_done_callback(lambda _, t0=t0: waits.append(time.monotonic() - t0))
-            await asyncio.sleep(0.4)  # b "thinks" 0.4 s
+            await asyncio.sleep(1.0)  # b "thinks" 1 s
             await asyncio.wait_for(a, 5)
         await s.close()
         return s, waits
 
     s, waits = run(main())
     assert [len(c) for c in eng.calls] == [2, 1, 2, 1, 2, 1]
-    assert waits[0] >= 0.14  # b's think time unknown: a waited the delay for it
-    assert waits[1] < 0.1 and waits[2] < 0.1  # b not due before the deadline: a went at once
-    assert s._think["b"] == pytest.approx(0.4, abs=0.2)
+    assert waits[0] >= 0.49  # b's think time unknown: a waited the delay for it
+    assert waits[1] < 0.3 and waits[2] < 0.3  # b not due before the deadline: a went at once
+    assert s._think["b"] == pytest.approx(1.0, abs=0.3)
 
 
 def test_a_stream_that_comes_back_quickly_is_waited_for_and_given_up_when_late():
@@ -242,14 +242,14 @@ async def _until_running(s: FusedScheduler, key: str) -> None:
 
 
 def test_a_stream_whose_think_time_varies_more_than_the_delay_is_not_waited_for():
-    """b comes back after 0.3 s, then at once, alternately: its average think time (~0.11 s) is within the 0.2 s
+    """b comes back after 0.6 s, then at once, alternately: its average think time (~0.23 s) is within the 0.4 s
     delay, but its spread is not, so a's call does not wait for it (an open-loop client is not predictable)."""
     eng = RecordingEngine()
 
     async def main():
-        s = sched(eng, max_delay_s=0.2, active_window_s=60.0)
+        s = sched(eng, max_delay_s=0.4, active_window_s=60.0)
         await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
-        for gap in (0.3, 0.0, 0.3, 0.0):
+        for gap in (0.6, 0.0, 0.6, 0.0):
             await asyncio.sleep(gap)
             await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
         t0 = time.monotonic()
@@ -259,8 +259,8 @@ def test_a_stream_whose_think_time_varies_more_than_the_delay_is_not_waited_for(
         return s, waited
 
     s, waited = run(main())
-    assert s._think["b"] < 0.2 < s._think["b"] + s._spread["b"]
-    assert waited < 0.1
+    assert s._think["b"] < 0.4 < s._think["b"] + s._spread["b"]
+    assert waited < 0.2  # waiting for b would take the whole 0.4 s delay
     assert [len(c) for c in eng.calls] == [2] * 5 + [1]
 
 
