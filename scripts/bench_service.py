@@ -15,6 +15,11 @@ multipart PNG and for application/x-npy. Prints images/s and the ratio service /
 accuracy among the 16 vs alone); see run_mixed.
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python scripts/bench_service.py --mode mixed --out docs/results/fused
+
+``--mode openloop``: the latency cost of waiting for other streams when clients pause between requests (16 streams,
+think time uniform(0.5, 1.5) x --think-ms): request p50/p99, mean queue wait, streams per fused step, per config.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_service.py --mode openloop --configs on/d5,on --rounds 2
 """
 from __future__ import annotations
 
@@ -134,10 +139,12 @@ def _stream_data(args: argparse.Namespace, k: int, images: int, requests: int) -
             [y[i * images:(i + 1) * images] for i in range(requests)])
 
 
-def _concurrent(url: str, streams: dict[str, list[tuple[bytes, str]]]) -> dict[str, Any]:
+def _concurrent(url: str, streams: dict[str, list[tuple[bytes, str]]], think_s: float = 0.0) -> dict[str, Any]:
     """Every stream sends its requests one after the other, all streams at once; img/s over the wall time,
-    per-request latencies, and each stream's predicted labels."""
+    per-request latencies, and each stream's predicted labels. ``think_s`` > 0: after each answer a stream waits
+    uniform(0.5, 1.5) x ``think_s`` before its next request (numpy default_rng(crc32 of its id))."""
     import threading
+    import zlib
 
     import httpx
 
@@ -148,9 +155,12 @@ def _concurrent(url: str, streams: dict[str, list[tuple[bytes, str]]]) -> dict[s
 
     def run(sid: str, bodies: list[tuple[bytes, str]]) -> None:
         out: list[int] = []
+        rng = np.random.default_rng(zlib.crc32(sid.encode()))
         with httpx.Client(base_url=url, timeout=600) as c:
             barrier.wait()
-            for body, ctype in bodies:
+            for i, (body, ctype) in enumerate(bodies):
+                if think_s > 0 and i:
+                    time.sleep(think_s * rng.uniform(0.5, 1.5))
                 t0 = time.perf_counter()
                 r = c.post("/predict", content=body, headers={"Content-Type": ctype, "X-Stream-Id": sid})
                 lat.append(time.perf_counter() - t0)
@@ -390,18 +400,82 @@ def _mixed_markdown(protocol: dict[str, Any], summary: dict[str, dict[str, float
             + "\n```\n\nProtocol: see mixed.json (`protocol`).\n")
 
 
+def run_openloop(args: argparse.Namespace) -> int:
+    """The latency cost of waiting for other streams when clients are not in lock-step: ``--small-streams`` streams
+    of ``--small-images``-image requests, each waiting uniform(0.5, 1.5) x ``--think-ms`` after every answer, on each
+    config's server (rounds alternate between them): request p50/p99, mean queue wait, streams per fused step."""
+    import json
+
+    import httpx
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    small = {k: [npy_body(x) for x in _stream_data(args, k, args.small_images, args.small_requests)[0]]
+             for k in range(args.small_streams)}
+    print(f"openloop: {args.small_streams} streams x {args.small_requests} requests of {args.small_images} images, "
+          f"think {args.think_ms} ms x uniform(0.5, 1.5); configs {configs}; {args.rounds} rounds", flush=True)
+    rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    info: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for config in configs:
+            snaps = stack.enter_context(tempfile.TemporaryDirectory())
+            servers[config] = server = start_server(args, snaps, *_config_flags(config))
+            stack.callback(server.stop, timeout=60)
+            info = httpx.get(server.url + "/info", timeout=30).json()
+            _concurrent(server.url, {"warm-small": small[0][:2]})
+        for r in range(args.rounds):
+            for config, server in servers.items():
+                m0 = _fused_metrics(server.url)
+                res = _concurrent(server.url, {f"{config.replace('/', '_')}-r{r}-s{k}": v for k, v in small.items()},
+                                  think_s=args.think_ms / 1000)
+                m1 = _fused_metrics(server.url)
+                d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in m1}
+                calls = d.get("tta_fused_step_streams_count", 0.0)
+                waits = d.get("tta_fused_queue_wait_seconds_count", 0.0)
+                row = {"img_s": res["img_s"], "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
+                       "streams_per_step": d.get("tta_fused_step_streams_sum", 0.0) / calls if calls else None,
+                       "queue_wait_ms": (1000 * d.get("tta_fused_queue_wait_seconds_sum", 0.0) / waits
+                                         if waits else None)}
+                rounds[config].append(row)
+                print(f"  {config:>8} round {r + 1}: p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
+                      f"queue wait {row['queue_wait_ms'] or 0:.1f} ms, "
+                      f"{row['streams_per_step'] or 0:.1f} streams/step, {row['img_s']:.1f} img/s", flush=True)
+    summary = {c: {k: float(np.median([row[k] or 0.0 for row in rows])) for k in rows[0]} for c, rows in rounds.items()}
+    for c, row in summary.items():
+        print(f"{c:>8}: p50/p99 {row['p50_ms']:.0f}/{row['p99_ms']:.0f} ms, queue wait {row['queue_wait_ms']:.1f} ms, "
+              f"{row['streams_per_step']:.1f} streams/step, {row['img_s']:.1f} img/s")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        protocol = {**_mixed_protocol(args, info, configs), "think_ms": args.think_ms,
+                    "clients": "one thread per stream; after each answer it waits uniform(0.5, 1.5) x think_ms"}
+        (out / "openloop.json").write_text(json.dumps({"protocol": protocol, "summary": summary, "rounds": rounds},
+                                                      indent=1) + "\n")
+        rows = ["| config | p50 / p99 ms | mean queue wait ms | streams per fused step | img/s |", "|" + " --- |" * 5]
+        rows += [f"| {c} | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {r['queue_wait_ms']:.1f} | "
+                 f"{r['streams_per_step']:.1f} | {r['img_s']:.1f} |" for c, r in summary.items()]
+        (out / "openloop.md").write_text(
+            f"# Open-loop clients: the latency cost of fused steps (issue 10)\n\n{args.small_streams} streams of "
+            f"{args.small_images}-image requests, each waiting uniform(0.5, 1.5) x {args.think_ms} ms after every "
+            "answer. Medians over rounds.\n\n" + "\n".join(rows) + f"\n\n```\n{protocol['command']}\n```\n")
+        print(f"wrote {out / 'openloop.json'} and {out / 'openloop.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_args(p, batches=40, batches_help="timed batches")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; medians are reported")
-    p.add_argument("--mode", choices=["inprocess", "mixed"], default="inprocess",
+    p.add_argument("--mode", choices=["inprocess", "mixed", "openloop"], default="inprocess",
                    help="inprocess: one stream over HTTP vs the in-process loop (above); mixed: many small streams "
-                   "vs few big ones, fused steps off vs on (run_mixed below)")
+                   "vs few big ones, fused steps off vs on (run_mixed below); openloop: the latency cost of fused "
+                   "steps for clients that pause between requests (run_openloop)")
     add_mixed_args(p)
+    p.add_argument("--think-ms", type=float, default=300.0, help="openloop: mean pause after each answer")
     args = p.parse_args(argv)
-    if args.mode == "mixed":
-        return run_mixed(args)
+    if args.mode in ("mixed", "openloop"):
+        return {"mixed": run_mixed, "openloop": run_openloop}[args.mode](args)
 
     from service.settings import ServiceSettings
 

@@ -154,6 +154,14 @@ def decode_body(
 # --------------------------------------------------------------------------------------------- npy
 
 
+# numpy parses a .npy header with ast.literal_eval. CPython 3.11's AST constructor keeps its recursion depth in
+# interpreter-wide state, so two threads building ASTs at once (a garbage collection inside one lets the other run)
+# can fail a valid header with "AST constructor recursion depth mismatch" (python/cpython#106905; seen here as a 400
+# for a valid request when several requests were decoded in worker threads at once). Header parsing is ~20 us: one
+# header at a time.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def decode_npy(body: bytes, limits: DecodeLimits) -> np.ndarray:
     """Parse a .npy body without trusting its header: the shape is validated before any allocation."""
     if not body:
@@ -161,12 +169,13 @@ def decode_npy(body: bytes, limits: DecodeLimits) -> np.ndarray:
     fp = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:  # pragma: no cover - read_magic only returns known versions
-            raise ValueError(f"unsupported .npy version {version}")
+        with _NPY_HEADER_LOCK:
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+            else:  # pragma: no cover - read_magic only returns known versions
+                raise ValueError(f"unsupported .npy version {version}")
     except DecodeError:
         raise
     except Exception as exc:

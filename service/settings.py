@@ -164,18 +164,20 @@ class ServiceSettings(BaseSettings):
         "(service/scheduler.py: each stream still gets exactly its own update); False = one engine call per "
         "request")
     max_batch_delay_ms: float = Field(
-        5.0, ge=0, le=10_000, description="fused_steps: the longest a request waits for other streams' requests "
+        50.0, ge=0, le=10_000, description="fused_steps: the longest a request waits for other streams' requests "
         "to join its fused step (Triton's max_queue_delay); 0 = run what is queued now. A request waits only "
-        "while another stream active within batch_active_window_ms (or with a request on its way) is missing, "
-        "so a lone stream never waits")
+        "while another stream is missing that has a request on its way, or was active within "
+        "batch_active_window_ms and is due: its usual time from an answer to its next request (think time, "
+        "learned per stream) ends before the delay does. So a lone stream never waits, streams that send now and "
+        "then make no one wait, and closed-loop clients fall into step (service/scheduler.py)")
     max_batch_images: int = Field(
         64, ge=1, description="fused_steps: images per fused step, all its requests together; a fused step "
         "takes queued requests in arrival order while they fit (a single larger request runs alone)")
     max_batch_streams: int = Field(
         64, ge=1, description="fused_steps: streams (= requests) per fused step")
     batch_active_window_ms: float = Field(
-        1000.0, ge=0, le=600_000, description="fused_steps: a stream that sent a request within this window is "
-        "expected again, and a fused step waits for it (at most max_batch_delay_ms)")
+        1000.0, ge=0, le=600_000, description="fused_steps: a stream that sent a request within this window may "
+        "be expected again, and a fused step waits for it (at most max_batch_delay_ms, and only while it is due)")
     max_queue_per_stream: int = Field(16, ge=1, description="requests waiting or running per stream before 429")
     max_queue_total: int = Field(256, ge=1, description="requests waiting or running in total before 429")
     retry_after_seconds: int = Field(1, ge=1)

@@ -180,7 +180,11 @@ def test_a_streams_concurrent_requests_are_applied_one_at_a_time_in_a_consistent
             labels, probs, _ = got[(sid, k)]
             assert labels.tolist() == want.argmax(1).tolist()
             np.testing.assert_allclose(np.sort(probs, axis=1), np.sort(want, axis=1)[:, -probs.shape[1]:], atol=1e-5)
-    assert_states_equal(srv, ref, sids)
+    # the states after 4 chained steps: 1e-4, not the engine's per-step 1e-5 (tests/test_fused.py). Which requests
+    # share a fused step depends on timing, and with batch statistics over 6-10 images the float error of a step
+    # fused with others (convolutions of a different batch) grows through the chain: one theta entry of 2080 was
+    # 1.9e-5 from its alone run (CI-like load, 2026-11-30). An order error moves theta by ~3e-3 (measured), 30x more
+    assert_states_equal(srv, ref, sids, atol=1e-4)
 
 
 @pytest.mark.timeout(300)

@@ -128,8 +128,12 @@ def test_to_bytes_writes_the_torch_serialisers_file(tmp_path):
     from safetensors.torch import save
 
     state = _state(2.0)
+    state.tensors.update({"i64": torch.arange(5), "flag": torch.tensor([True, False]), "half": torch.ones(3).half(),
+                          "u8": torch.arange(7, dtype=torch.uint8), "scalar": torch.tensor(1.5),
+                          "strided": torch.arange(12.0).view(3, 4).t(), "empty": torch.zeros(0, 3)})
     data = state.to_bytes()
-    out = {f"state.{k}": v for k, v in state.tensors.items()} | {f"anchor.{k}": v for k, v in state.anchor.items()}
+    out = {f"state.{k}": v.contiguous() for k, v in state.tensors.items()}
+    out |= {f"anchor.{k}": v for k, v in state.anchor.items()}
     meta = {"format": "1", "scalars": json.dumps(state._scalars()),
             "fingerprint": '{"k": 1, "model": "m"}', "annotations": '{"idem": "x"}'}
     want = save(out, metadata=meta)

@@ -159,6 +159,132 @@ def test_a_stream_past_the_active_window_is_no_longer_waited_for():
     assert eng.calls == [[("a", 1), ("b", 1)], [("a", 1)]]
 
 
+def test_a_stream_that_comes_back_later_than_the_delay_is_not_waited_for():
+    """b's think time (end of its call -> its next submit) is 1 s, longer than the 0.5 s delay: once learned, a's
+    calls no longer wait for b (before it is learned, they wait the whole delay)."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=0.5, active_window_s=60.0)
+        waits = []
+        for _ in range(3):
+            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+            t0 = time.monotonic()
+            a = asyncio.create_task(s.submit("a", state("a"), x(1)))
+            a.add_done_callback(lambda _, t0=t0: waits.append(time.monotonic() - t0))
+            await asyncio.sleep(1.0)  # b "thinks" 1 s
+            await asyncio.wait_for(a, 5)
+        await s.close()
+        return s, waits
+
+    s, waits = run(main())
+    assert [len(c) for c in eng.calls] == [2, 1, 2, 1, 2, 1]
+    assert waits[0] >= 0.49  # b's think time unknown: a waited the delay for it
+    assert waits[1] < 0.3 and waits[2] < 0.3  # b not due before the deadline: a went at once
+    assert s._think["b"] == pytest.approx(1.0, abs=0.3)
+
+
+def test_a_stream_that_comes_back_quickly_is_waited_for_and_given_up_when_late():
+    """b's think time is ~0: a's next call waits for b (b joins it); when b then does not come, a's call goes once
+    b is late (late_factor x think + late_margin_s after b's call), long before the 60 s delay."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=60.0, active_window_s=60.0, late_margin_s=0.1)
+        for _ in range(3):  # learn b's think time: b submits again right after its answer
+            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        a = asyncio.create_task(s.submit("a", state("a"), x(1)))
+        done, _ = await asyncio.wait({a}, timeout=0.03)
+        assert not done  # b is due: a waits
+        await asyncio.gather(a, s.submit("b", state("b"), x(1)))
+        t0 = time.monotonic()
+        await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)  # b never comes: a goes when b is late
+        waited = time.monotonic() - t0
+        await s.close()
+        return waited
+
+    waited = run(main())
+    assert 0.05 < waited < 2.0
+    assert [len(c) for c in eng.calls] == [2, 2, 2, 2, 1]
+
+
+def test_a_call_waits_for_a_stream_due_back_from_a_running_call():
+    """Two call slots. a and b have think times ~0 and short calls: while a's call runs, b's call waits for a (due
+    back within the delay) and they run together, instead of b running alone next to a."""
+    gate = threading.Event()
+    eng = RecordingEngine(gate=gate)
+
+    async def main():
+        s = sched(eng, max_concurrent=2, max_delay_s=60.0, active_window_s=60.0, late_margin_s=0.5)
+        gate.set()
+        for _ in range(3):  # learn think times (~0) and the call length
+            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        gate.clear()
+        a = asyncio.create_task(s.submit("a", state("a"), x(1)))  # a alone (b not queued yet, due though)
+        await asyncio.sleep(0)
+        # a's call starts only once b's wait ends: let it start with a alone by making b late first
+        await asyncio.wait_for(_until_running(s, "a"), 5)
+        b = asyncio.create_task(s.submit("b", state("b"), x(1)))
+        await asyncio.sleep(0.05)
+        assert not b.done()  # b waits for a, which is running and due back
+        gate.set()
+        await asyncio.wait_for(a, 5)
+        await asyncio.gather(b, s.submit("a", state("a"), x(1)))
+        await s.close()
+
+    run(main())
+    assert [sorted(k for k, _ in c) for c in eng.calls[3:]] == [["a"], ["a", "b"]]
+
+
+async def _until_running(s: FusedScheduler, key: str) -> None:
+    while key not in s._running:
+        await asyncio.sleep(0.005)
+
+
+def test_a_stream_whose_think_time_varies_more_than_the_delay_is_not_waited_for():
+    """b comes back after 0.6 s, then at once, alternately: its average think time (~0.23 s) is within the 0.4 s
+    delay, but its spread is not, so a's call does not wait for it (an open-loop client is not predictable)."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=0.4, active_window_s=60.0)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        for gap in (0.6, 0.0, 0.6, 0.0):
+            await asyncio.sleep(gap)
+            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        t0 = time.monotonic()
+        await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)
+        waited = time.monotonic() - t0
+        await s.close()
+        return s, waited
+
+    s, waited = run(main())
+    assert s._think["b"] < 0.4 < s._think["b"] + s._spread["b"]
+    assert waited < 0.2  # waiting for b would take the whole 0.4 s delay
+    assert [len(c) for c in eng.calls] == [2] * 5 + [1]
+
+
+def test_a_stream_whose_requests_would_not_fit_is_not_waited_for():
+    """b sends 8-image requests, the budget is 10 images: a's 4-image call cannot take b's next request, so it
+    does not wait for b, however due b is."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=60.0, active_window_s=60.0, max_images=10)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(8)))
+        await asyncio.wait_for(s.submit("a", state("a"), x(4)), 5)  # b would wait 60 s otherwise (no think yet)
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("a", 1), ("b", 8)], [("a", 4)]]
+
+
+def test_think_limits_are_validated():
+    for bad in (dict(late_factor=0.5), dict(late_margin_s=-1.0), dict(think_ema=0.0), dict(think_ema=1.5)):
+        with pytest.raises(ValueError):
+            BatchLimits(**bad)
+
+
 def test_the_image_budget_splits_a_call():
     eng = RecordingEngine()
 

@@ -143,3 +143,46 @@ def test_npy_header_is_not_trusted():
 def test_unsupported_media_type():
     expect("unsupported_media_type", 415, decode_body, b"{}", "application/json", LIMITS)
     expect("unsupported_media_type", 415, decode_body, b"abc", None, LIMITS)
+
+
+def test_npy_headers_decode_in_parallel_threads():
+    """CPython 3.11 keeps the AST constructor's recursion depth interpreter-wide, and numpy parses .npy headers with
+    ast.literal_eval: two threads parsing at once, one of them paused by a garbage collection, failed a valid body
+    with "AST constructor recursion depth mismatch" (a 400 in the service under concurrent requests). Here every
+    collection pauses its thread so that the others run in the middle of it; without the header lock in decode_npy
+    this test failed 4 runs of 4."""
+    import gc
+    import sys
+    import threading
+    import time
+
+    a = np.zeros((4, 28, 28), np.uint8)
+    body = npy_bytes(a)
+    errors: list[str] = []
+
+    def pause(phase: str, info: dict) -> None:
+        if phase == "start":
+            time.sleep(0.00005)
+
+    def work() -> None:
+        for _ in range(400):
+            try:
+                decode_npy(body, LIMITS)
+            except DecodeError as exc:
+                errors.append(exc.message)
+
+    old_threshold, old_interval = gc.get_threshold(), sys.getswitchinterval()
+    gc.set_threshold(1, 1, 1)
+    sys.setswitchinterval(0.0001)
+    gc.callbacks.append(pause)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        gc.callbacks.remove(pause)
+        gc.set_threshold(*old_threshold)
+        sys.setswitchinterval(old_interval)
+    assert not errors, errors[:3]
