@@ -107,6 +107,11 @@ class ServiceSettings(BaseSettings):
         "another domain (its pixel descriptor this many standard deviations from a slow per-stream reference), "
         "instead of at a new stream or a guard fallback to source (a warm-up at every restart from source costs "
         "label-shifted streams). None = off")
+    bn_warmup_release: bool = Field(
+        False, description="with bn_prior_images: the warm-up also starts when a guard hold at source ends because the "
+        "stream's data moved to another domain (the statistics are the source's then; the deep layers' slow momenta "
+        "would take the rest of a short domain to follow it); a new stream or a guard fallback starts with the "
+        "warm-up over. False = off (docs/results/smallbatch/README.md, session 6)")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")
@@ -243,6 +248,8 @@ class ServiceSettings(BaseSettings):
     def _warmup_shift_needs_prior(self) -> ServiceSettings:
         if self.bn_warmup_shift is not None and self.bn_prior_images is None:
             raise ValueError("bn_warmup_shift needs bn_prior_images (the warm-up it starts)")
+        if self.bn_warmup_release and self.bn_prior_images is None:
+            raise ValueError("bn_warmup_release needs bn_prior_images (the warm-up it starts)")
         return self
 
     @field_validator("admin_token")
