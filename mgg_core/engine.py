@@ -250,6 +250,8 @@ class AdaptationEngine:
             self.fingerprint["bn_warmup_release"] = True
         if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
             self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
+        if config.guard.enabled and config.guard.judge_images is not None:   # guard.since_judge is counted
+            self.fingerprint["guard_judge_images"] = int(config.guard.judge_images)
 
     @property
     def fuse_max_images(self) -> int:
@@ -288,7 +290,9 @@ class AdaptationEngine:
             t["window.count"] = torch.zeros((), dtype=torch.int64, device=self.device)
         g = self.config.guard
         confident = g.enabled and g.confident_entropy is not None     # the fingerprint says so (__init__)
-        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident).items()})
+        judge_count = g.enabled and g.judge_images is not None       # the fingerprint says so (__init__)
+        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident,
+                                                                judge_count).items()})
         if self.warmup_shift is not None:     # the slow descriptor reference of _warmup_on_shift (unset: NaN)
             nan = torch.full((len(t["guard.shift_fast"]),), float("nan"), dtype=torch.float64, device=self.device)
             t["warm.slow"], t["warm.slow_sq"] = nan, nan.clone()
@@ -810,6 +814,8 @@ class AdaptationEngine:
                 if reason is not None:                           # the statistics hurt too: full source hold
                     self._fall_back(state, reason, result, statistics=False)
             return
+        if g.judge_images is not None and not self._judge_due(state, n):
+            return
         reason = judge(g, job.guard_sig, state.images)
         if reason is None:
             if result.adapted:
@@ -849,6 +855,20 @@ class AdaptationEngine:
         keep = (1.0 - 1.0 / WARMUP_SLOW_IMAGES) ** d.shape[0]
         state.tensors["warm.slow"] = keep * slow + (1.0 - keep) * mean
         state.tensors["warm.slow_sq"] = keep * slow_sq + (1.0 - keep) * sq
+
+    def _judge_due(self, state: StreamState, n: int) -> bool:
+        """``GuardConfig.judge_images``: whether the guard judges after this request of ``n`` images (outside holds).
+        It judges once at least ``judge_images`` images arrived since its last judgement (``guard.since_judge``, zeroed
+        then, before a fallback or an anchor copies the state), so the decision rate is per image, not per request:
+        judged after every request, a 4-image stream tests the same 64-image EMAs 16 times as often as a 64-image
+        one and catches transient threshold crossings that the large requests never see (held-out replay: more
+        fallbacks at b4 than at b64; docs/results/smallbatch/README.md, session 6)."""
+        since = state.tensors["guard.since_judge"] + n
+        if float(since) < float(self.config.guard.judge_images or 0):
+            state.tensors["guard.since_judge"] = since
+            return False
+        state.tensors["guard.since_judge"] = torch.zeros_like(since)
+        return True
 
     def _restart_warmup(self, state: StreamState) -> None:
         """The statistics warm-up restarts (``norm.seen`` := 0): on a detected domain shift (``bn_warmup_shift``) or

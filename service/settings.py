@@ -123,6 +123,12 @@ class ServiceSettings(BaseSettings):
         "guard_confident_entropy_gap less certain; it also keeps a hold from ending because such a source predicts few "
         "classes (label shift). None = off, the default: on held-out streams 0.05-0.15 fixed the domains where the "
         "source is confident and cost another domain more (docs/results/smallbatch/heldout)")
+    guard_judge_images: int | None = Field(
+        16, ge=1, le=1_000_000, description="outside holds the guard judges a stream once this many images arrived "
+        "since its last judgement, so small requests are not judged more often than large ones (judged after every "
+        "request, a 4-image stream tests the same moving averages 16 times as often as a 64-image one and falls back "
+        "on transient crossings). 16: chosen on held-out streams (docs/results/smallbatch/README.md, session 6; "
+        "requests of 16 or more images are judged after each one, as before). None = after every request")
     guard_confident_entropy_gap: float = Field(
         0.05, ge=0, le=1, description="normalised-entropy excess of the adapted model over a confident source "
         "that makes the guard hold the stream at source (guard_confident_entropy)")

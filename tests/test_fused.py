@@ -97,6 +97,11 @@ GUARDS = {
                              confident_checks=2, min_source_diversity=0.0),
     "entropy": GuardConfig(enabled=True, check_share=0.25, warmup_images=4, warmup_checks=2, horizon_images=16,
                            anchor_every_images=8, max_entropy=0.0),
+    # the "hold" guard judging once per 8 images (GuardConfig.judge_images): each stream its own count
+    "judge": GuardConfig(enabled=True, check_share=0.5, warmup_images=4, warmup_checks=2, horizon_images=16,
+                         anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
+                         min_source_diversity=0.0, hold_images=6, max_entropy=1.01, max_class_share=1.01,
+                         judge_images=8),
 }
 
 
@@ -199,6 +204,7 @@ CASES = [
     ("gn", "tent", "sgd", None, 1, "watch"),
     ("gn", "eata", "sgd", None, 16, "hold"),
     ("gn", "foa", "adam", None, 1, "entropy"),
+    ("resnet", "eata", "sgd", "ema", 16, "judge"),
 ]
 
 
@@ -229,8 +235,10 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert "accumulating" in reasons, "the gradient window was never used"
     if guard != "watch":
         assert sum(st.rollbacks for st in states) > 0, f"guard {guard!r} never fell back"
-    if guard in ("hold", "holdstats", "shift", "confident"):
+    if guard in ("hold", "holdstats", "shift", "confident", "judge"):
         assert "guard_hold" in reasons
+    if guard == "judge":                     # each stream counts its own images since the last judgement
+        assert all("guard.since_judge" in st.tensors for st in states)
     if guard == "confident":
         assert "confident_source" in reasons
     if guard == "shift":
