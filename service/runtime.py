@@ -110,7 +110,7 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
         mgg_checkpoint=mgg_checkpoint, bn_stats=settings.bn_stats if method.bn_stats != "source" else None,
         bn_momentum=settings.bn_momentum, bn_momentum_shallow=settings.bn_momentum_shallow,
         bn_prior_images=settings.bn_prior_images, bn_warmup_shift=settings.bn_warmup_shift,
-        bn_warmup_release=settings.bn_warmup_release,
+        bn_warmup_release=settings.bn_warmup_release and settings.bn_prior_images is not None,
         update_images=settings.update_images,
         guard=GuardConfig(enabled=settings.collapse_guard, check_share=settings.guard_check_share,
                           confident_entropy=settings.guard_confident_entropy,

@@ -216,7 +216,7 @@ def test_bn_warmup_shift_is_a_validated_service_setting_that_reaches_the_engine(
         with pytest.raises(ValidationError, match="bn_warmup_shift"):
             ServiceSettings(_env_file=None, bn_prior_images=8, bn_warmup_shift=bad)
     with pytest.raises(ValidationError, match="bn_warmup_shift needs bn_prior_images"):   # at start-up, not later
-        ServiceSettings(_env_file=None, bn_warmup_shift=3.0)
+        ServiceSettings(_env_file=None, bn_prior_images=None, bn_warmup_shift=3.0)
     monkeypatch.setenv(f"{ENV_PREFIX}BN_WARMUP_SHIFT", "1000")
     cfg = engine_config(ServiceSettings(_env_file=None, bn_prior_images=8), build_method("eata", 10), "cpu", None)
     assert cfg.bn_warmup_shift == 1000.0
@@ -309,9 +309,14 @@ def test_bn_warmup_release_is_a_validated_service_setting_that_reaches_the_engin
     from service.runtime import engine_config
     from service.settings import ENV_PREFIX, ServiceSettings
 
-    assert ServiceSettings(_env_file=None).bn_warmup_release is False
+    default = ServiceSettings(_env_file=None)
+    assert default.bn_warmup_release is True and default.bn_prior_images == 16.0      # session 6's held-out choice
     with pytest.raises(ValidationError, match="bn_warmup_release needs bn_prior_images"):   # at start-up
-        ServiceSettings(_env_file=None, bn_warmup_release=True)
+        ServiceSettings(_env_file=None, bn_prior_images=None, bn_warmup_release=True)
+    no_warmup = ServiceSettings(_env_file=None, bn_prior_images=None)   # the warm-up off, its release with it
+    cfg = engine_config(no_warmup, build_method("eata", 10), "cpu", None)
+    assert cfg.bn_prior_images is None and cfg.bn_warmup_release is False
+    AdaptationEngine(_resnet(), cfg, num_classes=10)
     monkeypatch.setenv(f"{ENV_PREFIX}BN_WARMUP_RELEASE", "true")
     cfg = engine_config(ServiceSettings(_env_file=None, bn_prior_images=8), build_method("eata", 10), "cpu", None)
     assert cfg.bn_warmup_release is True
