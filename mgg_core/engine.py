@@ -86,6 +86,9 @@ class EngineConfig:
     bn_warmup_shift: float | None = None    # with bn_prior_images: the warm-up starts on a detected domain shift
                                             # (pixel descriptor this many slow std devs away; _warmup_on_shift),
                                             # not at a new stream or a restart from source; None: off
+    bn_warmup_release: bool = False         # with bn_prior_images: the warm-up also starts when a guard hold ends
+                                            # because the data moved to another domain (_restart_warmup); then a
+                                            # new stream or a fallback starts with it over, as with bn_warmup_shift
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
@@ -176,10 +179,14 @@ class AdaptationEngine:
         self.model.requires_grad_(False)
         if config.bn_warmup_shift is not None and not (config.bn_warmup_shift > 0 and config.bn_prior_images):
             raise ValueError(f"bn_warmup_shift must be > 0 and needs bn_prior_images, got {config.bn_warmup_shift}")
+        if config.bn_warmup_release and not config.bn_prior_images:
+            raise ValueError("bn_warmup_release needs bn_prior_images (the warm-up it starts)")
         self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow,
-                                    config.bn_prior_images, warm_start=config.bn_warmup_shift is None)
+                                    config.bn_prior_images, warm_start=config.bn_warmup_shift is None
+                                    and not config.bn_warmup_release)
         self.warmup_shift = (float(config.bn_warmup_shift) if config.bn_warmup_shift is not None
                              and self.norm.per_stream else None)
+        self.warmup_release = bool(config.bn_warmup_release) and self.norm.per_stream
         self._source_norm = self.norm.init_state()
         self.spec: ParamSpec = select_norm_params(self.model)
         self.theta0 = initial_vector(self.model, self.spec).to(self.device)
@@ -239,8 +246,12 @@ class AdaptationEngine:
             self.fingerprint["bn_prior_images"] = float(config.bn_prior_images)
         if self.warmup_shift is not None:
             self.fingerprint["bn_warmup_shift"] = self.warmup_shift
+        if self.warmup_release:
+            self.fingerprint["bn_warmup_release"] = True
         if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
             self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
+        if config.guard.enabled and config.guard.judge_images is not None:   # guard.since_judge is counted
+            self.fingerprint["guard_judge_images"] = int(config.guard.judge_images)
 
     @property
     def fuse_max_images(self) -> int:
@@ -257,6 +268,7 @@ class AdaptationEngine:
             "optimizer": self.optimizer.describe() if self.optimizer else None, "bn_stats": self.bn_stats,
             "bn_momentum": self.config.bn_momentum, "bn_momentum_shallow": self.config.bn_momentum_shallow,
             "bn_prior_images": self.config.bn_prior_images, "bn_warmup_shift": self.config.bn_warmup_shift,
+            "bn_warmup_release": self.config.bn_warmup_release,
             "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),
@@ -278,7 +290,9 @@ class AdaptationEngine:
             t["window.count"] = torch.zeros((), dtype=torch.int64, device=self.device)
         g = self.config.guard
         confident = g.enabled and g.confident_entropy is not None     # the fingerprint says so (__init__)
-        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident).items()})
+        judge_count = g.enabled and g.judge_images is not None       # the fingerprint says so (__init__)
+        t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident,
+                                                                judge_count).items()})
         if self.warmup_shift is not None:     # the slow descriptor reference of _warmup_on_shift (unset: NaN)
             nan = torch.full((len(t["guard.shift_fast"]),), float("nan"), dtype=torch.float64, device=self.device)
             t["warm.slow"], t["warm.slow_sq"] = nan, nan.clone()
@@ -792,11 +806,15 @@ class AdaptationEngine:
                 state.tensors["guard.hold_stats"] = torch.zeros_like(state.tensors["guard.hold_stats"])
                 if release is HoldRelease.DOMAIN_SHIFT:    # a new domain: its fallbacks start a new backoff
                     state.tensors["guard.backoff"] = torch.zeros_like(state.tensors["guard.backoff"])
+                    if self.warmup_release:                 # and its statistics a warm-up from the source's
+                        self._restart_warmup(state)
                 result.hold_released = release
             elif float(state.tensors["guard.hold_stats"]) > 0:   # statistics-only hold: still judged
                 reason = judge(g, job.guard_sig, state.images)
                 if reason is not None:                           # the statistics hurt too: full source hold
                     self._fall_back(state, reason, result, statistics=False)
+            return
+        if g.judge_images is not None and not self._judge_due(state, n):
             return
         reason = judge(g, job.guard_sig, state.images)
         if reason is None:
@@ -832,13 +850,39 @@ class AdaptationEngine:
         var = (slow_sq - slow.pow(2)).clamp(min=0) + 1e-4
         if float(state.tensors["guard.hold"]) <= 0 and float(((fast - slow).abs() / var.sqrt()).max()) > \
                 self.warmup_shift:
-            seen = state.tensors["norm.seen"]
-            state.tensors["norm.seen"] = torch.zeros_like(seen)
-            state.tensors["warm.slow"], state.tensors["warm.slow_sq"] = fast.clone(), fast.pow(2) + var
+            self._restart_warmup(state)
             return
         keep = (1.0 - 1.0 / WARMUP_SLOW_IMAGES) ** d.shape[0]
         state.tensors["warm.slow"] = keep * slow + (1.0 - keep) * mean
         state.tensors["warm.slow_sq"] = keep * slow_sq + (1.0 - keep) * sq
+
+    def _judge_due(self, state: StreamState, n: int) -> bool:
+        """``GuardConfig.judge_images``: whether the guard judges after this request of ``n`` images (outside holds).
+        It judges once at least ``judge_images`` images arrived since its last judgement (``guard.since_judge``, zeroed
+        then, before a fallback or an anchor copies the state), so the decision rate is per image, not per request:
+        judged after every request, a 4-image stream tests the same 64-image EMAs 16 times as often as a 64-image
+        one and catches transient threshold crossings that the large requests never see (held-out replay: more
+        fallbacks at b4 than at b64; docs/results/smallbatch/README.md, session 6)."""
+        since = state.tensors["guard.since_judge"] + n
+        if float(since) < float(self.config.guard.judge_images or 0):
+            state.tensors["guard.since_judge"] = since
+            return False
+        state.tensors["guard.since_judge"] = torch.zeros_like(since)
+        return True
+
+    def _restart_warmup(self, state: StreamState) -> None:
+        """The statistics warm-up restarts (``norm.seen`` := 0): on a detected domain shift (``bn_warmup_shift``) or
+        when a guard hold ends for one (``bn_warmup_release``: the statistics are the source's then, and the deep
+        layers' own momenta would take the rest of a short domain to follow it). With ``bn_warmup_shift`` the slow
+        descriptor reference restarts at the guard's fast EMA (keeping its variance), so a switch during a hold
+        does not stay folded into the reference."""
+        state.tensors["norm.seen"] = torch.zeros_like(state.tensors["norm.seen"])
+        slow = state.tensors.get("warm.slow")
+        if slow is None or bool(torch.isnan(slow).any()):
+            return
+        fast = state.tensors["guard.shift_fast"].double()
+        var = (state.tensors["warm.slow_sq"] - slow.pow(2)).clamp(min=0) + 1e-4
+        state.tensors["warm.slow"], state.tensors["warm.slow_sq"] = fast.clone(), fast.pow(2) + var
 
     def _fall_back(self, state: StreamState, reason: RollbackReason, result: StepResult,
                    statistics: bool = True) -> None:

@@ -106,6 +106,8 @@ class GuardConfig:
     confident_checks: int = 8               # checked images before the confident-source check judges
     confident_agreement: float = 0.5        # ... and only while the adapted model mostly agrees with the source
     confident_keeps_hold: bool = True       # a confident source is never "failing" (source_failing) while held
+    judge_images: int | None = None         # outside holds, judge once this many images arrived since the last
+                                            # judgement (request-size independent decision rate); None: every request
 
     def __post_init__(self) -> None:
         if self.horizon_images < 1 or self.anchor_every_images < 1:
@@ -122,9 +124,12 @@ class GuardConfig:
             raise ValueError(f"guard confident_checks must be >= 1, got {self.confident_checks}")
         if not 0.0 <= self.check_share <= 1.0:
             raise ValueError(f"guard check_share must be in [0, 1], got {self.check_share}")
+        if self.judge_images is not None and not 1 <= self.judge_images <= 1_000_000:
+            raise ValueError(f"guard judge_images must be in [1, 1000000] or None, got {self.judge_images}")
 
 
-def guard_init_state(num_classes: int, device, source_entropy: bool = True) -> dict[str, torch.Tensor]:
+def guard_init_state(num_classes: int, device, source_entropy: bool = True,
+                     judge_count: bool = False) -> dict[str, torch.Tensor]:
     """A new stream's guard signals (``guard.`` prefix in the stream state).
 
     Args:
@@ -132,6 +137,8 @@ def guard_init_state(num_classes: int, device, source_entropy: bool = True) -> d
         device: where the signals live (the engine's device).
         source_entropy: with the source's entropy EMA that :func:`confident_source` judges (engines leave it out
             when that check is off, so that their snapshots keep the older layout).
+        judge_count: with the images seen since the guard's last judgement (``since_judge``), for
+            ``GuardConfig.judge_images`` (left out when that is None: the older layout).
     """
     z = torch.zeros((), device=device)
     out = {"entropy_ema": torch.full((), float("nan"), device=device),
@@ -149,6 +156,8 @@ def guard_init_state(num_classes: int, device, source_entropy: bool = True) -> d
             "shift_ref_n": z.clone()}
     if source_entropy:
         out["source_entropy"] = torch.full((), float("nan"), device=device)
+    if judge_count:
+        out["since_judge"] = z.clone()
     return out
 
 

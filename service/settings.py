@@ -97,16 +97,23 @@ class ServiceSettings(BaseSettings):
         "al. 2023; 0.2: chosen on held-out streams, the first layer follows about 5 images). None = every layer "
         "bn_momentum")
     bn_prior_images: float | None = Field(
-        None, gt=0, le=1_000_000, description="statistics warm-up of bn_stats='ema': the t-th image since a stream's "
+        16.0, gt=0, le=1_000_000, description="statistics warm-up of bn_stats='ema': the t-th image since a stream's "
         "statistics were the source's (a new stream, a reset, a guard fallback) merges with momentum max(m, 1/(N0 + t "
         "+ 1)), N0 = this prior strength in images (a cumulative mean of the source and the stream's images until "
-        "the layer's own momentum takes over; Schneider et al. 2020; 16 with bn_warmup_shift 3 won the held-out rule "
-        "but made the label-shifted test stream worse, docs/results/smallbatch/README.md session 5). None = no warm-up")
+        "the layer's own momentum takes over; Schneider et al. 2020). 16, with bn_warmup_release: chosen on held-out "
+        "streams in session 6 (docs/results/smallbatch/README.md); at every restart from source it cost label-shifted "
+        "streams (session 5), so the default starts it only at a hold's domain-shift release. None = no warm-up")
     bn_warmup_shift: float | None = Field(
         None, gt=0, le=1000, description="with bn_prior_images: the warm-up starts when the stream's data moves to "
         "another domain (its pixel descriptor this many standard deviations from a slow per-stream reference), "
         "instead of at a new stream or a guard fallback to source (a warm-up at every restart from source costs "
         "label-shifted streams). None = off")
+    bn_warmup_release: bool = Field(
+        True, description="with bn_prior_images: the warm-up also starts when a guard hold at source ends because the "
+        "stream's data moved to another domain (the statistics are the source's then; the deep layers' slow momenta "
+        "would take the rest of a short domain to follow it); a new stream or a guard fallback starts with the "
+        "warm-up over. True: chosen on held-out streams (docs/results/smallbatch/README.md, session 6); without "
+        "bn_prior_images it does nothing. False = off")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")
@@ -118,6 +125,12 @@ class ServiceSettings(BaseSettings):
         "guard_confident_entropy_gap less certain; it also keeps a hold from ending because such a source predicts few "
         "classes (label shift). None = off, the default: on held-out streams 0.05-0.15 fixed the domains where the "
         "source is confident and cost another domain more (docs/results/smallbatch/heldout)")
+    guard_judge_images: int | None = Field(
+        16, ge=1, le=1_000_000, description="outside holds the guard judges a stream once this many images arrived "
+        "since its last judgement, so small requests are not judged more often than large ones (judged after every "
+        "request, a 4-image stream tests the same moving averages 16 times as often as a 64-image one and falls back "
+        "on transient crossings). 16: chosen on held-out streams (docs/results/smallbatch/README.md, session 6; "
+        "requests of 16 or more images are judged after each one, as before). None = after every request")
     guard_confident_entropy_gap: float = Field(
         0.05, ge=0, le=1, description="normalised-entropy excess of the adapted model over a confident source "
         "that makes the guard hold the stream at source (guard_confident_entropy)")
@@ -245,6 +258,10 @@ class ServiceSettings(BaseSettings):
     def _warmup_shift_needs_prior(self) -> ServiceSettings:
         if self.bn_warmup_shift is not None and self.bn_prior_images is None:
             raise ValueError("bn_warmup_shift needs bn_prior_images (the warm-up it starts)")
+        # on by default: bn_prior_images=None alone turns the warm-up off, release included; asked for explicitly
+        # without a warm-up it is a misconfiguration
+        if self.bn_warmup_release and self.bn_prior_images is None and "bn_warmup_release" in self.model_fields_set:
+            raise ValueError("bn_warmup_release needs bn_prior_images (the warm-up it starts)")
         return self
 
     @field_validator("admin_token")

@@ -97,6 +97,11 @@ GUARDS = {
                              confident_checks=2, min_source_diversity=0.0),
     "entropy": GuardConfig(enabled=True, check_share=0.25, warmup_images=4, warmup_checks=2, horizon_images=16,
                            anchor_every_images=8, max_entropy=0.0),
+    # the "hold" guard judging once per 8 images (GuardConfig.judge_images): each stream its own count
+    "judge": GuardConfig(enabled=True, check_share=0.5, warmup_images=4, warmup_checks=2, horizon_images=16,
+                         anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
+                         min_source_diversity=0.0, hold_images=6, max_entropy=1.01, max_class_share=1.01,
+                         judge_images=8),
 }
 
 
@@ -199,6 +204,7 @@ CASES = [
     ("gn", "tent", "sgd", None, 1, "watch"),
     ("gn", "eata", "sgd", None, 16, "hold"),
     ("gn", "foa", "adam", None, 1, "entropy"),
+    ("resnet", "eata", "sgd", "ema", 16, "judge"),
 ]
 
 
@@ -229,8 +235,10 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert "accumulating" in reasons, "the gradient window was never used"
     if guard != "watch":
         assert sum(st.rollbacks for st in states) > 0, f"guard {guard!r} never fell back"
-    if guard in ("hold", "holdstats", "shift", "confident"):
+    if guard in ("hold", "holdstats", "shift", "confident", "judge"):
         assert "guard_hold" in reasons
+    if guard == "judge":                     # each stream counts its own images since the last judgement
+        assert all("guard.since_judge" in st.tensors for st in states)
     if guard == "confident":
         assert "confident_source" in reasons
     if guard == "shift":
@@ -368,18 +376,25 @@ def test_every_fusable_norm_type_vmaps_with_per_stream_affines(cls):
 
 
 
-@pytest.mark.parametrize("path,guard,on_shift", [("segment", "watch", None), ("segment", "shift", None),
-                                                 ("vmap", "watch", None), ("segment", "shift", 0.5)])
-def test_fused_step_with_the_statistics_warm_up_equals_separate_steps(path, guard, on_shift):
+@pytest.mark.parametrize("path,guard,on_shift,release", [
+    ("segment", "watch", None, False), ("segment", "shift", None, False), ("vmap", "watch", None, False),
+    ("segment", "shift", 0.5, False), ("segment", "shift", None, True), ("vmap", "shift", 0.5, True)])
+def test_fused_step_with_the_statistics_warm_up_equals_separate_steps(path, guard, on_shift, release):
     """``bn_prior_images``: each stream's count (``norm.seen``) sets its own momentum in the fused forward, and
     the fused count equals the separate one, also across guard fallbacks (which restart it) and released holds;
-    with ``bn_warmup_shift`` the count and the descriptor reference (``warm.*``) too."""
+    with ``bn_warmup_shift`` the count and the descriptor reference (``warm.*``) too; with ``bn_warmup_release``
+    the restart at a hold released for a domain shift."""
     eng = _engine("resnet", "eata", "sgd", "ema", 16, guard, segment_norms=path == "segment",
-                  bn_momentum=0.01, bn_momentum_shallow=0.2, bn_prior_images=8, bn_warmup_shift=on_shift)
+                  bn_momentum=0.01, bn_momentum_shallow=0.2, bn_prior_images=8, bn_warmup_shift=on_shift,
+                  bn_warmup_release=release)
     states, results, _ = _compare(eng, _calls("resnet", 4, SIZES))
     assert eng.fused_forwards[path] > 0
     seen = [float(st.tensors["norm.seen"]) for st in states]
-    if on_shift is not None:                 # some stream's warm-up restarted on a shift
+    if release:                              # a hold ended for a domain shift and restarted a warm-up
+        assert any(r.hold_released is not None and r.hold_released.value == "domain_shift"
+                   for row in results for r in row)
+        assert min(seen) < eng.norm.warm_done, seen
+    elif on_shift is not None:               # some stream's warm-up restarted on a shift
         assert min(seen) < eng.norm.warm_done, seen
     elif guard == "watch":                   # the streams' counts differ: per-stream momenta were exercised
         assert len(set(seen)) > 1 and max(seen) > 0, seen

@@ -12,8 +12,8 @@ import torch
 from test_normstats_depth import _engine, _images, _resnet, _restore_and_continue, _same
 from torch import nn
 
-from mgg_core.engine import AdaptationEngine
-from mgg_core.guard import GuardConfig
+from mgg_core.engine import WARMUP_SLOW_IMAGES, AdaptationEngine
+from mgg_core.guard import GuardConfig, image_descriptor
 from mgg_core.normstats import StreamNormStats, batch_momentum, warm_momentum
 
 WARM = dict(bn_stats="ema", bn_momentum=0.001, bn_momentum_shallow=0.2, bn_prior_images=16, update_images=8)
@@ -216,9 +216,109 @@ def test_bn_warmup_shift_is_a_validated_service_setting_that_reaches_the_engine(
         with pytest.raises(ValidationError, match="bn_warmup_shift"):
             ServiceSettings(_env_file=None, bn_prior_images=8, bn_warmup_shift=bad)
     with pytest.raises(ValidationError, match="bn_warmup_shift needs bn_prior_images"):   # at start-up, not later
-        ServiceSettings(_env_file=None, bn_warmup_shift=3.0)
+        ServiceSettings(_env_file=None, bn_prior_images=None, bn_warmup_shift=3.0)
     monkeypatch.setenv(f"{ENV_PREFIX}BN_WARMUP_SHIFT", "1000")
     cfg = engine_config(ServiceSettings(_env_file=None, bn_prior_images=8), build_method("eata", 10), "cpu", None)
     assert cfg.bn_warmup_shift == 1000.0
     eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
     assert eng.warmup_shift == 1000.0 and not eng.norm.warm_start
+
+
+RELEASE = {**WARM, "bn_warmup_release": True}
+
+
+def _held(eng: AdaptationEngine, st) -> None:
+    """Force a fallback to a hold at source (a reason of HOLD_REASONS), as the guard's judge would."""
+    from mgg_core.engine import StepResult
+    from mgg_core.reasons import RollbackReason
+
+    res = StepResult(logits=torch.zeros(1, 10), adapted=False, skipped_reason=None, loss=None, batch_entropy=0.0,
+                     sample_entropy=torch.zeros(1), n_selected=0, step=0)
+    eng._fall_back(st, RollbackReason.SOURCE_DISAGREEMENT, res)
+    assert float(st.tensors["guard.hold"]) > 0
+
+
+@pytest.mark.parametrize("on_shift", [None, 3.0])
+def test_warm_up_release_restarts_when_a_hold_ends_for_a_domain_shift(on_shift):
+    """``bn_warmup_release``: a stream starts with the warm-up over, a fallback leaves it over; when the hold ends
+    because the data moved to another domain (``hold_released == domain_shift``) the count restarts at 0, and the
+    next images merge at the warm-up's momentum. Without the setting the same stream keeps it over; with
+    ``bn_warmup_shift`` the slow descriptor reference restarts at the guard's fast EMA."""
+    guard = GuardConfig(enabled=True, warmup_images=10**6, warmup_checks=10**6, hold_images=1000,
+                        shift_threshold=6.0)
+    counts = {}
+    for release in (False, True):
+        # the control: the warm-up over at the start too (a shift threshold that never fires), no release restart
+        eng = _engine("eata", guard=guard, **{**RELEASE, "bn_warmup_release": release,
+                                              "bn_warmup_shift": on_shift if release else 1000.0})
+        st = eng.new_state(seed=4)
+        done = eng.norm.warm_done
+        assert float(st.tensors["norm.seen"]) == done
+        for i in range(4):
+            eng.step(st, _domain(4, i, 1.0, 0.0))
+        _held(eng, st)
+        assert float(st.tensors["norm.seen"]) == done                 # back at source: warm-up over
+        released = []
+        for i in range(12):                                            # 32 reference images of the held domain
+            released.append(eng.step(st, _domain(4, 20 + i, 1.0, 0.0)).hold_released)
+        assert not any(released)
+        for i in range(6):                                             # another domain ends the hold
+            x = _domain(4, 100 + i, 0.1, 2.0)
+            r = eng.step(st, x)
+            if r.hold_released is not None:
+                assert r.hold_released.value == "domain_shift"
+                seen_at = float(st.tensors["norm.seen"])
+                break
+        else:
+            raise AssertionError("the hold did not end on the domain shift")
+        counts[release] = seen_at
+        if release and on_shift is not None:   # the reference restarted at the fast EMA, then took the request in
+            keep = (1.0 - 1.0 / WARMUP_SLOW_IMAGES) ** x.shape[0]
+            want = keep * st.tensors["guard.shift_fast"].double() + (1 - keep) * image_descriptor(x).double().mean(0)
+            torch.testing.assert_close(st.tensors["warm.slow"], want)
+    assert counts[False] == eng.norm.warm_done
+    assert counts[True] == 0.0 and eng.fingerprint["bn_warmup_release"] is True
+
+
+def test_warm_up_release_state_resets_restores_and_is_fingerprinted(tmp_path):
+    guard = GuardConfig(enabled=True, warmup_images=10**6, warmup_checks=10**6, hold_images=1000,
+                        shift_threshold=6.0)
+    eng = _engine("eata", guard=guard, **RELEASE)
+    fresh, st = eng.new_state(seed=1), eng.new_state(seed=1)
+    assert st.nbytes() == _engine("eata", guard=guard, **WARM).new_state().nbytes()   # no new tensor: norm.seen
+    eng.step(st, _domain(4, 1, 1.0, 0.0))
+    _held(eng, st)
+    for i in range(9):
+        eng.step(st, _domain(4, 20 + i, 1.0, 0.0))
+    for i in range(3):
+        eng.step(st, _domain(4, 100 + i, 0.1, 2.0))
+    assert float(st.tensors["norm.seen"]) < eng.norm.warm_done        # restarted by the release
+    _restore_and_continue(eng, st, tmp_path)
+    eng.reset(st)
+    _same(st.tensors, fresh.tensors)
+    with pytest.raises(Exception, match="bn_warmup_release"):
+        _engine("eata", guard=guard, **WARM).load_state(tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="bn_warmup_release needs bn_prior_images"):
+        _engine("eata", **{**RELEASE, "bn_prior_images": None})
+
+
+def test_bn_warmup_release_is_a_validated_service_setting_that_reaches_the_engine(monkeypatch):
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    default = ServiceSettings(_env_file=None)
+    assert default.bn_warmup_release is True and default.bn_prior_images == 16.0      # session 6's held-out choice
+    with pytest.raises(ValidationError, match="bn_warmup_release needs bn_prior_images"):   # at start-up
+        ServiceSettings(_env_file=None, bn_prior_images=None, bn_warmup_release=True)
+    no_warmup = ServiceSettings(_env_file=None, bn_prior_images=None)   # the warm-up off, its release with it
+    cfg = engine_config(no_warmup, build_method("eata", 10), "cpu", None)
+    assert cfg.bn_prior_images is None and cfg.bn_warmup_release is False
+    AdaptationEngine(_resnet(), cfg, num_classes=10)
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_WARMUP_RELEASE", "true")
+    cfg = engine_config(ServiceSettings(_env_file=None, bn_prior_images=8), build_method("eata", 10), "cpu", None)
+    assert cfg.bn_warmup_release is True
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    assert eng.warmup_release and not eng.norm.warm_start and eng.describe()["bn_warmup_release"] is True
