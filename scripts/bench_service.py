@@ -234,12 +234,28 @@ def _mixed_round(url: str, tag: str, small: dict, big: dict, alone: list) -> dic
             "stream0_small": sm["labels"][f"{tag}-small0"], "stream0_alone": a["labels"][f"{tag}-alone0"]}
 
 
+def _start_servers(stack: contextlib.ExitStack, args: argparse.Namespace, configs: list[str],
+                   warm: dict[str, list[tuple[bytes, str]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One `mgg serve` per config (own snapshot folder, stopped when ``stack`` closes), each warmed up with
+    ``warm``; returns the servers by config and the last one's /info."""
+    import httpx
+
+    servers: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    for config in configs:
+        snaps = stack.enter_context(tempfile.TemporaryDirectory())
+        servers[config] = server = start_server(args, snaps, *_config_flags(config))
+        stack.callback(server.stop, timeout=60)
+        info = httpx.get(server.url + "/info", timeout=30).json()
+        _concurrent(server.url, warm)
+    return servers, info
+
+
 def run_mixed(args: argparse.Namespace) -> int:
     """Many small streams vs few big ones on the default service, for each config (fused steps off / on)."""
     import json
     import platform
 
-    import httpx
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     small_data = {k: _stream_data(args, k, args.small_images, args.small_requests) for k in range(args.small_streams)}
@@ -251,15 +267,8 @@ def run_mixed(args: argparse.Namespace) -> int:
           f"{args.big_streams} streams x {args.big_requests} of {args.big_images}; configs {configs}; "
           f"{args.rounds} rounds", flush=True)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
-    info: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:  # every config's server up at once; rounds alternate between them
-        servers = {}
-        for config in configs:
-            snaps = stack.enter_context(tempfile.TemporaryDirectory())
-            servers[config] = server = start_server(args, snaps, *_config_flags(config))
-            stack.callback(server.stop, timeout=60)
-            info = httpx.get(server.url + "/info", timeout=30).json()
-            _concurrent(server.url, {"warm-small": small[0][:2], "warm-big": big[0][:1]})
+        servers, info = _start_servers(stack, args, configs, {"warm-small": small[0][:2], "warm-big": big[0][:1]})
         for r in range(args.rounds):
             for config, server in servers.items():
                 res = _mixed_round(server.url, f"{config.replace('/', '_')}-r{r}", small, big, small[0])
@@ -406,7 +415,6 @@ def run_openloop(args: argparse.Namespace) -> int:
     config's server (rounds alternate between them): request p50/p99, mean queue wait, streams per fused step."""
     import json
 
-    import httpx
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     small = {k: [npy_body(x) for x in _stream_data(args, k, args.small_images, args.small_requests)[0]]
@@ -414,15 +422,8 @@ def run_openloop(args: argparse.Namespace) -> int:
     print(f"openloop: {args.small_streams} streams x {args.small_requests} requests of {args.small_images} images, "
           f"think {args.think_ms} ms x uniform(0.5, 1.5); configs {configs}; {args.rounds} rounds", flush=True)
     rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
-    info: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        servers = {}
-        for config in configs:
-            snaps = stack.enter_context(tempfile.TemporaryDirectory())
-            servers[config] = server = start_server(args, snaps, *_config_flags(config))
-            stack.callback(server.stop, timeout=60)
-            info = httpx.get(server.url + "/info", timeout=30).json()
-            _concurrent(server.url, {"warm-small": small[0][:2]})
+        servers, info = _start_servers(stack, args, configs, {"warm-small": small[0][:2]})
         for r in range(args.rounds):
             for config, server in servers.items():
                 m0 = _fused_metrics(server.url)
