@@ -814,13 +814,14 @@ class AdaptationEngine:
                 if reason is not None:                           # the statistics hurt too: full source hold
                     self._fall_back(state, reason, result, statistics=False)
             return
-        if g.judge_images is not None and not self._judge_due(state, n):
+        judged = n if g.judge_images is None else self._judge_due(state, n)  # images this judgement covers
+        if not judged:
             return
         reason = judge(g, job.guard_sig, state.images)
         if reason is None:
             if result.adapted:
                 before = state.healthy_streak
-                state.healthy_streak += n
+                state.healthy_streak += judged
                 if state.healthy_streak // g.anchor_every_images > before // g.anchor_every_images:
                     state.tensors["guard.backoff"] = torch.zeros_like(state.tensors["guard.backoff"])
                     state.anchor = {k: v.clone() for k, v in state.tensors.items()}
@@ -856,19 +857,21 @@ class AdaptationEngine:
         state.tensors["warm.slow"] = keep * slow + (1.0 - keep) * mean
         state.tensors["warm.slow_sq"] = keep * slow_sq + (1.0 - keep) * sq
 
-    def _judge_due(self, state: StreamState, n: int) -> bool:
-        """``GuardConfig.judge_images``: whether the guard judges after this request of ``n`` images (outside holds).
-        It judges once at least ``judge_images`` images arrived since its last judgement (``guard.since_judge``, zeroed
-        then, before a fallback or an anchor copies the state), so the decision rate is per image, not per request:
+    def _judge_due(self, state: StreamState, n: int) -> int:
+        """``GuardConfig.judge_images``: the images since the last judgement, this request of ``n`` included, when
+        the guard judges after it (outside holds), else 0. It judges once at least ``judge_images`` images arrived
+        since its last judgement (``guard.since_judge``, zeroed then, before a fallback or an anchor copies the
+        state); a healthy judgement adds all of them to the healthy streak, so anchors come every
+        ``anchor_every_images`` images whatever the request size. The decision rate is per image, not per request:
         judged after every request, a 4-image stream tests the same 64-image EMAs 16 times as often as a 64-image
         one and catches transient threshold crossings that the large requests never see (held-out replay: more
         fallbacks at b4 than at b64; docs/results/smallbatch/README.md, session 6)."""
         since = state.tensors["guard.since_judge"] + n
         if float(since) < float(self.config.guard.judge_images or 0):
             state.tensors["guard.since_judge"] = since
-            return False
+            return 0
         state.tensors["guard.since_judge"] = torch.zeros_like(since)
-        return True
+        return int(since)
 
     def _restart_warmup(self, state: StreamState) -> None:
         """The statistics warm-up restarts (``norm.seen`` := 0): on a detected domain shift (``bn_warmup_shift``) or

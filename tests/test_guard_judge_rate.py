@@ -78,3 +78,29 @@ def test_guard_judge_images_is_a_validated_setting_that_reaches_the_engine(monke
     assert cfg.guard.judge_images == 48
     eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
     assert eng.describe()["guard"]["judge_images"] == 48 and "guard.since_judge" in eng.new_state().tensors
+
+
+def _first_anchor(judge_images, size: int, anchor_every: int = 16) -> int:
+    """Images the stream had seen when the guard first took an anchor (a healthy stream, requests of ``size``)."""
+    healthy = {**HOLD, "min_agreement": 0.0, "max_excess_share": 1.01, "max_entropy_gap": 10.0,
+               "anchor_every_images": anchor_every}
+    eng = _engine("tent", guard=GuardConfig(**healthy, judge_images=judge_images), bn_stats="ema", bn_momentum=0.01,
+                  update_images=4)
+    st = eng.new_state(seed=2)
+    assert st.anchor is None
+    for i in range(80):
+        res = eng.step(st, _images(size, 300 + i))
+        assert not res.rolled_back
+        if st.anchor is not None:
+            return (i + 1) * size
+    raise AssertionError("the guard never took an anchor")
+
+
+def test_anchors_come_every_anchor_every_images_whatever_the_request_size():
+    """A judgement counts every image since the previous one toward the healthy streak: judged once per 16 images,
+    2-, 4- and 8-image streams take their first anchor after anchor_every_images images (before the fix a judgement
+    counted only its own request: 4-image requests anchored after 64 images, 1-image ones 16x less often)."""
+    for size in (2, 4, 8):
+        assert _first_anchor(16, size) == 16, size
+    assert _first_anchor(16, 4, anchor_every=32) == 32
+    assert _first_anchor(None, 4) == 16     # judged after every request: as before
