@@ -124,7 +124,8 @@ class StreamState:
             meta["annotations"] = json.dumps(self.annotations)
         cpu = {k: v.detach().cpu().contiguous() for k, v in out.items()}
         if all(t.dtype in _NUMPY_DTYPES for t in cpu.values()):
-            if _POINTER_SPECS:  # ``cpu`` keeps every tensor alive while serialize reads the pointers
+            if _POINTER_SPECS and all(t.numel() for t in cpu.values()):  # ``cpu`` keeps every tensor alive
+                # while serialize reads the pointers (an empty tensor may have a null pointer: the numpy path)
                 specs = {k: _TensorSpec(dtype=_NUMPY_NAMES[t.dtype], shape=t.shape, data_ptr=t.data_ptr(),
                                         data_len=t.numel() * t.element_size()) for k, t in cpu.items()}
                 return bytes(_serialize(specs, metadata=meta))

@@ -16,10 +16,11 @@ accuracy among the 16 vs alone); see run_mixed.
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python scripts/bench_service.py --mode mixed --out docs/results/fused
 
-``--mode openloop``: the latency cost of waiting for other streams when clients pause between requests (16 streams,
-think time uniform(0.5, 1.5) x --think-ms): request p50/p99, mean queue wait, streams per fused step, per config.
+``--mode think``: the latency cost of waiting for other streams when clients pause between an answer and their next
+request (closed loop with think time, 16 streams, think time uniform(0.5, 1.5) x --think-ms, the same sequence for
+every config): request p50/p99, mean queue wait, streams per fused step, per config.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_service.py --mode openloop --configs on/d5,on --rounds 2
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_service.py --mode think --configs on/d5,on --rounds 2
 """
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def _stream_data(args: argparse.Namespace, k: int, images: int, requests: int) -
 def _concurrent(url: str, streams: dict[str, list[tuple[bytes, str]]], think_s: float = 0.0) -> dict[str, Any]:
     """Every stream sends its requests one after the other, all streams at once; img/s over the wall time,
     per-request latencies, and each stream's predicted labels. ``think_s`` > 0: after each answer a stream waits
-    uniform(0.5, 1.5) x ``think_s`` before its next request (numpy default_rng(crc32 of its id))."""
+    uniform(0.5, 1.5) x ``think_s`` before its next request (numpy default_rng(crc32 of the id's last two parts,
+    e.g. "r0-s3": the same sequence for every config))."""
     import threading
     import zlib
 
@@ -155,7 +157,7 @@ def _concurrent(url: str, streams: dict[str, list[tuple[bytes, str]]], think_s: 
 
     def run(sid: str, bodies: list[tuple[bytes, str]]) -> None:
         out: list[int] = []
-        rng = np.random.default_rng(zlib.crc32(sid.encode()))
+        rng = np.random.default_rng(zlib.crc32("-".join(sid.rsplit("-", 2)[-2:]).encode()))  # round + stream
         with httpx.Client(base_url=url, timeout=600) as c:
             barrier.wait()
             for i, (body, ctype) in enumerate(bodies):
@@ -409,7 +411,7 @@ def _mixed_markdown(protocol: dict[str, Any], summary: dict[str, dict[str, float
             + "\n```\n\nProtocol: see mixed.json (`protocol`).\n")
 
 
-def run_openloop(args: argparse.Namespace) -> int:
+def run_think(args: argparse.Namespace) -> int:
     """The latency cost of waiting for other streams when clients are not in lock-step: ``--small-streams`` streams
     of ``--small-images``-image requests, each waiting uniform(0.5, 1.5) x ``--think-ms`` after every answer, on each
     config's server (rounds alternate between them): request p50/p99, mean queue wait, streams per fused step."""
@@ -419,7 +421,7 @@ def run_openloop(args: argparse.Namespace) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     small = {k: [npy_body(x) for x in _stream_data(args, k, args.small_images, args.small_requests)[0]]
              for k in range(args.small_streams)}
-    print(f"openloop: {args.small_streams} streams x {args.small_requests} requests of {args.small_images} images, "
+    print(f"think: {args.small_streams} streams x {args.small_requests} requests of {args.small_images} images, "
           f"think {args.think_ms} ms x uniform(0.5, 1.5); configs {configs}; {args.rounds} rounds", flush=True)
     rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     with contextlib.ExitStack() as stack:
@@ -441,7 +443,8 @@ def run_openloop(args: argparse.Namespace) -> int:
                 print(f"  {config:>8} round {r + 1}: p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
                       f"queue wait {row['queue_wait_ms'] or 0:.1f} ms, "
                       f"{row['streams_per_step'] or 0:.1f} streams/step, {row['img_s']:.1f} img/s", flush=True)
-    summary = {c: {k: float(np.median([row[k] or 0.0 for row in rows])) for k in rows[0]} for c, rows in rounds.items()}
+    summary = {c: {k: float(np.median(v)) if (v := [row[k] for row in rows if row[k] is not None]) else float("nan")
+                   for k in rows[0]} for c, rows in rounds.items()}
     for c, row in summary.items():
         print(f"{c:>8}: p50/p99 {row['p50_ms']:.0f}/{row['p99_ms']:.0f} ms, queue wait {row['queue_wait_ms']:.1f} ms, "
               f"{row['streams_per_step']:.1f} streams/step, {row['img_s']:.1f} img/s")
@@ -450,16 +453,17 @@ def run_openloop(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         protocol = {**_mixed_protocol(args, info, configs), "think_ms": args.think_ms,
                     "clients": "one thread per stream; after each answer it waits uniform(0.5, 1.5) x think_ms"}
-        (out / "openloop.json").write_text(json.dumps({"protocol": protocol, "summary": summary, "rounds": rounds},
+        (out / "think.json").write_text(json.dumps({"protocol": protocol, "summary": summary, "rounds": rounds},
                                                       indent=1) + "\n")
         rows = ["| config | p50 / p99 ms | mean queue wait ms | streams per fused step | img/s |", "|" + " --- |" * 5]
         rows += [f"| {c} | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {r['queue_wait_ms']:.1f} | "
                  f"{r['streams_per_step']:.1f} | {r['img_s']:.1f} |" for c, r in summary.items()]
-        (out / "openloop.md").write_text(
-            f"# Open-loop clients: the latency cost of fused steps (issue 10)\n\n{args.small_streams} streams of "
+        (out / "think.md").write_text(
+            "# Clients that think between requests: the latency cost of fused steps (issue 10)\n\n"
+            f"{args.small_streams} streams of "
             f"{args.small_images}-image requests, each waiting uniform(0.5, 1.5) x {args.think_ms} ms after every "
             "answer. Medians over rounds.\n\n" + "\n".join(rows) + f"\n\n```\n{protocol['command']}\n```\n")
-        print(f"wrote {out / 'openloop.json'} and {out / 'openloop.md'}")
+        print(f"wrote {out / 'think.json'} and {out / 'think.md'}")
     return 0
 
 
@@ -468,15 +472,15 @@ def main(argv: list[str] | None = None) -> int:
     add_server_args(p, batches=40, batches_help="timed batches")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; medians are reported")
-    p.add_argument("--mode", choices=["inprocess", "mixed", "openloop"], default="inprocess",
+    p.add_argument("--mode", choices=["inprocess", "mixed", "think"], default="inprocess",
                    help="inprocess: one stream over HTTP vs the in-process loop (above); mixed: many small streams "
-                   "vs few big ones, fused steps off vs on (run_mixed below); openloop: the latency cost of fused "
-                   "steps for clients that pause between requests (run_openloop)")
+                   "vs few big ones, fused steps off vs on (run_mixed below); think: the latency cost of fused "
+                   "steps for clients that pause between an answer and their next request (run_think)")
     add_mixed_args(p)
-    p.add_argument("--think-ms", type=float, default=300.0, help="openloop: mean pause after each answer")
+    p.add_argument("--think-ms", type=float, default=300.0, help="think: mean pause after each answer")
     args = p.parse_args(argv)
-    if args.mode in ("mixed", "openloop"):
-        return {"mixed": run_mixed, "openloop": run_openloop}[args.mode](args)
+    if args.mode in ("mixed", "think"):
+        return {"mixed": run_mixed, "think": run_think}[args.mode](args)
 
     from service.settings import ServiceSettings
 

@@ -30,11 +30,14 @@ Contract.
     for: streams that send now and then, or at irregular times (an open-loop camera), cost the others little or
     no delay, however long ``max_delay_s`` is. A stream is waited for until ``late_factor`` x (think time +
     spread) + ``late_margin_s`` after its last call ended, not longer. A stream without a think time yet (it has
-    submitted once) is waited for up to the delay. A stream in a running call is due when that call's predicted
-    end (its start + the average call length) plus its think time is before the deadline. A stream whose last
-    request would not fit in the call's remaining image budget is not waited for. Closed-loop clients
-    (the next request follows the answer) therefore fall into step: all of them in one call, every call (one
-    call of 16 streams costs far less than two of 8 on a CPU, docs/results/fused).
+    submitted once) is waited for at most ``unknown_wait_s`` from the call's oldest item (the old 5 ms delay), so
+    one-off streams cost the others little. A stream in a running call is due when that call's predicted end (its
+    start + the average call length) plus its think time and spread is before the deadline; one without a think
+    time is not waited for. A stream whose last request would not fit in the call's remaining image budget is not
+    waited for, nor is its request on its way. Think times are kept ``think_horizon_s`` after a stream's last
+    activity, longer than the active window, so a stream that sends less often than the window keeps its own.
+    Closed-loop clients (the next request follows the answer) therefore fall into step: all of them in one call,
+    every call (one call of 16 streams costs far less than two of 8 on a CPU, docs/results/fused).
 * Per item, in the call's worker thread: ``before(state)`` (e.g. an exact reset), the fused step, ``after(state,
   result)`` (e.g. predictions after the update). A call of a single stream is ``engine.step`` (the same answer by
   ``step_many``'s contract; a lone stream pays nothing for fusing). An exception in ``before`` or ``after`` fails
@@ -85,10 +88,14 @@ class BatchLimits:
     late_factor: float = 2.0
     late_margin_s: float = 0.005
     think_ema: float = 0.5
+    unknown_wait_s: float = 0.005
+    think_horizon_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.max_delay_s < 0 or self.active_window_s < 0 or self.late_margin_s < 0:
-            raise ValueError("max_delay_s, active_window_s and late_margin_s must be >= 0")
+        if min(self.max_delay_s, self.active_window_s, self.late_margin_s, self.unknown_wait_s,
+               self.think_horizon_s) < 0:
+            raise ValueError("max_delay_s, active_window_s, late_margin_s, unknown_wait_s and think_horizon_s must "
+                             "be >= 0")
         if self.late_factor < 1:
             raise ValueError("late_factor must be >= 1")
         if not 0 < self.think_ema <= 1:
@@ -144,6 +151,8 @@ class FusedScheduler:
         self._ended: dict[Hashable, float] = {}  # key -> monotonic end of its last call (while in the window)
         self._think: dict[Hashable, float] = {}  # key -> average seconds from the end of a call to its next submit
         self._spread: dict[Hashable, float] = {}  # key -> average absolute deviation of those seconds
+        self._last: dict[Hashable, float] = {}  # key -> its last submit or call end (think state kept for a horizon)
+        self._pruned = time.monotonic()
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self._calls: set[asyncio.Task] = set()
@@ -161,9 +170,11 @@ class FusedScheduler:
             raise SchedulerClosed("the scheduler is closed")
         item = _Item(key, state, x, int(x.shape[0]), before, after, asyncio.get_running_loop().create_future())
         self._queue.append(item)
-        self._seen[key] = item.t
+        self._seen[key] = self._last[key] = item.t
         self._sizes[key] = item.n
         self._learn_think(key, item.t)
+        if item.t - self._pruned >= 1.0:  # amortised: the dicts stay bounded even while calls are always full
+            self._prune(item.t)
         self._wake.set()
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="mgg-fused-scheduler")
@@ -278,31 +289,44 @@ class FusedScheduler:
         late = since + self.limits.late_factor * (busy_s + think) + self.limits.late_margin_s
         return late if now < late else None
 
-    def _expected(self, deadline: float, room: int) -> tuple[bool, float | None]:
-        """Whether another stream's item may still join before ``deadline`` (a stream with a request on its way, or
-        a recently active one that is due and whose last request would fit in ``room`` images; neither queued nor
-        running), and until when, at the latest, the due ones are worth waiting for (None: a request on its way
-        is expected until the delay ends)."""
-        now = time.monotonic()
+    def _prune(self, now: float) -> None:
+        """Forget streams: out of the active window (no longer expected), and their think times ``think_horizon_s``
+        after their last submit or call end (kept longer than the window, so a stream that sends less often than
+        the window still has a think time, and is not taken for a new one)."""
         lim = self.limits
         for key, t in list(self._seen.items()):
-            if now - t >= lim.active_window_s:
+            if now - t >= lim.active_window_s and key not in self._running:
                 del self._seen[key]
+        for key, t in list(self._last.items()):
+            if now - t >= lim.think_horizon_s and key not in self._running:
+                del self._last[key]
                 for known in (self._ended, self._think, self._spread, self._sizes):
                     known.pop(key, None)
+        self._pruned = now
+
+    def _expected(self, oldest: float, deadline: float, room: int) -> tuple[bool, float | None]:
+        """Whether another stream's item may still join before ``deadline`` (a stream with a request on its way, or
+        a recently active one that is due; neither queued nor running; in both cases only if its last request
+        would fit in ``room`` images), and until when, at the latest, it is worth waiting for (None: a request on
+        its way is expected until the delay ends). ``oldest``: the arrival of the call's oldest item."""
+        now = time.monotonic()
+        self._prune(now)
         present = {i.key for i in self._queue} | self._running
-        if self._incoming is not None and set(self._incoming()) - present:
+        if self._incoming is not None and any(
+                self._sizes.get(key, 0) <= room for key in set(self._incoming()) - present):
             return True, None
         until: list[float] = []
-        for key, t in self._seen.items():
+        for key in self._seen:
             if self._sizes.get(key, 0) > room:  # its requests would not fit in this call
                 continue
             if key in self._running:  # back after its call and its think time: due if that is before the deadline
                 late = self._due(key, self._started.get(key), self._call_s, deadline, now)
             elif key in present:
                 continue
-            elif key not in self._think or key not in self._ended:  # no think time yet: expected in the window
-                late = t + lim.active_window_s
+            elif key not in self._think or key not in self._ended:  # no think time yet: a short wait, as for 5 ms
+                late = min(oldest + min(self.limits.unknown_wait_s, self.limits.max_delay_s),
+                           self._seen[key] + self.limits.active_window_s)  # and while in the window
+                late = late if now < late else None
             else:
                 late = self._due(key, self._ended[key], 0.0, deadline, now)
             if late is not None:
@@ -316,7 +340,8 @@ class FusedScheduler:
             if not batch or self._full(batch):
                 return
             deadline = batch[0].t + self.limits.max_delay_s
-            expected, until = self._expected(deadline, self.limits.max_images - sum(i.n for i in batch))
+            expected, until = self._expected(batch[0].t, deadline,
+                                             self.limits.max_images - sum(i.n for i in batch))
             if not expected:
                 return
             left = (deadline if until is None else min(deadline, until)) - time.monotonic()
@@ -341,6 +366,7 @@ class FusedScheduler:
         self._running |= keys
         start = time.monotonic()
         self._started.update(dict.fromkeys(keys, start))
+        self._wake.set()  # a call being formed meanwhile sees these streams running now, not missing
         m = self.metrics
         if m is not None:
             m.fused_streams.observe(len(batch))
@@ -358,8 +384,7 @@ class FusedScheduler:
             self._call_s = ended - start if self._call_s is None else (1 - a) * self._call_s + a * (ended - start)
             for key in keys:
                 self._started.pop(key, None)
-                if key in self._seen:
-                    self._ended[key] = ended
+                self._ended[key] = self._last[key] = ended
             self._slots.release()
             self._wake.set()
         for item, out in zip(batch, outs, strict=True):

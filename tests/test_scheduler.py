@@ -128,7 +128,7 @@ def test_recently_active_streams_are_expected_and_a_lone_stream_never_waits():
     eng = RecordingEngine()
 
     async def main():
-        s = sched(eng, max_delay_s=60.0, active_window_s=60.0)
+        s = sched(eng, max_delay_s=60.0, active_window_s=60.0, unknown_wait_s=60.0)
         for _ in range(3):  # alone: nothing else was active, nothing on its way: no waiting despite the delay
             await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)
         await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
@@ -147,7 +147,7 @@ def test_a_stream_past_the_active_window_is_no_longer_waited_for():
     eng = RecordingEngine()
 
     async def main():
-        s = sched(eng, max_delay_s=60.0, active_window_s=0.2)
+        s = sched(eng, max_delay_s=60.0, active_window_s=0.2, unknown_wait_s=60.0)
         await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
         a = asyncio.create_task(s.submit("a", state("a"), x(1)))
         done, _ = await asyncio.wait({a}, timeout=0.05)
@@ -165,7 +165,7 @@ def test_a_stream_that_comes_back_later_than_the_delay_is_not_waited_for():
     eng = RecordingEngine()
 
     async def main():
-        s = sched(eng, max_delay_s=0.5, active_window_s=60.0)
+        s = sched(eng, max_delay_s=0.5, active_window_s=60.0, unknown_wait_s=60.0)
         waits = []
         for _ in range(3):
             await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
@@ -190,7 +190,7 @@ def test_a_stream_that_comes_back_quickly_is_waited_for_and_given_up_when_late()
     eng = RecordingEngine()
 
     async def main():
-        s = sched(eng, max_delay_s=60.0, active_window_s=60.0, late_margin_s=0.1)
+        s = sched(eng, max_delay_s=60.0, active_window_s=60.0, late_margin_s=0.5)
         for _ in range(3):  # learn b's think time: b submits again right after its answer
             await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
         a = asyncio.create_task(s.submit("a", state("a"), x(1)))
@@ -204,7 +204,7 @@ def test_a_stream_that_comes_back_quickly_is_waited_for_and_given_up_when_late()
         return waited
 
     waited = run(main())
-    assert 0.05 < waited < 2.0
+    assert 0.3 < waited < 3.0
     assert [len(c) for c in eng.calls] == [2, 2, 2, 2, 1]
 
 
@@ -279,8 +279,68 @@ def test_a_stream_whose_requests_would_not_fit_is_not_waited_for():
     assert eng.calls == [[("a", 1), ("b", 8)], [("a", 4)]]
 
 
+def test_a_stream_sending_less_often_than_the_window_keeps_its_think_time():
+    """b comes back every 0.3 s, longer than the 0.25 s active window: its think time is still learned (kept for
+    think_horizon_s), so a's call does not take b for a new stream and goes at once."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=0.2, active_window_s=0.25, unknown_wait_s=60.0)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        for _ in range(2):
+            await asyncio.sleep(0.3)
+            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        t0 = time.monotonic()
+        await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)
+        waited = time.monotonic() - t0
+        await s.close()
+        return s, waited
+
+    s, waited = run(main())
+    assert s._think["b"] == pytest.approx(0.3, abs=0.15)
+    assert waited < 0.15  # unknown, b would be waited for the whole 0.2 s delay
+
+
+def test_streams_taken_by_a_capped_call_count_as_running_at_once():
+    """Two slots, 2 streams per call: two of a, b, c fill the first call (held in the engine), the third's call is
+    formed while the first starts. Its streams are running (not missing streams to wait for), so the third goes at
+    once instead of after the 0.5 s delay."""
+    gate = threading.Event()
+    eng = RecordingEngine(gate=gate)
+
+    async def main():
+        s = sched(eng, max_concurrent=2, max_streams=2, max_delay_s=0.5, active_window_s=60.0, unknown_wait_s=60.0)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, gate.set)
+        t0 = time.monotonic()
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)),
+                             s.submit("c", state("c"), x(1)))
+        waited = time.monotonic() - t0
+        await s.close()
+        return waited
+
+    assert run(main()) < 0.35
+    assert sorted(len(c) for c in eng.calls) == [1, 2]
+
+
+def test_a_request_on_its_way_that_would_not_fit_is_not_waited_for():
+    """``incoming`` names a stream whose last request (8 images) would not fit in the 10-image budget next to a's 4:
+    a's call does not wait for it."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, incoming=lambda: {"big"}, max_delay_s=60.0, active_window_s=60.0, max_images=10)
+        await asyncio.gather(s.submit("big", state("big"), x(8)))
+        await asyncio.wait_for(s.submit("a", state("a"), x(4)), 5)  # would wait the 60 s delay for "big"
+        await s.close()
+
+    run(main())
+    assert eng.calls == [[("big", 8)], [("a", 4)]]
+
+
 def test_think_limits_are_validated():
-    for bad in (dict(late_factor=0.5), dict(late_margin_s=-1.0), dict(think_ema=0.0), dict(think_ema=1.5)):
+    for bad in (dict(late_factor=0.5), dict(late_margin_s=-1.0), dict(think_ema=0.0), dict(think_ema=1.5),
+                dict(unknown_wait_s=-1.0), dict(think_horizon_s=-1.0)):
         with pytest.raises(ValueError):
             BatchLimits(**bad)
 

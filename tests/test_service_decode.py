@@ -172,17 +172,19 @@ def test_npy_headers_decode_in_parallel_threads():
                 errors.append(exc.message)
 
     old_threshold, old_interval = gc.get_threshold(), sys.getswitchinterval()
-    gc.set_threshold(1, 1, 1)
-    sys.setswitchinterval(0.0001)
-    gc.callbacks.append(pause)
+    threads = [threading.Thread(target=work) for _ in range(4)]
     try:
-        threads = [threading.Thread(target=work) for _ in range(4)]
+        gc.set_threshold(1, 1, 1)
+        sys.setswitchinterval(0.0001)
+        gc.callbacks.append(pause)
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
     finally:
-        gc.callbacks.remove(pause)
+        if pause in gc.callbacks:
+            gc.callbacks.remove(pause)
         gc.set_threshold(*old_threshold)
         sys.setswitchinterval(old_interval)
+    assert not any(t.is_alive() for t in threads)
     assert not errors, errors[:3]
