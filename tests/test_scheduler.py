@@ -241,6 +241,20 @@ async def _until_running(s: FusedScheduler, key: str) -> None:
         await asyncio.sleep(0.005)
 
 
+async def _b_paces_then_a_alone(s: FusedScheduler, gaps: tuple[float, ...]) -> float:
+    """a and b step together, then again after each pause in ``gaps`` (b's think times); then a alone: returns how
+    long a's lone call took (closes ``s``)."""
+    await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+    for gap in gaps:
+        await asyncio.sleep(gap)
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+    t0 = time.monotonic()
+    await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)
+    waited = time.monotonic() - t0
+    await s.close()
+    return waited
+
+
 def test_a_stream_whose_think_time_varies_more_than_the_delay_is_not_waited_for():
     """b comes back after 0.6 s, then at once, alternately: its average think time (~0.23 s) is within the 0.4 s
     delay, but its spread is not, so a's call does not wait for it (an open-loop client is not predictable)."""
@@ -248,15 +262,7 @@ def test_a_stream_whose_think_time_varies_more_than_the_delay_is_not_waited_for(
 
     async def main():
         s = sched(eng, max_delay_s=0.4, active_window_s=60.0)
-        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
-        for gap in (0.6, 0.0, 0.6, 0.0):
-            await asyncio.sleep(gap)
-            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
-        t0 = time.monotonic()
-        await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)
-        waited = time.monotonic() - t0
-        await s.close()
-        return s, waited
+        return s, await _b_paces_then_a_alone(s, (0.6, 0.0, 0.6, 0.0))
 
     s, waited = run(main())
     assert s._think["b"] < 0.4 < s._think["b"] + s._spread["b"]
@@ -286,15 +292,7 @@ def test_a_stream_sending_less_often_than_the_window_keeps_its_think_time():
 
     async def main():
         s = sched(eng, max_delay_s=0.2, active_window_s=0.25, unknown_wait_s=60.0)
-        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
-        for _ in range(2):
-            await asyncio.sleep(0.3)
-            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
-        t0 = time.monotonic()
-        await asyncio.wait_for(s.submit("a", state("a"), x(1)), 5)
-        waited = time.monotonic() - t0
-        await s.close()
-        return s, waited
+        return s, await _b_paces_then_a_alone(s, (0.3, 0.3))
 
     s, waited = run(main())
     assert s._think["b"] == pytest.approx(0.3, abs=0.15)
