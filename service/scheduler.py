@@ -143,12 +143,11 @@ class FusedScheduler:
         self._incoming = incoming
         self._slots = asyncio.Semaphore(max_concurrent)
         self._queue: deque[_Item] = deque()
-        self._running: set[Hashable] = set()
-        self._started: dict[Hashable, float] = {}  # key -> monotonic start of the running call that holds it
+        self._running: dict[Hashable, float] = {}  # key -> monotonic start of the running call that holds it
         self._call_s: float | None = None  # average seconds of a call (start to end)
         self._sizes: dict[Hashable, int] = {}  # key -> images of its last request (while in the window)
         self._seen: dict[Hashable, float] = {}  # key -> monotonic time of its last submit (within the window)
-        self._ended: dict[Hashable, float] = {}  # key -> monotonic end of its last call (while in the window)
+        self._ended: dict[Hashable, float] = {}  # key -> monotonic end of its last call, until its next submit
         self._think: dict[Hashable, float] = {}  # key -> average seconds from the end of a call to its next submit
         self._spread: dict[Hashable, float] = {}  # key -> average absolute deviation of those seconds
         self._last: dict[Hashable, float] = {}  # key -> its last submit or call end (think state kept for a horizon)
@@ -257,7 +256,7 @@ class FusedScheduler:
         that could join (its stream is neither in it nor running) was left out by the image budget."""
         if len(batch) >= self.limits.max_streams or sum(i.n for i in batch) >= self.limits.max_images:
             return True
-        taken, keys = {id(i) for i in batch}, {i.key for i in batch} | self._running
+        taken, keys = {id(i) for i in batch}, {i.key for i in batch} | self._running.keys()
         return any(id(i) not in taken and i.key not in keys and not i.fut.done() for i in self._queue)
 
     def _learn_think(self, key: Hashable, submitted: float) -> None:
@@ -274,14 +273,13 @@ class FusedScheduler:
             self._think[key] = (1 - a) * old + a * gap
             self._spread[key] = (1 - a) * self._spread[key] + a * abs(gap - old)
 
-    def _due(self, key: Hashable, since: float | None, busy_s: float | None, deadline: float, now: float
-             ) -> float | None:
+    def _due(self, key: Hashable, since: float, busy_s: float | None, deadline: float, now: float) -> float | None:
         """Until when ``key`` is worth waiting for: its next submit is predicted at ``since + busy_s + think`` (the
         end of its call, or the start of its running call plus a call's average length, then its think time); None
         when that is after ``deadline``, unknown, or already late (``late_factor`` x (busy + think) +
         ``late_margin_s`` after ``since``)."""
         think = self._think.get(key)
-        if since is None or busy_s is None or think is None:
+        if busy_s is None or think is None:
             return None
         think += self._spread[key]  # pessimistic: a stream whose think time varies more than the delay is not due
         if since + busy_s + think > deadline:
@@ -311,7 +309,7 @@ class FusedScheduler:
         its way is expected until the delay ends). ``oldest``: the arrival of the call's oldest item."""
         now = time.monotonic()
         self._prune(now)
-        present = {i.key for i in self._queue} | self._running
+        present = {i.key for i in self._queue} | self._running.keys()
         if self._incoming is not None and any(
                 self._sizes.get(key, 0) <= room for key in set(self._incoming()) - present):
             return True, None
@@ -320,7 +318,7 @@ class FusedScheduler:
             if self._sizes.get(key, 0) > room:  # its requests would not fit in this call
                 continue
             if key in self._running:  # back after its call and its think time: due if that is before the deadline
-                late = self._due(key, self._started.get(key), self._call_s, deadline, now)
+                late = self._due(key, self._running[key], self._call_s, deadline, now)
             elif key in present:
                 continue
             elif key not in self._think or key not in self._ended:  # no think time yet: a short wait, as for 5 ms
@@ -363,9 +361,8 @@ class FusedScheduler:
 
     async def _run(self, batch: list[_Item]) -> None:
         keys = {i.key for i in batch}
-        self._running |= keys
         start = time.monotonic()
-        self._started.update(dict.fromkeys(keys, start))
+        self._running.update(dict.fromkeys(keys, start))
         self._wake.set()  # a call being formed meanwhile sees these streams running now, not missing
         m = self.metrics
         if m is not None:
@@ -378,12 +375,11 @@ class FusedScheduler:
         except Exception as exc:  # noqa: BLE001 - delivered to every caller of this call
             outs = [exc] * len(batch)
         finally:
-            self._running -= keys
             ended = time.monotonic()
             a = self.limits.think_ema
             self._call_s = ended - start if self._call_s is None else (1 - a) * self._call_s + a * (ended - start)
             for key in keys:
-                self._started.pop(key, None)
+                del self._running[key]
                 self._ended[key] = self._last[key] = ended
             self._slots.release()
             self._wake.set()
