@@ -62,6 +62,13 @@ FUSE_MAX_IMAGES = {"segment": 32, "vmap": 16}
 WARMUP_SLOW_IMAGES = 64
 
 
+def _slow_variance(state: StreamState) -> torch.Tensor:
+    """Per-feature variance of ``bn_warmup_shift``'s slow descriptor reference (``warm.slow``, ``warm.slow_sq``),
+    floored at 1e-4."""
+    slow = state.tensors["warm.slow"]
+    return (state.tensors["warm.slow_sq"] - slow.pow(2)).clamp(min=0) + 1e-4
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -848,7 +855,7 @@ class AdaptationEngine:
             state.tensors["warm.slow"], state.tensors["warm.slow_sq"] = mean, sq
             return
         fast = state.tensors["guard.shift_fast"].double()
-        var = (slow_sq - slow.pow(2)).clamp(min=0) + 1e-4
+        var = _slow_variance(state)
         if float(state.tensors["guard.hold"]) <= 0 and float(((fast - slow).abs() / var.sqrt()).max()) > \
                 self.warmup_shift:
             self._restart_warmup(state)
@@ -884,8 +891,7 @@ class AdaptationEngine:
         if slow is None or bool(torch.isnan(slow).any()):
             return
         fast = state.tensors["guard.shift_fast"].double()
-        var = (state.tensors["warm.slow_sq"] - slow.pow(2)).clamp(min=0) + 1e-4
-        state.tensors["warm.slow"], state.tensors["warm.slow_sq"] = fast.clone(), fast.pow(2) + var
+        state.tensors["warm.slow"], state.tensors["warm.slow_sq"] = fast.clone(), fast.pow(2) + _slow_variance(state)
 
     def _fall_back(self, state: StreamState, reason: RollbackReason, result: StepResult,
                    statistics: bool = True) -> None:
