@@ -216,6 +216,12 @@ def _config_flags(config: str) -> list[str]:
     return flags
 
 
+def _mean_between(m0: dict[str, float], m1: dict[str, float], histogram: str) -> float | None:
+    """The mean of ``histogram``'s observations between two :func:`_fused_metrics` readings (None: none)."""
+    count = m1.get(histogram + "_count", 0.0) - m0.get(histogram + "_count", 0.0)
+    return (m1.get(histogram + "_sum", 0.0) - m0.get(histogram + "_sum", 0.0)) / count if count else None
+
+
 def _mixed_round(url: str, tag: str, small: dict, big: dict, alone: list) -> dict[str, Any]:
     """One round on one server: the big streams, the small streams, then stream 0 alone (fresh stream ids)."""
     before = _fused_metrics(url)
@@ -226,12 +232,8 @@ def _mixed_round(url: str, tag: str, small: dict, big: dict, alone: list) -> dic
     a = _concurrent(url, {f"{tag}-alone0": alone})
     per_step = {}
     for name, (m0, m1) in (("big", (before, mid)), ("small", (mid, after))):
-        calls = m1.get("tta_fused_step_streams_count", 0) - m0.get("tta_fused_step_streams_count", 0)
-        streams = m1.get("tta_fused_step_streams_sum", 0) - m0.get("tta_fused_step_streams_sum", 0)
-        per_step[name] = streams / calls if calls else None
-        writes = m1.get("tta_commit_group_streams_count", 0) - m0.get("tta_commit_group_streams_count", 0)
-        carried = m1.get("tta_commit_group_streams_sum", 0) - m0.get("tta_commit_group_streams_sum", 0)
-        per_step[name + "_per_write"] = carried / writes if writes else None
+        per_step[name] = _mean_between(m0, m1, "tta_fused_step_streams")
+        per_step[name + "_per_write"] = _mean_between(m0, m1, "tta_commit_group_streams")
     return {"big": b, "small": sm, "alone": a, "streams_per_fused_step": per_step,
             "stream0_small": sm["labels"][f"{tag}-small0"], "stream0_alone": a["labels"][f"{tag}-alone0"]}
 
@@ -432,13 +434,10 @@ def run_think(args: argparse.Namespace) -> int:
                 res = _concurrent(server.url, {f"{config.replace('/', '_')}-r{r}-s{k}": v for k, v in small.items()},
                                   think_s=args.think_ms / 1000)
                 m1 = _fused_metrics(server.url)
-                d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in m1}
-                calls = d.get("tta_fused_step_streams_count", 0.0)
-                waits = d.get("tta_fused_queue_wait_seconds_count", 0.0)
+                wait = _mean_between(m0, m1, "tta_fused_queue_wait_seconds")
                 row = {"img_s": res["img_s"], "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
-                       "streams_per_step": d.get("tta_fused_step_streams_sum", 0.0) / calls if calls else None,
-                       "queue_wait_ms": (1000 * d.get("tta_fused_queue_wait_seconds_sum", 0.0) / waits
-                                         if waits else None)}
+                       "streams_per_step": _mean_between(m0, m1, "tta_fused_step_streams"),
+                       "queue_wait_ms": None if wait is None else 1000 * wait}
                 rounds[config].append(row)
                 print(f"  {config:>8} round {r + 1}: p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
                       f"queue wait {row['queue_wait_ms'] or 0:.1f} ms, "
