@@ -52,25 +52,46 @@ def softmax_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return p, ent
 
 
-def make_predictions(logits: torch.Tensor, class_names: list[str], topk: int) -> list[dict[str, Any]]:
-    """Per-row label, class name, softmax score, entropy (nats) and the ``topk`` best classes."""
-    p, ent = softmax_outputs(logits)
-    k = min(topk, p.shape[1])
-    top_p, top_i = p.topk(k, dim=1)
+@dataclass(frozen=True)
+class Outputs:
+    """What every protocol answers about one step's images, computed once and off the event loop (in the step's
+    worker thread, where the step's own torch calls run: a torch call releases the GIL, and on the event loop each
+    one would queue behind the busy worker threads for the GIL again). ``probs``: softmax probabilities (N x C),
+    ``entropy``: prediction entropies in nats (N), both float32 CPU tensors (:func:`softmax_outputs`);
+    ``top_p`` / ``top_i``: each row's ``topk`` best scores and labels as Python lists, best first."""
+
+    probs: torch.Tensor
+    entropy: torch.Tensor
+    top_p: list[list[float]]
+    top_i: list[list[int]]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, topk: int) -> Outputs:
+        p, ent = softmax_outputs(logits)
+        top_p, top_i = p.topk(min(topk, p.shape[1]), dim=1)
+        return cls(p, ent, top_p.tolist(), top_i.tolist())
+
+
+def predictions(outputs: Outputs, class_names: list[str]) -> list[dict[str, Any]]:
+    """Per-row label, class name, softmax score, entropy (nats) and the top-k best classes (pure Python: no torch
+    call on the event loop)."""
     out = []
-    for row in range(p.shape[0]):
-        idx = top_i[row].tolist()
-        sc = top_p[row].tolist()
+    for idx, sc, ent in zip(outputs.top_i, outputs.top_p, outputs.entropy.tolist(), strict=True):
         out.append(
             {
                 "label": idx[0],
                 "class_name": class_names[idx[0]],
                 "score": sc[0],
-                "entropy": float(ent[row]),
+                "entropy": ent,
                 "topk": [{"label": i, "class_name": class_names[i], "score": s} for i, s in zip(idx, sc, strict=True)],
             }
         )
     return out
+
+
+def make_predictions(logits: torch.Tensor, class_names: list[str], topk: int) -> list[dict[str, Any]]:
+    """Per-row label, class name, softmax score, entropy (nats) and the ``topk`` best classes of ``logits``."""
+    return predictions(Outputs.of(logits, topk), class_names)
 
 
 def persist_error(exc: PersistError) -> ApiError:
@@ -92,10 +113,11 @@ def finite(v: float | None) -> float | None:
 @dataclass
 class StepOutcome:
     """What one step on a stream gives every protocol: the engine's result, the answered logits (CPU, float32;
-    before the update unless ``post_update``) and the stream's step count after it."""
+    before the update unless ``post_update``), their :class:`Outputs` and the stream's step count after it."""
 
     result: StepResult
     logits: torch.Tensor
+    outputs: Outputs
     step: int
     post_update: bool
     answer: Answer | None = None  # a keyed request's answer, rendered and recorded in the job
@@ -161,7 +183,8 @@ class DataPlane:
 
         def after(state: StreamState, res: StepResult) -> StepOutcome:
             logits = engine.predict(state, x.to(rt.device, non_blocking=True)) if post else res.logits
-            out = StepOutcome(res, logits.detach().float().cpu(), int(state.step), post)
+            logits = logits.detach().float().cpu()
+            out = StepOutcome(res, logits, Outputs.of(logits, settings.topk), int(state.step), post)
             if idem is not None:  # recorded in the state: persisted with the step
                 out.answer = idem.record(state, ticket.entry.id, out)
             return out
@@ -234,7 +257,7 @@ class DataPlane:
     ) -> PredictResponse:
         """The ``POST /predict`` answer of one step."""
         res = out.result
-        preds = make_predictions(out.logits, rt.class_names, self.svc.settings.topk)
+        preds = predictions(out.outputs, rt.class_names)
         return PredictResponse(
             stream_id=stream_id,
             step=out.step,
@@ -275,4 +298,5 @@ class DataPlane:
             metrics.hold_releases.labels(reason=str(res.hold_released)).inc()
 
 
-__all__ = ["DataPlane", "StepOutcome", "finite", "make_predictions", "persist_error", "softmax_outputs"]
+__all__ = ["DataPlane", "Outputs", "StepOutcome", "finite", "make_predictions", "persist_error", "predictions",
+           "softmax_outputs"]

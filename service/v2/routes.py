@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +27,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..dataplane import DataPlane, StepOutcome, finite, softmax_outputs
+from ..dataplane import DataPlane, StepOutcome, finite
 from ..decode import DecodedBatch, DecodeError, decode_body
 from ..errors import ApiError
 from ..idempotency import IDEMPOTENCY_HEADER, REPLAY_HEADER, Answer, check_key
@@ -272,9 +273,9 @@ def step_parameters(sequence_id: int | str, out: StepOutcome, unloaded: bool | N
 
 def step_tensors(out: StepOutcome) -> dict[str, Any]:
     """The output tensors of one step as numpy arrays, keyed by :data:`OUTPUTS` name."""
-    probs, ent = softmax_outputs(out.logits)
-    labels = probs.topk(1, dim=1).indices[:, 0]
-    return {"probabilities": probs.numpy(), "labels": labels.numpy(), "entropy": ent.numpy()}
+    o = out.outputs
+    labels = np.array([idx[0] for idx in o.top_i], dtype=np.int64)
+    return {"probabilities": o.probs.numpy(), "labels": labels, "entropy": o.entropy.numpy()}
 
 
 def _answer(name: str, req: InferRequest, out: StepOutcome, unloaded: bool | None) -> Answer:
