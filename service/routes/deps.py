@@ -2,6 +2,10 @@
 
 The service state lives on ``app.state.svc`` (set by :func:`service.app.create_app`); dependencies read it from the
 request, so routers hold no closures over one app.
+
+Every dependency is ``async def``: none of them blocks, and FastAPI runs a plain ``def`` dependency in its thread
+pool, one thread hop per dependency per request (five for ``POST /predict``), each waiting for the GIL behind the
+busy step and decode threads.
 """
 from __future__ import annotations
 
@@ -18,17 +22,17 @@ from ..store import StreamStore, valid_stream_id
 DEFAULT_STREAM = "default"
 
 
-def get_service(request: Request) -> ServiceState:
+async def get_service(request: Request) -> ServiceState:
     svc: ServiceState = request.app.state.svc
     return svc
 
 
-def get_dataplane(request: Request) -> DataPlane:
+async def get_dataplane(request: Request) -> DataPlane:
     plane: DataPlane = request.app.state.dataplane
     return plane
 
 
-def require_ready(svc: ServiceState = Depends(get_service)) -> tuple[Runtime, StreamStore]:
+async def require_ready(svc: ServiceState = Depends(get_service)) -> tuple[Runtime, StreamStore]:
     """The runtime and the store, or 503 (loading, load failed, shutting down)."""
     return svc.require_ready()
 
@@ -50,7 +54,7 @@ def check_admin(token: str | None, authorization: str | None) -> None:
         raise ApiError(403, "forbidden", "the admin token is wrong", {"WWW-Authenticate": "Bearer"})
 
 
-def require_admin(
+async def require_admin(
     svc: ServiceState = Depends(get_service),
     authorization: str | None = Header(None, include_in_schema=False),
 ) -> None:
@@ -58,7 +62,7 @@ def require_admin(
     check_admin(svc.admin_token, authorization)
 
 
-def is_admin(
+async def is_admin(
     svc: ServiceState = Depends(get_service),
     authorization: str | None = Header(None, include_in_schema=False),
 ) -> bool:
@@ -78,7 +82,7 @@ def check_stream_id(stream_id: str) -> str:
     return stream_id
 
 
-def header_stream_id(
+async def header_stream_id(
     x_stream_id: str = Header(
         DEFAULT_STREAM, alias="X-Stream-Id",
         description="stream whose state is used and updated: 1-128 of letters, digits, '.', '_', '-'",
@@ -88,7 +92,7 @@ def header_stream_id(
     return check_stream_id(x_stream_id)
 
 
-def header_idempotency_key(
+async def header_idempotency_key(
     idempotency_key: str | None = Header(
         None, alias=IDEMPOTENCY_HEADER,
         description="optional, per stream: a retry with the same key and request is answered with the first "
@@ -99,7 +103,7 @@ def header_idempotency_key(
     return check_key(idempotency_key)
 
 
-def path_stream_id(stream_id: str) -> str:
+async def path_stream_id(stream_id: str) -> str:
     """The ``{stream_id}`` path parameter, checked."""
     return check_stream_id(stream_id)
 
