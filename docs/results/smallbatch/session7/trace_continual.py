@@ -1,7 +1,8 @@
 """Diagnostic only (session 7): per-request trace of the default engine on a continual stream (the guard's state and
 decisions, the adapted and source accuracy) for chosen domains. Usage:
-python trace_continual.py SHIFT(none|0.1) DOMAIN_PREFIX... [--set K=JSON ...] [--seed S]"""
-import json, sys
+python trace_continual.py SHIFT(none|0.1) DOMAIN_PREFIX... [--set K=JSON ...] [--seed S]; env TRACE_GUARD: GuardConfig
+overrides as JSON"""
+import dataclasses, json, os, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, "scripts")
@@ -16,7 +17,10 @@ pos = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or ar
 shift, doms = pos[0], pos[1:]
 torch.set_num_threads(1)
 rt = load_default_runtime("resnet")
-eng = engine_variant(rt, **_parse_set(sets))
+over = _parse_set(sets)
+if os.environ.get("TRACE_GUARD"):
+    over["guard"] = dataclasses.replace(rt.engine.config.guard, **json.loads(os.environ["TRACE_GUARD"]))
+eng = engine_variant(rt, **over)
 batches = load_batches(continual_spec(None if shift == "none" else float(shift), seed), rt.preprocessor)
 state = eng.new_state(seed=0)
 for i, (dom, x, y) in enumerate(batches):
