@@ -271,13 +271,19 @@ class AdaptationEngine:
 
     # ---------------------------------------------------------------- description
     def describe(self) -> dict:
+        """What the engine runs. The per-stream statistics settings (``bn_momentum`` ... ``bn_warmup_release``) are
+        those in effect: None on a model without per-stream BatchNorm statistics (a LayerNorm ViT, or
+        ``bn_stats`` 'source'/'batch'), where they do nothing."""
+        per_stream = self.norm.per_stream
+        c = self.config
         return {
             "model": self.model_id, "num_classes": self.num_classes, "adapted_scalars": self.spec.numel,
             "adapted_layers": len(self.spec.names), "method": self.method.name, "method_hparams": self.method.hparams(),
             "optimizer": self.optimizer.describe() if self.optimizer else None, "bn_stats": self.bn_stats,
-            "bn_momentum": self.config.bn_momentum, "bn_momentum_shallow": self.config.bn_momentum_shallow,
-            "bn_prior_images": self.config.bn_prior_images, "bn_warmup_shift": self.config.bn_warmup_shift,
-            "bn_warmup_release": self.config.bn_warmup_release,
+            "bn_momentum": c.bn_momentum if per_stream else None,
+            "bn_momentum_shallow": c.bn_momentum_shallow if per_stream else None,
+            "bn_prior_images": c.bn_prior_images if per_stream else None, "bn_warmup_shift": self.warmup_shift,
+            "bn_warmup_release": self.warmup_release if per_stream else None,
             "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),

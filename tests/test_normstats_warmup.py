@@ -7,6 +7,8 @@ request sizes do not matter, and that the count is exact stream state (reset, fa
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_normstats_depth import _engine, _images, _resnet, _restore_and_continue, _same
@@ -322,3 +324,24 @@ def test_bn_warmup_release_is_a_validated_service_setting_that_reaches_the_engin
     assert cfg.bn_warmup_release is True
     eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
     assert eng.warmup_release and not eng.norm.warm_start and eng.describe()["bn_warmup_release"] is True
+
+
+def test_describe_gives_the_statistics_settings_only_where_they_act():
+    # the service defaults (bn_prior_images, bn_warmup_release, ...) on a model without per-stream BatchNorm
+    # statistics do nothing: /info must not claim them. A LayerNorm model, and the BatchNorm ResNet with 'batch'
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ServiceSettings
+
+    cfg = engine_config(ServiceSettings(_env_file=None), build_method("eata", 10), "cpu", None)
+    assert cfg.bn_prior_images and cfg.bn_warmup_release
+    ln = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LayerNorm(8 * 30 * 30), nn.Linear(8 * 30 * 30, 10))
+    stats_keys = ("bn_momentum", "bn_momentum_shallow", "bn_prior_images", "bn_warmup_shift", "bn_warmup_release")
+    for model, bn_stats in ((ln, None), (_resnet(), "batch")):
+        eng = AdaptationEngine(model, replace(cfg, bn_stats=bn_stats), num_classes=10)
+        assert not eng.norm.per_stream
+        assert {k: eng.describe()[k] for k in stats_keys} == dict.fromkeys(stats_keys), bn_stats
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    d = eng.describe()
+    assert d["bn_prior_images"] == cfg.bn_prior_images and d["bn_warmup_release"] is True
+    assert d["bn_momentum"] == cfg.bn_momentum and d["bn_warmup_shift"] is None
