@@ -257,6 +257,8 @@ class AdaptationEngine:
             self.fingerprint["bn_warmup_release"] = True
         if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
             self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
+        if config.guard.enabled and config.guard.confident_hold_entropy is not None:   # guard.source_entropy too
+            self.fingerprint["guard_confident_hold_entropy"] = float(config.guard.confident_hold_entropy)
         if config.guard.enabled and config.guard.judge_images is not None:   # guard.since_judge is counted
             self.fingerprint["guard_judge_images"] = int(config.guard.judge_images)
 
@@ -302,7 +304,8 @@ class AdaptationEngine:
             t["window.features"] = torch.zeros(self.feature_window, dim, device=self.device)
             t["window.count"] = torch.zeros((), dtype=torch.int64, device=self.device)
         g = self.config.guard
-        confident = g.enabled and g.confident_entropy is not None     # the fingerprint says so (__init__)
+        confident = g.enabled and (g.confident_entropy is not None     # the fingerprint says so (__init__)
+                                   or g.confident_hold_entropy is not None)
         judge_count = g.enabled and g.judge_images is not None       # the fingerprint says so (__init__)
         t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident,
                                                                 judge_count).items()})

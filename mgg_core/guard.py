@@ -49,6 +49,14 @@ is cleared) when some feature of the fast EMA is more than ``shift_threshold`` r
 from the reference (:func:`shift_score`). The release is counted (:class:`~mgg_core.reasons.HoldRelease`,
 ``StepResult.hold_released``), as is the older early end when the source stops being a usable reference.
 
+Confident holds (``confident_hold_entropy``; None: off). Under label shift (a camera seeing a few classes at a time)
+a right, confident source predicts few classes too, and :func:`source_failing` would read it as collapsed and end the
+hold after ``warmup_checks`` checked images: on a domain where the source is good the stream then cycles between
+losing adaptation and short holds. With the setting the stream tracks the source's entropy EMA on its checked images
+(``guard.source_entropy``), and a hold does not end as ``source_failing`` while that EMA is at most
+``confident_hold_entropy`` (:func:`confident_hold`); it still ends by running out or on a domain shift. It starts
+no hold of its own (unlike ``confident_entropy``'s check).
+
 Statistics-only holds (``hold_statistics``; a model with per-stream normalisation statistics). On a BatchNorm model
 most of the gain comes from the per-stream statistics, and the parameters are what drifts. With
 ``hold_statistics`` the first fallback of :data:`HOLD_REASONS` in a row resets the stream to source but keeps its
@@ -70,8 +78,8 @@ from .losses import softmax_entropy
 from .reasons import HoldRelease, RollbackReason
 
 __all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count",
-           "confident_source", "domain_shift", "guard_init_state", "hold_length", "hold_release", "image_descriptor",
-           "judge", "observe", "observe_many", "shift_score", "source_diversity", "source_failing"]
+           "confident_hold", "confident_source", "domain_shift", "guard_init_state", "hold_length", "hold_release",
+           "image_descriptor", "judge", "observe", "observe_many", "shift_score", "source_diversity", "source_failing"]
 
 
 #: why the guard fell back (``StepResult.rollback_reason``; a metric label value): the engine's RollbackReason
@@ -108,6 +116,8 @@ class GuardConfig:
     confident_keeps_hold: bool = True       # a confident source is never "failing" (source_failing) while held
     judge_images: int | None = None         # outside holds, judge once this many images arrived since the last
                                             # judgement (request-size independent decision rate); None: every request
+    confident_hold_entropy: float | None = None  # a hold does not end as source_failing while the source's entropy
+                                            # EMA is at most this (label shift, not a failing source); None: off
 
     def __post_init__(self) -> None:
         if self.horizon_images < 1 or self.anchor_every_images < 1:
@@ -124,6 +134,9 @@ class GuardConfig:
             raise ValueError(f"guard confident_checks must be >= 1, got {self.confident_checks}")
         if not 0.0 <= self.check_share <= 1.0:
             raise ValueError(f"guard check_share must be in [0, 1], got {self.check_share}")
+        if self.confident_hold_entropy is not None and not 0.0 < self.confident_hold_entropy <= 1.0:
+            raise ValueError("guard confident_hold_entropy must be in (0, 1] or None, "
+                             f"got {self.confident_hold_entropy}")
         if self.judge_images is not None and not 1 <= self.judge_images <= 1_000_000:
             raise ValueError(f"guard judge_images must be in [1, 1000000] or None, got {self.judge_images}")
 
@@ -348,13 +361,22 @@ def hold_length(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
 
 def source_failing(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
     """While holding at source: the source now predicts (nearly) one class, so it is no longer the better model.
-    Not while the source is confident (``confident_entropy`` set and its entropy EMA at or below it): a confident
-    source predicting few classes is what label shift looks like; a new domain ends the hold (``shift_threshold``)."""
+    Not while the source is confident (:func:`confident_hold`): a confident source predicting few classes is what
+    label shift looks like; a new domain ends the hold (``shift_threshold``)."""
     if float(g["checked"]) < cfg.warmup_checks or source_diversity(g["source_hist"]) >= cfg.min_source_diversity:
         return False
+    return not confident_hold(cfg, g)
+
+
+def confident_hold(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
+    """The source's entropy EMA on the checked images is at most ``confident_hold_entropy`` (or, without it, at most
+    ``confident_entropy`` with ``confident_keeps_hold``): a hold at such a source does not end as ``source_failing``.
+    False when neither is set or the EMA is unset."""
+    limit = cfg.confident_hold_entropy
+    if limit is None and cfg.confident_entropy is not None and cfg.confident_keeps_hold:
+        limit = cfg.confident_entropy
     se = float(g["source_entropy"]) if "source_entropy" in g else float("nan")
-    return (cfg.confident_entropy is None or not cfg.confident_keeps_hold or math.isnan(se)
-            or se > cfg.confident_entropy)
+    return limit is not None and not math.isnan(se) and se <= limit
 
 
 def hold_release(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> HoldRelease | None:

@@ -98,7 +98,7 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
     Args:
         settings: the service settings; reads method, optimizer, lr, bn_stats, bn_momentum, bn_momentum_shallow,
             bn_prior_images, bn_warmup_shift, bn_warmup_release, update_images, collapse_guard, guard_check_share,
-            guard_confident_entropy, guard_confident_entropy_gap and guard_judge_images.
+            guard_confident_entropy, guard_confident_entropy_gap, guard_judge_images and guard_confident_hold_entropy.
         method: the built method (its defaults decide the optimizer and whether BatchNorm statistics adapt).
         device: where the engine runs (``settings.resolved_device()`` for the service).
         mgg_checkpoint: the MGG meta-network's checkpoint when the optimizer is MGG.
@@ -115,7 +115,8 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
         guard=GuardConfig(enabled=settings.collapse_guard, check_share=settings.guard_check_share,
                           confident_entropy=settings.guard_confident_entropy,
                           confident_entropy_gap=settings.guard_confident_entropy_gap,
-                          judge_images=settings.guard_judge_images), device=device,
+                          judge_images=settings.guard_judge_images,
+                          confident_hold_entropy=settings.guard_confident_hold_entropy), device=device,
     )
 
 
@@ -126,7 +127,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
         settings: the service settings; reads model, method, optimizer, lr, mgg_checkpoint, source_stats,
             source_data, collapse_guard, bn_stats, bn_momentum, bn_momentum_shallow, bn_prior_images, bn_warmup_shift,
             bn_warmup_release, update_images, guard_check_share, guard_confident_entropy, guard_confident_entropy_gap,
-            guard_judge_images, device, torch_threads and gil_switch_interval_ms (process-wide: sys.setswitchinterval).
+            guard_judge_images, guard_confident_hold_entropy, device, torch_threads and gil_switch_interval_ms
+            (process-wide: sys.setswitchinterval).
 
     Bundled companions are found the way the rest of the project finds them (``mgg_core.assets``): the MGG
     checkpoint pretrained for this classifier (matched by the weights' sha256, else the bundled one of the same

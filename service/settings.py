@@ -131,6 +131,11 @@ class ServiceSettings(BaseSettings):
         "request, a 4-image stream tests the same moving averages 16 times as often as a 64-image one and falls back "
         "on transient crossings). 16: chosen on held-out streams (docs/results/smallbatch/README.md, session 6; "
         "requests of 16 or more images are judged after each one, as before). None = after every request")
+    guard_confident_hold_entropy: float | None = Field(
+        None, gt=0, le=1, description="a guard hold at source does not end because the source predicts few classes "
+        "('source_failing') while the source's normalised entropy on the checked images (a per-stream moving average) "
+        "is at most this: under label shift a right, confident source predicts few classes too; the hold still ends "
+        "by running out or on a domain shift. Starts no hold itself. None = off")
     guard_confident_entropy_gap: float = Field(
         0.05, ge=0, le=1, description="normalised-entropy excess of the adapted model over a confident source "
         "that makes the guard hold the stream at source (guard_confident_entropy)")

@@ -102,6 +102,12 @@ GUARDS = {
                          anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
                          min_source_diversity=0.0, hold_images=6, max_entropy=1.01, max_class_share=1.01,
                          judge_images=8),
+    # the "hold" guard whose holds end as source_failing (few classes) unless the source is confident
+    # (GuardConfig.confident_hold_entropy): each stream its own source entropy EMA
+    "confhold": GuardConfig(enabled=True, check_share=0.5, warmup_images=4, warmup_checks=2, horizon_images=16,
+                            anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
+                            min_source_diversity=0.3, hold_images=1000, max_entropy=1.01, max_class_share=1.01,
+                            confident_hold_entropy=0.5),
 }
 
 
@@ -205,6 +211,7 @@ CASES = [
     ("gn", "eata", "sgd", None, 16, "hold"),
     ("gn", "foa", "adam", None, 1, "entropy"),
     ("resnet", "eata", "sgd", "ema", 16, "judge"),
+    ("resnet", "eata", "sgd", "ema", 1, "confhold"),
 ]
 
 
@@ -235,12 +242,14 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert "accumulating" in reasons, "the gradient window was never used"
     if guard != "watch":
         assert sum(st.rollbacks for st in states) > 0, f"guard {guard!r} never fell back"
-    if guard in ("hold", "holdstats", "shift", "confident", "judge"):
+    if guard in ("hold", "holdstats", "shift", "confident", "judge", "confhold"):
         assert "guard_hold" in reasons
     if guard == "judge":                     # each stream counts its own images since the last judgement
         assert all("guard.since_judge" in st.tensors for st in states)
     if guard == "confident":
         assert "confident_source" in reasons
+    if guard == "confhold":                  # each stream tracks its own source entropy
+        assert all("guard.source_entropy" in st.tensors for st in states)
     if guard == "shift":
         assert any(r.hold_released == "domain_shift" for row in results for r in row), "no hold ended early"
 
