@@ -199,7 +199,7 @@ def _config_flags(config: str) -> list[str]:
     """``off`` (--no-fused-steps) or ``on`` (the default scheduler), ``on`` optionally followed by ``/d<ms>``
     (max_batch_delay_ms), ``/c<n>`` (max_concurrent_streams), ``/g<n>`` (commit_group_max_streams; g1 = one
     durable write per stream, as before group commit), ``/i<ms>`` (gil_switch_interval_ms; i5 = Python's
-    default), ``/t<n>`` (torch_threads) and ``/p<parser>`` (http_parser: ph11, phttptools), e.g. ``on/d25/c1``."""
+    default) and ``/t<n>`` (torch_threads), e.g. ``on/d25/c1``."""
     head, *opts = config.split("/")
     if head == "off" and not opts:
         return ["--no-fused-steps"]
@@ -209,7 +209,7 @@ def _config_flags(config: str) -> list[str]:
     for opt in opts:
         flag = {"d": "--max-batch-delay-ms", "c": "--max-concurrent-streams",
                 "g": "--commit-group-max-streams", "i": "--gil-switch-interval-ms",
-                "t": "--torch-threads", "p": "--http-parser"}.get(opt[:1])
+                "t": "--torch-threads"}.get(opt[:1])
         if flag is None:
             raise ValueError(f"unknown option {opt!r} in config {config!r}")
         flags += [flag, opt[1:]]

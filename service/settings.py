@@ -222,13 +222,9 @@ class ServiceSettings(BaseSettings):
         "the connection's start); past it 408 header_timeout and the connection is closed (slowloris)")
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="bytes of a request's header names and values (431 headers_too_large "
-        "past it, connection closed); also the bytes buffered for a request head still incomplete (400 and "
-        "the connection closed past it; h11's max_incomplete_event_size, counted by the service for httptools)")
+        "past it, connection closed); also the bytes h11 buffers for a request head still incomplete (400 and "
+        "the connection closed past it; h11's max_incomplete_event_size)")
     max_headers: int = Field(100, ge=1, description="header fields per request (431 headers_too_large past it)")
-    http_parser: Literal["httptools", "h11"] = Field(
-        "httptools", description="the HTTP/1.1 parser uvicorn runs: 'httptools' (llhttp, C; the default) or 'h11' "
-        "(pure Python). Both enforce header_timeout_seconds and "
-        "max_header_bytes on a head still incomplete, and answer the server's own refusals as JSON errors")
     body_idle_timeout_seconds: float = Field(
         15.0, gt=0, description="the longest wait for the next chunk of a request body (408 body_timeout past it)")
 

@@ -1,6 +1,5 @@
 """Connection-level limits (service/server.py, HttpGuard's header checks): each setting hit by a raw-socket client on
-loopback, with each HTTP parser (``http_parser``: httptools, the default, and h11). Bounded: every socket has a
-timeout and every wait a deadline."""
+loopback. Bounded: every socket has a timeout and every wait a deadline."""
 from __future__ import annotations
 
 import json
@@ -12,22 +11,14 @@ from pathlib import Path
 import pytest
 from conftest import service_settings
 
-from service.server import PROTOCOLS, uvicorn_options
+from service.server import HeaderTimeoutH11Protocol, uvicorn_options
 
 TOKEN = "conn-token"
-_PARSER = {"name": "httptools"}
-
-
-@pytest.fixture(params=sorted(PROTOCOLS), autouse=True)
-def http_parser(request, monkeypatch) -> str:
-    """Every test of this module runs with each HTTP parser."""
-    monkeypatch.setitem(_PARSER, "name", request.param)
-    return request.param
 
 
 def settings(snapshot_dir: Path, **kw):
-    """The loopback test settings (conftest.service_settings) with this module's admin token and parser."""
-    return service_settings(snapshot_dir, **{"admin_token": TOKEN, "http_parser": _PARSER["name"], **kw})
+    """The loopback test settings (conftest.service_settings) with this module's admin token."""
+    return service_settings(snapshot_dir, **{"admin_token": TOKEN, **kw})
 
 
 def connect(port: int, timeout: float = 10.0) -> socket.socket:
@@ -73,17 +64,12 @@ def get(port: int, path: str = "/healthz", extra: str = "") -> tuple[int, dict[s
         return read_response(s)
 
 
-def test_settings_reach_uvicorn(http_parser):
+def test_settings_reach_uvicorn():
     opts = uvicorn_options(settings(Path("x"), limit_concurrency=7, timeout_keep_alive_seconds=3,
                                             header_timeout_seconds=2.5, max_header_bytes=4096))
     assert opts["limit_concurrency"] == 7 and opts["timeout_keep_alive"] == 3
-    assert opts["h11_max_incomplete_event_size"] == 4096 and opts["http"].max_head_bytes == 4096
-    assert issubclass(opts["http"], PROTOCOLS[http_parser]) and opts["http"].header_timeout == 2.5
-
-
-def test_the_default_parser_is_httptools():
-    assert service_settings(Path("x")).http_parser == "httptools"
-    assert issubclass(uvicorn_options(service_settings(Path("x")))["http"], PROTOCOLS["httptools"])
+    assert opts["h11_max_incomplete_event_size"] == 4096
+    assert issubclass(opts["http"], HeaderTimeoutH11Protocol) and opts["http"].header_timeout == 2.5
 
 
 def test_slowloris_headers_are_cut_off(live_server, tmp_path):
