@@ -8,7 +8,8 @@ their own request format, then call the same :class:`DataPlane`:
    429/503/507;
 2. :meth:`DataPlane.step` preprocesses a decoded batch, runs ``engine.step`` (and ``engine.predict`` when
    predictions after the update are configured) under the stream's lock, records metrics and returns a
-   :class:`StepOutcome` (logits, step, engine result); with ``fused_steps`` the step goes through the
+   :class:`StepOutcome` (logits, their :class:`Outputs`, step, engine result; the outputs computed in the step's
+   worker thread, not on the event loop); with ``fused_steps`` the step goes through the
    :class:`~service.scheduler.FusedScheduler` (``store.run_fused``), fused with other streams' steps into one
    ``engine.step_many`` call, with the same answer; :meth:`DataPlane.infer` wraps it into the V1
    :class:`~service.schemas.PredictResponse`, the V2 routes (:mod:`service.v2`) into V2 output tensors.
@@ -58,25 +59,37 @@ class Outputs:
     worker thread, where the step's own torch calls run: a torch call releases the GIL, and on the event loop each
     one would queue behind the busy worker threads for the GIL again). ``probs``: softmax probabilities (N x C),
     ``entropy``: prediction entropies in nats (N), both float32 CPU tensors (:func:`softmax_outputs`);
-    ``top_p`` / ``top_i``: each row's ``topk`` best scores and labels as Python lists, best first."""
+    ``top_p`` / ``top_i``: each row's ``topk`` best scores and labels, best first; ``entropies``: ``entropy`` as
+    floats (Python lists, for the JSON answer). Ties rank the lower class index first, so a row's label is its
+    argmax whatever ``topk`` is, and /predict's and /v2's labels agree."""
 
     probs: torch.Tensor
     entropy: torch.Tensor
     top_p: list[list[float]]
     top_i: list[list[int]]
+    entropies: list[float]
 
     @classmethod
     def of(cls, logits: torch.Tensor, topk: int) -> Outputs:
+        """The outputs of ``logits`` (N x C).
+
+        Args:
+            logits: the answered logits of one step.
+            topk: how many best classes each row lists (at most C).
+        """
+        import torch
+
         p, ent = softmax_outputs(logits)
-        top_p, top_i = p.topk(min(topk, p.shape[1]), dim=1)
-        return cls(p, ent, top_p.tolist(), top_i.tolist())
+        top_p, top_i = torch.sort(p, dim=1, descending=True, stable=True)  # stable: ties by class index
+        k = min(topk, p.shape[1])
+        return cls(p, ent, top_p[:, :k].tolist(), top_i[:, :k].tolist(), ent.tolist())
 
 
 def predictions(outputs: Outputs, class_names: list[str]) -> list[dict[str, Any]]:
     """Per-row label, class name, softmax score, entropy (nats) and the top-k best classes (pure Python: no torch
     call on the event loop)."""
     out = []
-    for idx, sc, ent in zip(outputs.top_i, outputs.top_p, outputs.entropy.tolist(), strict=True):
+    for idx, sc, ent in zip(outputs.top_i, outputs.top_p, outputs.entropies, strict=True):
         out.append(
             {
                 "label": idx[0],
