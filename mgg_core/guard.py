@@ -55,7 +55,8 @@ hold after ``warmup_checks`` checked images: on a domain where the source is goo
 losing adaptation and short holds. With the setting the stream tracks the source's entropy EMA on its checked images
 (``guard.source_entropy``), and a hold does not end as ``source_failing`` while that EMA is at most
 ``confident_hold_entropy`` (:func:`confident_hold`); it still ends by running out or on a domain shift. It starts
-no hold of its own (unlike ``confident_entropy``'s check).
+no hold of its own (unlike ``confident_entropy``'s check). When set it is the limit: it replaces
+``confident_entropy``'s (which, with ``confident_keeps_hold``, keeps holds the same way), even when lower.
 
 Statistics-only holds (``hold_statistics``; a model with per-stream normalisation statistics). On a BatchNorm model
 most of the gain comes from the per-stream statistics, and the parameters are what drifts. With

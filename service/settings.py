@@ -135,7 +135,8 @@ class ServiceSettings(BaseSettings):
         None, gt=0, le=1, description="a guard hold at source does not end because the source predicts few classes "
         "('source_failing') while the source's normalised entropy on the checked images (a per-stream moving average) "
         "is at most this: under label shift a right, confident source predicts few classes too; the hold still ends "
-        "by running out or on a domain shift. Starts no hold itself. None = off")
+        "by running out or on a domain shift. Starts no hold itself. When set, it is the limit in place of "
+        "guard_confident_entropy's, even a lower one. None = off")
     guard_confident_entropy_gap: float = Field(
         0.05, ge=0, le=1, description="normalised-entropy excess of the adapted model over a confident source "
         "that makes the guard hold the stream at source (guard_confident_entropy)")

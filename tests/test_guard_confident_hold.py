@@ -126,3 +126,35 @@ def test_guard_confident_hold_entropy_is_a_validated_setting_that_reaches_the_en
     eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
     assert eng.describe()["guard"]["confident_hold_entropy"] == 0.3
     assert "guard.source_entropy" in eng.new_state().tensors
+
+
+def test_interleaved_held_streams_kept_by_confident_holds_equal_streams_run_alone():
+    # both streams held at a source that counts as failing by diversity (FAILING): without the setting their holds
+    # end as source_failing; with it (every source confident enough) confident_hold keeps them, per stream, and
+    # interleaving changes nothing
+    sizes_a, sizes_b = [1, 2, 1, 1, 4, 1], [3, 1, 1, 2, 1, 1]
+
+    def run(limit, pairs):
+        eng = _engine("eata", guard=GuardConfig(**FAILING, confident_hold_entropy=limit), bn_stats="ema",
+                      bn_momentum=0.01, update_images=4)
+        states = {}
+        for seed in (1, 2):
+            states[seed] = st = eng.new_state(seed=seed)
+            st.tensors["guard.hold"] = torch.full_like(st.tensors["guard.hold"], 1000.0)
+        out = {1: [], 2: []}
+        for seed, i, n in pairs:
+            out[seed].append(eng.step(states[seed], _images(n, 1000 * seed + i)))
+        return out, states
+
+    alone = [(1, i, n) for i, n in enumerate(sizes_a)] + [(2, i, n) for i, n in enumerate(sizes_b)]
+    mixed = [p for i in range(len(sizes_a)) for p in ((1, i, sizes_a[i]), (2, i, sizes_b[i]))]
+    released, _ = run(None, alone)
+    assert all(any(r.hold_released is HoldRelease.SOURCE_FAILING for r in released[s]) for s in (1, 2))
+    ra, sa = run(1.0, alone)
+    rm, sm = run(1.0, mixed)
+    for s in (1, 2):
+        assert all(r.hold_released is None for r in ra[s] + rm[s])          # kept by confident_hold
+        assert float(sa[s].tensors["guard.hold"]) > 0
+        for x, y in zip(ra[s], rm[s], strict=True):
+            assert torch.equal(x.logits, y.logits)
+        _same(sa[s].tensors, sm[s].tensors)

@@ -337,7 +337,7 @@ def test_describe_gives_the_statistics_settings_only_where_they_act():
     assert cfg.bn_prior_images and cfg.bn_warmup_release
     ln = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LayerNorm(8 * 30 * 30), nn.Linear(8 * 30 * 30, 10))
     stats_keys = ("bn_momentum", "bn_momentum_shallow", "bn_prior_images", "bn_warmup_shift", "bn_warmup_release")
-    for model, bn_stats in ((ln, None), (_resnet(), "batch")):
+    for model, bn_stats in ((ln, None), (_resnet(), "batch"), (_resnet(), "source")):
         eng = AdaptationEngine(model, replace(cfg, bn_stats=bn_stats), num_classes=10)
         assert not eng.norm.per_stream
         assert {k: eng.describe()[k] for k in stats_keys} == dict.fromkeys(stats_keys), bn_stats
