@@ -226,7 +226,12 @@ VMAP_CASES = [
 
 @pytest.mark.parametrize("model,method,optimizer,bn_stats,update_images,guard,path",
                          [c + ("segment",) for c in CASES] + [c + ("vmap",) for c in VMAP_CASES])
-def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, update_images, guard, path):
+def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, update_images, guard, path, monkeypatch):
+    import mgg_core.guard as guard_module
+
+    kept = []  # confhold: the decisions of confident_hold, which must keep a hold at least once
+    decide = guard_module.confident_hold
+    monkeypatch.setattr(guard_module, "confident_hold", lambda cfg, g: kept.append(decide(cfg, g)) or kept[-1])
     eng = _engine(model, method, optimizer, bn_stats, update_images, guard, segment_norms=path == "segment")
     assert eng.fused and eng.method.fusable and eng.fuse_gradients == (optimizer != "mgg")
     states, results, fused_states = _compare(eng, _calls(model, 4, SIZES))
@@ -248,8 +253,9 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert all("guard.since_judge" in st.tensors for st in states)
     if guard == "confident":
         assert "confident_source" in reasons
-    if guard == "confhold":                  # each stream tracks its own source entropy
+    if guard == "confhold":                  # each stream tracks its own source entropy, and it kept holds
         assert all("guard.source_entropy" in st.tensors for st in states)
+        assert any(kept), f"confident_hold never kept a hold ({len(kept)} decisions)"
     if guard == "shift":
         assert any(r.hold_released == "domain_shift" for row in results for r in row), "no hold ended early"
 
