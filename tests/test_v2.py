@@ -457,3 +457,19 @@ def test_codec_sequence_ids_header_length_and_tensor_layouts():
     for a in arrays:
         assert a.dtype == np.uint8 and np.array_equal(a, x)
     assert flat.outputs == [("probabilities", False), ("labels", False), ("entropy", False)]
+
+
+def test_v2_answers_after_the_update_with_return_post_update(live_server, tmp_path, triton, digit_images):
+    """return_post_update on /v2: the answer is the model after the step (the module server answers before it:
+    its 2nd answer on the same images is the post-update server's 1st), labels and entropies with it."""
+    x = digit_images[:8]
+    ref = [arrays(infer(triton, x, "post-ref")) for _ in range(2)]
+    srv = live_server(settings_for(tmp_path / "post", return_post_update=True))
+    client = tc.InferenceServerClient(url=srv.url.removeprefix("http://"), network_timeout=120.0)
+    try:
+        got = infer(client, x, "post")
+        assert got.get_response()["parameters"]["predictions_after_update"] is True
+        assert_same(arrays(got), ref[1])
+        assert not np.array_equal(ref[1]["probabilities"], ref[0]["probabilities"])  # the step changed them
+    finally:
+        client.close()
