@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from test_normstats_depth import _engine, _images, _resnet, _restore_and_continue, _same
+from test_guard_judge_rate import check_guard_setting
+from test_normstats_depth import _engine, _images, _restore_and_continue, _same
 
-from mgg_core.engine import AdaptationEngine
 from mgg_core.guard import GuardConfig, confident_hold, source_failing
 from mgg_core.reasons import HoldRelease
 
@@ -108,23 +108,7 @@ def test_interleaved_streams_with_confident_holds_equal_streams_run_alone():
 
 
 def test_guard_confident_hold_entropy_is_a_validated_setting_that_reaches_the_engine(monkeypatch):
-    from pydantic import ValidationError
-
-    from mgg_core.methods import build_method
-    from service.runtime import engine_config
-    from service.settings import ENV_PREFIX, ServiceSettings
-
-    for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="confident_hold_entropy"):
-            GuardConfig(confident_hold_entropy=bad)
-        with pytest.raises(ValidationError, match="guard_confident_hold_entropy"):
-            ServiceSettings(_env_file=None, guard_confident_hold_entropy=bad)
-    assert GuardConfig(confident_hold_entropy=1.0).confident_hold_entropy == 1.0
-    monkeypatch.setenv(f"{ENV_PREFIX}GUARD_CONFIDENT_HOLD_ENTROPY", "0.3")
-    cfg = engine_config(ServiceSettings(_env_file=None), build_method("eata", 10), "cpu", None)
-    assert cfg.guard.confident_hold_entropy == 0.3
-    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
-    assert eng.describe()["guard"]["confident_hold_entropy"] == 0.3
+    eng = check_guard_setting(monkeypatch, "confident_hold_entropy", (0.0, -0.1, 1.5), 1.0, "0.3", 0.3)
     assert "guard.source_entropy" in eng.new_state().tensors
 
 

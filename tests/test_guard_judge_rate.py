@@ -60,24 +60,33 @@ def test_judge_count_state_resets_restores_counts_and_is_fingerprinted(tmp_path)
         eng.load_state(tmp_path / "old.safetensors")
 
 
-def test_guard_judge_images_is_a_validated_setting_that_reaches_the_engine(monkeypatch):
+def check_guard_setting(monkeypatch, field: str, bad: tuple, edge, env: str, want) -> AdaptationEngine:
+    """A guard setting (``GuardConfig.<field>``, service setting ``guard_<field>``) refuses each of ``bad`` in both
+    places, accepts its ``edge`` value, and from the environment (``env``) reaches the engine's config and
+    ``describe()`` as ``want``; returns that engine."""
     from pydantic import ValidationError
 
     from mgg_core.methods import build_method
     from service.runtime import engine_config
     from service.settings import ENV_PREFIX, ServiceSettings
 
-    for bad in (0, -1, 1_000_001):
-        with pytest.raises(ValueError, match="judge_images"):
-            GuardConfig(judge_images=bad)
-        with pytest.raises(ValidationError, match="guard_judge_images"):
-            ServiceSettings(_env_file=None, guard_judge_images=bad)
-    assert GuardConfig(judge_images=1_000_000).judge_images == 1_000_000
-    monkeypatch.setenv(f"{ENV_PREFIX}GUARD_JUDGE_IMAGES", "48")
+    for value in bad:
+        with pytest.raises(ValueError, match=field):
+            GuardConfig(**{field: value})
+        with pytest.raises(ValidationError, match=f"guard_{field}"):
+            ServiceSettings(_env_file=None, **{f"guard_{field}": value})
+    assert getattr(GuardConfig(**{field: edge}), field) == edge
+    monkeypatch.setenv(f"{ENV_PREFIX}GUARD_{field.upper()}", env)
     cfg = engine_config(ServiceSettings(_env_file=None), build_method("eata", 10), "cpu", None)
-    assert cfg.guard.judge_images == 48
+    assert getattr(cfg.guard, field) == want
     eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
-    assert eng.describe()["guard"]["judge_images"] == 48 and "guard.since_judge" in eng.new_state().tensors
+    assert eng.describe()["guard"][field] == want
+    return eng
+
+
+def test_guard_judge_images_is_a_validated_setting_that_reaches_the_engine(monkeypatch):
+    eng = check_guard_setting(monkeypatch, "judge_images", (0, -1, 1_000_001), 1_000_000, "48", 48)
+    assert "guard.since_judge" in eng.new_state().tensors
 
 
 def _first_anchor(judge_images, size: int, anchor_every: int = 16) -> int:
