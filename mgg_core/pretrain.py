@@ -311,7 +311,7 @@ def _meta_epoch(cfg: PretrainConfig, prob: _Problem, tr: _Training, opt_helper: 
         next_loss = _foa_loss(engine, leaf, batches[t + 1])
         (g_next,) = torch.autograd.grad(next_loss, leaf)  # d(meta-loss)/d(theta_{t+1}) = next raw gradient
         window.append((theta_new, g_next))
-        meta_losses.append(float(next_loss))
+        meta_losses.append(float(next_loss.detach()))
         if len(window) == cfg.unroll or t == steps_per_epoch - 1:
             # sum of the window's next-batch losses; first-order in theta: each loss contributes its gradient
             torch.autograd.backward([tn for tn, _ in window], [gn for _, gn in window])
