@@ -107,7 +107,8 @@ class ServiceSettings(BaseSettings):
         None, gt=0, le=1000, description="with bn_prior_images: the warm-up starts when the stream's data moves to "
         "another domain (its pixel descriptor this many standard deviations from a slow per-stream reference), "
         "instead of at a new stream or a guard fallback to source (a warm-up at every restart from source costs "
-        "label-shifted streams). None = off")
+        "label-shifted streams). bn_warmup_release (on by default) adds its restarts at a hold's domain-shift "
+        "release; set it false for this detector alone. None = off")
     bn_warmup_release: bool = Field(
         True, description="with bn_prior_images: the warm-up also starts when a guard hold at source ends because the "
         "stream's data moved to another domain (the statistics are the source's then; the deep layers' slow momenta "
