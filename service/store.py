@@ -364,7 +364,7 @@ class StreamStore:
     ) -> None:
         """Args:
             engine: the shared adaptation engine (``new_state``, ``reset``, ``load_state``, ``fingerprint``).
-            snapshot_dir: folder of ``<id>.safetensors`` snapshots and ``<id>.json`` sidecars.
+            snapshot_dir: folder of ``<id>.safetensors`` snapshots (and older versions' ``<id>.json`` sidecars).
             metrics: the app's metrics; the store adds its own collectors to the same registry.
             budget_bytes: resident state bytes kept in memory (LRU eviction past it).
             durability: ``"step"`` (persist before answering) or ``"interval"`` (see the module docstring).
@@ -431,7 +431,7 @@ class StreamStore:
         self._template = {
             k: (tuple(v.shape), v.dtype, bool((~torch.isfinite(v)).any())) for k, v in state.tensors.items()
         }
-        # a state with an anchor is about twice the fresh one; safetensors header and sidecar on top
+        # a state with an anchor is about twice the fresh one; safetensors header (listing included) on top
         self._file_estimate = 2 * int(state.nbytes()) + 16 * 1024
 
     def _scan(self) -> None:
