@@ -134,7 +134,7 @@ class Preprocessor:
         same Pillow resize; None where the crop would pad (the image is smaller than the crop)."""
         assert self._lean is not None
         size, resample, (ch, cw) = self._lean
-        oh, ow = _compute_resized_output_size((img.height, img.width), size, None)  # type: ignore[misc]
+        oh, ow = _compute_resized_output_size((img.height, img.width), size, None)
         if ch > oh or cw > ow:
             return None
         if (oh, ow) != (img.height, img.width):
