@@ -54,8 +54,6 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                     "help": "step (default): persist before each answer; interval: in the background"}),
     ("--commit-group-max-streams", "commit_group_max_streams",
      {"type": int, "help": "durability step: streams per durable write (group commit; 1 = one write per stream)"}),
-    ("--snapshot-write-threads", "snapshot_write_threads",
-     {"type": int, "help": "threads writing one durable write's snapshots at once (1 = one after the other)"}),
     ("--max-streams", "max_streams", {"type": int, "help": "streams known at once"}),
     ("--max-snapshot-bytes", "max_snapshot_bytes", {"type": int, "help": "bytes of snapshots on disk"}),
     ("--admin-token", "admin_token", {"help": "Bearer token for /reset and /streams (prefer MGG_ADMIN_TOKEN); "

@@ -232,7 +232,6 @@ class ServiceState:
             max_snapshot_bytes=s.max_snapshot_bytes,
             retention_seconds=s.snapshot_retention_seconds,
             commit_group_max_streams=s.commit_group_max_streams,
-            snapshot_write_threads=s.snapshot_write_threads,
         )
 
     def open_scheduler(self, rt: Runtime, store: StreamStore) -> FusedScheduler | None:

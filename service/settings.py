@@ -245,11 +245,6 @@ class ServiceSettings(BaseSettings):
         64, ge=1, description="durability='step': streams whose snapshots share one durable write (group commit: "
         "the steps that finish together, e.g. one fused step's streams, are written, fsynced and renamed together; "
         "a failed write refuses and reverts all of them); 1 = each stream written on its own")
-    snapshot_write_threads: int = Field(
-        8, ge=1, le=64, description="threads that serialise and write (fsync) the snapshots of one durable write "
-        "at once: one snapshot's fsync overlaps the next one's serialisation and concurrent fsyncs share the "
-        "filesystem journal's commits (a 16-stream group: 4.1-4.5 ms in one thread, 2.5-2.8 ms on 8); 1 = one "
-        "after the other, in the commit's own thread")
     snapshot_interval_steps: int = Field(
         32, ge=1, description="durability='interval': a stream is snapshotted after this many unpersisted steps")
     snapshot_interval_seconds: float = Field(

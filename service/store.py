@@ -67,7 +67,6 @@ import shutil
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -362,7 +361,6 @@ class StreamStore:
         max_snapshot_bytes: int = 10 * 1024**3,
         retention_seconds: float | None = None,
         commit_group_max_streams: int = 64,
-        snapshot_write_threads: int = 8,
     ) -> None:
         """Args:
             engine: the shared adaptation engine (``new_state``, ``reset``, ``load_state``, ``fingerprint``).
@@ -374,11 +372,7 @@ class StreamStore:
             retention_seconds: forget streams idle this long (None: never).
             commit_group_max_streams: ``durability="step"``: streams whose snapshots go into one durable write
                 (group commit, see the module docstring); 1 writes each stream on its own.
-            snapshot_write_threads: threads serialising and writing one durable write's snapshots at once
-                (:func:`mgg_core.io.atomic_write_group`'s executor); 1: one after the other, in the writing thread.
         """
-        if not 1 <= snapshot_write_threads <= 64:
-            raise ValueError("snapshot_write_threads must be in 1..64")
         if commit_group_max_streams < 1:
             raise ValueError("commit_group_max_streams must be >= 1")
         if durability not in DURABILITY_MODES:
@@ -397,9 +391,6 @@ class StreamStore:
         self.max_snapshot_bytes = int(max_snapshot_bytes)
         self.retention_seconds = None if retention_seconds is None else float(retention_seconds)
         self.commit_group_max_streams = int(commit_group_max_streams)
-        self.snapshot_write_threads = int(snapshot_write_threads)
-        self._writers: ThreadPoolExecutor | None = None if self.snapshot_write_threads == 1 else ThreadPoolExecutor(
-            self.snapshot_write_threads, thread_name_prefix="mgg-snapshot-write")
         self._commit_queue: deque[_Commit] = deque()  # steps waiting for their group's durable write
         self._committing = False  # a group-commit writer task is running
         self._metrics = metrics
@@ -530,8 +521,6 @@ class StreamStore:
         for entry in list(self._streams.values()):
             if entry.state is not None and entry.dirty:
                 await self._snapshot_job(entry, reason="shutdown", unload=True)
-        if self._writers is not None:  # every write above is done: nothing is queued there
-            self._writers.shutdown(wait=True)
         self._update_gauges()
 
     @property
@@ -1136,31 +1125,30 @@ class StreamStore:
 
     def _write_files(self, items: builtins.list[tuple[str, StreamState, dict[str, Any], int]]) -> builtins.list[int]:
         """Write the snapshots of ``items`` (stream id, state, listing fields, bytes its files take now) as one group
-        (:func:`mgg_core.io.atomic_write_group`, serialised and fsynced on ``snapshot_write_threads`` threads), the
-        listing data in each snapshot's header; returns the bytes each stream's file takes.
+        (:func:`mgg_core.io.atomic_write_group`), the listing data in each snapshot's header; returns the bytes each
+        stream's file takes.
 
         One file per stream: its listing data can never disagree with it. An older version's sidecar of a written
         stream is removed afterwards (a crash before that leaves it behind, ignored: the header's listing wins).
-        Raises :class:`_DiskCapReached` before replacing any file when the group would pass ``max_snapshot_bytes``,
+        Raises :class:`_DiskCapReached` before writing anything when the group would pass ``max_snapshot_bytes``,
         :class:`_GroupSplit` when a rename failed after others succeeded.
         """
+        files: builtins.list[tuple[Path, bytes, bool]] = []
+        sizes: builtins.list[int] = []
+        growth = 0
         saved_at = _iso(time.time())
-        growth = -sum(old_size for *_, old_size in items)
-
-        def serialiser(state: StreamState, meta: dict[str, Any]) -> Callable[[], bytes]:
-            return lambda: state.to_bytes({LISTING_KEY: json.dumps({**meta, "saved_at": saved_at})})
-
-        def within_cap(sizes: builtins.list[int]) -> None:
-            if self._disk_total + growth + sum(sizes) > self.max_snapshot_bytes:
-                raise _DiskCapReached(f"snapshot disk limit of {self.max_snapshot_bytes} bytes reached")
-
-        files = [(self._snapshot_path(stream_id), serialiser(state, meta), True) for stream_id, state, meta, _ in items]
+        for stream_id, state, meta, old_size in items:
+            data = state.to_bytes({LISTING_KEY: json.dumps({**meta, "saved_at": saved_at})})
+            sizes.append(len(data))
+            growth += sizes[-1] - old_size
+            files.append((self._snapshot_path(stream_id), data, True))
+        if self._disk_total + growth > self.max_snapshot_bytes:
+            raise _DiskCapReached(f"snapshot disk limit of {self.max_snapshot_bytes} bytes reached")
         try:
-            sizes = atomic_write_group(files, executor=self._writers if len(files) > 1 else None,
-                                       before_replace=within_cap)
+            atomic_write_group(files)
         except GroupWriteError as exc:
             committed = {p.name[: -len(SNAPSHOT_SUFFIX)] for p in exc.replaced if p.name.endswith(SNAPSHOT_SUFFIX)}
-            raise _GroupSplit(dict(zip([item[0] for item in items], exc.sizes, strict=True)), committed,
+            raise _GroupSplit(dict(zip([item[0] for item in items], sizes, strict=True)), committed,
                               exc.error) from exc
         for stream_id, *_ in items:
             if stream_id in self._legacy_sidecars:

@@ -72,75 +72,6 @@ def test_a_failed_rename_names_the_files_already_replaced(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f0", "f1", "f2"]
 
 
-@pytest.mark.parametrize("threads", [None, 1, 4])
-def test_a_group_write_on_an_executor_runs_each_serialiser_once_and_writes_the_same_files(tmp_path, threads):
-    """Phase 1 on threads (a file's data may be its serialiser): the same files, the sizes in order, every
-    serialiser run once, on the executor's threads, and the fsyncs of the durable files only."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import mgg_core.io as mio
-
-    ran: list[tuple[int, str]] = []
-    lock = threading.Lock()
-
-    def producer(k: int):
-        def make() -> bytes:
-            with lock:
-                ran.append((k, threading.current_thread().name))
-            return f"data {k} ".encode() * (k + 1)
-        return make
-
-    files = [(tmp_path / f"f{k}", producer(k) if k % 2 else f"plain {k}".encode(), k != 2) for k in range(7)]
-    pool = None if threads is None else ThreadPoolExecutor(threads, thread_name_prefix="writer")
-    try:
-        sizes = mio.atomic_write_group(files, executor=pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    want = [f"data {k} ".encode() * (k + 1) if k % 2 else f"plain {k}".encode() for k in range(7)]
-    assert [(tmp_path / f"f{k}").read_bytes() for k in range(7)] == want
-    assert sizes == [len(w) for w in want]
-    assert sorted(k for k, _ in ran) == [1, 3, 5]
-    assert all(name.startswith("writer") for _, name in ran) == (threads is not None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"f{k}" for k in range(7)]
-
-
-@pytest.mark.parametrize("threads", [None, 3])
-def test_a_group_write_whose_serialiser_or_check_fails_changes_no_file(tmp_path, threads):
-    """A serialiser raising on one thread, or ``before_replace`` refusing the sizes: every other file's phase 1
-    finishes, no destination is replaced and no temporary file is left."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import mgg_core.io as mio
-
-    for k in range(4):
-        (tmp_path / f"f{k}").write_bytes(b"old")
-
-    def broken() -> bytes:
-        raise RuntimeError("serialiser failed")
-
-    pool = None if threads is None else ThreadPoolExecutor(threads)
-    try:
-        files = [(tmp_path / f"f{k}", broken if k == 2 else b"new", True) for k in range(4)]
-        with pytest.raises(RuntimeError, match="serialiser failed"):
-            mio.atomic_write_group(files, executor=pool)
-        seen: list[list[int]] = []
-
-        def refuse(sizes: list[int]) -> None:
-            seen.append(sizes)
-            raise OSError(28, "over the cap")
-
-        with pytest.raises(OSError, match="over the cap"):
-            mio.atomic_write_group([(tmp_path / f"f{k}", b"new!", True) for k in range(4)], executor=pool,
-                                   before_replace=refuse)
-        assert seen == [[4, 4, 4, 4]]
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    assert [(tmp_path / f"f{k}").read_bytes() for k in range(4)] == [b"old"] * 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"f{k}" for k in range(4)]
-
-
 def _state(value: float) -> StreamState:
     return StreamState(
         tensors={"theta": torch.full((50,), value), "opt.count": torch.tensor([3], dtype=torch.int64),
@@ -344,43 +275,6 @@ def test_commit_group_max_streams_is_validated(tmp_path):
 
     with pytest.raises(ValidationError):
         settings_for(tmp_path, commit_group_max_streams=0)
-
-
-@pytest.mark.parametrize("bad", [0, 65])
-def test_snapshot_write_threads_is_validated(tmp_path, bad):
-    from pydantic import ValidationError
-
-    with pytest.raises(ValidationError, match="snapshot_write_threads"):
-        settings_for(tmp_path, snapshot_write_threads=bad)
-
-
-@pytest.mark.parametrize("threads", [1, 3])
-def test_a_groups_snapshots_are_serialised_on_the_write_threads(live_server, tmp_path, digit_images, threads):
-    """``snapshot_write_threads``: a fused step's snapshots are serialised (and written) on that many threads of
-    the store's own; with 1, one after the other in the commit's thread. The files are the same either way."""
-    srv = live_server(settings_for(tmp_path / "w", snapshot_write_threads=threads))
-    store = srv.app.state.svc.store
-    assert (store._writers is None) == (threads == 1)
-    assert store._writers is None or store._writers._max_workers == threads
-    names: list[str] = []
-    real = StreamState.to_bytes
-
-    def to_bytes(self, extra_meta=None):
-        names.append(threading.current_thread().name)
-        return real(self, extra_meta)
-
-    StreamState.to_bytes = to_bytes  # type: ignore[method-assign]
-    try:
-        sids = ["a", "b", "c", "d"]
-        results = fused_group(srv, sids, digit_images[:4])
-    finally:
-        StreamState.to_bytes = real  # type: ignore[method-assign]
-    assert all(results[s].status_code == 200 and results[s].json()["step"] == 1 for s in sids)
-    group = names[1:]  # names[0]: the blocker's write, a group of one (never on the pool)
-    assert len(group) == 4 and not names[0].startswith("mgg-snapshot-write")
-    assert all(n.startswith("mgg-snapshot-write") for n in group) == (threads > 1)
-    for sid in sids:
-        assert StreamState.load(tmp_path / "w" / f"{sid}.safetensors").step == 1
 
 
 @pytest.mark.timeout(500)
