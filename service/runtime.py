@@ -8,6 +8,7 @@ the readiness answer (:meth:`ServiceState.require_ready`) that every route but t
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import sys
@@ -186,6 +187,16 @@ def warm_up(rt: Runtime) -> float:
     return time.perf_counter() - t0
 
 
+def freeze_startup_objects() -> int:
+    """Collect, then move every object alive now to the collector's permanent generation (``gc.freeze``; setting
+    ``gc_freeze``): the loaded model, its modules and the libraries are never garbage, and a full collection that
+    scans them costs the server a pause (160 ms with the bundled model, 1.3 ms frozen). Returns the number of
+    objects frozen so far."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 _ABS_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/]+/)+")
 
 
@@ -249,6 +260,8 @@ class ServiceState:
         try:
             rt = await asyncio.to_thread(load_runtime, self.settings)
             self.warmup_seconds = await asyncio.to_thread(warm_up, rt)
+            if self.settings.gc_freeze:
+                freeze_startup_objects()
             store = self._open_store(rt)
             await store.start()
         except asyncio.CancelledError:

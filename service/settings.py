@@ -151,6 +151,11 @@ class ServiceSettings(BaseSettings):
         "to this long each time it takes the GIL back after a system call: a group commit's ~4 calls per file then "
         "cost 5 ms each at the default (a 3.5 ms write of 8 snapshots took 142 ms next to a busy thread, 21 ms at "
         "0.5 ms)")
+    gc_freeze: bool = Field(
+        True, description="after the model is loaded and warmed up, move every object alive then (model, "
+        "libraries) to the garbage collector's permanent generation (gc.freeze): full collections stop scanning "
+        "them. Measured under 16 streams of 4-image requests: a full collection paused the server for 160 ms, "
+        "1.3 ms frozen. False = leave the collector as it is")
     return_post_update: bool = Field(
         False, description="return predictions made after the update instead of before it (costs one more forward)"
     )

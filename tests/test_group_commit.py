@@ -338,6 +338,25 @@ def test_gil_switch_interval_is_set_at_start_up_and_validated(tmp_path):
             settings_for(tmp_path, gil_switch_interval_ms=bad)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_gc_freeze_moves_the_startup_objects_out_of_full_collections(live_server, tmp_path, digit_images, freeze):
+    """``gc_freeze`` (default on): once the model is loaded and warmed up, the objects alive then are in the
+    collector's permanent generation; off, the collector is left as it is. The service answers either way."""
+    import gc
+
+    assert settings_for(tmp_path).gc_freeze is True
+    gc.unfreeze()
+    try:
+        srv = live_server(settings_for(tmp_path / "g", gc_freeze=freeze))
+        with srv.client() as c:
+            r = c.post("/predict", content=npy_bytes(digit_images[:4]), headers={**NPY, "X-Stream-Id": "s"})
+            assert r.status_code == 200, r.text
+        frozen = gc.get_freeze_count()
+        assert (frozen > 10_000) if freeze else frozen == 0, frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_a_bug_while_preparing_a_group_refuses_its_streams_instead_of_hanging(live_server, tmp_path, digit_images):
     """Whatever fails while a group is prepared (here: its listing data) fails the group's requests (507, the step
     not kept) rather than leaving them waiting for a write that never comes; the next request is served."""
