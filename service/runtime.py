@@ -305,5 +305,6 @@ class ServiceState:
 
 
 __all__ = [
-    "Runtime", "ServiceState", "engine_config", "load_runtime", "resolve_checkpoint", "warm_up", "without_folders",
+    "Runtime", "ServiceState", "engine_config", "freeze_startup_objects", "load_runtime", "resolve_checkpoint",
+    "warm_up", "without_folders",
 ]

@@ -22,7 +22,7 @@ from ..dataplane import DataPlane
 from ..decode import DecodeError, decode_body
 from ..errors import ApiError
 from ..metrics import ServiceMetrics
-from ..runtime import ServiceState, load_runtime, warm_up
+from ..runtime import ServiceState, freeze_startup_objects, load_runtime, warm_up
 from ..settings import ServiceSettings
 from ..store import (
     SNAPSHOT_SUFFIX,
@@ -133,6 +133,8 @@ class Shard:
         self.plane = DataPlane(self.svc)
         self.runtime = load_runtime(self.settings)
         self.warmup_seconds = warm_up(self.runtime)
+        if self.settings.gc_freeze:
+            freeze_startup_objects()
         self.leases = LeaseTable(self.settings.snapshot_dir, self.replica_id, lease_timeout_s)
         self.store: ShardStore | None = None
         self._start_lock = asyncio.Lock()
