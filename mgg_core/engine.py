@@ -99,6 +99,9 @@ class EngineConfig:
     bn_balanced: float | None = None        # class-balanced statistics (normstats, TRIBE's Balanced BatchNorm): the
                                             # weight in (0, 1] of the class-uniform mixture of per-class statistics
                                             # updated with pseudo-labels of a no-grad pre-pass; None: off
+    bn_balanced_form: str = "mixture"       # with bn_balanced: how the class statistics enter (normstats'
+                                            # BALANCED_FORMS: "mixture", TRIBE's class-uniform mixture; "correction",
+                                            # the stream's statistics with their recent class mix made uniform)
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
@@ -194,7 +197,7 @@ class AdaptationEngine:
         self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow,
                                     config.bn_prior_images, warm_start=config.bn_warmup_shift is None
                                     and not config.bn_warmup_release, balanced=config.bn_balanced,
-                                    num_classes=self.num_classes)
+                                    num_classes=self.num_classes, balanced_form=config.bn_balanced_form)
         #: class-balanced per-stream statistics: every request that moves them takes a no-grad pre-pass for labels
         self.balanced = self.norm.balanced_on
         self.warmup_shift = (float(config.bn_warmup_shift) if config.bn_warmup_shift is not None
@@ -263,6 +266,7 @@ class AdaptationEngine:
             self.fingerprint["bn_warmup_release"] = True
         if self.balanced:                       # norm.*.cmean/.cvar (and norm.cseen) are kept
             self.fingerprint["bn_balanced"] = float(config.bn_balanced)  # type: ignore[arg-type]
+            self.fingerprint["bn_balanced_form"] = config.bn_balanced_form
         if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
             self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
         if config.guard.enabled and config.guard.confident_hold_entropy is not None:   # guard.source_entropy too
@@ -293,6 +297,7 @@ class AdaptationEngine:
             "bn_prior_images": c.bn_prior_images if per_stream else None, "bn_warmup_shift": self.warmup_shift,
             "bn_warmup_release": self.warmup_release if per_stream else None,
             "bn_balanced": self.norm.balanced if self.balanced else None,
+            "bn_balanced_form": c.bn_balanced_form if self.balanced else None,
             "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),

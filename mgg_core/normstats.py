@@ -51,15 +51,17 @@ the method's filter rejected all still moves them (``engine.STATISTICS_DESPITE_S
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_MODES", "StreamNormStats", "balanced_moments", "batch_moments", "batch_momentum", "class_moments",
-           "class_momentum", "layer_momenta", "mix_moments", "warm_momentum"]
+__all__ = ["BALANCED_FORMS", "BN_MODES", "CORRECTION_VAR_FLOOR", "BalancedForm", "StreamNormStats", "balanced_moments",
+           "batch_moments", "batch_momentum", "class_moments", "class_momentum", "correction_form", "layer_momenta",
+           "mix_moments", "mixture_form", "warm_momentum"]
 
 #: how BatchNorm layers normalise, see the module docstring
 BN_MODES = ("source", "batch", "ema")
@@ -117,6 +119,50 @@ def balanced_moments(cmean: torch.Tensor, cvar: torch.Tensor) -> tuple[torch.Ten
     variance includes the spread of the class means)."""
     mean = cmean.mean(-2)
     return mean, cvar.mean(-2) + (cmean - mean.unsqueeze(-2)).square().mean(-2)
+
+
+def mixture_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
+                 mix: torch.Tensor | None, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"mixture"`` (TRIBE's Balanced BatchNorm): the class-uniform mixture of the class statistics (..., K, C),
+    merged with the stream's global statistics (..., C) at weight ``lam`` as two populations; ``mix`` unused."""
+    b_mean, b_var = balanced_moments(cmean, cvar)
+    return mix_moments(gmean, gvar, b_mean, b_var, lam)
+
+
+#: ``"correction"``: the corrected variance is at least this share of the stream's global variance
+CORRECTION_VAR_FLOOR = 0.1
+
+
+def correction_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
+                    mix: torch.Tensor | None, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"correction"``: the stream's global statistics with their class mix replaced by the uniform one. The global
+    EMA is (about) the mixture of the class statistics weighted by the stream's recent class mix ``mix`` (..., K),
+    tracked at the same momenta; the result adds ``lam`` x (class-uniform mixture - ``mix``-weighted mixture) of the
+    class statistics to it (mean and variance), the variance floored at ``CORRECTION_VAR_FLOOR`` x the global one.
+    With a uniform recent mix (i.i.d. streams) it is the global statistics; only the class offsets enter, so class
+    statistics that lag a domain switch shift it less than they shift ``"mixture"``."""
+    assert mix is not None
+    b_mean, b_var = balanced_moments(cmean, cvar)
+    w = mix.to(cmean.dtype).unsqueeze(-1)
+    p_mean = (w * cmean).sum(-2)
+    p_var = (w * (cvar + (cmean - p_mean.unsqueeze(-2)).square())).sum(-2)
+    mean = gmean + lam * (b_mean - p_mean)
+    var = torch.maximum(gvar + lam * (b_var - p_var), CORRECTION_VAR_FLOOR * gvar)
+    return mean, var
+
+
+@dataclass(frozen=True)
+class BalancedForm:
+    """How a layer uses its class statistics: ``fn(gmean, gvar, cmean, cvar, mix, lam) -> (mean, var)``;
+    ``tracks_mix``: the stream keeps its recent class mix per layer (``norm.<layer>.cmix``)."""
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    tracks_mix: bool = False
+
+
+#: the forms of class-balanced statistics (``EngineConfig.bn_balanced_form``)
+BALANCED_FORMS: dict[str, BalancedForm] = {"mixture": BalancedForm(mixture_form),
+                                           "correction": BalancedForm(correction_form, tracks_mix=True)}
 
 
 def layer_momenta(n_layers: int, momentum: float, shallow_momentum: float | None = None) -> list[float]:
@@ -183,6 +229,7 @@ class StreamNormStats:
             domain-shift restart, ``EngineConfig.bn_warmup_shift``).
         balanced: weight lambda in (0, 1] of the class-balanced statistics (module docstring); None: off.
         num_classes: the model's classes K (needed with ``balanced``).
+        balanced_form: a key of :data:`BALANCED_FORMS` (how the class statistics enter).
     """
 
     #: the statistics entry that counts the images merged since the source (with ``prior_images``)
@@ -192,7 +239,11 @@ class StreamNormStats:
 
     def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05,
                  shallow_momentum: float | None = None, prior_images: float | None = None,
-                 warm_start: bool = True, balanced: float | None = None, num_classes: int = 0) -> None:
+                 warm_start: bool = True, balanced: float | None = None, num_classes: int = 0,
+                 balanced_form: str = "mixture") -> None:
+        if balanced_form not in BALANCED_FORMS:
+            raise ValueError(f"bn_balanced_form must be one of {sorted(BALANCED_FORMS)}, not {balanced_form!r}")
+        self.form = BALANCED_FORMS[balanced_form]
         if balanced is not None and not (0.0 < float(balanced) <= 1.0 and int(num_classes) >= 2):
             raise ValueError(f"bn_balanced must be in (0, 1] and needs a model of >= 2 classes, got {balanced} "
                              f"with {num_classes} classes")
@@ -261,6 +312,8 @@ class StreamNormStats:
             if self.balanced_on:
                 k = self.num_classes
                 out[f"{name}.cmean"], out[f"{name}.cvar"] = mean.expand(k, -1).clone(), var.expand(k, -1).clone()
+                if self.form.tracks_mix:      # the recent class mix starts uniform (the source's assumption)
+                    out[f"{name}.cmix"] = torch.full((k,), 1.0 / k, dtype=mean.dtype, device=mean.device)
         if self.prior_images is not None:
             start = 0.0 if self.warm_start else self.warm_done
             dev = next(iter(self.source.values()))[0].device
@@ -409,14 +462,28 @@ class StreamNormStats:
         """The hook's balanced statistics of layer ``name`` (module docstring) for one stream's batch ``x`` (n, C,
         ...), merged with the global ones (``gmean``, ``gvar``); the class statistics recorded when ``record``."""
         cmean, cvar = call.stats[f"{name}.cmean"], call.stats[f"{name}.cvar"]
+        mix = call.stats.get(f"{name}.cmix")
         if call.onehot is not None and call.cm is not None:
             xs = x.reshape(1, x.shape[0], x.shape[1], -1)
             c_mean, c_var = class_moments(xs, call.onehot.unsqueeze(0))
             cmean, cvar = mix_moments(cmean, cvar, c_mean[0], c_var[0], call.cm[name].unsqueeze(-1))
+            if mix is not None:       # the recent class mix moves with the global statistics' momentum
+                mix = self._next_mix(mix, call.onehot.mean(0), call.m[name])
             if record:
                 call.updates[f"{name}.cmean"], call.updates[f"{name}.cvar"] = cmean.detach(), cvar.detach()
-        b_mean, b_var = balanced_moments(cmean, cvar)
-        return mix_moments(gmean, gvar, b_mean, b_var, self.balanced)
+                if mix is not None:
+                    call.updates[f"{name}.cmix"] = mix.detach()
+        assert self.balanced is not None
+        return self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced)
+
+    @staticmethod
+    def _next_mix(mix: torch.Tensor, frac: torch.Tensor, m: float | torch.Tensor) -> torch.Tensor:
+        """The recent class mix after a request whose class fractions are ``frac``, at momentum ``m`` (float, or a
+        tensor broadcastable against ``mix`` after a trailing unsqueeze: one per stream)."""
+        if isinstance(m, torch.Tensor):
+            mm = m.to(mix.dtype)
+            return (1.0 - mm) * mix + mm * frac
+        return (1.0 - m) * mix + m * frac
 
     def segment_balanced(self, name: str, xs: torch.Tensor, stats: dict[str, torch.Tensor],
                          updates: torch.Tensor | None, labels: torch.Tensor | None
@@ -434,6 +501,9 @@ class StreamNormStats:
         k, rows = self.num_classes, xs.shape[0]
         cmean = stats.get(f"{name}.cmean", src_mean.expand(rows, k, -1))
         cvar = stats.get(f"{name}.cvar", src_var.expand(rows, k, -1))
+        mix = stats.get(f"{name}.cmix")
+        if mix is None and self.form.tracks_mix:
+            mix = torch.full((rows, k), 1.0 / k, dtype=src_mean.dtype, device=xs.device)
         if labels is not None:
             onehot = self.one_hot(labels)
             gate = torch.zeros(rows, dtype=torch.float64, device=xs.device) if updates is None else updates
@@ -442,10 +512,13 @@ class StreamNormStats:
                 self.momenta[name], onehot.sum(1), seen, self.prior_images)
             c_mean, c_var = class_moments(xs, onehot)
             cmean, cvar = mix_moments(cmean, cvar, c_mean, c_var, cm.unsqueeze(-1))
-        bal_mean, bal_var = balanced_moments(cmean, cvar)
-        mean, var = mix_moments(gmean, gvar, bal_mean, bal_var, self.balanced)
+            if mix is not None:
+                mix = self._next_mix(mix, onehot.mean(1), m)        # m: (S, 1)
+        mean, var = self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced)
         recorded = {f"{name}.mean": gmean.detach(), f"{name}.var": gvar.detach(),
                     f"{name}.cmean": cmean.detach(), f"{name}.cvar": cvar.detach()}
+        if mix is not None:
+            recorded[f"{name}.cmix"] = mix.detach()
         return mean, var, recorded
 
     def _unit(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:

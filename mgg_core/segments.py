@@ -155,7 +155,7 @@ def _balanced_batch_norm(seg: _Segments, name: str, xs: torch.Tensor, w: torch.T
         y = y + b[:, None, :, None]
     if f"{name}.mean" not in seg.updates:
         if seg.labels is None:      # the class statistics were only read
-            recorded = {k: v for k, v in recorded.items() if not k.endswith((".cmean", ".cvar"))}
+            recorded = {k: v for k, v in recorded.items() if not k.endswith((".cmean", ".cvar", ".cmix"))}
         seg.updates.update(recorded)
         seen = seg.stats.get(StreamNormStats.SEEN)
         if seen is not None and StreamNormStats.SEEN not in seg.updates:   # the warm-up's counts, once per block

@@ -122,6 +122,10 @@ class ServiceSettings(BaseSettings):
         "merged with the per-stream statistics at this weight (1 = the balanced statistics alone), so a label-shifted "
         "stream's class mix does not move the normalisation. None = off (docs/results/smallbatch/README.md, "
         "session 8)")
+    bn_balanced_form: Literal["mixture", "correction"] = Field(
+        "mixture", description="with bn_balanced: how the class statistics enter. 'mixture' = their class-uniform "
+        "mixture (TRIBE); 'correction' = the per-stream statistics with their recent class mix (tracked per layer at "
+        "the layer's momentum) replaced by the uniform one, which leaves an i.i.d. stream's statistics as they are")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")

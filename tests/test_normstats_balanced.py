@@ -60,12 +60,13 @@ def test_class_momentum_is_the_per_image_momentum_per_class():
     assert float(got[0]) == 0.0
 
 
-def _layer(balanced: float | None = 1.0, prior=None, momentum=0.05) -> tuple[nn.Module, StreamNormStats]:
+def _layer(balanced: float | None = 1.0, prior=None, momentum=0.05, form="mixture"
+           ) -> tuple[nn.Module, StreamNormStats]:
     torch.manual_seed(3)
     bn = nn.BatchNorm2d(2).eval()
     model = nn.Sequential(bn)
     return model, StreamNormStats(model, "ema", momentum=momentum, prior_images=prior, balanced=balanced,
-                                  num_classes=2)
+                                  num_classes=2, balanced_form=form)
 
 
 def _class_images(k: int, n: int, seed: int) -> torch.Tensor:
@@ -102,6 +103,43 @@ def test_a_label_shifted_stream_does_not_move_the_balanced_statistics_to_its_cla
     want = (x - b_mean.view(1, -1, 1, 1)) / torch.sqrt(b_var.view(1, -1, 1, 1) + 1e-5) * model[0].weight.view(
         1, -1, 1, 1) + model[0].bias.view(1, -1, 1, 1)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def _normalised_with(model, norm, stats, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, var) the layer normalised ``x`` with (stats read, not moved), from its output."""
+    bn = model[0]
+    with torch.no_grad(), norm.use(stats, x.shape[0], update=False):
+        out = model(x)
+        z = (out - bn.bias.view(1, -1, 1, 1)) / bn.weight.view(1, -1, 1, 1)  # (x - mean) / sqrt(var + eps)
+        a, b = x[:, :, 0, 0], z[:, :, 0, 0]
+        c, d = x[:, :, 1, 1], z[:, :, 1, 1]
+        scale = ((a - c) / (b - d))[0]                                         # sqrt(var + eps)
+    return (a - b * scale)[0], scale.square() - bn.eps
+
+
+def test_correction_leaves_a_balanced_stream_as_it_is_and_undoes_a_label_shift():
+    model, corr = _layer(momentum=0.05, form="correction")
+    model0, plain = _layer(balanced=None, momentum=0.05)
+    assert corr.init_state()["0.cmix"].tolist() == [0.5, 0.5]
+    both = [(torch.cat([_class_images(0, 4, i), _class_images(1, 4, 100 + i)]),
+             torch.tensor([0] * 4 + [1] * 4)) for i in range(30)]
+    st = _feed(model, corr, corr.init_state(), both)
+    st0 = _feed(model0, plain, plain.init_state(), both)
+    torch.testing.assert_close(st["0.cmix"], torch.tensor([0.5, 0.5]), rtol=0, atol=1e-6)
+    x = _class_images(0, 2, 7)
+    # a stream whose recent class mix is uniform: the correction is (about) nothing, the plain statistics
+    for got, want in zip(_normalised_with(model, corr, st, x), _normalised_with(model0, plain, st0, x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    only0 = [(_class_images(0, 8, 500 + i), torch.zeros(8, dtype=torch.long)) for i in range(30)]
+    after, after0 = _feed(model, corr, st, only0), _feed(model0, plain, st0, only0)
+    assert float(after["0.cmix"][0]) > 0.99
+    mean0, _ = _normalised_with(model0, plain, after0, x)
+    mean, var = _normalised_with(model, corr, after, x)
+    assert float(mean0.mean()) < -1.5                 # the plain statistics follow the class mix to class 0's
+    assert float(mean.abs().max()) < 0.3              # corrected: back between the classes
+    b_mean, b_var = balanced_moments(after["0.cmean"], after["0.cvar"])
+    torch.testing.assert_close(mean, b_mean, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(var, b_var, rtol=0.05, atol=0.05)
 
 
 def test_lambda_merges_the_balanced_and_global_statistics_as_two_populations():
@@ -153,6 +191,8 @@ def test_updating_needs_labels_and_reading_does_not():
         StreamNormStats(model, "ema", balanced=1.5, num_classes=2)
     with pytest.raises(ValueError, match="bn_balanced"):
         StreamNormStats(model, "ema", balanced=0.5, num_classes=1)
+    with pytest.raises(ValueError, match="bn_balanced_form"):
+        StreamNormStats(model, "ema", balanced=0.5, num_classes=2, balanced_form="median")
 
 
 def test_the_engine_updates_the_classes_its_pre_pass_predicts():
@@ -195,6 +235,17 @@ def test_balanced_state_resets_snapshots_counts_its_bytes_and_is_fingerprinted(t
     other = _engine("eata", guard=guard, **{**BAL, "bn_balanced": 0.5})
     with pytest.raises(Exception, match="bn_balanced"):
         other.load_state(tmp_path / "s.safetensors")
+    corr = _engine("eata", guard=guard, **{**BAL, "bn_balanced_form": "correction"})
+    with pytest.raises(Exception, match="bn_balanced_form"):
+        corr.load_state(tmp_path / "s.safetensors")
+    layers = sum(1 for k in plain.new_state().tensors if k.endswith(".mean"))
+    assert corr.new_state().nbytes() == eng.new_state().nbytes() + layers * 10 * 4      # the class mix per layer
+    cs, cfresh = corr.new_state(seed=1), corr.new_state(seed=1)
+    for i, n in enumerate([1, 3]):
+        corr.step(cs, _images(n, 20 + i))
+    _restore_and_continue(corr, cs, tmp_path)
+    corr.reset(cs)
+    _same(cs.tensors, cfresh.tensors)
 
 
 def test_a_fallback_restores_the_class_statistics_and_a_release_restarts_their_warm_up():
@@ -259,10 +310,14 @@ def test_bn_balanced_is_a_validated_service_setting_that_reaches_the_engine(monk
     default = AdaptationEngine(_resnet(), engine_config(ServiceSettings(_env_file=None), build_method("eata", 10),
                                                         "cpu", None), num_classes=10)
     assert not default.balanced and "bn_balanced" not in default.fingerprint
-    assert default.describe()["bn_balanced"] is None
+    assert default.describe()["bn_balanced"] is None and default.describe()["bn_balanced_form"] is None
+    with pytest.raises(ValidationError, match="bn_balanced_form"):
+        ServiceSettings(_env_file=None, bn_balanced_form="median")
     monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED", "0.5")
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED_FORM", "correction")
     cfg = engine_config(ServiceSettings(_env_file=None), build_method("eata", 10), "cpu", None)
-    assert cfg.bn_balanced == 0.5
+    assert cfg.bn_balanced == 0.5 and cfg.bn_balanced_form == "correction"
     eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
     assert eng.norm.balanced == 0.5 and eng.describe()["bn_balanced"] == 0.5
-    assert eng.fingerprint["bn_balanced"] == 0.5
+    assert eng.fingerprint["bn_balanced"] == 0.5 and eng.fingerprint["bn_balanced_form"] == "correction"
+    assert eng.describe()["bn_balanced_form"] == "correction" and eng.norm.form.tracks_mix
