@@ -9,7 +9,13 @@ RGBA (alpha composited over black), CMYK, 16-bit... -> RGB; C=1: -> L).
 
 Speed: the PIL stages of the transform (resize, crop) run per image; the tensor stages (to-tensor and
 normalise) run once on the stacked batch, which is what makes thousands of small images per second
-possible. The result equals applying timm's transform image by image (checked by the tests).
+possible. When the PIL stages are torchvision's ``Resize`` (no ``max_size``) then ``CenterCrop`` (timm's
+``crop_mode="center"``, its default) they run leaner, with the same Pillow calls: the output size is
+torchvision's own (``_compute_resized_output_size``), the image is resized by ``Image.resize`` with the same
+filter and cropped as an array slice at torchvision's offsets, and a grayscale image for a 3-channel model is
+resized once and replicated after normalising instead of being converted to RGB first (Pillow resamples every
+band alike, so the bytes are those of the converted image); an image smaller than the crop takes timm's own
+stages (padding). The result equals applying timm's transform image by image (checked by the tests).
 """
 from __future__ import annotations
 
@@ -20,6 +26,12 @@ import timm.data
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+try:  # what torchvision.transforms.functional.resize computes the output size with (private: checked, else None)
+    from torchvision.transforms.functional import _compute_resized_output_size
+except ImportError:  # pragma: no cover - another torchvision: timm's stages run as they are
+    _compute_resized_output_size = None
 
 from .data.sources import pil_to_uint8
 
@@ -81,6 +93,7 @@ class Preprocessor:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean/std must have one value per input channel")
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
+        self._lean: tuple[list[int], int, tuple[int, int]] | None = None
         self._batched = self._split_transform()
 
     def _split_transform(self) -> bool:
@@ -94,16 +107,63 @@ class Preprocessor:
         if names[cut] not in ("ToTensor", "MaybeToTensor") or names[cut + 1] != "Normalize":
             return False
         self._pil_stages = T.Compose(stages[:cut])
+        self._lean = self._lean_stages(stages[:cut])
         norm = stages[cut + 1]
         self._mean = torch.as_tensor(norm.mean, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
         self._std = torch.as_tensor(norm.std, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
         return True
 
+    @staticmethod
+    def _lean_stages(stages: list) -> tuple[list[int], int, tuple[int, int]] | None:
+        """(resize size, Pillow filter, crop size) when the PIL stages are exactly torchvision's ``Resize`` (no
+        ``max_size``) then ``CenterCrop``, else None (the stages then run as they are)."""
+        if _compute_resized_output_size is None or [type(t) for t in stages] != [T.Resize, T.CenterCrop]:
+            return None
+        resize, crop = stages
+        if resize.max_size is not None or resize.interpolation not in TF.pil_modes_mapping:
+            return None
+        size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
+        csize = crop.size if isinstance(crop.size, (tuple, list)) else (crop.size, crop.size)
+        if len(size) not in (1, 2) or len(csize) not in (1, 2):
+            return None
+        ch, cw = (int(csize[0]), int(csize[-1]))
+        return size, TF.pil_modes_mapping[resize.interpolation], (ch, cw)
+
+    def _lean_array(self, img: Image.Image) -> np.ndarray | None:
+        """timm's PIL stages (resize, center crop) of one image as a uint8 array (H, W) or (H, W, C), through the
+        same Pillow resize; None where the crop would pad (the image is smaller than the crop)."""
+        assert self._lean is not None
+        size, resample, (ch, cw) = self._lean
+        oh, ow = _compute_resized_output_size((img.height, img.width), size, None)
+        if ch > oh or cw > ow:
+            return None
+        if (oh, ow) != (img.height, img.width):
+            img = img.resize((ow, oh), resample)
+        top, left = int(round((oh - ch) / 2.0)), int(round((ow - cw) / 2.0))
+        return np.asarray(img)[top:top + ch, left:left + cw]
+
+    def _lean_call(self, pils: list[Image.Image]) -> torch.Tensor:
+        """:meth:`__call__` over the lean stages (module docstring); ``pils`` may hold grayscale (mode L) images
+        for a 3-channel model, replicated after normalising."""
+        arrays: list[np.ndarray] = []
+        for p in pils:
+            a = self._lean_array(p)
+            if a is None:  # smaller than the crop: timm's stages (padding), at the model's channels
+                a = np.asarray(self._pil_stages(to_channels(p, self.channels)), dtype=np.uint8)
+            arrays.append(a)
+        if all(a.ndim == 2 for a in arrays):  # one band each: normalised once per model channel
+            gray = torch.from_numpy(np.stack(arrays)).unsqueeze(1).float().div_(255.0)
+            return gray.expand(-1, self.channels, -1, -1).sub(self._mean).div_(self._std).contiguous()
+        full = [np.repeat(a[:, :, None], self.channels, axis=2) if a.ndim == 2 else a for a in arrays]
+        batch = torch.from_numpy(np.stack(full)).permute(0, 3, 1, 2).float().div_(255.0)
+        return batch.sub_(self._mean).div_(self._std).contiguous()
+
     def __repr__(self) -> str:
         return f"Preprocessor(input_size={self.input_size}, mean={self.mean}, std={self.std})"
 
-    def to_pil_list(self, images) -> list[Image.Image]:
-        """Validate and convert the input to a list of PIL images with the model's channel count."""
+    def to_pil_list(self, images, keep_gray: bool = False) -> list[Image.Image]:
+        """Validate and convert the input to a list of PIL images with the model's channel count (``keep_gray``:
+        grayscale (mode L) images stay grayscale for a 3-channel model)."""
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(images, np.ndarray):
@@ -123,9 +183,13 @@ class Preprocessor:
                     raise TypeError(f"expected PIL images or uint8 arrays, got {type(im).__name__}")
         if not pils:
             raise ValueError("no images given")
+        if keep_gray:
+            return [p if p.mode == "L" else to_channels(p, self.channels) for p in pils]
         return [to_channels(p, self.channels) for p in pils]
 
     def __call__(self, images: Sequence[Image.Image] | np.ndarray | Iterable) -> torch.Tensor:
+        if self._batched and self._lean is not None:
+            return self._lean_call(self.to_pil_list(images, keep_gray=True))
         pils = self.to_pil_list(images)
         if not self._batched:
             return torch.stack([self.transform(p) for p in pils]).float()

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FORMAT_VERSION", "StreamState", "owned"]
+__all__ = ["FORMAT_VERSION", "RESERVED_META", "StreamState", "owned"]
 
 FORMAT_VERSION = "1"
+#: header metadata keys of the state itself; :meth:`StreamState.to_bytes`'s ``extra_meta`` may not use them
+RESERVED_META = ("format", "scalars", "fingerprint", "annotations")
 # dtypes whose tensors safetensors.numpy writes exactly as safetensors.torch does (same dtype tag, same bytes), with
 # the numpy dtype name safetensors reads for each
 _NUMPY_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
@@ -105,8 +107,12 @@ class StreamState:
         )
 
     # ---- persistence ----
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, extra_meta: dict[str, str] | None = None) -> bytes:
         """The snapshot file's bytes (safetensors: tensors ``state.*``/``anchor.*`` + JSON metadata).
+
+        ``extra_meta``: more header metadata (text values) kept with the snapshot for the layers above the engine,
+        e.g. the service's listing data, readable from the header alone; :meth:`load` ignores it. Its keys may not
+        be the state's own (``format``, ``scalars``, ``fingerprint``, ``annotations``): ValueError.
 
         Serialised as ``safetensors.numpy`` does (the same file as ``safetensors.torch`` writes: same header, dtype
         tags, offsets and tensor bytes) whenever every tensor's dtype has a numpy equivalent: with safetensors >=
@@ -122,6 +128,13 @@ class StreamState:
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
         if self.annotations:
             meta["annotations"] = json.dumps(self.annotations)
+        if extra_meta:
+            clash = sorted(set(extra_meta) & set(RESERVED_META))
+            if clash:
+                raise ValueError(f"extra_meta may not set the state's own header keys {clash}")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra_meta.items()):
+                raise ValueError("extra_meta must map text to text")
+            meta.update(extra_meta)
         cpu = {k: v.detach().cpu().contiguous() for k, v in out.items()}
         if all(t.dtype in _NUMPY_DTYPES for t in cpu.values()):
             if _POINTER_SPECS and all(t.numel() for t in cpu.values()):  # ``cpu`` keeps every tensor alive

@@ -11,8 +11,8 @@ Past ``max_queue_per_stream`` waiting/running requests on one stream, or ``max_q
 :class:`StoreBusy` is raised (HTTP 429).
 
 Durability. With ``durability="step"`` (the default) a predict job writes the stream's snapshot
-(``<snapshot_dir>/<id>.safetensors`` + ``<id>.json`` sidecar, through :mod:`mgg_core.io`: temp file, fsync,
-rename, fsync of the folder) before its result is returned, so an acknowledged step survives ``kill -9``. When
+(``<snapshot_dir>/<id>.safetensors``, through :mod:`mgg_core.io`: temp file, fsync, rename, fsync of the folder)
+before its result is returned, so an acknowledged step survives ``kill -9``. When
 that write fails the in-memory state is dropped (the stream is back at its last durable state) and
 :class:`PersistError` is raised: the step is not acknowledged.
 
@@ -45,8 +45,14 @@ Bounds. At most ``max_streams`` streams are known (resident, on disk, at source 
 ``retention_seconds`` are deleted and the streams forgotten.
 
 Restore. Snapshots are validated before use (file size, engine fingerprint, tensor keys, shapes, dtypes,
-finiteness, scalar types) and sidecars by field type at start-up; a bad file makes only its own stream answer
-:class:`SnapshotRestoreError` (``reason`` is a safe, path-free description) until it is reset or deleted.
+finiteness, scalar types) and their listing data by field type at start-up; a bad file makes only its own stream
+answer :class:`SnapshotRestoreError` (``reason`` is a safe, path-free description) until it is reset or deleted.
+
+Listing data. What ``GET /streams`` shows of a stream that is not resident (step, bytes, entropy EMA, last seen,
+requests, rollbacks) is kept in its snapshot's own safetensors header (metadata key ``listing``, JSON), read at
+start-up from the header alone: one file per stream and per write. Snapshot folders of versions that kept it in a
+``<id>.json`` sidecar still load: a header without ``listing`` is listed from that sidecar, which the stream's
+next write removes (a header's listing wins over a sidecar left behind).
 """
 from __future__ import annotations
 
@@ -88,7 +94,8 @@ DURABILITY_MODES = ("step", "interval")
 
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 SNAPSHOT_SUFFIX = ".safetensors"
-META_SUFFIX = ".json"
+META_SUFFIX = ".json"  # an older version's listing sidecar, read and removed (module docstring, "Listing data")
+LISTING_KEY = "listing"  # the snapshot header's metadata key of the listing data
 TMP_DIRNAME = ".tmp"
 
 T = TypeVar("T")
@@ -179,7 +186,8 @@ class _Commit:
 
 
 class SnapshotMeta(BaseModel):
-    """The ``<id>.json`` sidecar (listing data), validated by type at start-up; unknown fields are ignored."""
+    """A snapshot's listing data (its header's ``listing``, or an older version's ``<id>.json`` sidecar), validated
+    by type at start-up; unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -228,7 +236,7 @@ class _Stream:
     last_seen: float | None = None  # unix time of the last request
     last_used: float = field(default_factory=time.monotonic)
     nbytes: int = 0
-    disk_bytes: int = 0  # snapshot + sidecar on disk
+    disk_bytes: int = 0  # snapshot (+ an older version's sidecar) on disk
     unpersisted: int = 0  # acknowledged steps not on disk
     unpersisted_since: float | None = None  # monotonic time of the oldest of them
     step: int | None = None
@@ -356,7 +364,7 @@ class StreamStore:
     ) -> None:
         """Args:
             engine: the shared adaptation engine (``new_state``, ``reset``, ``load_state``, ``fingerprint``).
-            snapshot_dir: folder of ``<id>.safetensors`` snapshots and ``<id>.json`` sidecars.
+            snapshot_dir: folder of ``<id>.safetensors`` snapshots (and older versions' ``<id>.json`` sidecars).
             metrics: the app's metrics; the store adds its own collectors to the same registry.
             budget_bytes: resident state bytes kept in memory (LRU eviction past it).
             durability: ``"step"`` (persist before answering) or ``"interval"`` (see the module docstring).
@@ -389,6 +397,7 @@ class StreamStore:
         self._m = _StoreMetrics(metrics)
         self._m.disk_budget.set(self.max_snapshot_bytes)
         self._streams: dict[str, _Stream] = {}
+        self._legacy_sidecars: set[str] = set()  # streams with an older version's sidecar on disk
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident stream ids, least recent first
         self._sem = asyncio.Semaphore(max_concurrent)
         self._pending_total = 0
@@ -422,7 +431,7 @@ class StreamStore:
         self._template = {
             k: (tuple(v.shape), v.dtype, bool((~torch.isfinite(v)).any())) for k, v in state.tensors.items()
         }
-        # a state with an anchor is about twice the fresh one; safetensors header and sidecar on top
+        # a state with an anchor is about twice the fresh one; safetensors header (listing included) on top
         self._file_estimate = 2 * int(state.nbytes()) + 16 * 1024
 
     def _scan(self) -> None:
@@ -439,7 +448,7 @@ class StreamStore:
                 continue
             entry = _Stream(id=sid, on_disk=True)
             self._load_meta_into(entry)
-            if entry.last_seen is None and entry.invalid is None:  # no date in the sidecar: the file's own
+            if entry.last_seen is None and entry.invalid is None:  # no date in the listing: the file's own
                 with contextlib.suppress(OSError):
                     entry.last_seen = path.stat().st_mtime
             self._set_disk(entry, self._files_size(sid))
@@ -447,20 +456,26 @@ class StreamStore:
         log.info("snapshot dir %s: %d stream(s) found", self.snapshot_dir, len(self._streams))
 
     def _load_meta_into(self, entry: _Stream) -> None:
-        path = self._meta_path(entry.id)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return  # listing data only: the snapshot itself is authoritative
-        except OSError:
-            text = "\0"
-        if not text.strip():
-            return  # an empty sidecar (a power loss right after its rename): as if missing
+        """Fill ``entry``'s listing fields from its snapshot's header (``listing``) or, for a snapshot of an older
+        version, its ``<id>.json`` sidecar; marks it invalid when the listing data is."""
+        text, source = self._read_listing(entry.id), "snapshot's listing data"
+        if text is None:
+            source = "sidecar file"
+            path = self._meta_path(entry.id)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return  # listing data only: the snapshot itself is authoritative
+            except OSError:
+                text = "\0"
+            self._legacy_sidecars.add(entry.id)
+            if not text.strip():
+                return  # an empty sidecar (a power loss right after its rename): as if missing
         try:
             raw = json.loads(text)
         except (OSError, ValueError):
-            entry.invalid = "its sidecar file is not valid JSON"
-            log.error("stream %s: sidecar %s is not valid JSON", entry.id, path)
+            entry.invalid = f"its {source} is not valid JSON"
+            log.error("stream %s: %s is not valid JSON", entry.id, source)
             return
         try:
             if not isinstance(raw, dict):
@@ -469,13 +484,25 @@ class StreamStore:
         except (ValidationError, ValueError) as exc:
             fields = sorted({str(e["loc"][0]) for e in exc.errors() if e.get("loc")}) if isinstance(
                 exc, ValidationError) else []
-            entry.invalid = "its sidecar file has invalid fields: " + ", ".join(fields) if fields else \
-                "its sidecar file is not a JSON object"
-            log.error("stream %s: sidecar %s is invalid (%s)", entry.id, path, entry.invalid)
+            entry.invalid = f"its {source} has invalid fields: " + ", ".join(fields) if fields else \
+                f"its {source} is not a JSON object"
+            log.error("stream %s: %s is invalid (%s)", entry.id, source, entry.invalid)
             return
         entry.step, entry.nbytes, entry.entropy_ema = meta.step, meta.bytes, meta.entropy_ema
         entry.last_seen = _parse_iso(meta.last_seen)
         entry.requests, entry.rollbacks = meta.requests, meta.rollbacks
+
+    def _read_listing(self, stream_id: str) -> str | None:
+        """The ``listing`` text of a snapshot's header (read without its tensors); None when the header has none
+        or cannot be read (loading the snapshot then reports what is wrong with it)."""
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self._snapshot_path(stream_id)), framework="numpy") as f:  # the header only
+                value = (f.metadata() or {}).get(LISTING_KEY)
+        except Exception:  # noqa: BLE001 - a damaged file is its own stream's problem, reported when it loads
+            return None
+        return value if isinstance(value, str) else None
 
     async def close(self) -> None:
         """Refuse new work, wait for queued work, snapshot every changed resident stream."""
@@ -647,7 +674,7 @@ class StreamStore:
             items = []
             for c in group:  # inside the try: a failure here, too, must answer every member (none may hang)
                 assert c.entry.state is not None, "a stepped stream stays resident until its write (ticket held)"
-                items.append((c.entry.id, c.entry.state, self._sidecar_meta(c.entry), c.entry.disk_bytes))
+                items.append((c.entry.id, c.entry.state, self._listing_meta(c.entry), c.entry.disk_bytes))
             sizes = await asyncio.to_thread(self._write_files, items)
         except _GroupSplit as split:  # renames failed midway: the renamed streams are durable
             # by id: a subclass may write a subset of the group (the Ray shard drops streams that moved)
@@ -1080,13 +1107,13 @@ class StreamStore:
         assert entry.state is not None, "only resident streams are written"
         t0 = time.perf_counter()
         sizes = await asyncio.to_thread(
-            self._write_files, [(entry.id, entry.state, self._sidecar_meta(entry), entry.disk_bytes)])
+            self._write_files, [(entry.id, entry.state, self._listing_meta(entry), entry.disk_bytes)])
         dt = time.perf_counter() - t0
         self._metrics.snapshot_duration.observe(dt)
         self._metrics.observe_phase("snapshot", dt)
         self._written(entry, sizes[0])
 
-    def _sidecar_meta(self, entry: _Stream) -> dict[str, Any]:
+    def _listing_meta(self, entry: _Stream) -> dict[str, Any]:
         return {k: v for k, v in entry.info().items() if k in SnapshotMeta.model_fields}
 
     def _written(self, entry: _Stream, size: int) -> None:
@@ -1097,26 +1124,24 @@ class StreamStore:
         self._set_persisted(entry)
 
     def _write_files(self, items: builtins.list[tuple[str, StreamState, dict[str, Any], int]]) -> builtins.list[int]:
-        """Write the snapshots of ``items`` (stream id, state, sidecar fields, bytes its files take now) as one
-        group (:func:`mgg_core.io.atomic_write_group`); returns the bytes each stream's files take.
+        """Write the snapshots of ``items`` (stream id, state, listing fields, bytes its files take now) as one group
+        (:func:`mgg_core.io.atomic_write_group`), the listing data in each snapshot's header; returns the bytes each
+        stream's file takes.
 
-        Each stream's sidecar is renamed before its snapshot: the snapshot is authoritative, and a crash between
-        the two leaves at worst a sidecar one step ahead of it (listing data only; the stream is listed from the
-        snapshot once loaded). Sidecars are not fsynced themselves (the folder's fsync makes their renames
-        durable; an empty sidecar after a power loss is read as a missing one). Raises :class:`_DiskCapReached`
-        before writing anything when the group would pass ``max_snapshot_bytes``, :class:`_GroupSplit` when a
-        rename failed after others succeeded.
+        One file per stream: its listing data can never disagree with it. An older version's sidecar of a written
+        stream is removed afterwards (a crash before that leaves it behind, ignored: the header's listing wins).
+        Raises :class:`_DiskCapReached` before writing anything when the group would pass ``max_snapshot_bytes``,
+        :class:`_GroupSplit` when a rename failed after others succeeded.
         """
         files: builtins.list[tuple[Path, bytes, bool]] = []
         sizes: builtins.list[int] = []
         growth = 0
         saved_at = _iso(time.time())
         for stream_id, state, meta, old_size in items:
-            data = state.to_bytes()
-            sidecar = json.dumps({**meta, "saved_at": saved_at}, indent=1).encode()
-            sizes.append(len(data) + len(sidecar))
+            data = state.to_bytes({LISTING_KEY: json.dumps({**meta, "saved_at": saved_at})})
+            sizes.append(len(data))
             growth += sizes[-1] - old_size
-            files += [(self._meta_path(stream_id), sidecar, False), (self._snapshot_path(stream_id), data, True)]
+            files.append((self._snapshot_path(stream_id), data, True))
         if self._disk_total + growth > self.max_snapshot_bytes:
             raise _DiskCapReached(f"snapshot disk limit of {self.max_snapshot_bytes} bytes reached")
         try:
@@ -1125,6 +1150,15 @@ class StreamStore:
             committed = {p.name[: -len(SNAPSHOT_SUFFIX)] for p in exc.replaced if p.name.endswith(SNAPSHOT_SUFFIX)}
             raise _GroupSplit(dict(zip([item[0] for item in items], sizes, strict=True)), committed,
                               exc.error) from exc
+        for stream_id, *_ in items:
+            if stream_id in self._legacy_sidecars:
+                self._legacy_sidecars.discard(stream_id)
+                try:
+                    self._meta_path(stream_id).unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # the snapshots are written: a stale sidecar is ignored anyway
+                    log.warning("stream %s: could not remove its old sidecar file (%s)", stream_id, exc)
         return sizes
 
     def _snapshot_path(self, stream_id: str) -> Path:
@@ -1141,6 +1175,7 @@ class StreamStore:
         return total
 
     def _remove_files(self, stream_id: str) -> None:
+        self._legacy_sidecars.discard(stream_id)
         for p in (self._snapshot_path(stream_id), self._meta_path(stream_id)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -149,6 +149,42 @@ def test_preprocessor_numpy_and_pil_identical(pre, test_src):
     assert torch.equal(ref, x_np)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_preprocessor_lean_stages_equal_timms_transform(pre, interpolation, crop_pct, channels):
+    """The lean PIL stages (one Pillow resize, crop as a slice, grayscale replicated after normalising) give
+    timm's transform image by image, bit for bit: gray, RGB, RGBA and palette images, square and not, larger,
+    equal to and smaller than the model's input (padding), in one batch and alone."""
+    from mgg_core.preprocess import to_channels
+
+    p0, _ = pre
+    mean, std = (0.2, 0.4, 0.6)[:channels], (0.3, 0.2, 0.25)[:channels]
+    p = Preprocessor(dict(p0.data_config, input_size=(channels, 32, 32), interpolation=interpolation,
+                          crop_pct=crop_pct, mean=mean, std=std))
+    assert p._lean is not None  # timm's center-crop transform takes the lean stages
+    rng = np.random.default_rng(0)
+    shapes = [(28, 28), (32, 32), (37, 37), (40, 29), (29, 57), (20, 20), (31, 64), (100, 75), (32, 20), (20, 32)]
+    images = []
+    for i, (h, w) in enumerate(shapes):
+        images.append(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)))
+        images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+        if i % 3 == 0:
+            images.append(Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8)))
+            images.append(images[-2].convert("P"))
+    ref = torch.stack([p.transform(to_channels(im, channels)) for im in images])
+    assert torch.equal(p(images), ref)
+    for im, r in zip(images, ref, strict=True):
+        assert torch.equal(p([im])[0], r)
+    for (h, w) in shapes:  # arrays: gray (N,H,W) and (N,H,W,1), RGB
+        gray = rng.integers(0, 256, (3, h, w), dtype=np.uint8)
+        want = torch.stack([p.transform(to_channels(Image.fromarray(a), channels)) for a in gray])
+        assert torch.equal(p(gray), want) and torch.equal(p(gray[..., None]), want)
+        rgb = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+        want = torch.stack([p.transform(to_channels(Image.fromarray(a), channels)) for a in rgb])
+        assert torch.equal(p(rgb), want)
+
+
 def test_preprocessor_uses_card_mean_std(pre):
     p, card = pre
     assert list(p.mean) == card.mean and list(p.std) == card.std

@@ -325,15 +325,14 @@ def _tamper(snaps: Path) -> None:
         change(tensors, meta)
         save_file(tensors, str(path), metadata=meta)
 
-    def sidecar(sid: str, **fields) -> None:
-        p = snaps / f"{sid}.json"
-        p.write_text(json.dumps({**json.loads(p.read_text()), **fields}))
+    def listing(sid: str, **fields) -> None:  # the listing data in the snapshot's header
+        rewrite(sid, lambda t, m: m.update(listing=json.dumps({**json.loads(m["listing"]), **fields})))
 
     import torch
 
-    sidecar("t-bytes", bytes="lots")
-    sidecar("t-step", step="abc")
-    (snaps / "t-json.json").write_text("{not json")
+    listing("t-bytes", bytes="lots")
+    listing("t-step", step="abc")
+    rewrite("t-json", lambda t, m: m.update(listing="{not json"))
     (snaps / "t-garbage.safetensors").write_bytes(b"definitely not safetensors")
     rewrite("t-shape", lambda t, m: t.update({"state.theta": torch.zeros(3)}))
     rewrite("t-missing", lambda t, m: t.pop("state.theta"))

@@ -226,7 +226,7 @@ def test_a_group_past_the_snapshot_disk_cap_refuses_and_reverts_all_its_streams(
             assert results[sid].json()["error"]["code"] == "snapshot_disk_full"
             assert not (tmp_path / "d" / f"{sid}.safetensors").exists()
         # the probe's and the blocker's files, nothing of the group (their sizes may differ by a few bytes: the
-        # sidecars' JSON numbers, e.g. entropy_ema, print with different lengths)
+        # listings' JSON numbers, e.g. entropy_ema, print with different lengths)
         assert store.disk_bytes == store._files_size("p") + store._files_size("blocker") == \
             sum(f.stat().st_size for f in (tmp_path / "d").iterdir() if not f.name.startswith("."))
         r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": "a"})
@@ -265,7 +265,7 @@ def test_a_rename_failing_mid_group_acknowledges_exactly_the_streams_on_disk(liv
     srv.stop()
     again = live_server(settings_for(snaps))  # a restart: every stream is at its last acknowledged step
     with again.client() as c:
-        for sid in sids:  # (a refused stream's sidecar may be a step ahead: listing data, see _write_files)
+        for sid in sids:
             r = c.post("/predict", content=npy_bytes(digit_images[:4]), headers={**NPY, "X-Stream-Id": sid})
             assert r.status_code == 200 and r.json()["step"] == acked[sid] + 1, r.text
 
@@ -339,22 +339,22 @@ def test_gil_switch_interval_is_set_at_start_up_and_validated(tmp_path):
 
 
 def test_a_bug_while_preparing_a_group_refuses_its_streams_instead_of_hanging(live_server, tmp_path, digit_images):
-    """Whatever fails while a group is prepared (here: its sidecar data) fails the group's requests (507, the step
+    """Whatever fails while a group is prepared (here: its listing data) fails the group's requests (507, the step
     not kept) rather than leaving them waiting for a write that never comes; the next request is served."""
     srv = live_server(settings_for(tmp_path / "b"))
     store = srv.app.state.svc.store
-    real = store._sidecar_meta
+    real = store._listing_meta
 
     def broken(entry):
         raise RuntimeError("internal detail that must not leak")
 
-    store._sidecar_meta = broken
+    store._listing_meta = broken
     x = digit_images[:4]
     with srv.client(timeout=30) as c:
         r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": "s"})
         assert r.status_code == 507 and r.json()["error"]["code"] == "snapshot_write_failed", r.text
         assert "internal detail" not in r.text
-        store._sidecar_meta = real
+        store._listing_meta = real
         r = c.post("/predict", content=npy_bytes(x), headers={**NPY, "X-Stream-Id": "s"})
         assert r.status_code == 200 and r.json()["step"] == 1, r.text  # the refused step was not kept
 

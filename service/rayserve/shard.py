@@ -319,7 +319,7 @@ class Shard:
                            "stats": store.stats()}, served_by=self.replica_id)
 
     def _disk_listing(self, store: ShardStore) -> dict[str, dict[str, Any]]:
-        """Every snapshot in the shared folder, listed from its sidecar, with its lease holder as ``served_by``."""
+        """Every snapshot in the shared folder, listed from its header, with its lease holder as ``served_by``."""
         out = {}
         for path in sorted(Path(store.snapshot_dir).glob("*" + SNAPSHOT_SUFFIX)):
             sid = path.name[: -len(SNAPSHOT_SUFFIX)]
