@@ -96,6 +96,12 @@ class EngineConfig:
     bn_warmup_release: bool = False         # with bn_prior_images: the warm-up also starts when a guard hold ends
                                             # because the data moved to another domain (_restart_warmup); then a
                                             # new stream or a fallback starts with it over, as with bn_warmup_shift
+    bn_balanced: float | None = None        # class-balanced statistics (normstats, TRIBE's Balanced BatchNorm): the
+                                            # weight in (0, 1] of the class-uniform mixture of per-class statistics
+                                            # updated with pseudo-labels of a no-grad pre-pass; None: off
+    bn_balanced_form: str = "mixture"       # with bn_balanced: how the class statistics enter (normstats'
+                                            # BALANCED_FORMS: "mixture", TRIBE's class-uniform mixture; "correction",
+                                            # the stream's statistics with their recent class mix made uniform)
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
@@ -190,7 +196,10 @@ class AdaptationEngine:
             raise ValueError("bn_warmup_release needs bn_prior_images (the warm-up it starts)")
         self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow,
                                     config.bn_prior_images, warm_start=config.bn_warmup_shift is None
-                                    and not config.bn_warmup_release)
+                                    and not config.bn_warmup_release, balanced=config.bn_balanced,
+                                    num_classes=self.num_classes, balanced_form=config.bn_balanced_form)
+        #: class-balanced per-stream statistics: every request that moves them takes a no-grad pre-pass for labels
+        self.balanced = self.norm.balanced_on
         self.warmup_shift = (float(config.bn_warmup_shift) if config.bn_warmup_shift is not None
                              and self.norm.per_stream else None)
         self.warmup_release = bool(config.bn_warmup_release) and self.norm.per_stream
@@ -255,6 +264,9 @@ class AdaptationEngine:
             self.fingerprint["bn_warmup_shift"] = self.warmup_shift
         if self.warmup_release:
             self.fingerprint["bn_warmup_release"] = True
+        if self.balanced:                       # norm.*.cmean/.cvar (and norm.cseen) are kept
+            self.fingerprint["bn_balanced"] = float(config.bn_balanced)  # type: ignore[arg-type]
+            self.fingerprint["bn_balanced_form"] = config.bn_balanced_form
         if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
             self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
         if config.guard.enabled and config.guard.confident_hold_entropy is not None:   # guard.source_entropy too
@@ -284,6 +296,8 @@ class AdaptationEngine:
             "bn_momentum_shallow": c.bn_momentum_shallow if per_stream else None,
             "bn_prior_images": c.bn_prior_images if per_stream else None, "bn_warmup_shift": self.warmup_shift,
             "bn_warmup_release": self.warmup_release if per_stream else None,
+            "bn_balanced": self.norm.balanced if self.balanced else None,
+            "bn_balanced_form": c.bn_balanced_form if self.balanced else None,
             "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),
@@ -345,12 +359,14 @@ class AdaptationEngine:
 
     # ---------------------------------------------------------------- forward
     def _forward(self, theta: torch.Tensor, x: torch.Tensor, features: bool = False,
-                 norm: dict[str, torch.Tensor] | None = None, norm_sink: dict | None = None, update_norm: bool = True):
+                 norm: dict[str, torch.Tensor] | None = None, norm_sink: dict | None = None, update_norm: bool = True,
+                 labels: torch.Tensor | None = None):
         """Logits (and tapped features) of ``x`` with the adapted scalars ``theta``. ``norm``: the stream's
-        BatchNorm statistics (None: the source's); ``norm_sink``, when given and still empty, receives their update."""
+        BatchNorm statistics (None: the source's); ``norm_sink``, when given and still empty, receives their update;
+        ``labels``: the request's pseudo-labels for balanced statistics (:meth:`_pseudo_labels`)."""
         params = self.spec.views(theta)
         with self._lock, self.norm.use(norm or {}, x.shape[0], record=norm_sink is not None and not norm_sink,
-                                       update=update_norm) as updates:
+                                       update=update_norm, labels=labels) as updates:
             if features:
                 if self.taps is None:
                     raise RuntimeError("this engine's method uses no feature taps")
@@ -369,12 +385,23 @@ class AdaptationEngine:
         of the batch's, whose gradient is scaled by (rows / batch rows) so that gradients accumulated over
         ``update_images`` images weigh the statistics term as one batch of that size would."""
         norm = self._group(state, "norm")
+        labels: list[torch.Tensor] = []     # balanced statistics: the request's pseudo-labels, one pre-pass per step
 
         def forward(theta, x, features=False):
-            logits, feats = self._forward(theta, x, features, norm, norm_sink)
+            if self.balanced and not labels:
+                labels.append(self._pseudo_labels(theta, x, norm))
+            logits, feats = self._forward(theta, x, features, norm, norm_sink,
+                                          labels=labels[0] if labels else None)
             return logits, (None if feats is None else self._window_features(state, feats, window_sink))
 
         return forward
+
+    @torch.no_grad()
+    def _pseudo_labels(self, theta: torch.Tensor, x: torch.Tensor, norm: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Balanced statistics: the request's pseudo-labels, the predictions of a no-grad pre-pass with the adapted
+        scalars ``theta`` and the stream's statistics ``norm`` as they are (not moved by the request). Later
+        forwards of the same step (SAR's second pass, DeYO's shuffled images) reuse them."""
+        return self._forward(theta.detach(), x, norm=norm, update_norm=False)[0].argmax(1)
 
     def _window_features(self, state: StreamState, live: torch.Tensor, window_sink: dict | None) -> torch.Tensor:
         """The features a feature-statistics loss sees: the request's ``live`` ones, behind the stream's recent
@@ -393,20 +420,27 @@ class AdaptationEngine:
     def _streams_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
                          momenta: torch.Tensor, features: bool):
         """One forward for S streams' requests of equal shape, row s with stream s's adapted scalars, statistics
-        and update gate (see :meth:`_vmap_forward`): segment-wise norm layers where the model allows, else vmap."""
+        and update gate (see :meth:`_vmap_forward`): segment-wise norm layers where the model allows, else vmap.
+        With balanced statistics a no-grad pre-pass of the same path (gates 0) gives each stream's pseudo-labels
+        first, as :meth:`_pseudo_labels` does for one stream."""
         path = "segment" if self.segment_fused else "vmap"
         self.fused_forwards[path] += 1
         run = self._segment_forward if self.segment_fused else self._vmap_forward
-        return run(thetas, xs, norms, momenta, features)
+        labels = None
+        if self.balanced and norms:
+            with torch.no_grad():
+                zeros = torch.zeros_like(momenta)
+                labels = run(thetas.detach(), xs, norms, zeros, False)[0].argmax(-1)
+        return run(thetas, xs, norms, momenta, features, labels)
 
     def _segment_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
-                         momenta: torch.Tensor, features: bool):
+                         momenta: torch.Tensor, features: bool, labels: torch.Tensor | None = None):
         """:meth:`_vmap_forward`'s contract, as ONE plain forward of the S*N images: the frozen backbone is
         shared, only the segment layers (segments.py) normalise and apply affines per stream."""
         s, n = xs.shape[:2]
         x = xs.reshape(s * n, *xs.shape[2:])
         feats = None
-        with self._lock, self.segments.use(thetas, norms, momenta) as updates:
+        with self._lock, self.segments.use(thetas, norms, momenta, labels) as updates:
             if features:
                 assert self.taps is not None
                 with self.taps.collect() as sink:
@@ -417,7 +451,7 @@ class AdaptationEngine:
         return logits.reshape(s, n, -1), feats, dict(updates)
 
     def _vmap_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
-                      momenta: torch.Tensor, features: bool):
+                      momenta: torch.Tensor, features: bool, labels: torch.Tensor | None = None):
         """One forward for S streams' requests of equal shape (``xs``: (S, N, C, H, W)), row s with the adapted
         scalars ``thetas[s]``, BatchNorm statistics ``norms[...][s]`` and update gate ``momenta[s]`` (1: the
         statistics move with the request's images, 0: they are not updated): ``torch.func.vmap`` over
@@ -426,8 +460,8 @@ class AdaptationEngine:
         None, the statistics' updates {name: (S, ...)})."""
         n = xs.shape[1]
 
-        def one(theta, x, norm, m):
-            with self.norm.use(norm, n, update=m) as updates:
+        def one(theta, x, norm, m, *lab):
+            with self.norm.use(norm, n, update=m, labels=lab[0] if lab else None) as updates:
                 if not features:
                     return functional_call(self.model, self.spec.views(theta), (x,)), dict(updates)
                 assert self.taps is not None
@@ -436,7 +470,7 @@ class AdaptationEngine:
                 return logits, FeatureTaps.concat(sink), dict(updates)
 
         with self._lock, self._unfused_attention():
-            out = vmap(one)(thetas, xs, norms, momenta)
+            out = vmap(one)(thetas, xs, norms, momenta, *(() if labels is None else (labels,)))
         return (out[0], out[1], out[2]) if features else (out[0], None, out[1])
 
     @contextmanager
@@ -647,8 +681,11 @@ class AdaptationEngine:
             job.out = self._gradient_one(job)
             return
         with torch.no_grad(), job.timer("forward"):
-            logits = self._forward(job.state.theta, job.x, norm=self._group(job.state, "norm"), norm_sink=job.norm_sink,
-                                   update_norm=job.update_norm)[0]
+            norm = self._group(job.state, "norm")
+            labels = (self._pseudo_labels(job.state.theta, job.x, norm) if self.balanced and job.update_norm
+                      else None)
+            logits = self._forward(job.state.theta, job.x, norm=norm, norm_sink=job.norm_sink,
+                                   update_norm=job.update_norm, labels=labels)[0]
         job.out = self._no_grad_output(job, logits)
 
     def _gradient_one(self, job: _Job) -> GradOutput:
@@ -896,6 +933,8 @@ class AdaptationEngine:
         descriptor reference restarts at the guard's fast EMA (keeping its variance), so a switch during a hold
         does not stay folded into the reference."""
         state.tensors["norm.seen"] = torch.zeros_like(state.tensors["norm.seen"])
+        if "norm.cseen" in state.tensors:       # the class statistics' warm-up too
+            state.tensors["norm.cseen"] = torch.zeros_like(state.tensors["norm.cseen"])
         slow = state.tensors.get("warm.slow")
         if slow is None or bool(torch.isnan(slow).any()):
             return

@@ -27,6 +27,21 @@ statistics; ``"batch"``: the statistics of the batch). Inside ``use(stats, n_ima
   means). The gradient flows through the batch part, so entropy minimisation still shapes the statistics as with
   batch statistics.
 
+Optional class-balanced statistics (``balanced`` = lambda in (0, 1]; TRIBE's Balanced BatchNorm, Su et al. 2024, and
+NOTE's prediction-balanced statistics, Gong et al. 2022): in ``"ema"`` each layer also keeps per-class statistics
+``norm.<layer>.cmean`` / ``.cvar`` (K classes x C channels, initialised to the source's), and a request that moves
+the statistics passes its images' pseudo-labels (``use(..., labels=...)``; the engine takes them from a no-grad
+pre-pass with the stream's statistics as they are). Class k's statistics merge the batch statistics of the
+request's images labelled k, per image as above: momentum ``1 - (1 - m)^n_k`` for n_k such images (with the
+warm-up: per class, count ``norm.cseen``), so classes absent from a request do not move. The layer normalises with
+the class-uniform mixture of the K class statistics (its mean, and its variance including the spread of the class
+means; classes never seen are the source's), merged with the global ``"ema"`` statistics above as two populations
+with weight lambda on the balanced part (1: balanced alone). The gradient flows through the request's class
+batch statistics (and through the global ones when lambda < 1). N one-image requests move the class statistics as
+one N-image request *given the same pseudo-labels*; the pre-pass labels of a stream cut into smaller requests come
+from statistics updated more often, so they may differ. A request label-shifted to a few classes then moves only
+those classes' statistics, not the normalisation of all of them.
+
 Statistics live in the stream state (``StreamState.tensors``) under ``norm.<layer>.mean`` / ``.var``; ``use``
 yields a dict that receives the updated statistics of the *first* forward pass within the block (later passes of
 the same step, e.g. SAR's second pass or DeYO's shuffled images, read but do not update them). A step's statistics
@@ -36,15 +51,17 @@ the method's filter rejected all still moves them (``engine.STATISTICS_DESPITE_S
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_MODES", "StreamNormStats", "batch_moments", "batch_momentum", "layer_momenta", "mix_moments",
-           "warm_momentum"]
+__all__ = ["BALANCED_FORMS", "BN_MODES", "CORRECTION_VAR_FLOOR", "BalancedForm", "StreamNormStats", "balanced_moments",
+           "batch_moments", "batch_momentum", "class_moments", "class_momentum", "correction_form", "layer_momenta",
+           "mix_moments", "mixture_form", "warm_momentum"]
 
 #: how BatchNorm layers normalise, see the module docstring
 BN_MODES = ("source", "batch", "ema")
@@ -70,6 +87,82 @@ def warm_momentum(momentum: float, n_images: int, seen: float | torch.Tensor,
     t_f = float(seen)
     w_f = min(max(warm_end - t_f, 0.0), float(n_images))
     return 1.0 - (n0 + t_f) / (n0 + t_f + w_f) * (1.0 - m) ** (int(n_images) - w_f)
+
+
+def class_momentum(momentum: float, counts: torch.Tensor, seen: torch.Tensor | None,
+                   prior_images: float | None) -> torch.Tensor:
+    """Per-class momenta (float64, the shape of ``counts``) of a request holding ``counts`` images of each class:
+    ``1 - (1 - m)^n_k``, or with the warm-up (``prior_images`` N0, per-class counts ``seen`` since the source) the
+    closed form of :func:`warm_momentum` per class; 0 where a class has no image."""
+    m, n = float(momentum), counts.to(torch.float64)
+    if prior_images is None or seen is None:
+        return 1.0 - (1.0 - m) ** n
+    n0 = float(prior_images)
+    warm_end = max(0, math.ceil(1.0 / m - n0 - 1.0))
+    t = seen.to(torch.float64)
+    w = torch.minimum((warm_end - t).clamp(min=0), n)
+    return 1.0 - (n0 + t) / (n0 + t + w) * (1.0 - m) ** (n - w)
+
+
+def class_moments(xs: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean and (biased) variance of ``xs`` (S, n, C, R) over the images of each class and the R positions,
+    classes given by ``onehot`` (S, n, K): (S, K, C) each, two passes; 0 for a class with no image."""
+    inv = 1.0 / (onehot.sum(1) * xs.shape[3]).clamp(min=1)                      # (S, K)
+    mean = torch.einsum("snk,snc->skc", onehot, xs.sum(3)) * inv[..., None]
+    own = torch.einsum("snk,skc->snc", onehot, mean)                            # each image's class mean
+    dev = (xs - own[..., None]).square().sum(3)
+    return mean, torch.einsum("snk,snc->skc", onehot, dev) * inv[..., None]
+
+
+def balanced_moments(cmean: torch.Tensor, cvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the class-uniform mixture of per-class statistics (..., K, C): (..., C) each (the
+    variance includes the spread of the class means)."""
+    mean = cmean.mean(-2)
+    return mean, cvar.mean(-2) + (cmean - mean.unsqueeze(-2)).square().mean(-2)
+
+
+def mixture_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
+                 mix: torch.Tensor | None, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"mixture"`` (TRIBE's Balanced BatchNorm): the class-uniform mixture of the class statistics (..., K, C),
+    merged with the stream's global statistics (..., C) at weight ``lam`` as two populations; ``mix`` unused."""
+    b_mean, b_var = balanced_moments(cmean, cvar)
+    return mix_moments(gmean, gvar, b_mean, b_var, lam)
+
+
+#: ``"correction"``: the corrected variance is at least this share of the stream's global variance
+CORRECTION_VAR_FLOOR = 0.1
+
+
+def correction_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
+                    mix: torch.Tensor | None, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"correction"``: the stream's global statistics with their class mix replaced by the uniform one. The global
+    EMA is (about) the mixture of the class statistics weighted by the stream's recent class mix ``mix`` (..., K),
+    tracked at the same momenta; the result adds ``lam`` x (class-uniform mixture - ``mix``-weighted mixture) of the
+    class statistics to it (mean and variance), the variance floored at ``CORRECTION_VAR_FLOOR`` x the global one.
+    With a uniform recent mix (i.i.d. streams) it is the global statistics; only the class offsets enter, so class
+    statistics that lag a domain switch shift it less than they shift ``"mixture"``."""
+    assert mix is not None
+    b_mean, b_var = balanced_moments(cmean, cvar)
+    w = mix.to(cmean.dtype).unsqueeze(-1)
+    p_mean = (w * cmean).sum(-2)
+    p_var = (w * (cvar + (cmean - p_mean.unsqueeze(-2)).square())).sum(-2)
+    mean = gmean + lam * (b_mean - p_mean)
+    var = torch.maximum(gvar + lam * (b_var - p_var), CORRECTION_VAR_FLOOR * gvar)
+    return mean, var
+
+
+@dataclass(frozen=True)
+class BalancedForm:
+    """How a layer uses its class statistics: ``fn(gmean, gvar, cmean, cvar, mix, lam) -> (mean, var)``;
+    ``tracks_mix``: the stream keeps its recent class mix per layer (``norm.<layer>.cmix``)."""
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    tracks_mix: bool = False
+
+
+#: the forms of class-balanced statistics (``EngineConfig.bn_balanced_form``)
+BALANCED_FORMS: dict[str, BalancedForm] = {"mixture": BalancedForm(mixture_form),
+                                           "correction": BalancedForm(correction_form, tracks_mix=True)}
 
 
 def layer_momenta(n_layers: int, momentum: float, shallow_momentum: float | None = None) -> list[float]:
@@ -112,8 +205,10 @@ def _mix(mean0, var0, b_mean, b_var, m, one_m, mm) -> tuple[torch.Tensor, torch.
 class _Call:
     """The statistics of one ``use`` block; ``m``: each layer's momentum for this request."""
 
-    def __init__(self, stats: dict[str, torch.Tensor], m: dict[str, float | torch.Tensor], record: bool) -> None:
+    def __init__(self, stats: dict[str, torch.Tensor], m: dict[str, float | torch.Tensor], record: bool,
+                 onehot: torch.Tensor | None = None, cm: dict[str, torch.Tensor] | None = None) -> None:
         self.stats, self.m, self.record = stats, m, record
+        self.onehot, self.cm = onehot, cm     # balanced: the request's labels (n, K) and class momenta per layer
         self.updates: dict[str, torch.Tensor] = {}
 
 
@@ -132,14 +227,28 @@ class StreamNormStats:
         warm_start: whether a stream (and a restart from source) starts in the warm-up (count 0); False: with the
             warm-up over (:attr:`warm_done`), so only a caller that sets the count to 0 starts one (the engine's
             domain-shift restart, ``EngineConfig.bn_warmup_shift``).
+        balanced: weight lambda in (0, 1] of the class-balanced statistics (module docstring); None: off.
+        num_classes: the model's classes K (needed with ``balanced``).
+        balanced_form: a key of :data:`BALANCED_FORMS` (how the class statistics enter).
     """
 
     #: the statistics entry that counts the images merged since the source (with ``prior_images``)
     SEEN = "seen"
+    #: with ``balanced`` and ``prior_images``: the per-class image counts of the class statistics' warm-up
+    CSEEN = "cseen"
 
     def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05,
                  shallow_momentum: float | None = None, prior_images: float | None = None,
-                 warm_start: bool = True) -> None:
+                 warm_start: bool = True, balanced: float | None = None, num_classes: int = 0,
+                 balanced_form: str = "mixture") -> None:
+        if balanced_form not in BALANCED_FORMS:
+            raise ValueError(f"bn_balanced_form must be one of {sorted(BALANCED_FORMS)}, not {balanced_form!r}")
+        self.form = BALANCED_FORMS[balanced_form]
+        if balanced is not None and not (0.0 < float(balanced) <= 1.0 and int(num_classes) >= 2):
+            raise ValueError(f"bn_balanced must be in (0, 1] and needs a model of >= 2 classes, got {balanced} "
+                             f"with {num_classes} classes")
+        self.balanced = None if balanced is None else float(balanced)
+        self.num_classes = int(num_classes)
         if prior_images is not None and not float(prior_images) > 0:
             raise ValueError(f"bn_prior_images must be > 0 or None, got {prior_images}")
         self.prior_images = None if prior_images is None else float(prior_images)
@@ -175,6 +284,11 @@ class StreamNormStats:
         return bool(self.layers) and self.mode == "ema"
 
     @property
+    def balanced_on(self) -> bool:
+        """True when the per-stream statistics include class-balanced ones (``balanced`` in mode ``"ema"``)."""
+        return self.per_stream and self.balanced is not None
+
+    @property
     def images_independent(self) -> bool:
         """True when an image's logits do not depend on the other images of its forward pass (no BatchNorm layer
         normalises with the batch's statistics when the stream's are given with ``update=False``): such
@@ -195,10 +309,17 @@ class StreamNormStats:
         out = {}
         for name, (mean, var) in self.source.items():
             out[f"{name}.mean"], out[f"{name}.var"] = mean.clone(), var.clone()
+            if self.balanced_on:
+                k = self.num_classes
+                out[f"{name}.cmean"], out[f"{name}.cvar"] = mean.expand(k, -1).clone(), var.expand(k, -1).clone()
+                if self.form.tracks_mix:      # the recent class mix starts uniform (the source's assumption)
+                    out[f"{name}.cmix"] = torch.full((k,), 1.0 / k, dtype=mean.dtype, device=mean.device)
         if self.prior_images is not None:
             start = 0.0 if self.warm_start else self.warm_done
-            out[self.SEEN] = torch.full((), start, dtype=torch.float64,
-                                        device=next(iter(self.source.values()))[0].device)
+            dev = next(iter(self.source.values()))[0].device
+            out[self.SEEN] = torch.full((), start, dtype=torch.float64, device=dev)
+            if self.balanced_on:
+                out[self.CSEEN] = torch.full((self.num_classes,), start, dtype=torch.float64, device=dev)
         return out
 
     @property
@@ -213,13 +334,29 @@ class StreamNormStats:
             return batch_momentum(self.momenta[name], n_images)
         return warm_momentum(self.momenta[name], n_images, seen, self.prior_images)
 
-    def advance(self, stats: dict[str, torch.Tensor], n_images: int,
-                update: bool | torch.Tensor = True) -> dict[str, torch.Tensor]:
-        """The count entry after a request of ``n_images`` (``update`` False/0: unchanged); {} without warm-up."""
+    def advance(self, stats: dict[str, torch.Tensor], n_images: int, update: bool | torch.Tensor = True,
+                counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The count entries after a request of ``n_images`` (``update`` False/0: unchanged; ``counts``: its images
+        per class, (..., K), for the class counts of the balanced statistics); {} without warm-up."""
         if self.prior_images is None or self.SEEN not in stats:
             return {}
         gate = update.to(torch.float64) if isinstance(update, torch.Tensor) else float(bool(update))
-        return {self.SEEN: stats[self.SEEN] + gate * int(n_images)}
+        out = {self.SEEN: stats[self.SEEN] + gate * int(n_images)}
+        if counts is not None and self.CSEEN in stats:
+            g = gate.unsqueeze(-1) if isinstance(gate, torch.Tensor) else gate
+            out[self.CSEEN] = stats[self.CSEEN] + g * counts.to(torch.float64)
+        return out
+
+    def class_momenta(self, counts: torch.Tensor, update: bool | torch.Tensor,
+                      seen: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Each layer's per-class momenta (float64, the shape of ``counts``: (..., K)) for a request with
+        ``counts`` images per class, times the gate ``update`` (a bool, or a (...)-shaped 0/1 tensor)."""
+        gate = update.to(torch.float64).unsqueeze(-1) if isinstance(update, torch.Tensor) else float(bool(update))
+        return {k: gate * class_momentum(m, counts, seen, self.prior_images) for k, m in self.momenta.items()}
+
+    def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` (..., n) as one-hot float32 rows (..., n, K) (vmap-friendly: a comparison, no scatter)."""
+        return (labels.unsqueeze(-1) == torch.arange(self.num_classes, device=labels.device)).to(torch.float32)
 
     def request_momenta(self, n_images: int, update: bool | torch.Tensor = True,
                         seen: float | torch.Tensor | None = None) -> dict[str, float | torch.Tensor]:
@@ -232,19 +369,30 @@ class StreamNormStats:
 
     @contextmanager
     def use(self, stats: dict[str, torch.Tensor], n_images: int, record: bool = True,
-            update: bool | torch.Tensor = True) -> Iterator[dict]:
+            update: bool | torch.Tensor = True, labels: torch.Tensor | None = None) -> Iterator[dict]:
         """Within the block, the hooked layers normalise with ``stats`` mixed with the batch (see the module
         docstring; ``update=False``: with ``stats`` as they are); the yielded dict receives the updated statistics
         when ``record``. Enter it only while holding the engine's forward lock (the hooks are shared).
 
         ``update`` may be a 0-dim 0/1 tensor: under ``torch.func.vmap`` (one stream per vmapped row) ``stats`` and
         ``update`` are the stream's rows, so one block serves many streams, each mixed with its own images'
-        statistics only."""
+        statistics only.
+
+        With balanced statistics (:attr:`balanced_on`) ``labels`` (n,) are the request's pseudo-labels; they are
+        required when ``update`` is True (None with a tensor gate or False: the class statistics are only read)."""
         m: dict[str, float | torch.Tensor] = (self.request_momenta(n_images, update, stats.get(self.SEEN))
                                               if self.mode == "ema" else dict.fromkeys(self.layers, 1.0))
-        call = _Call(stats, m, record)
+        onehot = cm = counts = None
+        if self.balanced_on and stats:
+            if labels is None and update is True:
+                raise ValueError("balanced statistics need the request's pseudo-labels to update")
+            if labels is not None:
+                onehot = self.one_hot(labels)
+                counts = onehot.sum(0).to(torch.float64)
+                cm = self.class_momenta(counts, update, stats.get(self.CSEEN))
+        call = _Call(stats, m, record, onehot, cm)
         if record and self.per_stream:
-            call.updates.update(self.advance(stats, n_images, update))
+            call.updates.update(self.advance(stats, n_images, update, counts))
         prev, self._call = self._call, (call if self.layers and self.mode != "source" else None)
         try:
             yield call.updates
@@ -295,8 +443,11 @@ class StreamNormStats:
             # one value per channel is a valid (zero-variance) population: the merge still holds
             b_mean, b_var = batch_moments(x, [0] + list(range(2, x.dim())))
             mean, var = mix_moments(mean0, var0, b_mean, b_var, call.m[name])
-            if call.record and f"{name}.mean" not in call.updates:
+            first = call.record and f"{name}.mean" not in call.updates
+            if first:
                 call.updates[f"{name}.mean"], call.updates[f"{name}.var"] = mean.detach(), var.detach()
+            if self.balanced_on:
+                mean, var = self._balanced(name, call, x, mean, var, first)
             # native batch_norm takes no gradient through running statistics: normalise here, and let the layer
             # (whatever it adds after the affine, e.g. timm's activation) run on unit statistics
             shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -305,6 +456,70 @@ class StreamNormStats:
             bn._buffers["running_mean"], bn._buffers["running_var"] = self._unit(name)
             return (x_hat,) + tuple(inputs[1:])
         return hook
+
+    def _balanced(self, name: str, call: _Call, x: torch.Tensor, gmean: torch.Tensor, gvar: torch.Tensor,
+                  record: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hook's balanced statistics of layer ``name`` (module docstring) for one stream's batch ``x`` (n, C,
+        ...), merged with the global ones (``gmean``, ``gvar``); the class statistics recorded when ``record``."""
+        cmean, cvar = call.stats[f"{name}.cmean"], call.stats[f"{name}.cvar"]
+        mix = call.stats.get(f"{name}.cmix")
+        if call.onehot is not None and call.cm is not None:
+            xs = x.reshape(1, x.shape[0], x.shape[1], -1)
+            c_mean, c_var = class_moments(xs, call.onehot.unsqueeze(0))
+            cmean, cvar = mix_moments(cmean, cvar, c_mean[0], c_var[0], call.cm[name].unsqueeze(-1))
+            if mix is not None:       # the recent class mix moves with the global statistics' momentum
+                mix = self._next_mix(mix, call.onehot.mean(0), call.m[name])
+            if record:
+                call.updates[f"{name}.cmean"], call.updates[f"{name}.cvar"] = cmean.detach(), cvar.detach()
+                if mix is not None:
+                    call.updates[f"{name}.cmix"] = mix.detach()
+        assert self.balanced is not None
+        return self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced)
+
+    @staticmethod
+    def _next_mix(mix: torch.Tensor, frac: torch.Tensor, m: float | torch.Tensor) -> torch.Tensor:
+        """The recent class mix after a request whose class fractions are ``frac``, at momentum ``m`` (float, or a
+        tensor broadcastable against ``mix`` after a trailing unsqueeze: one per stream)."""
+        if isinstance(m, torch.Tensor):
+            mm = m.to(mix.dtype)
+            return (1.0 - mm) * mix + mm * frac
+        return (1.0 - m) * mix + m * frac
+
+    def segment_balanced(self, name: str, xs: torch.Tensor, stats: dict[str, torch.Tensor],
+                         updates: torch.Tensor | None, labels: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The balanced statistics layer ``name`` normalises each segment of ``xs`` (S, n, C, R) with, as the hooks
+        do per stream (:meth:`segment_prior`'s contract; ``labels``: (S, n) pseudo-labels, None: the class
+        statistics only read, which needs all gates 0): ``(mean, var)`` (S, C) with their gradient, and the
+        updated statistics ``{"<layer>.mean"/".var"/".cmean"/".cvar": ...}`` (detached)."""
+        prior = self.segment_prior(name, xs, stats, updates)
+        assert prior is not None and self.balanced is not None
+        mean0, var0, m = prior
+        b_mean, b_var = batch_moments(xs, [1, 3])
+        gmean, gvar = mix_moments(mean0, var0, b_mean, b_var, m)
+        src_mean, src_var = self.source[name]
+        k, rows = self.num_classes, xs.shape[0]
+        cmean = stats.get(f"{name}.cmean", src_mean.expand(rows, k, -1))
+        cvar = stats.get(f"{name}.cvar", src_var.expand(rows, k, -1))
+        mix = stats.get(f"{name}.cmix")
+        if mix is None and self.form.tracks_mix:
+            mix = torch.full((rows, k), 1.0 / k, dtype=src_mean.dtype, device=xs.device)
+        if labels is not None:
+            onehot = self.one_hot(labels)
+            gate = torch.zeros(rows, dtype=torch.float64, device=xs.device) if updates is None else updates
+            seen = stats.get(self.CSEEN)
+            cm = gate.to(torch.float64).unsqueeze(-1) * class_momentum(
+                self.momenta[name], onehot.sum(1), seen, self.prior_images)
+            c_mean, c_var = class_moments(xs, onehot)
+            cmean, cvar = mix_moments(cmean, cvar, c_mean, c_var, cm.unsqueeze(-1))
+            if mix is not None:
+                mix = self._next_mix(mix, onehot.mean(1), m)        # m: (S, 1)
+        mean, var = self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced)
+        recorded = {f"{name}.mean": gmean.detach(), f"{name}.var": gvar.detach(),
+                    f"{name}.cmean": cmean.detach(), f"{name}.cvar": cvar.detach()}
+        if mix is not None:
+            recorded[f"{name}.cmix"] = mix.detach()
+        return mean, var, recorded
 
     def _unit(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self._units[name]

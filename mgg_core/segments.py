@@ -51,6 +51,7 @@ class _Segments:
     stats: dict[str, torch.Tensor]
     gates: torch.Tensor | None
     norm: StreamNormStats
+    labels: torch.Tensor | None = None      # (S, n) pseudo-labels of the balanced statistics (None: only read)
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -120,6 +121,8 @@ def _batch_norm(seg: _Segments, name: str, bn: _BatchNorm, x: torch.Tensor) -> t
     ``"ema"`` merge recorded as ``use`` records it), each stream's affine."""
     xs = x.reshape(seg.count, -1, x.shape[1], math.prod(x.shape[2:]))
     w, b = seg.affine.get(f"{name}.weight"), seg.affine.get(f"{name}.bias")
+    if seg.norm.balanced_on:
+        return _balanced_batch_norm(seg, name, xs, w, b, bn.eps).reshape(x.shape)
     prior = seg.norm.segment_prior(name, xs, seg.stats, seg.gates)
     if prior is not None:
         y, mean, var = _MixedBatchNorm.apply(xs, w, b, *prior, bn.eps)
@@ -137,6 +140,29 @@ def _batch_norm(seg: _Segments, name: str, bn: _BatchNorm, x: torch.Tensor) -> t
     if b is None:
         return (centred * scale[:, None, :, None]).reshape(x.shape)
     return torch.addcmul(b[:, None, :, None], centred, scale[:, None, :, None]).reshape(x.shape)
+
+
+def _balanced_batch_norm(seg: _Segments, name: str, xs: torch.Tensor, w: torch.Tensor | None,
+                         b: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """BatchNorm per segment with class-balanced statistics (:meth:`StreamNormStats.segment_balanced`; plain
+    autograd: no closed-form backward), recorded as ``use`` records them."""
+    mean, var, recorded = seg.norm.segment_balanced(name, xs, seg.stats, seg.gates, seg.labels)
+    scale = torch.rsqrt(var + eps)
+    if w is not None:
+        scale = scale * w
+    y = (xs - mean[:, None, :, None]) * scale[:, None, :, None]
+    if b is not None:
+        y = y + b[:, None, :, None]
+    if f"{name}.mean" not in seg.updates:
+        if seg.labels is None:      # the class statistics were only read
+            recorded = {k: v for k, v in recorded.items() if not k.endswith((".cmean", ".cvar", ".cmix"))}
+        seg.updates.update(recorded)
+        seen = seg.stats.get(StreamNormStats.SEEN)
+        if seen is not None and StreamNormStats.SEEN not in seg.updates:   # the warm-up's counts, once per block
+            gates = torch.zeros_like(seen) if seg.gates is None else seg.gates
+            counts = None if seg.labels is None else seg.norm.one_hot(seg.labels).sum(1)
+            seg.updates.update(seg.norm.advance(seg.stats, xs.shape[1], gates, counts))
+    return y
 
 
 def _layer_norm(seg: _Segments, name: str, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -203,16 +229,17 @@ class SegmentNorms:
         return not self.missing
 
     @contextmanager
-    def use(self, thetas: torch.Tensor, stats: dict[str, torch.Tensor],
-            updates: torch.Tensor | None) -> Iterator[dict[str, torch.Tensor]]:
+    def use(self, thetas: torch.Tensor, stats: dict[str, torch.Tensor], updates: torch.Tensor | None,
+            labels: torch.Tensor | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Within the block the segment layers run per segment of ``thetas.shape[0]`` streams (``thetas``: (S,
         numel); ``stats``: ``{"<layer>.mean"/".var": (S, C)}``, as ``StreamNormStats`` keys them, may be empty;
         ``updates``: (S,) gates, 1 where a stream's statistics move with its images (at each layer's momentum,
         ``StreamNormStats.request_momenta``), 0 where they are only read; None: all 0). Yields the dict that
-        receives the updated ``"ema"`` statistics, (S, C) per key. Hold the engine's forward lock."""
+        receives the updated ``"ema"`` statistics, (S, C) per key. ``labels`` (S, n): the streams' pseudo-labels
+        for class-balanced statistics (``StreamNormStats.balanced_on``). Hold the engine's forward lock."""
         if not self.supported:
             raise RuntimeError(f"no segment implementation for {', '.join(self.missing)}")
-        seg = _Segments(thetas.shape[0], self.spec.stacked_views(thetas), stats, updates, self.norm)
+        seg = _Segments(thetas.shape[0], self.spec.stacked_views(thetas), stats, updates, self.norm, labels)
         saved = []
         try:
             for name, module, impl in self.layers:

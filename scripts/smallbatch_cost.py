@@ -8,10 +8,15 @@ warm-up pass. Prints seconds per image and the ratio to the first batch size (de
     nice -n 10 .venv/bin/python scripts/smallbatch_cost.py --models resnet vit --batch-sizes 64 16 4 1
 
 Timings on a shared CPU are noisy: read the ratios, which come from one run (``--repeats`` takes the best of N).
+``--set KEY=JSON`` (repeatable) also times the default engine with these ``EngineConfig`` overrides, alternating with
+the default per repeat, and prints its cost relative to the default's at each size (a feature's cost per image)::
+
+    nice -n 15 .venv/bin/python scripts/smallbatch_cost.py --models resnet --set bn_balanced=0.5
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smallbatch_sweep import load_default_runtime, replay_stream
+from smallbatch_sweep import engine_variant, load_default_runtime, replay_stream
 
 
 def seconds_per_image(engine, x: torch.Tensor, batch_size: int) -> float:
@@ -38,7 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], help="EngineConfig override KEY=JSON (repeatable): also "
+                   "time this variant of the default engine and print its cost relative to the default's")
     args = p.parse_args(argv)
+    overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     _, doms = replay_stream(64, 0)
@@ -51,7 +59,23 @@ def main(argv=None) -> int:
         cells = "  ".join(f"b{b}: {1e3 * c:.2f} ms/img ({c / base:.1f}x)" for b, c in cost.items())
         print(f"{model:6s} {rt.engine.method.name}+{rt.engine.optimizer.name if rt.engine.optimizer else '-'} "
               f"images={x.shape[0]} threads={args.threads}  {cells}", flush=True)
+        if overrides:
+            _compare(rt.engine, engine_variant(rt, **overrides), x, args, overrides)
     return 0
+
+
+def _compare(default, variant, x: torch.Tensor, args, overrides: dict) -> None:
+    """Per size, the best of ``--repeats`` alternating runs of both engines; the variant's cost / the default's."""
+    seconds_per_image(variant, x[:64], 16)     # its warm-up
+    best: dict[str, dict[int, float]] = {"default": {}, "variant": {}}
+    for b in args.batch_sizes:
+        for _ in range(args.repeats):
+            for name, eng in (("default", default), ("variant", variant)):
+                c = seconds_per_image(eng, x, b)
+                best[name][b] = min(best[name].get(b, c), c)
+    cells = "  ".join(f"b{b}: {1e3 * best['variant'][b]:.2f} vs {1e3 * best['default'][b]:.2f} ms/img "
+                      f"({best['variant'][b] / best['default'][b]:.2f}x)" for b in args.batch_sizes)
+    print(f"       variant {json.dumps(overrides)} vs default:  {cells}", flush=True)
 
 
 if __name__ == "__main__":

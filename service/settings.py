@@ -115,6 +115,17 @@ class ServiceSettings(BaseSettings):
         "would take the rest of a short domain to follow it); a new stream or a guard fallback starts with the "
         "warm-up over. True: chosen on held-out streams (docs/results/smallbatch/README.md, session 6); without "
         "bn_prior_images it does nothing. False = off")
+    bn_balanced: float | None = Field(
+        None, gt=0, le=1, description="class-balanced statistics of bn_stats='ema' (TRIBE's Balanced BatchNorm, Su et "
+        "al. 2024): each BatchNorm layer also keeps per-stream per-class statistics, updated with the pseudo-labels "
+        "of a no-grad pre-pass (one extra forward per request), and normalises with their class-uniform mixture "
+        "merged with the per-stream statistics at this weight (1 = the balanced statistics alone), so a label-shifted "
+        "stream's class mix does not move the normalisation. None = off (docs/results/smallbatch/README.md, "
+        "session 8)")
+    bn_balanced_form: Literal["mixture", "correction"] = Field(
+        "mixture", description="with bn_balanced: how the class statistics enter. 'mixture' = their class-uniform "
+        "mixture (TRIBE); 'correction' = the per-stream statistics with their recent class mix (tracked per layer at "
+        "the layer's momentum) replaced by the uniform one, which leaves an i.i.d. stream's statistics as they are")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")

@@ -418,6 +418,32 @@ def test_fused_step_with_the_statistics_warm_up_equals_separate_steps(path, guar
         assert any(r.hold_released for row in results for r in row)
 
 
+@pytest.mark.parametrize("path,guard,balanced,form", [
+    ("segment", "watch", 1.0, "mixture"), ("segment", "hold", 0.5, "mixture"), ("vmap", "watch", 0.5, "mixture"),
+    ("vmap", "hold", 1.0, "mixture"), ("segment", "watch", 1.0, "correction"), ("vmap", "watch", 0.5, "correction")])
+def test_fused_step_with_class_balanced_statistics_equals_separate_steps(path, guard, balanced, form):
+    """``bn_balanced``: each stream's pseudo-labels come from its own rows of a fused no-grad pre-pass, and its class
+    statistics (``norm.*.cmean``/``.cvar``, the per-class warm-up counts ``norm.cseen``) move with its own images
+    only, equal to the separate steps' (which label with their own pre-pass), also across guard fallbacks."""
+    eng = _engine("resnet", "eata", "sgd", "ema", 16, guard, segment_norms=path == "segment",
+                  bn_momentum=0.01, bn_momentum_shallow=0.2, bn_prior_images=8, bn_balanced=balanced,
+                  bn_balanced_form=form)
+    assert eng.balanced
+    states, results, _ = _compare(eng, _calls("resnet", 4, SIZES))
+    assert eng.fused_forwards[path] > 0
+    if guard == "hold":                           # fallbacks to source (their holds keep the source's statistics)
+        assert sum(st.rollbacks for st in states) > 0
+        return
+    fresh = eng.new_state()
+    key = next(k for k in fresh.tensors if k.endswith(".cmean"))
+    moved = [int((st.tensors[key] != fresh.tensors[key]).any(1).sum()) for st in states]
+    assert max(moved) > 1, moved                  # several classes' statistics moved in some stream
+    assert len({tuple(st.tensors["norm.cseen"].tolist()) for st in states}) > 1   # per-stream class counts
+    if form == "correction":                      # each stream its own recent class mix per layer
+        mix = next(k for k in fresh.tensors if k.endswith(".cmix"))
+        assert len({tuple(st.tensors[mix].tolist()) for st in states}) > 1
+
+
 def test_fused_states_own_their_tensors():
     """A fused step stores its per-stream results (BatchNorm statistics, the guard's signals, EATA's running mean)
     as each stream's own tensors, not as rows of the call's stacked tensors: a row view would keep the whole stack

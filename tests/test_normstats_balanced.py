@@ -1,0 +1,323 @@
+"""Class-balanced per-stream BatchNorm statistics (``bn_balanced``, normstats module docstring; TRIBE's Balanced BN).
+
+Per layer, per class statistics (``norm.<layer>.cmean`` / ``.cvar``) move only with the request's images of their
+class (its pre-pass pseudo-labels), at the layer's per-image momentum; the layer normalises with their class-uniform
+mixture merged with the stream's global statistics at weight lambda. The tests check the math against explicit
+computations, that a label-shifted stream does not move the balanced statistics toward its class mix (the point of
+the feature), request-size independence given the labels, the engine's pseudo-labels, and that the statistics are
+exact stream state (reset, fallback, snapshot, bytes, fingerprint, interleaved streams, 1-image requests, settings).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_normstats_depth import _engine, _images, _resnet, _restore_and_continue, _same
+from torch import nn
+
+from mgg_core.engine import AdaptationEngine
+from mgg_core.guard import GuardConfig
+from mgg_core.normstats import StreamNormStats, balanced_moments, class_moments, class_momentum, warm_momentum
+
+BAL = dict(bn_stats="ema", bn_momentum=0.001, bn_momentum_shallow=0.2, bn_prior_images=16, update_images=8,
+           bn_balanced=1.0)
+
+
+def test_class_moments_and_the_balanced_mixture_match_explicit_computations():
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(2, 7, 3, 5, generator=gen) * 3 + 1
+    labels = torch.tensor([[0, 2, 2, 0, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1]])
+    onehot = (labels.unsqueeze(-1) == torch.arange(4)).float()
+    mean, var = class_moments(xs, onehot)
+    for s in range(2):
+        for k in range(4):
+            rows = xs[s][labels[s] == k]
+            if len(rows) == 0:
+                assert torch.all(mean[s, k] == 0) and torch.all(var[s, k] == 0)
+                continue
+            flat = rows.permute(1, 0, 2).reshape(3, -1)
+            torch.testing.assert_close(mean[s, k], flat.mean(1))
+            torch.testing.assert_close(var[s, k], flat.var(1, unbiased=False))
+    # the class-uniform mixture of equal-size class populations is their pooled mean and variance
+    pops = [torch.randn(3, 400, generator=gen) * (k + 1) + 2 * k for k in range(3)]
+    cm = torch.stack([p.mean(1) for p in pops])
+    cv = torch.stack([p.var(1, unbiased=False) for p in pops])
+    b_mean, b_var = balanced_moments(cm, cv)
+    pooled = torch.cat(pops, 1)
+    torch.testing.assert_close(b_mean, pooled.mean(1))
+    torch.testing.assert_close(b_var, pooled.var(1, unbiased=False))
+
+
+def test_class_momentum_is_the_per_image_momentum_per_class():
+    counts = torch.tensor([0.0, 1.0, 3.0, 64.0])
+    got = class_momentum(0.2, counts, None, None)
+    want = torch.tensor([1.0 - 0.8 ** n for n in (0, 1, 3, 64)], dtype=torch.float64)
+    torch.testing.assert_close(got, want)
+    seen = torch.tensor([0.0, 5.0, 2.0, 100.0])
+    got = class_momentum(0.01, counts, seen, 16.0)
+    for k in range(4):   # per class, the warm-up's closed form at that class's own count
+        want_k = warm_momentum(0.01, int(counts[k]), float(seen[k]), 16.0)
+        assert float(got[k]) == pytest.approx(float(want_k), abs=1e-12)
+    assert float(got[0]) == 0.0
+
+
+def _layer(balanced: float | None = 1.0, prior=None, momentum=0.05, form="mixture"
+           ) -> tuple[nn.Module, StreamNormStats]:
+    torch.manual_seed(3)
+    bn = nn.BatchNorm2d(2).eval()
+    model = nn.Sequential(bn)
+    return model, StreamNormStats(model, "ema", momentum=momentum, prior_images=prior, balanced=balanced,
+                                  num_classes=2, balanced_form=form)
+
+
+def _class_images(k: int, n: int, seed: int) -> torch.Tensor:
+    """Class 0 centred at -2, class 1 at +2 (per channel), unit spread."""
+    return torch.randn(n, 2, 3, 3, generator=torch.Generator().manual_seed(seed)) + (4.0 * k - 2.0)
+
+
+def _feed(model, norm, stats, chunks):
+    for x, y in chunks:
+        with torch.no_grad(), norm.use(stats, x.shape[0], labels=y) as upd:
+            model(x)
+        stats = {**stats, **upd}
+    return stats
+
+
+def test_a_label_shifted_stream_does_not_move_the_balanced_statistics_to_its_class_mix():
+    model, norm = _layer(momentum=0.05)
+    both = [(torch.cat([_class_images(0, 8, i), _class_images(1, 8, 100 + i)]),
+             torch.tensor([0] * 8 + [1] * 8)) for i in range(30)]
+    stats = _feed(model, norm, norm.init_state(), both)
+    bal0, _ = balanced_moments(stats["0.cmean"], stats["0.cvar"])
+    only0 = [(_class_images(0, 8, 500 + i), torch.zeros(8, dtype=torch.long)) for i in range(30)]
+    after = _feed(model, norm, stats, only0)
+    # the global EMA follows the class mix (to about -2); the balanced mean stays between the classes (about 0)
+    assert float(after["0.mean"].mean()) < -1.5
+    bal1, _ = balanced_moments(after["0.cmean"], after["0.cvar"])
+    assert float((bal1 - bal0).abs().max()) < 0.2 and float(bal1.abs().max()) < 0.3
+    torch.testing.assert_close(after["0.cmean"][1], stats["0.cmean"][1], rtol=0, atol=0)   # class 1 unseen: kept
+    # and the layer normalises class-0 images with the balanced statistics (lambda 1): their output is about -1
+    x = _class_images(0, 8, 999)
+    with torch.no_grad(), norm.use(after, 8, update=False):
+        out = model(x)
+    b_mean, b_var = balanced_moments(after["0.cmean"], after["0.cvar"])
+    want = (x - b_mean.view(1, -1, 1, 1)) / torch.sqrt(b_var.view(1, -1, 1, 1) + 1e-5) * model[0].weight.view(
+        1, -1, 1, 1) + model[0].bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def _normalised_with(model, norm, stats, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, var) the layer normalised ``x`` with (stats read, not moved), from its output."""
+    bn = model[0]
+    with torch.no_grad(), norm.use(stats, x.shape[0], update=False):
+        out = model(x)
+        z = (out - bn.bias.view(1, -1, 1, 1)) / bn.weight.view(1, -1, 1, 1)  # (x - mean) / sqrt(var + eps)
+        a, b = x[:, :, 0, 0], z[:, :, 0, 0]
+        c, d = x[:, :, 1, 1], z[:, :, 1, 1]
+        scale = ((a - c) / (b - d))[0]                                         # sqrt(var + eps)
+    return (a - b * scale)[0], scale.square() - bn.eps
+
+
+def test_correction_leaves_a_balanced_stream_as_it_is_and_undoes_a_label_shift():
+    model, corr = _layer(momentum=0.05, form="correction")
+    model0, plain = _layer(balanced=None, momentum=0.05)
+    assert corr.init_state()["0.cmix"].tolist() == [0.5, 0.5]
+    both = [(torch.cat([_class_images(0, 4, i), _class_images(1, 4, 100 + i)]),
+             torch.tensor([0] * 4 + [1] * 4)) for i in range(30)]
+    st = _feed(model, corr, corr.init_state(), both)
+    st0 = _feed(model0, plain, plain.init_state(), both)
+    torch.testing.assert_close(st["0.cmix"], torch.tensor([0.5, 0.5]), rtol=0, atol=1e-6)
+    x = _class_images(0, 2, 7)
+    # a stream whose recent class mix is uniform: the correction is (about) nothing, the plain statistics
+    for got, want in zip(_normalised_with(model, corr, st, x), _normalised_with(model0, plain, st0, x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    only0 = [(_class_images(0, 8, 500 + i), torch.zeros(8, dtype=torch.long)) for i in range(30)]
+    after, after0 = _feed(model, corr, st, only0), _feed(model0, plain, st0, only0)
+    assert float(after["0.cmix"][0]) > 0.99
+    mean0, _ = _normalised_with(model0, plain, after0, x)
+    mean, var = _normalised_with(model, corr, after, x)
+    assert float(mean0.mean()) < -1.5                 # the plain statistics follow the class mix to class 0's
+    assert float(mean.abs().max()) < 0.3              # corrected: back between the classes
+    b_mean, b_var = balanced_moments(after["0.cmean"], after["0.cvar"])
+    torch.testing.assert_close(mean, b_mean, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(var, b_var, rtol=0.05, atol=0.05)
+
+
+def test_lambda_merges_the_balanced_and_global_statistics_as_two_populations():
+    model, half = _layer(balanced=0.5)
+    x, y = _class_images(0, 4, 1), torch.zeros(4, dtype=torch.long)
+    stats = half.init_state()
+    with torch.no_grad(), half.use(stats, 4, labels=y):
+        out = model(x)
+    model1, full = _layer(balanced=1.0)
+    model0, none = _layer(balanced=None)
+    st1, st0 = full.init_state(), none.init_state()
+    with torch.no_grad(), full.use(st1, 4, labels=y) as u1:
+        model1(x)
+    with torch.no_grad(), none.use(st0, 4) as u0:
+        model0(x)
+    bm, bv = balanced_moments(u1["0.cmean"], u1["0.cvar"])
+    gm, gv = u0["0.mean"], u0["0.var"]
+    mean = 0.5 * gm + 0.5 * bm
+    var = 0.5 * gv + 0.5 * bv + 0.25 * (bm - gm).pow(2)
+    bn = model[0]
+    want = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps) * bn.weight.view(
+        1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_one_request_of_n_images_moves_the_class_statistics_as_n_one_image_requests():
+    # as for the global statistics: the same weight, exactly the same mixture when each class's images are alike
+    # (an EMA over different images weighs the later ones more; a request weighs its images equally)
+    model, norm = _layer(momentum=0.2, prior=4.0)
+    look = [_class_images(0, 1, 0), _class_images(1, 1, 1)]
+    xs = torch.cat([look[i % 2] for i in range(9)])
+    ys = torch.tensor([i % 2 for i in range(9)])
+    one = _feed(model, norm, norm.init_state(), [(xs, ys)])
+    many = _feed(model, norm, norm.init_state(), [(xs[i:i + 1], ys[i:i + 1]) for i in range(9)])
+    for k in ("0.cmean", "0.cvar", "cseen", "seen"):
+        torch.testing.assert_close(one[k], many[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert one["cseen"].tolist() == [5.0, 4.0]
+
+
+def test_updating_needs_labels_and_reading_does_not():
+    model, norm = _layer()
+    stats = norm.init_state()
+    with pytest.raises(ValueError, match="pseudo-labels"), norm.use(stats, 2):
+        model(_class_images(0, 2, 0))
+    with torch.no_grad(), norm.use(stats, 2, update=False) as upd:
+        model(_class_images(0, 2, 0))
+    assert "0.cmean" not in upd
+    with pytest.raises(ValueError, match="bn_balanced"):
+        StreamNormStats(model, "ema", balanced=1.5, num_classes=2)
+    with pytest.raises(ValueError, match="bn_balanced"):
+        StreamNormStats(model, "ema", balanced=0.5, num_classes=1)
+    with pytest.raises(ValueError, match="bn_balanced_form"):
+        StreamNormStats(model, "ema", balanced=0.5, num_classes=2, balanced_form="median")
+
+
+def test_the_engine_updates_the_classes_its_pre_pass_predicts():
+    eng = _engine("eata", **BAL)
+    assert eng.balanced and eng.describe()["bn_balanced"] == 1.0
+    st = eng.new_state()
+    for i in range(3):
+        eng.step(st, _images(4, i))
+    before = {k: v.clone() for k, v in st.tensors.items()}
+    x = _images(6, 42)
+    predicted = set(eng.predict(st, x).argmax(1).tolist())      # the pre-pass: the stream's statistics as they are
+    eng.step(st, x)
+    key = next(k for k in st.tensors if k.endswith(".cmean"))
+    moved = {k for k in range(10) if not torch.equal(st.tensors[key][k], before[key][k])}
+    assert moved == predicted
+    assert st.tensors["norm.cseen"].sum() == 18.0
+    cnt = torch.bincount(torch.tensor(sorted(predicted)), minlength=10) > 0
+    assert torch.equal((st.tensors["norm.cseen"] != before["norm.cseen"]), cnt)
+
+
+def test_balanced_state_resets_snapshots_counts_its_bytes_and_is_fingerprinted(tmp_path):
+    guard = GuardConfig(enabled=True, warmup_images=2, warmup_checks=1, max_entropy=1.01, max_class_share=1.01)
+    eng = _engine("eata", guard=guard, **BAL)
+    plain = _engine("eata", guard=guard, **{**BAL, "bn_balanced": None})
+    fresh, st = eng.new_state(seed=3), eng.new_state(seed=3)
+    channels = sum(v.numel() for k, v in plain.new_state().tensors.items() if k.endswith(".mean"))
+    assert st.nbytes() == plain.new_state().nbytes() + 2 * 10 * channels * 4 + 10 * 8   # cmean, cvar, cseen
+    for i, n in enumerate([1, 2, 1, 3]):
+        eng.step(st, _images(n, 10 + i))
+    assert float(st.tensors["norm.cseen"].sum()) == 7.0
+    _restore_and_continue(eng, st, tmp_path)
+    eng.reset(st)
+    _same(st.tensors, fresh.tensors)
+    assert eng.fingerprint["bn_balanced"] == 1.0 and "bn_balanced" not in plain.fingerprint
+    with pytest.raises(Exception, match="bn_balanced"):
+        plain.load_state(tmp_path / "s.safetensors")
+    plain.new_state().save(tmp_path / "p.safetensors")
+    with pytest.raises(Exception, match="bn_balanced"):
+        eng.load_state(tmp_path / "p.safetensors")
+    other = _engine("eata", guard=guard, **{**BAL, "bn_balanced": 0.5})
+    with pytest.raises(Exception, match="bn_balanced"):
+        other.load_state(tmp_path / "s.safetensors")
+    corr = _engine("eata", guard=guard, **{**BAL, "bn_balanced_form": "correction"})
+    with pytest.raises(Exception, match="bn_balanced_form"):
+        corr.load_state(tmp_path / "s.safetensors")
+    layers = sum(1 for k in plain.new_state().tensors if k.endswith(".mean"))
+    assert corr.new_state().nbytes() == eng.new_state().nbytes() + layers * 10 * 4      # the class mix per layer
+    cs, cfresh = corr.new_state(seed=1), corr.new_state(seed=1)
+    for i, n in enumerate([1, 3]):
+        corr.step(cs, _images(n, 20 + i))
+    _restore_and_continue(corr, cs, tmp_path)
+    corr.reset(cs)
+    _same(cs.tensors, cfresh.tensors)
+
+
+def test_a_fallback_restores_the_class_statistics_and_a_release_restarts_their_warm_up():
+    from mgg_core.engine import StepResult
+    from mgg_core.reasons import RollbackReason
+
+    eng = _engine("eata", guard=GuardConfig(enabled=True, hold_images=8, max_entropy=1.01, max_class_share=1.01),
+                  **BAL)
+    st, fresh = eng.new_state(), eng.new_state()
+    for i in range(3):
+        eng.step(st, _images(4, i))
+    key = next(k for k in st.tensors if k.endswith(".cmean"))
+    assert not torch.equal(st.tensors[key], fresh.tensors[key])
+    res = StepResult(logits=torch.zeros(1, 10), adapted=False, skipped_reason=None, loss=None, batch_entropy=0.0,
+                     sample_entropy=torch.zeros(1), n_selected=0, step=0)
+    eng._fall_back(st, RollbackReason.SOURCE_DISAGREEMENT, res)
+    assert torch.equal(st.tensors[key], fresh.tensors[key]) and float(st.tensors["norm.cseen"].sum()) == 0.0
+    eng.step(st, _images(4, 7))                                      # held at source: nothing moves
+    assert torch.equal(st.tensors[key], fresh.tensors[key])
+    st.tensors["norm.cseen"] += 50.0
+    eng._restart_warmup(st)
+    assert float(st.tensors["norm.cseen"].abs().sum()) == 0.0
+
+
+def test_interleaved_streams_of_small_requests_equal_the_streams_alone_and_one_image_works():
+    eng = _engine("eata", **BAL)
+    sizes = {0: [1, 3, 1, 2, 1], 1: [2, 1, 1, 4, 1]}
+    alone = {}
+    for s, ns in sizes.items():
+        st = eng.new_state(seed=s)
+        alone[s] = ([eng.step(st, _images(n, 100 * s + i)).logits for i, n in enumerate(ns)], st)
+    inter = {s: eng.new_state(seed=s) for s in sizes}
+    logits: dict[int, list] = {0: [], 1: []}
+    for i in range(5):
+        for s in (1, 0):
+            logits[s].append(eng.step(inter[s], _images(sizes[s][i], 100 * s + i)).logits)
+    for s in sizes:
+        assert all(torch.equal(a, b) for a, b in zip(alone[s][0], logits[s], strict=True))
+        _same(alone[s][1].tensors, inter[s].tensors)
+    # 1-image requests fused: no error, and the result equals the separate steps (the fused tests' tolerance)
+    a, b = [eng.new_state(seed=s) for s in range(3)], [eng.new_state(seed=s) for s in range(3)]
+    xs = [_images(1, 900 + s) for s in range(3)]
+    fused = eng.step_many(list(zip(a, xs, strict=True)))
+    single = [eng.step(st, x) for st, x in zip(b, xs, strict=True)]
+    for r, q in zip(fused, single, strict=True):
+        torch.testing.assert_close(r.logits, q.logits, rtol=1e-5, atol=1e-5)
+    assert eng.fused_forwards["segment"] > 0
+
+
+def test_bn_balanced_is_a_validated_service_setting_that_reaches_the_engine(monkeypatch):
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    assert ServiceSettings(_env_file=None).bn_balanced is None                # off by default
+    for bad in (0.0, -0.5, 1.01):
+        with pytest.raises(ValidationError, match="bn_balanced"):
+            ServiceSettings(_env_file=None, bn_balanced=bad)
+    assert ServiceSettings(_env_file=None, bn_balanced=1.0).bn_balanced == 1.0
+    default = AdaptationEngine(_resnet(), engine_config(ServiceSettings(_env_file=None), build_method("eata", 10),
+                                                        "cpu", None), num_classes=10)
+    assert not default.balanced and "bn_balanced" not in default.fingerprint
+    assert default.describe()["bn_balanced"] is None and default.describe()["bn_balanced_form"] is None
+    with pytest.raises(ValidationError, match="bn_balanced_form"):
+        ServiceSettings(_env_file=None, bn_balanced_form="median")
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED", "0.5")
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED_FORM", "correction")
+    cfg = engine_config(ServiceSettings(_env_file=None), build_method("eata", 10), "cpu", None)
+    assert cfg.bn_balanced == 0.5 and cfg.bn_balanced_form == "correction"
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    assert eng.norm.balanced == 0.5 and eng.describe()["bn_balanced"] == 0.5
+    assert eng.fingerprint["bn_balanced"] == 0.5 and eng.fingerprint["bn_balanced_form"] == "correction"
+    assert eng.describe()["bn_balanced_form"] == "correction" and eng.norm.form.tracks_mix
