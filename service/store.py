@@ -1168,10 +1168,15 @@ class StreamStore:
         return self.snapshot_dir / f"{stream_id}{META_SUFFIX}"
 
     def _files_size(self, stream_id: str) -> int:
+        """Bytes of the stream's files on disk: its snapshot and an older version's sidecar, which the stream's next
+        write then removes (also one left next to a snapshot whose header has the listing: a crash before its
+        removal), so that the bytes counted are the bytes on disk."""
         total = 0
         for p in (self._snapshot_path(stream_id), self._meta_path(stream_id)):
             with contextlib.suppress(OSError):
                 total += p.stat().st_size
+                if p.name.endswith(META_SUFFIX):
+                    self._legacy_sidecars.add(stream_id)
         return total
 
     def _remove_files(self, stream_id: str) -> None:

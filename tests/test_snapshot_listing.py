@@ -157,3 +157,7 @@ def test_a_sidecar_left_next_to_a_listed_snapshot_is_ignored(live_server, tmp_pa
     with again.client() as c:
         info = c.get("/streams/cam", headers=AUTH).json()
         assert (info["step"], info["requests"], info["error"]) == (1, 1, None)
+        step(c, "cam", x)  # the next write removes the stale sidecar too, and the disk bytes count what is left
+        store = again.app.state.svc.store
+        assert files(snaps) == ["cam.safetensors"]
+        assert store.disk_bytes == (snaps / "cam.safetensors").stat().st_size
