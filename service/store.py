@@ -66,7 +66,7 @@ import re
 import shutil
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1129,7 +1129,8 @@ class StreamStore:
         stream's file takes.
 
         One file per stream: its listing data can never disagree with it. An older version's sidecar of a written
-        stream is removed afterwards (a crash before that leaves it behind, ignored: the header's listing wins).
+        stream is removed afterwards (a crash before that leaves it behind, ignored: the header's listing wins; the
+        stream's next write removes it, :meth:`_files_size`).
         Raises :class:`_DiskCapReached` before writing anything when the group would pass ``max_snapshot_bytes``,
         :class:`_GroupSplit` when a rename failed after others succeeded.
         """
@@ -1148,9 +1149,15 @@ class StreamStore:
             atomic_write_group(files)
         except GroupWriteError as exc:
             committed = {p.name[: -len(SNAPSHOT_SUFFIX)] for p in exc.replaced if p.name.endswith(SNAPSHOT_SUFFIX)}
+            self._drop_sidecars(committed)  # their sizes count their snapshot alone
             raise _GroupSplit(dict(zip([item[0] for item in items], sizes, strict=True)), committed,
                               exc.error) from exc
-        for stream_id, *_ in items:
+        self._drop_sidecars([item[0] for item in items])
+        return sizes
+
+    def _drop_sidecars(self, stream_ids: Iterable[str]) -> None:
+        """Remove the older version's sidecars of ``stream_ids``, whose snapshots were just written."""
+        for stream_id in stream_ids:
             if stream_id in self._legacy_sidecars:
                 self._legacy_sidecars.discard(stream_id)
                 try:
@@ -1159,7 +1166,6 @@ class StreamStore:
                     pass
                 except OSError as exc:  # the snapshots are written: a stale sidecar is ignored anyway
                     log.warning("stream %s: could not remove its old sidecar file (%s)", stream_id, exc)
-        return sizes
 
     def _snapshot_path(self, stream_id: str) -> Path:
         return self.snapshot_dir / f"{stream_id}{SNAPSHOT_SUFFIX}"
@@ -1168,10 +1174,15 @@ class StreamStore:
         return self.snapshot_dir / f"{stream_id}{META_SUFFIX}"
 
     def _files_size(self, stream_id: str) -> int:
+        """Bytes of the stream's files on disk: its snapshot and an older version's sidecar, which the stream's next
+        write then removes (also one left next to a snapshot whose header has the listing: a crash before its
+        removal), so that the bytes counted are the bytes on disk."""
         total = 0
         for p in (self._snapshot_path(stream_id), self._meta_path(stream_id)):
             with contextlib.suppress(OSError):
                 total += p.stat().st_size
+                if p.name.endswith(META_SUFFIX):
+                    self._legacy_sidecars.add(stream_id)
         return total
 
     def _remove_files(self, stream_id: str) -> None:

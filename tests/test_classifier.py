@@ -185,6 +185,43 @@ def test_preprocessor_lean_stages_equal_timms_transform(pre, interpolation, crop
         assert torch.equal(p(rgb), want)
 
 
+@pytest.mark.parametrize("interpolation", ["nearest", "lanczos", "box"])
+@pytest.mark.parametrize(("crop_mode", "size"), [("squash", (32, 24)), ("center", (24, 32)), ("center", (32, 32))])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_preprocessor_lean_stages_equal_timms_transform_for_every_mode(pre, interpolation, crop_mode, size, channels):
+    """The lean stages against timm's transform for the other input modes the old path accepted (palette with
+    transparency, LA, bilevel, CMYK, YCbCr, 16-bit, 32-bit int and float grayscale, grayscale with a transparency
+    key, a lazily decoded JPEG), the other Pillow filters, timm's squash mode (``Resize`` with an (h, w) size: lean
+    too) and a non-square center crop (timm's ``ResizeKeepRatio``: timm's own stages), down to 1-pixel images."""
+    import io
+
+    from mgg_core.preprocess import to_channels
+
+    p0, _ = pre
+    p = Preprocessor(dict(p0.data_config, input_size=(channels, *size), interpolation=interpolation, crop_pct=0.875,
+                          crop_mode=crop_mode, mean=(0.5, 0.4, 0.3)[:channels], std=(0.2, 0.3, 0.25)[:channels]))
+    assert (p._lean is not None) == (size[0] == size[1] or crop_mode == "squash")
+    rng = np.random.default_rng(1)
+    images: list[Image.Image] = []
+    for h, w in [(1, 1), (1, 40), (3, 200), (33, 31), (40, 29), (20, 20)]:
+        gray, rgb = rng.integers(0, 256, (h, w), dtype=np.uint8), rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        pal = Image.fromarray(rgb).convert("P")
+        pal.info["transparency"] = 3
+        keyed = Image.fromarray(gray)
+        keyed.info["transparency"] = 7
+        jpeg = io.BytesIO()
+        Image.fromarray(gray).save(jpeg, "JPEG")
+        jpeg.seek(0)
+        images += [pal, keyed, Image.fromarray(gray).convert("LA"), Image.fromarray(gray).convert("1"),
+                   Image.fromarray(rgb).convert("CMYK"), Image.fromarray(rgb).convert("YCbCr"),
+                   Image.fromarray(rng.integers(0, 65536, (h, w)).astype(np.uint16)),
+                   Image.fromarray(gray).convert("I"), Image.fromarray(gray).convert("F"), Image.open(jpeg)]
+    ref = torch.stack([p.transform(to_channels(im, channels)) for im in images])
+    assert torch.equal(p(images), ref)
+    for im, r in zip(images, ref, strict=True):
+        assert torch.equal(p([im])[0], r)
+
+
 def test_preprocessor_uses_card_mean_std(pre):
     p, card = pre
     assert list(p.mean) == card.mean and list(p.std) == card.std

@@ -259,8 +259,9 @@ def test_durability_interval_bounds_and_meters_unpersisted_steps(live_server, tm
                                     snapshot_interval_seconds=0.3))
     with srv2.client() as c:
         ok(c, "sec", x)
-        wait_for(lambda: (tmp_path / "t" / "sec.safetensors").is_file(), timeout=5)
-        assert metric(c, "tta_steps_unpersisted") == 0
+        # the file appears at its rename; the gauge moves once the write returns (after the folder's fsync)
+        wait_for(lambda: (tmp_path / "t" / "sec.safetensors").is_file()
+                 and metric(c, "tta_steps_unpersisted") == 0, timeout=5)
 
 
 def test_durable_write_failure_is_not_acknowledged(live_server, tmp_path, digit_images):

@@ -157,3 +157,38 @@ def test_a_sidecar_left_next_to_a_listed_snapshot_is_ignored(live_server, tmp_pa
     with again.client() as c:
         info = c.get("/streams/cam", headers=AUTH).json()
         assert (info["step"], info["requests"], info["error"]) == (1, 1, None)
+        step(c, "cam", x)  # the next write removes the stale sidecar too, and the disk bytes count what is left
+        store = again.app.state.svc.store
+        assert files(snaps) == ["cam.safetensors"]
+        assert store.disk_bytes == (snaps / "cam.safetensors").stat().st_size
+
+
+def test_a_group_split_removes_the_sidecars_of_the_streams_it_wrote(live_server, tmp_path, monkeypatch):
+    """A rename failing mid-group: the streams already renamed are durable and counted at their snapshot's bytes,
+    so their older version's sidecars go at once, as after a whole group; the others' stay (their old snapshot)."""
+    import os
+
+    import mgg_core.io as mio
+    from service.store import _GroupSplit
+
+    snaps = tmp_path / "s"
+    srv = live_server(settings_for(snaps))
+    store = srv.app.state.svc.store
+    for sid in ("a", "b"):
+        (snaps / f"{sid}.json").write_text(json.dumps({"step": 0}))
+        assert store._files_size(sid) > 0  # counted: removed by the stream's next write
+    real, renamed = os.replace, []
+
+    def replace(src, dst):  # the group's second snapshot rename fails
+        if Path(dst).suffix == ".safetensors":
+            renamed.append(Path(dst).stem)
+            if len(renamed) == 2:
+                raise OSError(5, "I/O error (injected)")
+        return real(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", replace)
+    state = store.engine.new_state()
+    with pytest.raises(_GroupSplit) as split:
+        store._write_files([("a", state, {}, 0), ("b", state, {}, 0)])
+    assert split.value.committed == {"a"}
+    assert files(snaps) == ["a.safetensors", "b.json"]
