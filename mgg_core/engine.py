@@ -102,6 +102,9 @@ class EngineConfig:
     bn_balanced_form: str = "mixture"       # with bn_balanced: how the class statistics enter (normstats'
                                             # BALANCED_FORMS: "mixture", TRIBE's class-uniform mixture; "correction",
                                             # the stream's statistics with their recent class mix made uniform)
+    bn_balanced_confidence: float | None = None  # with bn_balanced: only pre-pass labels of max softmax >= this (0, 1)
+                                            # move the class statistics (and the recent class mix, whose confident
+                                            # share scales "correction"); None: every image (normstats docstring)
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
@@ -197,7 +200,8 @@ class AdaptationEngine:
         self.norm = StreamNormStats(self.model, self.bn_stats, config.bn_momentum, config.bn_momentum_shallow,
                                     config.bn_prior_images, warm_start=config.bn_warmup_shift is None
                                     and not config.bn_warmup_release, balanced=config.bn_balanced,
-                                    num_classes=self.num_classes, balanced_form=config.bn_balanced_form)
+                                    num_classes=self.num_classes, balanced_form=config.bn_balanced_form,
+                                    confidence=config.bn_balanced_confidence)
         #: class-balanced per-stream statistics: every request that moves them takes a no-grad pre-pass for labels
         self.balanced = self.norm.balanced_on
         self.warmup_shift = (float(config.bn_warmup_shift) if config.bn_warmup_shift is not None
@@ -267,6 +271,8 @@ class AdaptationEngine:
         if self.balanced:                       # norm.*.cmean/.cvar (and norm.cseen) are kept
             self.fingerprint["bn_balanced"] = float(config.bn_balanced)  # type: ignore[arg-type]
             self.fingerprint["bn_balanced_form"] = config.bn_balanced_form
+            if self.norm.confidence is not None:    # the class mix then sums to the confident share
+                self.fingerprint["bn_balanced_confidence"] = self.norm.confidence
         if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
             self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
         if config.guard.enabled and config.guard.confident_hold_entropy is not None:   # guard.source_entropy too
@@ -298,6 +304,7 @@ class AdaptationEngine:
             "bn_warmup_release": self.warmup_release if per_stream else None,
             "bn_balanced": self.norm.balanced if self.balanced else None,
             "bn_balanced_form": c.bn_balanced_form if self.balanced else None,
+            "bn_balanced_confidence": self.norm.confidence if self.balanced else None,
             "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),
@@ -400,8 +407,9 @@ class AdaptationEngine:
     def _pseudo_labels(self, theta: torch.Tensor, x: torch.Tensor, norm: dict[str, torch.Tensor]) -> torch.Tensor:
         """Balanced statistics: the request's pseudo-labels, the predictions of a no-grad pre-pass with the adapted
         scalars ``theta`` and the stream's statistics ``norm`` as they are (not moved by the request). Later
-        forwards of the same step (SAR's second pass, DeYO's shuffled images) reuse them."""
-        return self._forward(theta.detach(), x, norm=norm, update_norm=False)[0].argmax(1)
+        forwards of the same step (SAR's second pass, DeYO's shuffled images) reuse them. With the confidence gate
+        (``bn_balanced_confidence``) an unconfident image's label is -1 (``StreamNormStats.pseudo_labels``)."""
+        return self.norm.pseudo_labels(self._forward(theta.detach(), x, norm=norm, update_norm=False)[0])
 
     def _window_features(self, state: StreamState, live: torch.Tensor, window_sink: dict | None) -> torch.Tensor:
         """The features a feature-statistics loss sees: the request's ``live`` ones, behind the stream's recent
@@ -430,7 +438,7 @@ class AdaptationEngine:
         if self.balanced and norms:
             with torch.no_grad():
                 zeros = torch.zeros_like(momenta)
-                labels = run(thetas.detach(), xs, norms, zeros, False)[0].argmax(-1)
+                labels = self.norm.pseudo_labels(run(thetas.detach(), xs, norms, zeros, False)[0])
         return run(thetas, xs, norms, momenta, features, labels)
 
     def _segment_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],

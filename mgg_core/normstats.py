@@ -42,6 +42,15 @@ one N-image request *given the same pseudo-labels*; the pre-pass labels of a str
 from statistics updated more often, so they may differ. A request label-shifted to a few classes then moves only
 those classes' statistics, not the normalisation of all of them.
 
+Optional confidence gate (``confidence`` = tau in (0, 1); for the pseudo-labels' errors on low-accuracy domains):
+:meth:`StreamNormStats.pseudo_labels` labels an image whose pre-pass max softmax probability is below tau with -1
+(no class), whose one-hot row is zero: it moves the global statistics (and the warm-up count ``norm.seen``) as
+always, but no class statistics and no per-class count. With ``"correction"`` the recent class mix then counts the
+same (confident) images: it moves at the layer's momentum toward the request's *confident* class fractions
+(summing to its confident share), so its sum is the stream's recent confident share at that layer, rho; the
+correction uses the mix normalised to sum 1 and weight lambda x rho, so a stream whose recent images are mostly
+unconfident keeps (about) its global statistics. Without it (None) every image is labelled, as before.
+
 Statistics live in the stream state (``StreamState.tensors``) under ``norm.<layer>.mean`` / ``.var``; ``use``
 yields a dict that receives the updated statistics of the *first* forward pass within the block (later passes of
 the same step, e.g. SAR's second pass or DeYO's shuffled images, read but do not update them). A step's statistics
@@ -59,9 +68,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BALANCED_FORMS", "BN_MODES", "CORRECTION_VAR_FLOOR", "BalancedForm", "StreamNormStats", "balanced_moments",
-           "batch_moments", "batch_momentum", "class_moments", "class_momentum", "correction_form", "layer_momenta",
-           "mix_moments", "mixture_form", "warm_momentum"]
+__all__ = ["BALANCED_FORMS", "BN_MODES", "CORRECTION_VAR_FLOOR", "MIX_SHARE_FLOOR", "BalancedForm", "StreamNormStats",
+           "balanced_moments", "batch_moments", "batch_momentum", "class_moments", "class_momentum", "correction_form",
+           "layer_momenta", "mix_moments", "mixture_form", "warm_momentum"]
 
 #: how BatchNorm layers normalise, see the module docstring
 BN_MODES = ("source", "batch", "ema")
@@ -122,27 +131,37 @@ def balanced_moments(cmean: torch.Tensor, cvar: torch.Tensor) -> tuple[torch.Ten
 
 
 def mixture_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
-                 mix: torch.Tensor | None, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 mix: torch.Tensor | None, lam: float, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``"mixture"`` (TRIBE's Balanced BatchNorm): the class-uniform mixture of the class statistics (..., K, C),
-    merged with the stream's global statistics (..., C) at weight ``lam`` as two populations; ``mix`` unused."""
+    merged with the stream's global statistics (..., C) at weight ``lam`` as two populations; ``mix`` and ``gated``
+    unused."""
     b_mean, b_var = balanced_moments(cmean, cvar)
     return mix_moments(gmean, gvar, b_mean, b_var, lam)
 
 
 #: ``"correction"``: the corrected variance is at least this share of the stream's global variance
 CORRECTION_VAR_FLOOR = 0.1
+#: ``"correction"`` with the confidence gate: a recent mix summing to less is normalised as if it summed to this
+MIX_SHARE_FLOOR = 1e-12
 
 
 def correction_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
-                    mix: torch.Tensor | None, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    mix: torch.Tensor | None, lam: float, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``"correction"``: the stream's global statistics with their class mix replaced by the uniform one. The global
     EMA is (about) the mixture of the class statistics weighted by the stream's recent class mix ``mix`` (..., K),
     tracked at the same momenta; the result adds ``lam`` x (class-uniform mixture - ``mix``-weighted mixture) of the
     class statistics to it (mean and variance), the variance floored at ``CORRECTION_VAR_FLOOR`` x the global one.
     With a uniform recent mix (i.i.d. streams) it is the global statistics; only the class offsets enter, so class
-    statistics that lag a domain switch shift it less than they shift ``"mixture"``."""
+    statistics that lag a domain switch shift it less than they shift ``"mixture"``.
+
+    ``gated`` (the confidence gate, module docstring): ``mix`` counts only confident images and sums to the recent
+    confident share rho; it is normalised to sum 1 and the weight is ``lam`` x rho (rho 0: the global statistics)."""
     assert mix is not None
     b_mean, b_var = balanced_moments(cmean, cvar)
+    if gated:
+        share = mix.sum(-1, keepdim=True)
+        mix = mix / share.clamp(min=MIX_SHARE_FLOOR)
+        lam = lam * share.to(cmean.dtype)        # type: ignore[assignment]   # (..., 1): broadcasts over C
     w = mix.to(cmean.dtype).unsqueeze(-1)
     p_mean = (w * cmean).sum(-2)
     p_var = (w * (cvar + (cmean - p_mean.unsqueeze(-2)).square())).sum(-2)
@@ -230,6 +249,8 @@ class StreamNormStats:
         balanced: weight lambda in (0, 1] of the class-balanced statistics (module docstring); None: off.
         num_classes: the model's classes K (needed with ``balanced``).
         balanced_form: a key of :data:`BALANCED_FORMS` (how the class statistics enter).
+        confidence: with ``balanced``: the confidence gate tau in (0, 1) (module docstring): only images whose
+            pre-pass max softmax probability is at least tau get a class (:meth:`pseudo_labels`); None: all do.
     """
 
     #: the statistics entry that counts the images merged since the source (with ``prior_images``)
@@ -240,7 +261,7 @@ class StreamNormStats:
     def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05,
                  shallow_momentum: float | None = None, prior_images: float | None = None,
                  warm_start: bool = True, balanced: float | None = None, num_classes: int = 0,
-                 balanced_form: str = "mixture") -> None:
+                 balanced_form: str = "mixture", confidence: float | None = None) -> None:
         if balanced_form not in BALANCED_FORMS:
             raise ValueError(f"bn_balanced_form must be one of {sorted(BALANCED_FORMS)}, not {balanced_form!r}")
         self.form = BALANCED_FORMS[balanced_form]
@@ -249,6 +270,10 @@ class StreamNormStats:
                              f"with {num_classes} classes")
         self.balanced = None if balanced is None else float(balanced)
         self.num_classes = int(num_classes)
+        if confidence is not None and not (balanced is not None and 0.0 < float(confidence) < 1.0):
+            raise ValueError(f"bn_balanced_confidence must be in (0, 1) and needs bn_balanced, got {confidence} "
+                             f"with bn_balanced {balanced}")
+        self.confidence = None if confidence is None else float(confidence)
         if prior_images is not None and not float(prior_images) > 0:
             raise ValueError(f"bn_prior_images must be > 0 or None, got {prior_images}")
         self.prior_images = None if prior_images is None else float(prior_images)
@@ -354,8 +379,18 @@ class StreamNormStats:
         gate = update.to(torch.float64).unsqueeze(-1) if isinstance(update, torch.Tensor) else float(bool(update))
         return {k: gate * class_momentum(m, counts, seen, self.prior_images) for k, m in self.momenta.items()}
 
+    def pseudo_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """The pseudo-labels of pre-pass ``logits`` (..., K): the argmax, and with the confidence gate -1 (no class:
+        a zero one-hot row) where the max softmax probability is below ``confidence``."""
+        labels = logits.argmax(-1)
+        if self.confidence is None:
+            return labels
+        sure = logits.softmax(-1).amax(-1) >= self.confidence
+        return torch.where(sure, labels, torch.full_like(labels, -1))
+
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        """``labels`` (..., n) as one-hot float32 rows (..., n, K) (vmap-friendly: a comparison, no scatter)."""
+        """``labels`` (..., n) as one-hot float32 rows (..., n, K) (vmap-friendly: a comparison, no scatter); a label
+        -1 (unconfident, :meth:`pseudo_labels`) is a zero row."""
         return (labels.unsqueeze(-1) == torch.arange(self.num_classes, device=labels.device)).to(torch.float32)
 
     def request_momenta(self, n_images: int, update: bool | torch.Tensor = True,
@@ -474,7 +509,7 @@ class StreamNormStats:
                 if mix is not None:
                     call.updates[f"{name}.cmix"] = mix.detach()
         assert self.balanced is not None
-        return self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced)
+        return self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced, self.confidence is not None)
 
     @staticmethod
     def _next_mix(mix: torch.Tensor, frac: torch.Tensor, m: float | torch.Tensor) -> torch.Tensor:
@@ -514,7 +549,7 @@ class StreamNormStats:
             cmean, cvar = mix_moments(cmean, cvar, c_mean, c_var, cm.unsqueeze(-1))
             if mix is not None:
                 mix = self._next_mix(mix, onehot.mean(1), m)        # m: (S, 1)
-        mean, var = self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced)
+        mean, var = self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced, self.confidence is not None)
         recorded = {f"{name}.mean": gmean.detach(), f"{name}.var": gvar.detach(),
                     f"{name}.cmean": cmean.detach(), f"{name}.cvar": cvar.detach()}
         if mix is not None:

@@ -126,6 +126,11 @@ class ServiceSettings(BaseSettings):
         "mixture", description="with bn_balanced: how the class statistics enter. 'mixture' = their class-uniform "
         "mixture (TRIBE); 'correction' = the per-stream statistics with their recent class mix (tracked per layer at "
         "the layer's momentum) replaced by the uniform one, which leaves an i.i.d. stream's statistics as they are")
+    bn_balanced_confidence: float | None = Field(
+        None, gt=0, lt=1, description="with bn_balanced: only images whose pre-pass max softmax probability is at "
+        "least this move the class statistics (wrong pseudo-labels on low-accuracy domains corrupt them); with "
+        "'correction' the recent class mix counts the same images and the correction's weight is scaled by their "
+        "recent share. Needs bn_balanced. None = every image (docs/results/smallbatch/README.md, session 8)")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")
@@ -285,6 +290,8 @@ class ServiceSettings(BaseSettings):
         # without a warm-up it is a misconfiguration
         if self.bn_warmup_release and self.bn_prior_images is None and "bn_warmup_release" in self.model_fields_set:
             raise ValueError("bn_warmup_release needs bn_prior_images (the warm-up it starts)")
+        if self.bn_balanced_confidence is not None and self.bn_balanced is None:
+            raise ValueError("bn_balanced_confidence needs bn_balanced (the class statistics it gates)")
         return self
 
     @field_validator("admin_token")

@@ -16,7 +16,15 @@ from torch import nn
 
 from mgg_core.engine import AdaptationEngine
 from mgg_core.guard import GuardConfig
-from mgg_core.normstats import StreamNormStats, balanced_moments, class_moments, class_momentum, warm_momentum
+from mgg_core.normstats import (
+    CORRECTION_VAR_FLOOR,
+    StreamNormStats,
+    balanced_moments,
+    class_moments,
+    class_momentum,
+    correction_form,
+    warm_momentum,
+)
 
 BAL = dict(bn_stats="ema", bn_momentum=0.001, bn_momentum_shallow=0.2, bn_prior_images=16, update_images=8,
            bn_balanced=1.0)
@@ -60,13 +68,13 @@ def test_class_momentum_is_the_per_image_momentum_per_class():
     assert float(got[0]) == 0.0
 
 
-def _layer(balanced: float | None = 1.0, prior=None, momentum=0.05, form="mixture"
+def _layer(balanced: float | None = 1.0, prior=None, momentum=0.05, form="mixture", confidence=None
            ) -> tuple[nn.Module, StreamNormStats]:
     torch.manual_seed(3)
     bn = nn.BatchNorm2d(2).eval()
     model = nn.Sequential(bn)
     return model, StreamNormStats(model, "ema", momentum=momentum, prior_images=prior, balanced=balanced,
-                                  num_classes=2, balanced_form=form)
+                                  num_classes=2, balanced_form=form, confidence=confidence)
 
 
 def _class_images(k: int, n: int, seed: int) -> torch.Tensor:
@@ -321,3 +329,136 @@ def test_bn_balanced_is_a_validated_service_setting_that_reaches_the_engine(monk
     assert eng.norm.balanced == 0.5 and eng.describe()["bn_balanced"] == 0.5
     assert eng.fingerprint["bn_balanced"] == 0.5 and eng.fingerprint["bn_balanced_form"] == "correction"
     assert eng.describe()["bn_balanced_form"] == "correction" and eng.norm.form.tracks_mix
+
+
+# ---------------------------------------------------------------- the confidence gate (bn_balanced_confidence)
+def test_unconfident_images_get_no_class_and_leave_the_class_statistics_untouched():
+    model, gated = _layer(momentum=0.05, form="correction", prior=4.0, confidence=0.9)
+    logits = torch.tensor([[3.0, 0.0], [0.2, 0.0], [0.0, 5.0]])        # max softmax 0.953, 0.550, 0.993
+    assert gated.pseudo_labels(logits).tolist() == [0, -1, 1]
+    assert _layer(form="correction")[1].pseudo_labels(logits).tolist() == [0, 0, 1]      # no gate: the argmax
+    st = gated.init_state()
+    after = _feed(model, gated, st, [(_class_images(0, 6, 1), torch.full((6,), -1))])
+    for k in ("0.cmean", "0.cvar", "cseen"):                             # no class statistic or count moves
+        torch.testing.assert_close(after[k], st[k], rtol=0, atol=0, msg=k)
+    assert float(after["seen"]) == 6.0 and not torch.equal(after["0.mean"], st["0.mean"])   # the global ones do
+    keep = 1.0 - float(warm_momentum(0.05, 6, 0.0, 4.0))                  # the mix decays: its confident share
+    torch.testing.assert_close(after["0.cmix"], torch.full((2,), 0.5 * keep), rtol=1e-6, atol=0)
+    # a mixed request moves each class's statistics as a request of its confident images alone would
+    model2, plain = _layer(momentum=0.05, form="correction", prior=4.0)
+    x = torch.cat([_class_images(0, 1, 2), _class_images(0, 1, 3), _class_images(1, 1, 4), _class_images(1, 1, 5)])
+    mixed = _feed(model, gated, gated.init_state(), [(x, torch.tensor([0, -1, 1, -1]))])
+    alone = _feed(model2, plain, plain.init_state(), [(x[[0, 2]], torch.tensor([0, 1]))])
+    for k in ("0.cmean", "0.cvar", "cseen"):
+        torch.testing.assert_close(mixed[k], alone[k], rtol=1e-6, atol=1e-6, msg=k)
+    m4 = float(warm_momentum(0.05, 4, 0.0, 4.0))                          # the mix: 2 of the 4 images, one each
+    torch.testing.assert_close(mixed["0.cmix"], torch.full((2,), (1 - m4) * 0.5 + m4 * 0.25), rtol=1e-6, atol=0)
+
+
+def test_the_gated_correction_uses_the_normalised_mix_at_lambda_times_the_confident_share():
+    gen = torch.Generator().manual_seed(1)
+    gmean, gvar = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 1.0
+    cmean, cvar = torch.randn(4, 3, generator=gen), torch.rand(4, 3, generator=gen) + 0.5
+    mix = torch.tensor([0.3, 0.1, 0.0, 0.0])                              # confident share 0.4
+    mean, var = correction_form(gmean, gvar, cmean, cvar, mix, 0.8, gated=True)
+    want_mean, want_var = correction_form(gmean, gvar, cmean, cvar, mix / 0.4, 0.8 * 0.4)
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(var, want_var)
+    b_mean, _ = balanced_moments(cmean, cvar)
+    torch.testing.assert_close(mean, gmean + 0.32 * (b_mean - (0.75 * cmean[0] + 0.25 * cmean[1])))
+    # nothing confident lately: the stream's own statistics, exactly
+    mean0, var0 = correction_form(gmean, gvar, cmean, cvar, torch.zeros(4), 1.0, gated=True)
+    assert torch.equal(mean0, gmean) and torch.equal(var0, torch.maximum(gvar, CORRECTION_VAR_FLOOR * gvar))
+
+
+def _gated_engines():
+    """A correction engine without the gate and one whose tau splits its first pre-pass (tiny random ResNet)."""
+    corr = {**BAL, "bn_balanced_form": "correction"}
+    plain = _engine("eata", **corr)
+    x = _images(8, 42)
+    conf = plain.predict(plain.new_state(), x).softmax(1).amax(1)
+    tau = float(conf.sort().values[3:5].mean())                           # half the images confident
+    return plain, _engine("eata", **corr, bn_balanced_confidence=tau), x, conf, tau
+
+
+def test_the_gated_engine_counts_only_confident_pre_pass_labels():
+    plain, eng, x, conf, tau = _gated_engines()
+    assert eng.describe()["bn_balanced_confidence"] == tau and plain.describe()["bn_balanced_confidence"] is None
+    st = eng.new_state()
+    labels = plain.predict(plain.new_state(), x).argmax(1)
+    eng.step(st, x)
+    sure = conf >= tau
+    assert 0 < int(sure.sum()) < 8
+    want = torch.bincount(labels[sure], minlength=10).to(torch.float64)
+    assert torch.equal(st.tensors["norm.cseen"], want)                     # only the confident images, by class
+    assert float(st.tensors["norm.seen"]) == 8.0
+    mixes = [v for k, v in st.tensors.items() if k.endswith(".cmix")]
+    assert all(float(v.sum()) < 0.999 for v in mixes)                      # the mix counts the same images
+    pst = plain.new_state()
+    plain.step(pst, x)
+    assert float(pst.tensors["norm.cseen"].sum()) == 8.0
+
+
+def test_gated_state_resets_snapshots_is_fingerprinted_and_interleaves(tmp_path):
+    plain, eng, _, _, tau = _gated_engines()
+    fresh, st = eng.new_state(seed=3), eng.new_state(seed=3)
+    assert st.nbytes() == plain.new_state().nbytes()                       # no new state: the mix sums to rho
+    for i, n in enumerate([1, 2, 1, 3]):
+        eng.step(st, _images(n, 10 + i))
+    _restore_and_continue(eng, st, tmp_path)
+    eng.reset(st)
+    _same(st.tensors, fresh.tensors)
+    assert eng.fingerprint["bn_balanced_confidence"] == tau and "bn_balanced_confidence" not in plain.fingerprint
+    for a, b in ((plain, eng), (eng, plain)):
+        a.new_state().save(tmp_path / "x.safetensors")
+        with pytest.raises(Exception, match="bn_balanced_confidence"):
+            b.load_state(tmp_path / "x.safetensors")
+    other = _engine("eata", **{**BAL, "bn_balanced_form": "correction", "bn_balanced_confidence": tau / 2})
+    with pytest.raises(Exception, match="bn_balanced_confidence"):
+        other.load_state(tmp_path / "x.safetensors")
+    sizes = {0: [1, 3, 1, 2], 1: [2, 1, 4, 1]}
+    alone = {}
+    for s, ns in sizes.items():
+        a_st = eng.new_state(seed=s)
+        alone[s] = ([eng.step(a_st, _images(n, 100 * s + i)).logits for i, n in enumerate(ns)], a_st)
+    inter = {s: eng.new_state(seed=s) for s in sizes}
+    got: dict[int, list] = {0: [], 1: []}
+    for i in range(4):
+        for s in (1, 0):
+            got[s].append(eng.step(inter[s], _images(sizes[s][i], 100 * s + i)).logits)
+    for s in sizes:
+        assert all(torch.equal(p, q) for p, q in zip(alone[s][0], got[s], strict=True))
+        _same(alone[s][1].tensors, inter[s].tensors)
+    a_sts, b_sts = [eng.new_state(seed=s) for s in range(3)], [eng.new_state(seed=s) for s in range(3)]
+    xs = [_images(1, 900 + s) for s in range(3)]
+    fused = eng.step_many(list(zip(a_sts, xs, strict=True)))
+    single = [eng.step(q, x) for q, x in zip(b_sts, xs, strict=True)]
+    for r, q in zip(fused, single, strict=True):
+        torch.testing.assert_close(r.logits, q.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bn_balanced_confidence_is_a_validated_setting_that_needs_bn_balanced(monkeypatch):
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    assert ServiceSettings(_env_file=None).bn_balanced_confidence is None               # off by default
+    for bad in (0.0, -0.1, 1.0, 1.5):
+        with pytest.raises(ValidationError, match="bn_balanced_confidence"):
+            ServiceSettings(_env_file=None, bn_balanced=1.0, bn_balanced_confidence=bad)
+    with pytest.raises(ValidationError, match="bn_balanced_confidence needs bn_balanced"):
+        ServiceSettings(_env_file=None, bn_balanced_confidence=0.9)
+    model = nn.Sequential(nn.BatchNorm2d(2).eval())
+    for bad, bal in ((1.0, 1.0), (0.0, 1.0), (0.9, None)):
+        with pytest.raises(ValueError, match="bn_balanced_confidence"):
+            StreamNormStats(model, "ema", balanced=bal, num_classes=2, confidence=bad)
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED", "1.0")
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED_FORM", "correction")
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED_CONFIDENCE", "0.9")
+    cfg = engine_config(ServiceSettings(_env_file=None), build_method("eata", 10), "cpu", None)
+    assert cfg.bn_balanced_confidence == 0.9
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    assert eng.norm.confidence == 0.9 and eng.describe()["bn_balanced_confidence"] == 0.9
+    assert eng.fingerprint["bn_balanced_confidence"] == 0.9
