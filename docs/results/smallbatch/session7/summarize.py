@@ -1,6 +1,13 @@
-"""Session 7's held-out rule metrics (RULE.md) from the ho7_<tag>_*.json files: python summarize.py TAG:VARIANT ..."""
+"""Session 7's held-out rule metrics (RULE.md) from the ho7_<tag>_*.json files: python summarize.py TAG:VARIANT ...
+
+Session 8's summariser runs this one over its own folder and prefix (``--dir DIR --prefix ho8`` first)."""
 import json, sys, os
 D = os.path.dirname(os.path.abspath(__file__))
+PREFIX = "ho7"
+if sys.argv[1:2] == ["--dir"]:
+    D, sys.argv[1:3] = sys.argv[2], []
+if sys.argv[1:2] == ["--prefix"]:
+    PREFIX, sys.argv[1:3] = sys.argv[2], []
 
 
 def load(name):
@@ -11,7 +18,7 @@ def load(name):
 def row(tag, var):
     gaps, b1ok, sizeok, reps = [], True, True, []
     for s in range(1, 6):
-        r = load(f"ho7_{tag}_rep{s}.json")
+        r = load(f"{PREFIX}_{tag}_rep{s}.json")
         if r is None:
             continue
         r = r[f"resnet/replay/{var}"]
@@ -22,7 +29,7 @@ def row(tag, var):
         reps.append("/".join(f"{acc[k]:.1f}" for k in ("64", "16", "4", "1")))
     streams = []
     for name, shifts in [("c200", ("none", "0.1"))] + [(f"c400s{s}", ("none", "0.1")) for s in range(1, 6)]:
-        r = load(f"ho7_{tag}_{name}.json")
+        r = load(f"{PREFIX}_{tag}_{name}.json")
         if r is None:
             continue
         for sh in shifts:
