@@ -280,27 +280,31 @@ def test_a_fallback_restores_the_class_statistics_and_a_release_restarts_their_w
 
 def test_interleaved_streams_of_small_requests_equal_the_streams_alone_and_one_image_works():
     eng = _engine("eata", **BAL)
-    sizes = {0: [1, 3, 1, 2, 1], 1: [2, 1, 1, 4, 1]}
+    _interleaved_equal_alone_and_one_image_fused(eng, {0: [1, 3, 1, 2, 1], 1: [2, 1, 1, 4, 1]})
+    assert eng.fused_forwards["segment"] > 0
+
+
+def _interleaved_equal_alone_and_one_image_fused(eng, sizes: dict[int, list[int]]) -> None:
+    """Two streams of small requests (``sizes``: request sizes per stream seed) interleaved equal the same streams
+    alone, bit for bit; three 1-image requests fused equal the separate steps (the fused tests' tolerance)."""
     alone = {}
     for s, ns in sizes.items():
         st = eng.new_state(seed=s)
         alone[s] = ([eng.step(st, _images(n, 100 * s + i)).logits for i, n in enumerate(ns)], st)
     inter = {s: eng.new_state(seed=s) for s in sizes}
-    logits: dict[int, list] = {0: [], 1: []}
-    for i in range(5):
-        for s in (1, 0):
+    logits: dict[int, list] = {s: [] for s in sizes}
+    for i in range(len(sizes[0])):
+        for s in sorted(sizes, reverse=True):
             logits[s].append(eng.step(inter[s], _images(sizes[s][i], 100 * s + i)).logits)
     for s in sizes:
         assert all(torch.equal(a, b) for a, b in zip(alone[s][0], logits[s], strict=True))
         _same(alone[s][1].tensors, inter[s].tensors)
-    # 1-image requests fused: no error, and the result equals the separate steps (the fused tests' tolerance)
     a, b = [eng.new_state(seed=s) for s in range(3)], [eng.new_state(seed=s) for s in range(3)]
     xs = [_images(1, 900 + s) for s in range(3)]
     fused = eng.step_many(list(zip(a, xs, strict=True)))
     single = [eng.step(st, x) for st, x in zip(b, xs, strict=True)]
     for r, q in zip(fused, single, strict=True):
         torch.testing.assert_close(r.logits, q.logits, rtol=1e-5, atol=1e-5)
-    assert eng.fused_forwards["segment"] > 0
 
 
 def test_bn_balanced_is_a_validated_service_setting_that_reaches_the_engine(monkeypatch):
@@ -416,25 +420,7 @@ def test_gated_state_resets_snapshots_is_fingerprinted_and_interleaves(tmp_path)
     other = _engine("eata", **{**BAL, "bn_balanced_form": "correction", "bn_balanced_confidence": tau / 2})
     with pytest.raises(Exception, match="bn_balanced_confidence"):
         other.load_state(tmp_path / "x.safetensors")
-    sizes = {0: [1, 3, 1, 2], 1: [2, 1, 4, 1]}
-    alone = {}
-    for s, ns in sizes.items():
-        a_st = eng.new_state(seed=s)
-        alone[s] = ([eng.step(a_st, _images(n, 100 * s + i)).logits for i, n in enumerate(ns)], a_st)
-    inter = {s: eng.new_state(seed=s) for s in sizes}
-    got: dict[int, list] = {0: [], 1: []}
-    for i in range(4):
-        for s in (1, 0):
-            got[s].append(eng.step(inter[s], _images(sizes[s][i], 100 * s + i)).logits)
-    for s in sizes:
-        assert all(torch.equal(p, q) for p, q in zip(alone[s][0], got[s], strict=True))
-        _same(alone[s][1].tensors, inter[s].tensors)
-    a_sts, b_sts = [eng.new_state(seed=s) for s in range(3)], [eng.new_state(seed=s) for s in range(3)]
-    xs = [_images(1, 900 + s) for s in range(3)]
-    fused = eng.step_many(list(zip(a_sts, xs, strict=True)))
-    single = [eng.step(q, x) for q, x in zip(b_sts, xs, strict=True)]
-    for r, q in zip(fused, single, strict=True):
-        torch.testing.assert_close(r.logits, q.logits, rtol=1e-5, atol=1e-5)
+    _interleaved_equal_alone_and_one_image_fused(eng, {0: [1, 3, 1, 2], 1: [2, 1, 4, 1]})
 
 
 def test_bn_balanced_confidence_is_a_validated_setting_that_needs_bn_balanced(monkeypatch):
