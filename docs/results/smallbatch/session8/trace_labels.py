@@ -12,6 +12,9 @@ pre-pass (``StreamNormStats.pseudo_labels`` is wrapped on this engine instance o
 * ``scf90``: share of images the *source* is >= 0.9 confident on, and the source's accuracy there;
 * ``npred`` / ``ntrue``: distinct pre-pass labels / true classes in the domain.
 
+``--trace`` lines add ``rho``: the sum of the recent class mix ``norm.<layer>.cmix`` after the request at the first,
+a middle and the last BatchNorm layer (with the confidence gate: the layer's recent confident share).
+
 Images of a request without a pre-pass (a hold at source, a request that moves no statistics) are counted in src /
 adapt only; ``n`` is the pre-pass image count.
 
@@ -79,6 +82,15 @@ def _tally(c: dict, logits: torch.Tensor | None, src_logits: torch.Tensor, pred:
         int((agree & ok).sum())
 
 
+def _rho(state) -> str:
+    """The recent class mix's total (the recent confident share rho with the gate, 1 without) at the first, a
+    middle and the last BatchNorm layer after the request (``"correction"`` only)."""
+    keys = [k for k in state.tensors if k.endswith(".cmix")]
+    if not keys:
+        return "-"
+    return "/".join(f"{float(state.tensors[keys[j]].sum()):.2f}" for j in (0, len(keys) // 2, -1))
+
+
 def _pct(a, b):
     return f"{100 * a / b:5.1f}" if b else "    -"
 
@@ -137,7 +149,7 @@ def main() -> int:
                       "pre_ok={:2d} c90={:2d} c90_ok={:2d} agr={:2d} agr_ok={:2d}".format(*line))
             print(f"{i:4d} {dom[:26]:26s} a={int((res.logits.argmax(1) == y).sum()):2d} "
                   f"s={int((src.argmax(1) == y).sum()):2d} {fields} cls={sorted(set(y.tolist()))} "
-                  f"rb={res.rollback_reason}", flush=True)
+                  f"rho={_rho(state)} rb={res.rollback_reason}", flush=True)
     print("\n| domain (stream order) | n pre-pass | src | adapt | gap | pre acc | >=0.9 share / acc | "
           ">=0.97 share / acc | agree share / acc / disagree acc | agree & >=0.9 share / acc | "
           "source >=0.9 share / acc | pred / true classes |")
