@@ -34,9 +34,9 @@ import sys
 import torch
 
 sys.path.insert(0, "scripts")
-from smallbatch_continual import continual_spec, load_batches  # noqa: E402
-from smallbatch_heldout import continual_batches, heldout_domains, order_stream  # noqa: E402
-from smallbatch_sweep import _parse_set, engine_variant, load_default_runtime  # noqa: E402
+from smallbatch_continual import continual_spec, load_batches
+from smallbatch_heldout import continual_batches, heldout_domains, order_stream
+from smallbatch_sweep import _parse_set, engine_variant, load_default_runtime
 
 KEYS = ("n", "pre", "c90", "c90ok", "c97", "c97ok", "agr", "agrok", "disok", "ac90", "ac90ok", "total", "src", "adapt",
         "scf90", "scf90ok")
@@ -99,10 +99,12 @@ def _row(dom: str, c: dict) -> str:
     n = c["n"]
     return (f"| {dom} | {n} | {_pct(c['src'], c['total'])} | {_pct(c['adapt'], c['total'])} | "
             f"{100 * (c['adapt'] - c['src']) / c['total']:+.1f} | {_pct(c['pre'], n)} | "
-            f"{_pct(c['c90'], n)} / {_pct(c['c90ok'], c['c90'])} | {_pct(c['c97'], n)} / {_pct(c['c97ok'], c['c97'])} | "
+            f"{_pct(c['c90'], n)} / {_pct(c['c90ok'], c['c90'])} | "
+            f"{_pct(c['c97'], n)} / {_pct(c['c97ok'], c['c97'])} | "
             f"{_pct(c['agr'], n)} / {_pct(c['agrok'], c['agr'])} / {_pct(c['disok'], n - c['agr'])} | "
             f"{_pct(c['ac90'], n)} / {_pct(c['ac90ok'], c['ac90'])} | "
-            f"{_pct(c['scf90'], c['total'])} / {_pct(c['scf90ok'], c['scf90'])} | {len(c['pred'])} / {len(c['true'])} |")
+            f"{_pct(c['scf90'], c['total'])} / {_pct(c['scf90ok'], c['scf90'])} | "
+            f"{len(c['pred'])} / {len(c['true'])} |")
 
 
 def main() -> int:
