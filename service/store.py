@@ -468,7 +468,6 @@ class StreamStore:
                 return  # listing data only: the snapshot itself is authoritative
             except OSError:
                 text = "\0"
-            self._legacy_sidecars.add(entry.id)
             if not text.strip():
                 return  # an empty sidecar (a power loss right after its rename): as if missing
         try:
