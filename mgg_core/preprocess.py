@@ -154,8 +154,12 @@ class Preprocessor:
         if all(a.ndim == 2 for a in arrays):  # one band each: normalised once per model channel
             gray = torch.from_numpy(np.stack(arrays)).unsqueeze(1).float().div_(255.0)
             return gray.expand(-1, self.channels, -1, -1).sub(self._mean).div_(self._std).contiguous()
-        full = [np.repeat(a[:, :, None], self.channels, axis=2) if a.ndim == 2 else a for a in arrays]
-        batch = torch.from_numpy(np.stack(full)).permute(0, 3, 1, 2).float().div_(255.0)
+        return self._normalised([np.repeat(a[:, :, None], self.channels, axis=2) if a.ndim == 2 else a
+                                 for a in arrays])
+
+    def _normalised(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """timm's tensor stages (to-tensor, normalise) once over uint8 images (H, W, C) of one size: (N, C, H, W)."""
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
         return batch.sub_(self._mean).div_(self._std).contiguous()
 
     def __repr__(self) -> str:
@@ -200,8 +204,7 @@ class Preprocessor:
             if a.ndim == 2:
                 a = a[:, :, None]
             arrays.append(a)
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return batch.sub_(self._mean).div_(self._std).contiguous()
+        return self._normalised(arrays)
 
     def single(self, image: Image.Image) -> torch.Tensor:
         """timm's eval transform applied to one image, exactly as timm does (C, H, W)."""
