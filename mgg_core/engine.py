@@ -105,6 +105,11 @@ class EngineConfig:
     bn_balanced_confidence: float | None = None  # with bn_balanced: only pre-pass labels of max softmax >= this (0, 1)
                                             # move the class statistics (and the recent class mix, whose confident
                                             # share scales "correction"); None: every image (normstats docstring)
+    bn_balanced_agree: bool = False         # with bn_balanced: only pre-pass labels that agree with the frozen source
+                                            # model's label (one source forward of the request, reused by the guard's
+                                            # source checks) move the class statistics and the class mix
+    bn_balanced_share: float | None = None  # with "correction" and a gate: the correction's weight fades to 0 where
+                                            # the recent gated share is at most this (0, 0.5]; full from twice it
     update_images: int = 1                  # accumulate gradients until this many images, then one update
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "cpu"
@@ -153,6 +158,7 @@ class _Job:
     checks: int = 0                         # images the guard classifies with the source too
     guard_sig: dict[str, torch.Tensor] = field(default_factory=dict)
     source_logits: torch.Tensor | None = None
+    source_all: torch.Tensor | None = None  # the agreement gate: the source's logits of every image of the request
     grad_finite: bool = False               # read by _read_gradients: the job's gradient is finite
     pending: int = 0                        # read by _read_gradients: images in the stream's gradient window
 
@@ -201,7 +207,8 @@ class AdaptationEngine:
                                     config.bn_prior_images, warm_start=config.bn_warmup_shift is None
                                     and not config.bn_warmup_release, balanced=config.bn_balanced,
                                     num_classes=self.num_classes, balanced_form=config.bn_balanced_form,
-                                    confidence=config.bn_balanced_confidence)
+                                    confidence=config.bn_balanced_confidence, agree=config.bn_balanced_agree,
+                                    share=config.bn_balanced_share)
         #: class-balanced per-stream statistics: every request that moves them takes a no-grad pre-pass for labels
         self.balanced = self.norm.balanced_on
         self.warmup_shift = (float(config.bn_warmup_shift) if config.bn_warmup_shift is not None
@@ -273,6 +280,10 @@ class AdaptationEngine:
             self.fingerprint["bn_balanced_form"] = config.bn_balanced_form
             if self.norm.confidence is not None:    # the class mix then sums to the confident share
                 self.fingerprint["bn_balanced_confidence"] = self.norm.confidence
+            if self.norm.agree:                     # ... to the agreeing share
+                self.fingerprint["bn_balanced_agree"] = True
+            if self.norm.share is not None:
+                self.fingerprint["bn_balanced_share"] = self.norm.share
         if config.guard.enabled and config.guard.confident_entropy is not None:   # guard.source_entropy is judged
             self.fingerprint["guard_confident_entropy"] = float(config.guard.confident_entropy)
         if config.guard.enabled and config.guard.confident_hold_entropy is not None:   # guard.source_entropy too
@@ -305,6 +316,8 @@ class AdaptationEngine:
             "bn_balanced": self.norm.balanced if self.balanced else None,
             "bn_balanced_form": c.bn_balanced_form if self.balanced else None,
             "bn_balanced_confidence": self.norm.confidence if self.balanced else None,
+            "bn_balanced_agree": self.norm.agree if self.balanced else None,
+            "bn_balanced_share": self.norm.share if self.balanced else None,
             "update_images": self.update_images,
             "feature_window": self.feature_window,
             "guard": asdict(self.config.guard), "device": str(self.device),
@@ -386,17 +399,19 @@ class AdaptationEngine:
                 norm_sink.update(updates)
         return out
 
-    def _stream_forward(self, state: StreamState, norm_sink: dict, window_sink: dict | None = None):
+    def _stream_forward(self, state: StreamState, norm_sink: dict, window_sink: dict | None = None,
+                        source: torch.Tensor | None = None):
         """The forward a method sees for one step of ``state``: the stream's BatchNorm statistics, and, for
         feature-statistics losses on small batches, the features of the stream's recent images (detached) in front
         of the batch's, whose gradient is scaled by (rows / batch rows) so that gradients accumulated over
-        ``update_images`` images weigh the statistics term as one batch of that size would."""
+        ``update_images`` images weigh the statistics term as one batch of that size would. ``source``: the source
+        model's logits of the request (the agreement gate of the pre-pass labels)."""
         norm = self._group(state, "norm")
         labels: list[torch.Tensor] = []     # balanced statistics: the request's pseudo-labels, one pre-pass per step
 
         def forward(theta, x, features=False):
             if self.balanced and not labels:
-                labels.append(self._pseudo_labels(theta, x, norm))
+                labels.append(self._pseudo_labels(theta, x, norm, source))
             logits, feats = self._forward(theta, x, features, norm, norm_sink,
                                           labels=labels[0] if labels else None)
             return logits, (None if feats is None else self._window_features(state, feats, window_sink))
@@ -404,12 +419,26 @@ class AdaptationEngine:
         return forward
 
     @torch.no_grad()
-    def _pseudo_labels(self, theta: torch.Tensor, x: torch.Tensor, norm: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _pseudo_labels(self, theta: torch.Tensor, x: torch.Tensor, norm: dict[str, torch.Tensor],
+                       source: torch.Tensor | None = None) -> torch.Tensor:
         """Balanced statistics: the request's pseudo-labels, the predictions of a no-grad pre-pass with the adapted
         scalars ``theta`` and the stream's statistics ``norm`` as they are (not moved by the request). Later
         forwards of the same step (SAR's second pass, DeYO's shuffled images) reuse them. With the confidence gate
-        (``bn_balanced_confidence``) an unconfident image's label is -1 (``StreamNormStats.pseudo_labels``)."""
-        return self.norm.pseudo_labels(self._forward(theta.detach(), x, norm=norm, update_norm=False)[0])
+        (``bn_balanced_confidence``) an unconfident image's label is -1, with the agreement gate
+        (``bn_balanced_agree``) one that differs from the source's (``source``: its logits of ``x``; from
+        :meth:`_source_all`) (``StreamNormStats.pseudo_labels``)."""
+        return self.norm.pseudo_labels(self._forward(theta.detach(), x, norm=norm, update_norm=False)[0], source)
+
+    def _source_all(self, jobs: list[_Job]) -> None:
+        """The agreement gate: the source model's logits of every image of each job's request (``job.source_all``),
+        in one source forward for all of them (an image's source logits do not depend on its companions: the
+        balanced statistics run in ``"ema"``); the guard's source checks reuse their first rows."""
+        todo = [j for j in jobs if j.source_all is None]
+        if not self.norm.agree or not todo:
+            return
+        logits = self.source_predict(torch.cat([j.x for j in todo]))   # timed with the phase that asks for it
+        for job, part in zip(todo, logits.split([j.x.shape[0] for j in todo]), strict=True):
+            job.source_all = part
 
     def _window_features(self, state: StreamState, live: torch.Tensor, window_sink: dict | None) -> torch.Tensor:
         """The features a feature-statistics loss sees: the request's ``live`` ones, behind the stream's recent
@@ -426,11 +455,12 @@ class AdaptationEngine:
         return torch.cat([state.tensors["window.features"][-k:], live])
 
     def _streams_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
-                         momenta: torch.Tensor, features: bool):
+                         momenta: torch.Tensor, features: bool, sources: torch.Tensor | None = None):
         """One forward for S streams' requests of equal shape, row s with stream s's adapted scalars, statistics
         and update gate (see :meth:`_vmap_forward`): segment-wise norm layers where the model allows, else vmap.
         With balanced statistics a no-grad pre-pass of the same path (gates 0) gives each stream's pseudo-labels
-        first, as :meth:`_pseudo_labels` does for one stream."""
+        first, as :meth:`_pseudo_labels` does for one stream (``sources``: (S, n, K) the source model's logits of
+        ``xs``, for the agreement gate)."""
         path = "segment" if self.segment_fused else "vmap"
         self.fused_forwards[path] += 1
         run = self._segment_forward if self.segment_fused else self._vmap_forward
@@ -438,7 +468,7 @@ class AdaptationEngine:
         if self.balanced and norms:
             with torch.no_grad():
                 zeros = torch.zeros_like(momenta)
-                labels = self.norm.pseudo_labels(run(thetas.detach(), xs, norms, zeros, False)[0])
+                labels = self.norm.pseudo_labels(run(thetas.detach(), xs, norms, zeros, False)[0], sources)
         return run(thetas, xs, norms, momenta, features, labels)
 
     def _segment_forward(self, thetas: torch.Tensor, xs: torch.Tensor, norms: dict[str, torch.Tensor],
@@ -525,10 +555,14 @@ class AdaptationEngine:
                  if self.norm.per_stream else {})
         momenta = torch.tensor([1.0 if j.update_norm else 0.0 for j in group], dtype=torch.float64,
                                device=self.device)
+        sources = None
+        if self.balanced and self.norm.agree and norms:
+            self._source_all(group)
+            sources = torch.stack([j.source_all for j in group])    # type: ignore[misc]
         with torch.set_grad_enabled(grad):
             thetas = torch.stack([j.state.theta for j in group]).requires_grad_(grad)
             logits, feats, updates = self._streams_forward(thetas, torch.stack([j.x for j in group]), norms,
-                                                           momenta, grad and self.method.needs_features)
+                                                           momenta, grad and self.method.needs_features, sources)
             rows = {k: v.detach().unbind(0) for k, v in updates.items()}   # one call per layer, not per stream
             for i, job in enumerate(group):
                 job.norm_sink.update({k: r[i] for k, r in rows.items()})
@@ -603,8 +637,7 @@ class AdaptationEngine:
         self._solo(job)
         self._apply([job])
         if self._plan_checks(job):
-            with job.timer("guard"):
-                job.source_logits = self.source_predict(job.x[:job.checks])
+            self._source_checks([job], job.timer)
         self._observe([job])
         return self._finish(job)
 
@@ -688,18 +721,22 @@ class AdaptationEngine:
         if job.grad:
             job.out = self._gradient_one(job)
             return
+        if self.balanced and job.update_norm:
+            self._source_all([job])
         with torch.no_grad(), job.timer("forward"):
             norm = self._group(job.state, "norm")
-            labels = (self._pseudo_labels(job.state.theta, job.x, norm) if self.balanced and job.update_norm
-                      else None)
+            labels = (self._pseudo_labels(job.state.theta, job.x, norm, job.source_all)
+                      if self.balanced and job.update_norm else None)
             logits = self._forward(job.state.theta, job.x, norm=norm, norm_sink=job.norm_sink,
                                    update_norm=job.update_norm, labels=labels)[0]
         job.out = self._no_grad_output(job, logits)
 
     def _gradient_one(self, job: _Job) -> GradOutput:
         """Phase 2 for one stream: the method's own gradient (its forward passes, objective, backward)."""
+        if self.balanced:
+            self._source_all([job])
         return self.method.gradient(self._context(job, self._stream_forward(job.state, job.norm_sink,
-                                                                            job.window_sink)))
+                                                                            job.window_sink, job.source_all)))
 
     def _apply(self, jobs: list[_Job]) -> None:
         """Phase 3 for each job: the gradient window, the optimizer's update and the commit (or the no-gradient
@@ -821,6 +858,10 @@ class AdaptationEngine:
     def _source_checks(self, jobs: list[_Job], timer: Timer) -> None:
         """The source model's logits on each job's checked images, for many streams in one forward: concatenated
         where an image's logits do not depend on its companions, else one vmapped forward per request shape."""
+        for job in jobs:        # the agreement gate's source forward of the whole request: its first rows
+            if job.source_all is not None:
+                job.source_logits = job.source_all[:job.checks]
+        jobs = [j for j in jobs if j.source_logits is None]
         if not jobs:
             return
         with torch.no_grad(), timer("guard"):

@@ -51,6 +51,15 @@ same (confident) images: it moves at the layer's momentum toward the request's *
 correction uses the mix normalised to sum 1 and weight lambda x rho, so a stream whose recent images are mostly
 unconfident keeps (about) its global statistics. Without it (None) every image is labelled, as before.
 
+Optional agreement gate (``agree``; for wrong pseudo-labels that are confident, session 8's diagnostic): an image
+whose pre-pass label differs from the frozen source model's label (the caller passes the source's logits of the same
+images to :meth:`StreamNormStats.pseudo_labels`) is labelled -1 as above; with ``confidence`` too, a label must
+agree *and* be confident. Optional share fade (``share`` = s0 in (0, 0.5], ``"correction"`` with a gate): the
+correction's weight is lambda x clamp(rho / s0 - 1, 0, 1) instead of lambda x rho, rho the layer's recent gated
+share: no correction while at most s0 of the recent images pass the gate (low-accuracy domains, where few
+labels agree with the source, or a collapsed source that most labels disagree with), the full lambda from 2 s0 on.
+Neither adds state: a gated label is -1 like an unconfident one.
+
 Statistics live in the stream state (``StreamState.tensors``) under ``norm.<layer>.mean`` / ``.var``; ``use``
 yields a dict that receives the updated statistics of the *first* forward pass within the block (later passes of
 the same step, e.g. SAR's second pass or DeYO's shuffled images, read but do not update them). A step's statistics
@@ -70,7 +79,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["BALANCED_FORMS", "BN_MODES", "CORRECTION_VAR_FLOOR", "MIX_SHARE_FLOOR", "BalancedForm", "StreamNormStats",
            "balanced_moments", "batch_moments", "batch_momentum", "class_moments", "class_momentum", "correction_form",
-           "layer_momenta", "mix_moments", "mixture_form", "warm_momentum"]
+           "layer_momenta", "mix_moments", "mixture_form", "share_weight", "warm_momentum"]
 
 #: how BatchNorm layers normalise, see the module docstring
 BN_MODES = ("source", "batch", "ema")
@@ -131,10 +140,11 @@ def balanced_moments(cmean: torch.Tensor, cvar: torch.Tensor) -> tuple[torch.Ten
 
 
 def mixture_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
-                 mix: torch.Tensor | None, lam: float, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 mix: torch.Tensor | None, lam: float, gated: bool = False,
+                 share: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``"mixture"`` (TRIBE's Balanced BatchNorm): the class-uniform mixture of the class statistics (..., K, C),
-    merged with the stream's global statistics (..., C) at weight ``lam`` as two populations; ``mix`` and ``gated``
-    unused."""
+    merged with the stream's global statistics (..., C) at weight ``lam`` as two populations; ``mix``, ``gated`` and
+    ``share`` unused."""
     b_mean, b_var = balanced_moments(cmean, cvar)
     return mix_moments(gmean, gvar, b_mean, b_var, lam)
 
@@ -145,8 +155,17 @@ CORRECTION_VAR_FLOOR = 0.1
 MIX_SHARE_FLOOR = 1e-12
 
 
+def share_weight(rho: torch.Tensor, share: float | None) -> torch.Tensor:
+    """The gated correction's weight per unit lambda for a recent gated share ``rho``: ``rho`` itself without a
+    share fade (``share`` None), else ``clamp(rho / share - 1, 0, 1)`` (0 up to ``share``, 1 from twice it)."""
+    if share is None:
+        return rho
+    return (rho / float(share) - 1.0).clamp(0.0, 1.0)
+
+
 def correction_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
-                    mix: torch.Tensor | None, lam: float, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    mix: torch.Tensor | None, lam: float, gated: bool = False,
+                    share: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``"correction"``: the stream's global statistics with their class mix replaced by the uniform one. The global
     EMA is (about) the mixture of the class statistics weighted by the stream's recent class mix ``mix`` (..., K),
     tracked at the same momenta; the result adds ``lam`` x (class-uniform mixture - ``mix``-weighted mixture) of the
@@ -154,14 +173,15 @@ def correction_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor
     With a uniform recent mix (i.i.d. streams) it is the global statistics; only the class offsets enter, so class
     statistics that lag a domain switch shift it less than they shift ``"mixture"``.
 
-    ``gated`` (the confidence gate, module docstring): ``mix`` counts only confident images and sums to the recent
-    confident share rho; it is normalised to sum 1 and the weight is ``lam`` x rho (rho 0: the global statistics)."""
+    ``gated`` (the confidence or agreement gate, module docstring): ``mix`` counts only gated images and sums to the
+    recent gated share rho; it is normalised to sum 1 and the weight is ``lam`` x rho (rho 0: the global statistics),
+    or with ``share`` (the share fade) ``lam`` x :func:`share_weight`."""
     assert mix is not None
     b_mean, b_var = balanced_moments(cmean, cvar)
     if gated:
-        share = mix.sum(-1, keepdim=True)
-        mix = mix / share.clamp(min=MIX_SHARE_FLOOR)
-        lam = lam * share.to(cmean.dtype)        # type: ignore[assignment]   # (..., 1): broadcasts over C
+        rho = mix.sum(-1, keepdim=True)
+        mix = mix / rho.clamp(min=MIX_SHARE_FLOOR)
+        lam = lam * share_weight(rho, share).to(cmean.dtype)  # type: ignore[assignment]  # (..., 1): broadcasts
     w = mix.to(cmean.dtype).unsqueeze(-1)
     p_mean = (w * cmean).sum(-2)
     p_var = (w * (cvar + (cmean - p_mean.unsqueeze(-2)).square())).sum(-2)
@@ -172,7 +192,8 @@ def correction_form(gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor
 
 @dataclass(frozen=True)
 class BalancedForm:
-    """How a layer uses its class statistics: ``fn(gmean, gvar, cmean, cvar, mix, lam) -> (mean, var)``;
+    """How a layer uses its class statistics: ``fn(gmean, gvar, cmean, cvar, mix, lam, gated, share) -> (mean,
+    var)``;
     ``tracks_mix``: the stream keeps its recent class mix per layer (``norm.<layer>.cmix``)."""
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -251,6 +272,10 @@ class StreamNormStats:
         balanced_form: a key of :data:`BALANCED_FORMS` (how the class statistics enter).
         confidence: with ``balanced``: the confidence gate tau in (0, 1) (module docstring): only images whose
             pre-pass max softmax probability is at least tau get a class (:meth:`pseudo_labels`); None: all do.
+        agree: with ``balanced``: the agreement gate (module docstring): only images whose pre-pass label is the
+            source model's label get a class (with ``confidence``: and are confident).
+        share: with ``"correction"`` and a gate (``confidence`` or ``agree``): the share fade s0 in (0, 0.5]
+            (module docstring, :func:`share_weight`); None: the weight is lambda x the recent gated share.
     """
 
     #: the statistics entry that counts the images merged since the source (with ``prior_images``)
@@ -261,7 +286,8 @@ class StreamNormStats:
     def __init__(self, model: nn.Module, mode: str, momentum: float = 0.05,
                  shallow_momentum: float | None = None, prior_images: float | None = None,
                  warm_start: bool = True, balanced: float | None = None, num_classes: int = 0,
-                 balanced_form: str = "mixture", confidence: float | None = None) -> None:
+                 balanced_form: str = "mixture", confidence: float | None = None, agree: bool = False,
+                 share: float | None = None) -> None:
         if balanced_form not in BALANCED_FORMS:
             raise ValueError(f"bn_balanced_form must be one of {sorted(BALANCED_FORMS)}, not {balanced_form!r}")
         self.form = BALANCED_FORMS[balanced_form]
@@ -274,6 +300,13 @@ class StreamNormStats:
             raise ValueError(f"bn_balanced_confidence must be in (0, 1) and needs bn_balanced, got {confidence} "
                              f"with bn_balanced {balanced}")
         self.confidence = None if confidence is None else float(confidence)
+        if agree and balanced is None:
+            raise ValueError("bn_balanced_agree needs bn_balanced (the class statistics it gates)")
+        self.agree = bool(agree)
+        if share is not None and not (0.0 < float(share) <= 0.5 and self.gated and self.form.tracks_mix):
+            raise ValueError(f"bn_balanced_share must be in (0, 0.5] and needs bn_balanced_form 'correction' with a "
+                             f"gate (bn_balanced_confidence or bn_balanced_agree), got {share}")
+        self.share = None if share is None else float(share)
         if prior_images is not None and not float(prior_images) > 0:
             raise ValueError(f"bn_prior_images must be > 0 or None, got {prior_images}")
         self.prior_images = None if prior_images is None else float(prior_images)
@@ -307,6 +340,11 @@ class StreamNormStats:
     def per_stream(self) -> bool:
         """True when the layers keep per-stream statistics (a BatchNorm model in mode "ema")."""
         return bool(self.layers) and self.mode == "ema"
+
+    @property
+    def gated(self) -> bool:
+        """True when a gate (``confidence`` or ``agree``) may leave pre-pass images without a class."""
+        return self.confidence is not None or self.agree
 
     @property
     def balanced_on(self) -> bool:
@@ -379,14 +417,22 @@ class StreamNormStats:
         gate = update.to(torch.float64).unsqueeze(-1) if isinstance(update, torch.Tensor) else float(bool(update))
         return {k: gate * class_momentum(m, counts, seen, self.prior_images) for k, m in self.momenta.items()}
 
-    def pseudo_labels(self, logits: torch.Tensor) -> torch.Tensor:
-        """The pseudo-labels of pre-pass ``logits`` (..., K): the argmax, and with the confidence gate -1 (no class:
-        a zero one-hot row) where the max softmax probability is below ``confidence``."""
+    def pseudo_labels(self, logits: torch.Tensor, source_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The pseudo-labels of pre-pass ``logits`` (..., K): the argmax, and -1 (no class: a zero one-hot row)
+        where the confidence gate finds the max softmax probability below ``confidence``, or the agreement gate
+        finds the label differs from the argmax of ``source_logits`` (the source model's logits of the same images,
+        required with ``agree``)."""
         labels = logits.argmax(-1)
-        if self.confidence is None:
+        if not self.gated:
             return labels
-        sure = logits.softmax(-1).amax(-1) >= self.confidence
-        return torch.where(sure, labels, torch.full_like(labels, -1))
+        keep = torch.ones_like(labels, dtype=torch.bool)
+        if self.confidence is not None:
+            keep &= logits.softmax(-1).amax(-1) >= self.confidence
+        if self.agree:
+            if source_logits is None or source_logits.shape != logits.shape:
+                raise ValueError("the agreement gate needs the source model's logits of the same images")
+            keep &= labels == source_logits.argmax(-1)
+        return torch.where(keep, labels, torch.full_like(labels, -1))
 
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         """``labels`` (..., n) as one-hot float32 rows (..., n, K) (vmap-friendly: a comparison, no scatter); a label
@@ -508,8 +554,13 @@ class StreamNormStats:
                 call.updates[f"{name}.cmean"], call.updates[f"{name}.cvar"] = cmean.detach(), cvar.detach()
                 if mix is not None:
                     call.updates[f"{name}.cmix"] = mix.detach()
+        return self._form(gmean, gvar, cmean, cvar, mix)
+
+    def _form(self, gmean: torch.Tensor, gvar: torch.Tensor, cmean: torch.Tensor, cvar: torch.Tensor,
+              mix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The form's normalising statistics (:class:`BalancedForm`) with this engine's lambda, gate and fade."""
         assert self.balanced is not None
-        return self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced, self.confidence is not None)
+        return self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced, self.gated, self.share)
 
     @staticmethod
     def _next_mix(mix: torch.Tensor, frac: torch.Tensor, m: float | torch.Tensor) -> torch.Tensor:
@@ -549,7 +600,7 @@ class StreamNormStats:
             cmean, cvar = mix_moments(cmean, cvar, c_mean, c_var, cm.unsqueeze(-1))
             if mix is not None:
                 mix = self._next_mix(mix, onehot.mean(1), m)        # m: (S, 1)
-        mean, var = self.form.fn(gmean, gvar, cmean, cvar, mix, self.balanced, self.confidence is not None)
+        mean, var = self._form(gmean, gvar, cmean, cvar, mix)
         recorded = {f"{name}.mean": gmean.detach(), f"{name}.var": gvar.detach(),
                     f"{name}.cmean": cmean.detach(), f"{name}.cvar": cvar.detach()}
         if mix is not None:

@@ -12,6 +12,13 @@ Timings on a shared CPU are noisy: read the ratios, which come from one run (``-
 the default per repeat, and prints its cost relative to the default's at each size (a feature's cost per image)::
 
     nice -n 15 .venv/bin/python scripts/smallbatch_cost.py --models resnet --set bn_balanced=0.5
+
+``--against KEY=JSON`` (repeatable) makes the reference of that comparison the default engine with these overrides,
+and the variant the reference plus ``--set``'s (the cost of one feature on top of others, e.g. the agreement gate on
+the gated correction)::
+
+    nice -n 15 .venv/bin/python scripts/smallbatch_cost.py --models resnet --against bn_balanced=1.0 \
+        --against 'bn_balanced_form="correction"' --set bn_balanced_agree=true
 """
 from __future__ import annotations
 
@@ -45,7 +52,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", action="append", default=[], help="EngineConfig override KEY=JSON (repeatable): also "
                    "time this variant of the default engine and print its cost relative to the default's")
+    p.add_argument("--against", action="append", default=[], help="EngineConfig override KEY=JSON (repeatable): "
+                   "the reference of --set's comparison is the default engine with these (the variant: both)")
     args = p.parse_args(argv)
+    against = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.against)}
     overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -60,12 +70,16 @@ def main(argv=None) -> int:
         print(f"{model:6s} {rt.engine.method.name}+{rt.engine.optimizer.name if rt.engine.optimizer else '-'} "
               f"images={x.shape[0]} threads={args.threads}  {cells}", flush=True)
         if overrides:
-            _compare(rt.engine, engine_variant(rt, **overrides), x, args, overrides)
+            ref = engine_variant(rt, **against) if against else rt.engine
+            if against:
+                seconds_per_image(ref, x[:64], 16)     # the reference's warm-up
+            _compare(ref, engine_variant(rt, **{**against, **overrides}), x, args, overrides, against)
     return 0
 
 
-def _compare(default, variant, x: torch.Tensor, args, overrides: dict) -> None:
-    """Per size, the best of ``--repeats`` alternating runs of both engines; the variant's cost / the default's."""
+def _compare(default, variant, x: torch.Tensor, args, overrides: dict, against: dict | None = None) -> None:
+    """Per size, the best of ``--repeats`` alternating runs of both engines; the variant's cost / the reference's
+    (the default engine, or with ``against``'s overrides)."""
     seconds_per_image(variant, x[:64], 16)     # its warm-up
     best: dict[str, dict[int, float]] = {"default": {}, "variant": {}}
     for b in args.batch_sizes:
@@ -75,7 +89,8 @@ def _compare(default, variant, x: torch.Tensor, args, overrides: dict) -> None:
                 best[name][b] = min(best[name].get(b, c), c)
     cells = "  ".join(f"b{b}: {1e3 * best['variant'][b]:.2f} vs {1e3 * best['default'][b]:.2f} ms/img "
                       f"({best['variant'][b] / best['default'][b]:.2f}x)" for b in args.batch_sizes)
-    print(f"       variant {json.dumps(overrides)} vs default:  {cells}", flush=True)
+    ref = f"default + {json.dumps(against)}" if against else "default"
+    print(f"       variant {json.dumps(overrides)} vs {ref}:  {cells}", flush=True)
 
 
 if __name__ == "__main__":

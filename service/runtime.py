@@ -99,7 +99,7 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
     Args:
         settings: the service settings; reads method, optimizer, lr, bn_stats, bn_momentum, bn_momentum_shallow,
             bn_prior_images, bn_warmup_shift, bn_warmup_release, bn_balanced, bn_balanced_form, bn_balanced_confidence,
-            update_images,
+            bn_balanced_agree, bn_balanced_share, update_images,
             collapse_guard, guard_check_share, guard_confident_entropy, guard_confident_entropy_gap, guard_judge_images
             and guard_confident_hold_entropy.
         method: the built method (its defaults decide the optimizer and whether BatchNorm statistics adapt).
@@ -115,7 +115,8 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
         bn_prior_images=settings.bn_prior_images, bn_warmup_shift=settings.bn_warmup_shift,
         bn_warmup_release=settings.bn_warmup_release and settings.bn_prior_images is not None,
         bn_balanced=settings.bn_balanced, bn_balanced_form=settings.bn_balanced_form,
-        bn_balanced_confidence=settings.bn_balanced_confidence,
+        bn_balanced_confidence=settings.bn_balanced_confidence, bn_balanced_agree=settings.bn_balanced_agree,
+        bn_balanced_share=settings.bn_balanced_share,
         update_images=settings.update_images,
         guard=GuardConfig(enabled=settings.collapse_guard, check_share=settings.guard_check_share,
                           confident_entropy=settings.guard_confident_entropy,
@@ -131,8 +132,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
     Args:
         settings: the service settings; reads model, method, optimizer, lr, mgg_checkpoint, source_stats,
             source_data, collapse_guard, bn_stats, bn_momentum, bn_momentum_shallow, bn_prior_images, bn_warmup_shift,
-            bn_warmup_release, bn_balanced, bn_balanced_form, bn_balanced_confidence,
-            update_images, guard_check_share, guard_confident_entropy,
+            bn_warmup_release, bn_balanced, bn_balanced_form, bn_balanced_confidence, bn_balanced_agree,
+            bn_balanced_share, update_images, guard_check_share, guard_confident_entropy,
             guard_confident_entropy_gap, guard_judge_images, guard_confident_hold_entropy, device, torch_threads and
             gil_switch_interval_ms (process-wide: sys.setswitchinterval).
 

@@ -131,6 +131,16 @@ class ServiceSettings(BaseSettings):
         "least this move the class statistics (wrong pseudo-labels on low-accuracy domains corrupt them); with "
         "'correction' the recent class mix counts the same images and the correction's weight is scaled by their "
         "recent share. Needs bn_balanced. None = every image (docs/results/smallbatch/README.md, session 8)")
+    bn_balanced_agree: bool = Field(
+        False, description="with bn_balanced: only images whose pre-pass label agrees with the frozen source model's "
+        "label (and, with bn_balanced_confidence, are that confident) move the class statistics and the recent class "
+        "mix (one source forward per request that moves them; the guard's source checks reuse it). Needs "
+        "bn_balanced. False = off (docs/results/smallbatch/README.md, session 9)")
+    bn_balanced_share: float | None = Field(
+        None, gt=0, le=0.5, description="with bn_balanced_form='correction' and a gate (bn_balanced_confidence or "
+        "bn_balanced_agree): the correction's weight is bn_balanced x clamp(rho / this - 1, 0, 1), rho the layer's "
+        "recent share of gated labels: none while at most this share of the recent images pass the gate, full from "
+        "twice it. None = bn_balanced x rho (docs/results/smallbatch/README.md, session 9)")
     update_images: int = Field(64, ge=1, description="gradients are accumulated over requests until this many "
                                "images were seen, then one update is applied (request size does not change "
                                "the adaptation)")
@@ -292,6 +302,13 @@ class ServiceSettings(BaseSettings):
             raise ValueError("bn_warmup_release needs bn_prior_images (the warm-up it starts)")
         if self.bn_balanced_confidence is not None and self.bn_balanced is None:
             raise ValueError("bn_balanced_confidence needs bn_balanced (the class statistics it gates)")
+        if self.bn_balanced_agree and self.bn_balanced is None:
+            raise ValueError("bn_balanced_agree needs bn_balanced (the class statistics it gates)")
+        if self.bn_balanced_share is not None and not (
+                self.bn_balanced is not None and self.bn_balanced_form == "correction"
+                and (self.bn_balanced_agree or self.bn_balanced_confidence is not None)):
+            raise ValueError("bn_balanced_share needs bn_balanced with bn_balanced_form 'correction' and a gate "
+                             "(bn_balanced_confidence or bn_balanced_agree)")
         return self
 
     @field_validator("admin_token")

@@ -23,6 +23,7 @@ from mgg_core.normstats import (
     class_moments,
     class_momentum,
     correction_form,
+    share_weight,
     warm_momentum,
 )
 
@@ -448,3 +449,156 @@ def test_bn_balanced_confidence_is_a_validated_setting_that_needs_bn_balanced(mo
     eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
     assert eng.norm.confidence == 0.9 and eng.describe()["bn_balanced_confidence"] == 0.9
     assert eng.fingerprint["bn_balanced_confidence"] == 0.9
+
+
+# ---------------------------------------------------------------- the agreement gate and the share fade (session 9)
+def test_labels_that_disagree_with_the_source_get_no_class_and_agreement_combines_with_confidence():
+    model = nn.Sequential(nn.BatchNorm2d(2).eval())
+    agree = StreamNormStats(model, "ema", balanced=1.0, num_classes=2, balanced_form="correction", agree=True)
+    both = StreamNormStats(model, "ema", balanced=1.0, num_classes=2, balanced_form="correction", agree=True,
+                           confidence=0.9)
+    logits = torch.tensor([[3.0, 0.0], [0.2, 0.0], [0.0, 5.0], [4.0, 0.0]])    # max softmax 0.953 0.550 0.993 0.982
+    source = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])    # source labels 0 0 0 1
+    assert agree.gated and agree.pseudo_labels(logits, source).tolist() == [0, 0, -1, -1]
+    assert both.pseudo_labels(logits, source).tolist() == [0, -1, -1, -1]
+    with pytest.raises(ValueError, match="source model's logits"):
+        agree.pseudo_labels(logits)
+    with pytest.raises(ValueError, match="source model's logits"):
+        agree.pseudo_labels(logits, source[:2])
+    # stacked streams (S, n, K), as the fused pre-pass labels them
+    assert agree.pseudo_labels(logits.expand(2, -1, -1), source.expand(2, -1, -1)).tolist() == [[0, 0, -1, -1]] * 2
+
+
+def test_the_share_fade_switches_the_correction_off_up_to_s0_and_full_on_from_twice_it():
+    gen = torch.Generator().manual_seed(2)
+    gmean, gvar = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 1.0
+    cmean, cvar = torch.randn(4, 3, generator=gen), torch.rand(4, 3, generator=gen) + 0.5
+    unit = torch.tensor([0.6, 0.2, 0.2, 0.0])
+    floor = torch.maximum(gvar, CORRECTION_VAR_FLOOR * gvar)
+    for rho, weight in ((0.1, 0.0), (0.25, 0.0), (0.375, 0.5), (0.5, 1.0), (0.9, 1.0)):
+        assert float(share_weight(torch.tensor(rho), 0.25)) == pytest.approx(weight)
+        mean, var = correction_form(gmean, gvar, cmean, cvar, unit * rho, 0.8, gated=True, share=0.25)
+        want_mean, want_var = correction_form(gmean, gvar, cmean, cvar, unit, 0.8 * weight)
+        torch.testing.assert_close(mean, want_mean)
+        torch.testing.assert_close(var, want_var)
+        if weight == 0.0:                                   # at or below s0: the stream's own statistics, exactly
+            assert torch.equal(mean, gmean) and torch.equal(var, floor)
+    assert float(share_weight(torch.tensor(0.3), None)) == pytest.approx(0.3)   # no fade: lambda x rho as before
+    # the layer's share per stream: (S, K) mixes give one weight per row
+    mix = torch.stack([unit * 0.2, unit * 0.45])
+    mean, _ = correction_form(gmean.expand(2, -1), gvar.expand(2, -1), cmean.expand(2, -1, -1),
+                              cvar.expand(2, -1, -1), mix, 1.0, gated=True, share=0.25)
+    assert torch.equal(mean[0], gmean)
+    torch.testing.assert_close(mean[1], correction_form(gmean, gvar, cmean, cvar, unit, 0.8)[0])
+
+
+AGREE = {**BAL, "bn_balanced_form": "correction", "bn_balanced_agree": True}
+
+
+def _diverged(eng, seed: int = 5):
+    """A stream of ``eng`` whose adapted scalars were moved (noise on theta) so its pre-pass labels partly disagree
+    with the source's on ``_images(8, 42)``."""
+    st = eng.new_state()
+    st.tensors["theta"] = st.tensors["theta"] + 0.5 * torch.randn(st.theta.shape,
+                                                                  generator=torch.Generator().manual_seed(seed))
+    return st, _images(8, 42)
+
+
+def test_the_agreeing_engine_counts_exactly_the_labels_the_source_agrees_with_in_one_source_forward():
+    eng = _engine("eata", guard=GuardConfig(enabled=True, check_share=0.5), **AGREE)
+    assert eng.describe()["bn_balanced_agree"] is True and eng.describe()["bn_balanced_share"] is None
+    st, x = _diverged(eng)
+    labels, source = eng.predict(st, x).argmax(1), eng.source_predict(x).argmax(1)
+    agrees = labels == source
+    assert 0 < int(agrees.sum()) < 8, agrees
+    calls: list[int] = []
+    real = eng.source_predict
+    eng.source_predict = lambda images: (calls.append(images.shape[0]), real(images))[1]   # type: ignore[method-assign]
+    before = st.tensors["norm.cseen"].clone()
+    eng.step(st, x)
+    want = torch.bincount(labels[agrees], minlength=10).to(torch.float64)
+    assert torch.equal(st.tensors["norm.cseen"] - before, want)            # only the agreeing images, by class
+    assert calls == [8]                 # one source forward of the whole request; the guard's 4 checks reuse it
+    g = eng._group(st, "guard")
+    assert float(g["credit"]) < 1.0                                        # the guard did check this request
+    # a request held at source runs no pre-pass: no source forward for the gate, the guard's own as before
+    st.tensors["guard.hold"] = torch.tensor(100.0, dtype=st.tensors["guard.hold"].dtype)
+    calls.clear()
+    eng.step(st, x)
+    assert calls == [4]
+
+
+def test_agreeing_state_resets_snapshots_is_fingerprinted_and_interleaves(tmp_path):
+    guard = GuardConfig(enabled=True, warmup_images=2, warmup_checks=1, max_entropy=1.01, max_class_share=1.01)
+    plain = _engine("eata", guard=guard, **{**AGREE, "bn_balanced_agree": False})
+    eng = _engine("eata", guard=guard, **AGREE, bn_balanced_share=0.3)
+    assert eng.describe()["bn_balanced_share"] == 0.3 and plain.describe()["bn_balanced_agree"] is False
+    fresh, st = eng.new_state(seed=3), eng.new_state(seed=3)
+    assert st.nbytes() == plain.new_state().nbytes()                      # no new state: the mix sums to rho
+    for i, n in enumerate([1, 2, 1, 3]):
+        eng.step(st, _images(n, 10 + i))
+    _restore_and_continue(eng, st, tmp_path)
+    eng.reset(st)
+    _same(st.tensors, fresh.tensors)
+    assert eng.fingerprint["bn_balanced_agree"] is True and eng.fingerprint["bn_balanced_share"] == 0.3
+    assert "bn_balanced_agree" not in plain.fingerprint
+    no_fade = _engine("eata", guard=guard, **AGREE)
+    for a, b, key in ((plain, eng, "bn_balanced_agree"), (eng, plain, "bn_balanced_agree"),
+                      (eng, no_fade, "bn_balanced_share"), (no_fade, eng, "bn_balanced_share")):
+        a.new_state().save(tmp_path / "x.safetensors")
+        with pytest.raises(Exception, match=key):
+            b.load_state(tmp_path / "x.safetensors")
+    _interleaved_equal_alone_and_one_image_fused(eng, {0: [1, 3, 1, 2], 1: [2, 1, 4, 1]})
+
+
+def test_the_fade_leaves_a_stream_with_few_agreeing_labels_on_its_global_statistics():
+    """Engine level: with s0 above every layer's agreeing share the stream normalises exactly as one whose class
+    statistics were never used (lambda x 0), while its class statistics still move with the agreeing labels."""
+    eng = _engine("eata", **AGREE, bn_balanced_share=0.5)
+    st, x = _diverged(eng)
+    skew = torch.zeros(10)
+    skew[:2] = torch.tensor([0.4, 0.1])                                    # recent share 0.5 = s0, skewed to class 0
+    for key in [k for k in st.tensors if k.endswith(".cmix")]:
+        st.tensors[key] = skew.to(st.tensors[key].dtype)
+    faded = eng.predict(st, x)                                             # class statistics still the source's
+    for key in [k for k in st.tensors if k.endswith(".cmean")]:            # class offsets that would shift it
+        st.tensors[key] = st.tensors[key] + torch.arange(10.0).unsqueeze(1)
+    assert torch.equal(eng.predict(st, x), faded)
+    no_fade = _engine("eata", **AGREE, bn_balanced_share=0.2)              # 0.5 >= 2 x 0.2: the full correction
+    assert not torch.allclose(no_fade.predict(st, x), faded)
+
+
+def test_bn_balanced_agree_and_share_are_validated_settings_that_reach_the_engine(monkeypatch):
+    from pydantic import ValidationError
+
+    from mgg_core.methods import build_method
+    from service.runtime import engine_config
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    default = ServiceSettings(_env_file=None)
+    assert default.bn_balanced_agree is False and default.bn_balanced_share is None          # off by default
+    with pytest.raises(ValidationError, match="bn_balanced_agree needs bn_balanced"):
+        ServiceSettings(_env_file=None, bn_balanced_agree=True)
+    corr = dict(bn_balanced=1.0, bn_balanced_form="correction")
+    for bad in (0.0, -0.1, 0.51, 1.0):
+        with pytest.raises(ValidationError, match="bn_balanced_share"):
+            ServiceSettings(_env_file=None, **corr, bn_balanced_agree=True, bn_balanced_share=bad)
+    for bad_cfg in (corr, dict(bn_balanced=1.0, bn_balanced_agree=True)):       # no gate; the mixture form
+        with pytest.raises(ValidationError, match="bn_balanced_share needs"):
+            ServiceSettings(_env_file=None, **bad_cfg, bn_balanced_share=0.3)
+    assert ServiceSettings(_env_file=None, **corr, bn_balanced_confidence=0.9, bn_balanced_share=0.5).bn_balanced_share
+    model = nn.Sequential(nn.BatchNorm2d(2).eval())
+    with pytest.raises(ValueError, match="bn_balanced_agree"):
+        StreamNormStats(model, "ema", num_classes=2, agree=True)
+    for kw in (dict(share=0.6, agree=True), dict(share=0.3), dict(share=0.3, agree=True, balanced_form="mixture")):
+        with pytest.raises(ValueError, match="bn_balanced_share"):
+            StreamNormStats(model, "ema", balanced=1.0, num_classes=2, **{"balanced_form": "correction", **kw})
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED", "1.0")
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED_FORM", "correction")
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED_AGREE", "true")
+    monkeypatch.setenv(f"{ENV_PREFIX}BN_BALANCED_SHARE", "0.3")
+    cfg = engine_config(ServiceSettings(_env_file=None), build_method("eata", 10), "cpu", None)
+    assert cfg.bn_balanced_agree is True and cfg.bn_balanced_share == 0.3
+    eng = AdaptationEngine(_resnet(), cfg, num_classes=10)
+    assert eng.norm.agree and eng.norm.share == 0.3 and eng.describe()["bn_balanced_share"] == 0.3
+    assert eng.fingerprint["bn_balanced_agree"] is True and eng.fingerprint["bn_balanced_share"] == 0.3

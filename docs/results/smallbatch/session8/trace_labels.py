@@ -127,9 +127,9 @@ def main() -> int:
     captured: list[torch.Tensor] = []
     inner = eng.norm.pseudo_labels
 
-    def spy(logits):                       # the engine's pre-pass logits, then its own labelling
-        captured.append(logits.detach().reshape(-1, logits.shape[-1]))
-        return inner(logits)
+    def spy(logits, *source):              # the engine's pre-pass logits, then its own labelling (with the
+        captured.append(logits.detach().reshape(-1, logits.shape[-1]))     # agreement gate: the source's logits too)
+        return inner(logits, *source)
 
     eng.norm.pseudo_labels = spy
     print(f"# stream={args.stream} seed={args.seed} images={args.images if args.stream == 'heldout' else '-'} "
