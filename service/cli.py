@@ -50,6 +50,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
      {"type": float, "help": "time to receive a request line and headers (408 past it)"}),
     ("--max-header-bytes", "max_header_bytes", {"type": int, "help": "bytes of request headers (431 past it)"}),
     ("--max-headers", "max_headers", {"type": int, "help": "header fields per request (431 past it)"}),
+    ("--http-parser", "http_parser", {"choices": ["httptools", "h11"],
+                                      "help": "HTTP/1.1 parser (default httptools; h11: pure Python)"}),
     ("--durability", "durability", {"choices": ["step", "interval"],
                                     "help": "step (default): persist before each answer; interval: in the background"}),
     ("--commit-group-max-streams", "commit_group_max_streams",

@@ -9,8 +9,8 @@ Contracts:
   never comes.) Once the body is complete, ``receive()`` passes through untouched (disconnect listening).
 * Header limits. A request with more than ``max_headers`` header fields, or whose header names and values take more
   than ``max_header_bytes`` together, is answered ``431 headers_too_large`` with ``Connection: close`` before the
-  app sees it. (h11, below, bounds the bytes it buffers for a head that is still incomplete, and
-  :mod:`service.server` the time a head may take; a complete head that arrived in one read is checked only here.)
+  app sees it. (The protocol classes of :mod:`service.server`, below, bound the bytes buffered of a head that is
+  still incomplete and the time a head may take; a complete head that arrived in one read is checked only here.)
 * Hang-ups. A client that disconnects before its response is sent is not a server error: it is recorded with
   the status label ``499`` (nginx's "client closed request"), counted in ``tta_client_disconnects_total``,
   logged as one line without a traceback, and nothing is sent.

@@ -255,8 +255,11 @@ class ServiceSettings(BaseSettings):
         "the connection's start); past it 408 header_timeout and the connection is closed (slowloris)")
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="bytes of a request's header names and values (431 headers_too_large "
-        "past it, connection closed); also the bytes h11 buffers for a request head still incomplete (400 and "
-        "the connection closed past it; h11's max_incomplete_event_size)")
+        "past it, connection closed); also the bytes the server buffers of a request head still incomplete (400 "
+        "and the connection closed past it)")
+    http_parser: Literal["httptools", "h11"] = Field(
+        "httptools", description="HTTP/1.1 parser: httptools (llhttp, C; less event-loop time per request) or h11 "
+        "(pure Python); the same limits and answers either way (service/server.py)")
     max_headers: int = Field(100, ge=1, description="header fields per request (431 headers_too_large past it)")
     body_idle_timeout_seconds: float = Field(
         15.0, gt=0, description="the longest wait for the next chunk of a request body (408 body_timeout past it)")
