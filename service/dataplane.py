@@ -299,7 +299,7 @@ class DataPlane:
         if res.adapted:
             metrics.steps.inc()
         else:  # methods without gradient steps (noadapt, bn) report no reason
-            metrics.skipped.labels(reason=str(res.skipped_reason or "method_takes_no_step")).inc()
+            metrics.child(metrics.skipped, str(res.skipped_reason or "method_takes_no_step")).inc()
         if res.reset_reason:
             metrics.resets.labels(reason=str(res.reset_reason)).inc()
         be = finite(res.batch_entropy)

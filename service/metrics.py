@@ -93,11 +93,23 @@ class ServiceMetrics:
         )
         self.started = Gauge("tta_start_time_seconds", "Unix time the app was created.", registry=r)
         self.started.set(time.time())
+        # labelled children of the per-request metrics, looked up once: prometheus_client's labels() validates
+        # and locks on every call, about 5 us, and a /predict observes about a dozen of them
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         for phase in PHASES:  # expose every phase from the start (zero counts)
-            self.phase_duration.labels(phase=phase)
+            self.child(self.phase_duration, phase)
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, cached (label values are bounded: phases, route templates, status codes,
+        reasons)."""
+        key = (id(metric), values)
+        got = self._children.get(key)
+        if got is None:
+            got = self._children[key] = metric.labels(*values)
+        return got
 
     def observe_phase(self, phase: str, seconds: float) -> None:
-        self.phase_duration.labels(phase=phase).observe(max(0.0, float(seconds)))
+        self.child(self.phase_duration, phase).observe(max(0.0, float(seconds)))
 
     def set_build_info(self, **labels: Any) -> None:
         self.build_info.labels(**{k: str(v) for k, v in labels.items()}).set(1)

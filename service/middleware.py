@@ -136,9 +136,9 @@ class HttpGuard:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            labels = {"method": scope.get("method", ""), "route": path, "status": str(st["status"])}
-            self.metrics.http_duration.labels(**labels).observe(time.perf_counter() - t0)
-            self.metrics.http_requests.labels(**labels).inc()
+            labels = (scope.get("method", ""), path, str(st["status"]))  # the metrics' label order
+            self.metrics.child(self.metrics.http_duration, *labels).observe(time.perf_counter() - t0)
+            self.metrics.child(self.metrics.http_requests, *labels).inc()
 
     def _headers_too_large(self, scope: Scope) -> str | None:
         """Why the request's headers are over a limit, or None."""

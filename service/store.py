@@ -398,7 +398,10 @@ class StreamStore:
         self._m.disk_budget.set(self.max_snapshot_bytes)
         self._streams: dict[str, _Stream] = {}
         self._legacy_sidecars: set[str] = set()  # streams with an older version's sidecar on disk
-        self._lru: OrderedDict[str, None] = OrderedDict()  # resident stream ids, least recent first
+        # resident stream ids, least recent first -> the bytes counted for each in _resident_total (per-request
+        # bookkeeping is O(1) in the number of streams: no sum over them on a request's path)
+        self._lru: OrderedDict[str, int] = OrderedDict()
+        self._resident_total = 0
         self._sem = asyncio.Semaphore(max_concurrent)
         self._pending_total = 0
         self._queued_ids: set[str] = set()  # streams with predict requests waiting or running
@@ -412,6 +415,7 @@ class StreamStore:
         self._budget_task: asyncio.Task | None = None
         self._jobs: set[asyncio.Task] = set()
         metrics.state_budget_bytes.set(self.budget_bytes)
+        metrics.streams_known.set_function(self.known_count)  # counted when scraped
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -930,7 +934,12 @@ class StreamStore:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(self._streams[sid].nbytes for sid in self._lru)
+        """Bytes of the resident streams' states (kept up to date by :meth:`_touch` and :meth:`_drop_state`)."""
+        return self._resident_total
+
+    def known_count(self) -> int:
+        """Streams in memory, on disk or new (O(streams): for ``/info`` and the metrics scrape, not per request)."""
+        return sum(1 for e in self._streams.values() if e.known)
 
     @property
     def disk_bytes(self) -> int:
@@ -942,7 +951,7 @@ class StreamStore:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "streams_known": sum(1 for e in self._streams.values() if e.known),
+            "streams_known": self.known_count(),
             "streams_resident": len(self._lru),
             "state_bytes": self.resident_bytes,
             "state_budget_bytes": self.budget_bytes,
@@ -957,14 +966,15 @@ class StreamStore:
     def _touch(self, entry: _Stream) -> None:
         entry.last_used = time.monotonic()
         if entry.state is not None:
-            self._lru[entry.id] = None
+            self._resident_total += entry.nbytes - self._lru.get(entry.id, 0)
+            self._lru[entry.id] = entry.nbytes
             self._lru.move_to_end(entry.id)
         self._update_gauges()
 
     def _drop_state(self, entry: _Stream) -> None:
         entry.state = None  # nbytes is kept: the size it will have once restored
         entry.dirty = False
-        self._lru.pop(entry.id, None)
+        self._resident_total -= self._lru.pop(entry.id, 0)
         self._update_gauges()
 
     def _set_disk(self, entry: _Stream, nbytes: int) -> None:
@@ -974,7 +984,6 @@ class StreamStore:
 
     def _update_gauges(self) -> None:
         self._metrics.streams_active.set(len(self._lru))
-        self._metrics.streams_known.set(sum(1 for e in self._streams.values() if e.known))
         self._metrics.state_bytes.set(self.resident_bytes)
         self._m.unpersisted.set(self._unpersisted_total)
         self._m.disk_bytes.set(self._disk_total)

@@ -732,3 +732,38 @@ def test_compose_is_safe_by_default():
         svc = cfg["services"][name]
         assert svc["stop_grace_period"] == "45s"
         assert all(str(p).startswith("${MGG_PUBLISH_ADDR:-127.0.0.1}:") for p in svc["ports"])
+
+
+def test_resident_bytes_and_known_streams_stay_exact(live_server, tmp_path, digit_images):
+    """The store keeps the resident bytes as a running total (no sum over the streams on a request's path) and
+    counts known streams when scraped: both equal a recount from the streams' states after loads, steps, budget
+    evictions, restores from disk, resets and deletions."""
+    srv = live_server(settings_for(tmp_path / "s", state_budget_bytes=40_000))
+    store = srv.app.state.svc.store
+    x = digit_images[:4]
+
+    def check(c) -> None:
+        truth = sum(int(store._streams[sid].state.nbytes()) for sid in store._lru)
+        assert store.resident_bytes == truth and metric(c, "tta_state_bytes") == truth
+        known = sum(1 for e in store._streams.values() if e.known)
+        assert metric(c, "tta_streams_known") == known == c.get("/streams", headers=AUTH).json()["streams_known"]
+
+    with srv.client() as c:
+        for i in range(6):
+            ok(c, f"a{i}", x)
+            check(c)
+        wait_for(lambda: store.resident_bytes <= 40_000)
+        check(c)
+        assert len(store._lru) < 6  # the budget evicted some: they come back from disk
+        for i in range(6):
+            ok(c, f"a{i}", x)
+        wait_for(lambda: store.resident_bytes <= 40_000)
+        check(c)
+        assert c.post("/reset", json={"stream_id": "a5"}, headers=AUTH).status_code == 200
+        check(c)
+        assert c.delete("/streams/a4", headers=AUTH).status_code == 204
+        assert c.delete("/streams/a0", headers=AUTH).status_code == 204
+        check(c)
+        assert c.post("/reset", json={"all": True}, headers=AUTH).status_code == 200
+        check(c)
+        assert metric(c, "tta_streams_known") == 4
