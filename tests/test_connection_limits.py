@@ -224,3 +224,38 @@ def test_limits_refuse_nonsense(field):
 
     with pytest.raises(ValidationError):
         settings(Path("x"), **{field: 0})
+
+
+def test_head_deadline_runs_from_the_heads_first_byte(live_server, tmp_path, parser):
+    """A body that arrives in a read of its own (after its head, or after its answer) starts no head deadline: the
+    next request on the connection, its head split over reads that together take less than the deadline, passes,
+    whatever the time between the body and that head (within the keep-alive timeout)."""
+    srv = live_server(settings(tmp_path / "s", http_parser=parser, header_timeout_seconds=1.0,
+                               timeout_keep_alive_seconds=5))
+    with connect(srv.port) as s:
+        s.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n")
+        time.sleep(0.2)
+        s.sendall(b"0123456789")  # ends the request in a read that begins none
+        assert read_response(s)[0] == 405
+        time.sleep(0.6)
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.6)  # 1.2 s after the body, 0.6 s after this head's first byte
+        s.sendall(b"Host: 127.0.0.1\r\n\r\n")
+        status, _, body = read_response(s)
+        assert status == 200, body
+
+
+def test_unread_body_trickled_after_the_answer_is_cut_off(live_server, tmp_path, parser):
+    """A request answered before its body arrived (here 405) whose client keeps trickling that body (each read
+    cancels uvicorn's keep-alive timer, nobody reads the bytes) is closed header_timeout_seconds later."""
+    srv = live_server(settings(tmp_path / "s", http_parser=parser, header_timeout_seconds=1.0,
+                               timeout_keep_alive_seconds=1))
+    with connect(srv.port) as s:
+        s.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n\r\nabc")
+        assert read_response(s)[0] == 405
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - t0 < 4:
+                s.sendall(b"x")
+                time.sleep(0.3)
+        assert closed_by_server(s, 3) and time.monotonic() - t0 < 6
