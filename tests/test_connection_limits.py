@@ -259,3 +259,24 @@ def test_unread_body_trickled_after_the_answer_is_cut_off(live_server, tmp_path,
                 s.sendall(b"x")
                 time.sleep(0.3)
         assert closed_by_server(s, 3) and time.monotonic() - t0 < 6
+
+
+def test_invented_methods_do_not_grow_the_metrics(live_server, tmp_path, parser):
+    """h11 accepts any token as a method (llhttp a fixed list): the HTTP metrics label the ones outside
+    METRIC_METHODS ``other``, so a client inventing methods adds no series."""
+    import httpx
+
+    from service.middleware import METRIC_METHODS
+
+    srv = live_server(settings(tmp_path / "s", http_parser=parser))
+    for method in ["PROPFIND", "MKCOL", "XYZ1", "XYZ2"]:
+        with connect(srv.port) as s:
+            s.sendall(f"{method} /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            assert read_response(s)[0] in (400, 405)  # llhttp refuses XYZ*, the app answers the rest
+    text = httpx.get(srv.url + "/metrics", timeout=10).text
+    methods = {ln.split('method="')[1].split('"')[0] for ln in text.splitlines()
+               if ln.startswith("tta_http_requests_total{")}
+    assert methods <= METRIC_METHODS | {"other"} and "other" in methods, methods
+    other = [ln for ln in text.splitlines()
+             if ln.startswith('tta_http_requests_total{method="other",route="/predict",status="405"}')]
+    assert len(other) == 1 and float(other[0].split()[-1]) == (4 if parser == "h11" else 2)
