@@ -3,9 +3,10 @@
 Contracts (each a :class:`~service.settings.ServiceSettings` field, passed by :func:`uvicorn_options` to
 ``uvicorn.run`` in ``mgg serve`` and to the tests' live servers):
 
-* ``http_parser``: the HTTP/1.1 parser under the protocol class, ``"httptools"`` (llhttp, in C: the default,
-  about 0.2 ms less event-loop time per request than h11, which matters when many small requests share one event
-  loop, issue 10) or ``"h11"`` (pure Python). Both protocol classes keep every limit below, with the same answers.
+* ``http_parser``: the HTTP/1.1 parser under the protocol class, ``"httptools"`` (llhttp, in C: the default; in
+  scripts/bench_http_parser.py about 0.4 x h11's server CPU per request, some 0.3 ms less, which matters when many
+  small requests share one event loop, issue 10) or ``"h11"`` (pure Python). Both protocol classes keep every
+  limit below, with the same answers.
 * ``limit_concurrency``: past this many open connections (or running requests), a new request is answered
   ``503 too_many_connections`` (the service's JSON error body, ``Retry-After: 1``, ``Connection: close``) before
   the app sees it.
