@@ -4,7 +4,7 @@ Contracts (each a :class:`~service.settings.ServiceSettings` field, passed by :f
 ``uvicorn.run`` in ``mgg serve`` and to the tests' live servers):
 
 * ``http_parser``: the HTTP/1.1 parser under the protocol class, ``"httptools"`` (llhttp, in C: the default; in
-  scripts/bench_http_parser.py about 0.4 x h11's server CPU per request, some 0.3 ms less, which matters when many
+  scripts/bench_http_parser.py 0.4 to 0.9 x h11's server CPU per request over three runs, which matters when many
   small requests share one event loop, issue 10) or ``"h11"`` (pure Python). Both protocol classes keep every
   limit below, with the same answers.
 * ``limit_concurrency``: past this many open connections (or running requests), a new request is answered
