@@ -14,9 +14,10 @@ Contracts (each a :class:`~service.settings.ServiceSettings` field, passed by :f
 * ``max_header_bytes``: the server buffers at most this many bytes of a request head that is still incomplete
   (``400 bad_http_request`` and the connection closed past it, a memory bound). With h11 that is h11's
   ``max_incomplete_event_size``; with httptools the protocol counts the bytes of the reads that leave a head
-  begun and incomplete (whole reads: with pipelined requests, the tail of the previous body read together with
-  the head's start counts too, so the bound may refuse such a head early, never late; llhttp keeps the fields of
-  an incomplete head in memory without a limit of its own). The exact limits on a complete head's bytes and field
+  begun and incomplete, the one that began it from the end of the body before it (with pipelined requests, the
+  previous request's body tail is not counted; its chunk framing, and whole earlier requests read together with
+  the head's start, are: the bound may refuse such a head early, never late; llhttp keeps the fields of an
+  incomplete head in memory without a limit of its own). The exact limits on a complete head's bytes and field
   count (``max_header_bytes``, ``max_headers``: 431) are :class:`service.middleware.HttpGuard`'s.
 * ``header_timeout_seconds``: the request line and headers must be complete this long after their first byte (or
   after the connection opened); past it the server answers ``408 header_timeout`` and closes the connection. A
@@ -198,6 +199,8 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
     _stray = False          # bytes arrived between requests and began none
     _head_bytes = 0         # bytes of the reads that left the current head begun and incomplete
     _begun = 0              # requests begun on this connection
+    _read_body = 0          # body bytes the parser passed on from the current read so far
+    _head_start = 0         # ... when the current head began (its read's bytes before it: at least these)
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], *args: Any, **kw: Any) -> None:
         super().__init__(config, server_state, app_state, *args, **kw)
@@ -213,12 +216,15 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         begun, in_message = self._begun, self._in_message
+        self._read_body = 0
         super().data_received(data)
         if self.transport.is_closing():
             self._stop_head_timer()
             return
         if self._head_begun:
-            self._head_bytes += len(data)
+            # the read that began the head counts from the end of the body before it (a pipelined request's
+            # body tail is no part of this head), later reads whole
+            self._head_bytes += len(data) - (self._head_start if self._begun != begun else 0)
             if self._head_bytes > self.max_head_bytes:
                 log.info("%s: a request head past %d bytes; closing the connection", self.client or "client",
                          self.max_head_bytes)
@@ -242,7 +248,12 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
         self._fresh = self._stray = False
         self._head_begun = self._in_message = True
         self._head_bytes = 0
+        self._head_start = self._read_body
         self._begun += 1
+
+    def on_body(self, body: bytes) -> None:
+        self._read_body += len(body)
+        super().on_body(body)
 
     def on_headers_complete(self) -> None:
         self._head_begun = False

@@ -280,3 +280,23 @@ def test_invented_methods_do_not_grow_the_metrics(live_server, tmp_path, parser)
     other = [ln for ln in text.splitlines()
              if ln.startswith('tta_http_requests_total{method="other",route="/predict",status="405"}')]
     assert len(other) == 1 and float(other[0].split()[-1]) == (4 if parser == "h11" else 2)
+
+
+def test_pipelined_head_after_a_body_is_bounded_by_its_own_bytes(live_server, tmp_path, parser):
+    """A request pipelined behind a 200 KB body, its head begun in the read that ends that body: the body's tail
+    does not count towards the incomplete-head bound (the request is served), the head's own bytes do (400)."""
+    srv = live_server(settings(tmp_path / "s", http_parser=parser, max_header_bytes=2048, header_timeout_seconds=30))
+    body = b"x" * 200_000
+    first = b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with connect(srv.port) as s:
+        s.sendall(first + b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.3)
+        s.sendall(b"Host: 127.0.0.1\r\n\r\n")
+        assert [read_response(s)[0] for _ in range(2)] == [405, 200]
+    with connect(srv.port) as s:
+        s.sendall(first + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert read_response(s)[0] == 405
+        time.sleep(0.3)
+        s.sendall(b"X-Pad: " + b"a" * 4096)  # no end of the head: past the bound
+        status, _, answer = read_response(s)
+        assert status == 400 and json.loads(answer)["error"]["code"] == "bad_http_request" and closed_by_server(s, 5)
