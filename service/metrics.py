@@ -100,8 +100,9 @@ class ServiceMetrics:
             self.child(self.phase_duration, phase)
 
     def child(self, metric: Any, *values: str) -> Any:
-        """``metric.labels(*values)``, cached (label values are bounded: phases, route templates, status codes,
-        reasons)."""
+        """``metric.labels(*values)``, cached for the process's life: only for label values from bounded sets
+        (phases, route templates, status codes, skip reasons, the methods of
+        :data:`service.middleware.METRIC_METHODS` or ``other``), never a value a client chooses."""
         key = (id(metric), values)
         got = self._children.get(key)
         if got is None:

@@ -18,7 +18,9 @@ Contracts:
   (no exception text, no paths); the traceback goes to the log once, under that id.
 * Metrics. ``tta_http_request_duration_seconds`` and ``tta_http_requests_total`` by method, route template and
   status (499 included). Labels use the route template (``/streams/{stream_id}``), never the raw path, so a stream
-  id cannot grow the metrics' cardinality; requests that match no route are labelled ``unmatched``.
+  id cannot grow the metrics' cardinality; requests that match no route are labelled ``unmatched``. Likewise the
+  method label is one of :data:`METRIC_METHODS` or ``other`` (h11 accepts any token as a method: a client
+  inventing methods must not grow the series either).
 
 Why our own: Starlette/uvicorn have no body-read timeout and report a mid-upload hang-up as an unhandled
 exception (HTTP 500 plus two tracebacks); a pure ASGI wrapper is the one place that sees both.
@@ -38,10 +40,12 @@ from starlette.requests import ClientDisconnect
 
 from .metrics import ServiceMetrics
 
-__all__ = ["BodyTimeout", "HttpGuard", "CLIENT_CLOSED"]
+__all__ = ["BodyTimeout", "HttpGuard", "CLIENT_CLOSED", "METRIC_METHODS"]
 
 log = logging.getLogger("mgg.service.http")
 CLIENT_CLOSED = 499
+#: the method label values of the HTTP metrics (any other method is labelled ``other``)
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 Message = MutableMapping[str, Any]
 Scope = MutableMapping[str, Any]
@@ -136,7 +140,9 @@ class HttpGuard:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            labels = (scope.get("method", ""), path, str(st["status"]))  # the metrics' label order
+            method = scope.get("method", "")
+            method = method if method in METRIC_METHODS else "other"
+            labels = (method, path, str(st["status"]))  # the metrics' label order
             self.metrics.child(self.metrics.http_duration, *labels).observe(time.perf_counter() - t0)
             self.metrics.child(self.metrics.http_requests, *labels).inc()
 

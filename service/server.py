@@ -3,9 +3,10 @@
 Contracts (each a :class:`~service.settings.ServiceSettings` field, passed by :func:`uvicorn_options` to
 ``uvicorn.run`` in ``mgg serve`` and to the tests' live servers):
 
-* ``http_parser``: the HTTP/1.1 parser under the protocol class, ``"httptools"`` (llhttp, in C: the default,
-  about 0.2 ms less event-loop time per request than h11, which matters when many small requests share one event
-  loop, issue 10) or ``"h11"`` (pure Python). Both protocol classes keep every limit below, with the same answers.
+* ``http_parser``: the HTTP/1.1 parser under the protocol class, ``"httptools"`` (llhttp, in C: the default; in
+  scripts/bench_http_parser.py 0.4 to 0.9 x h11's server CPU per request over three runs, which matters when many
+  small requests share one event loop, issue 10) or ``"h11"`` (pure Python). Both protocol classes keep every
+  limit below, with the same answers.
 * ``limit_concurrency``: past this many open connections (or running requests), a new request is answered
   ``503 too_many_connections`` (the service's JSON error body, ``Retry-After: 1``, ``Connection: close``) before
   the app sees it.
@@ -13,14 +14,17 @@ Contracts (each a :class:`~service.settings.ServiceSettings` field, passed by :f
 * ``max_header_bytes``: the server buffers at most this many bytes of a request head that is still incomplete
   (``400 bad_http_request`` and the connection closed past it, a memory bound). With h11 that is h11's
   ``max_incomplete_event_size``; with httptools the protocol counts the bytes of the reads that leave a head
-  begun and incomplete (whole reads: with pipelined requests, the tail of the previous body read together with
-  the head's start counts too, so the bound may refuse such a head early, never late; llhttp keeps the fields of
-  an incomplete head in memory without a limit of its own). The exact limits on a complete head's bytes and field
+  begun and incomplete, the one that began it from the end of the body before it (with pipelined requests, the
+  previous request's body tail is not counted; its chunk framing, and whole earlier requests read together with
+  the head's start, are: the bound may refuse such a head early, never late; llhttp keeps the fields of an
+  incomplete head in memory without a limit of its own). The exact limits on a complete head's bytes and field
   count (``max_header_bytes``, ``max_headers``: 431) are :class:`service.middleware.HttpGuard`'s.
 * ``header_timeout_seconds``: the request line and headers must be complete this long after their first byte (or
   after the connection opened); past it the server answers ``408 header_timeout`` and closes the connection. A
   client sending its headers byte by byte (slowloris) therefore holds a connection, and a ``limit_concurrency``
-  slot, for at most this long. The body's own time limits are :class:`service.middleware.HttpGuard`'s.
+  slot, for at most this long. The body's own time limits are :class:`service.middleware.HttpGuard`'s; a body
+  still arriving after its request was answered (nobody reads it) is cut off by the same deadline, counted from
+  its first byte after the answer (the connection closed without a second answer).
 
 Why our own protocol classes: uvicorn arms its keep-alive timer only after a response, so a connection that never
 completes its request head is never timed out; uvicorn's httptools protocol bounds no head at all; and uvicorn
@@ -94,6 +98,12 @@ class _ServiceProtocol:
     def _awaiting_head(self) -> bool:
         raise NotImplementedError
 
+    def _draining(self) -> bool:
+        """True while a request body still arrives after its response is complete (nobody reads it: uvicorn drops
+        those bytes, and each read cancels its keep-alive timer, so without a deadline a client trickling such a
+        body would hold the connection forever)."""
+        raise NotImplementedError
+
     def _watch_head(self) -> None:
         """Arm the deadline while a request head is awaited, cancel it once it is in."""
         if self.transport.is_closing():
@@ -115,6 +125,11 @@ class _ServiceProtocol:
             return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a response is still being written (pipelining): not the head's fault
+        if self._draining():  # the request was answered: no second answer, just the close
+            log.info("%s: a request body still arriving %g s after its answer; closing the connection",
+                     self.client or "client", self.header_timeout)
+            self.transport.close()
+            return
         message = f"the request line and headers did not arrive within {self.header_timeout:g} s"
         log.info("%s: %s; closing the connection", self.client or "client", message)
         self._write_and_close(408, b"Request Timeout", message, "header_timeout")
@@ -129,6 +144,8 @@ class _ServiceProtocol:
 
 class HeaderTimeoutH11Protocol(_ServiceProtocol, H11Protocol):
     """uvicorn's h11 protocol with the service's head deadline and JSON refusals (module docstring)."""
+
+    _served = False  # a request has begun on this connection
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], *args: Any, **kw: Any) -> None:
         super().__init__(config, server_state, app_state, *args, **kw)
@@ -147,7 +164,14 @@ class HeaderTimeoutH11Protocol(_ServiceProtocol, H11Protocol):
         self._watch_head()
 
     def data_received(self, data: bytes) -> None:
+        if (self._served and self.conn.their_state is h11.IDLE and self._head_timer is not None
+                and not self.conn.trailing_data[0]):
+            # a later request's first byte: its deadline runs from here, not from the read that ended the body
+            # of a request answered before it arrived (h11 refuses blank lines between requests: no restart loop)
+            self._stop_head_timer()
         super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._served = True
         self._watch_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -155,7 +179,11 @@ class HeaderTimeoutH11Protocol(_ServiceProtocol, H11Protocol):
         super().connection_lost(exc)
 
     def _awaiting_head(self) -> bool:
-        return self.conn.their_state is h11.IDLE
+        return self.conn.their_state is h11.IDLE or self._draining()
+
+    def _draining(self) -> bool:
+        return (self.conn.their_state is h11.SEND_BODY and self.cycle is not None
+                and self.cycle.response_complete)
 
 
 class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
@@ -171,6 +199,8 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
     _stray = False          # bytes arrived between requests and began none
     _head_bytes = 0         # bytes of the reads that left the current head begun and incomplete
     _begun = 0              # requests begun on this connection
+    _read_body = 0          # body bytes the parser passed on from the current read so far
+    _head_start = 0         # ... when the current head began (its read's bytes before it: at least these)
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], *args: Any, **kw: Any) -> None:
         super().__init__(config, server_state, app_state, *args, **kw)
@@ -185,18 +215,25 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
         self._watch_head()
 
     def data_received(self, data: bytes) -> None:
-        begun = self._begun
+        begun, in_message = self._begun, self._in_message
+        self._read_body = 0
         super().data_received(data)
         if self.transport.is_closing():
             self._stop_head_timer()
             return
         if self._head_begun:
-            self._head_bytes += len(data)
+            # the read that began the head counts from the end of the body before it (a pipelined request's
+            # body tail is no part of this head), later reads whole
+            self._head_bytes += len(data) - (self._head_start if self._begun != begun else 0)
             if self._head_bytes > self.max_head_bytes:
                 log.info("%s: a request head past %d bytes; closing the connection", self.client or "client",
                          self.max_head_bytes)
                 self.send_400_response("")
-        elif self._begun == begun and not self._in_message:
+        elif self._begun == begun and not self._in_message and (
+                not in_message or self.cycle is None or self.cycle.response_complete):
+            # bytes that began no request and ended none whose answer is pending (the read ending a body
+            # before its answer is not stray: the keep-alive timer takes over once the answer is written; one
+            # ending a body after its answer is: nothing else would time the connection out)
             self._stray = True
         self._watch_head()
 
@@ -206,10 +243,17 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if not self._fresh:  # a later request's head: its deadline runs from its first byte, not from earlier
+            self._stop_head_timer()  # stray bytes or an unread body (_watch_head re-arms it after this read)
         self._fresh = self._stray = False
         self._head_begun = self._in_message = True
         self._head_bytes = 0
+        self._head_start = self._read_body
         self._begun += 1
+
+    def on_body(self, body: bytes) -> None:
+        self._read_body += len(body)
+        super().on_body(body)
 
     def on_headers_complete(self) -> None:
         self._head_begun = False
@@ -221,7 +265,11 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
         super().on_message_complete()
 
     def _awaiting_head(self) -> bool:
-        return self._fresh or self._head_begun or self._stray
+        return self._fresh or self._head_begun or self._stray or self._draining()
+
+    def _draining(self) -> bool:
+        return (self._in_message and not self._head_begun and self.cycle is not None
+                and self.cycle.response_complete)
 
 
 def _json_headers(message: str, code: str, extra: list[tuple[bytes, bytes]] | None = None

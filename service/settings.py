@@ -252,7 +252,8 @@ class ServiceSettings(BaseSettings):
         5, ge=1, description="an idle keep-alive connection is closed after this long (uvicorn's timeout_keep_alive)")
     header_timeout_seconds: float = Field(
         10.0, gt=0, description="a request line and headers must be complete this long after their first byte (or "
-        "the connection's start); past it 408 header_timeout and the connection is closed (slowloris)")
+        "the connection's start); past it 408 header_timeout and the connection is closed (slowloris); also how long "
+        "a request body may keep arriving after its request was answered (nobody reads it: closed)")
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="bytes of a request's header names and values (431 headers_too_large "
         "past it, connection closed); also the bytes the server buffers of a request head still incomplete (400 "

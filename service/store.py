@@ -415,13 +415,15 @@ class StreamStore:
         self._budget_task: asyncio.Task | None = None
         self._jobs: set[asyncio.Task] = set()
         metrics.state_budget_bytes.set(self.budget_bytes)
-        metrics.streams_known.set_function(self.known_count)  # counted when scraped
 
     # ------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         await asyncio.to_thread(self._learn_template)
         await asyncio.to_thread(self._scan)
+        # counted when scraped (in the event loop, like every change to _streams), wired only once the scan, which
+        # fills _streams in a worker thread, is over: a scrape during it would iterate a dict that is growing
+        self._metrics.streams_known.set_function(self.known_count)
         self._update_gauges()
         self._tasks.append(asyncio.create_task(self._idle_loop(), name="mgg-idle-eviction"))
         if self.durability == "interval":

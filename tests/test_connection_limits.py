@@ -224,3 +224,79 @@ def test_limits_refuse_nonsense(field):
 
     with pytest.raises(ValidationError):
         settings(Path("x"), **{field: 0})
+
+
+def test_head_deadline_runs_from_the_heads_first_byte(live_server, tmp_path, parser):
+    """A body that arrives in a read of its own (after its head, or after its answer) starts no head deadline: the
+    next request on the connection, its head split over reads that together take less than the deadline, passes,
+    whatever the time between the body and that head (within the keep-alive timeout)."""
+    srv = live_server(settings(tmp_path / "s", http_parser=parser, header_timeout_seconds=1.0,
+                               timeout_keep_alive_seconds=5))
+    with connect(srv.port) as s:
+        s.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n")
+        time.sleep(0.2)
+        s.sendall(b"0123456789")  # ends the request in a read that begins none
+        assert read_response(s)[0] == 405
+        time.sleep(0.6)
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.6)  # 1.2 s after the body, 0.6 s after this head's first byte
+        s.sendall(b"Host: 127.0.0.1\r\n\r\n")
+        status, _, body = read_response(s)
+        assert status == 200, body
+
+
+def test_unread_body_trickled_after_the_answer_is_cut_off(live_server, tmp_path, parser):
+    """A request answered before its body arrived (here 405) whose client keeps trickling that body (each read
+    cancels uvicorn's keep-alive timer, nobody reads the bytes) is closed header_timeout_seconds later."""
+    srv = live_server(settings(tmp_path / "s", http_parser=parser, header_timeout_seconds=1.0,
+                               timeout_keep_alive_seconds=1))
+    with connect(srv.port) as s:
+        s.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n\r\nabc")
+        assert read_response(s)[0] == 405
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - t0 < 4:
+                s.sendall(b"x")
+                time.sleep(0.3)
+        assert closed_by_server(s, 3) and time.monotonic() - t0 < 6
+
+
+def test_invented_methods_do_not_grow_the_metrics(live_server, tmp_path, parser):
+    """h11 accepts any token as a method (llhttp a fixed list): the HTTP metrics label the ones outside
+    METRIC_METHODS ``other``, so a client inventing methods adds no series."""
+    import httpx
+
+    from service.middleware import METRIC_METHODS
+
+    srv = live_server(settings(tmp_path / "s", http_parser=parser))
+    for method in ["PROPFIND", "MKCOL", "XYZ1", "XYZ2"]:
+        with connect(srv.port) as s:
+            s.sendall(f"{method} /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            assert read_response(s)[0] in (400, 405)  # llhttp refuses XYZ*, the app answers the rest
+    text = httpx.get(srv.url + "/metrics", timeout=10).text
+    methods = {ln.split('method="')[1].split('"')[0] for ln in text.splitlines()
+               if ln.startswith("tta_http_requests_total{")}
+    assert methods <= METRIC_METHODS | {"other"} and "other" in methods, methods
+    other = [ln for ln in text.splitlines()
+             if ln.startswith('tta_http_requests_total{method="other",route="/predict",status="405"}')]
+    assert len(other) == 1 and float(other[0].split()[-1]) == (4 if parser == "h11" else 2)
+
+
+def test_pipelined_head_after_a_body_is_bounded_by_its_own_bytes(live_server, tmp_path, parser):
+    """A request pipelined behind a 200 KB body, its head begun in the read that ends that body: the body's tail
+    does not count towards the incomplete-head bound (the request is served), the head's own bytes do (400)."""
+    srv = live_server(settings(tmp_path / "s", http_parser=parser, max_header_bytes=2048, header_timeout_seconds=30))
+    body = b"x" * 200_000
+    first = b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with connect(srv.port) as s:
+        s.sendall(first + b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.3)
+        s.sendall(b"Host: 127.0.0.1\r\n\r\n")
+        assert [read_response(s)[0] for _ in range(2)] == [405, 200]
+    with connect(srv.port) as s:
+        s.sendall(first + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert read_response(s)[0] == 405
+        time.sleep(0.3)
+        s.sendall(b"X-Pad: " + b"a" * 4096)  # no end of the head: past the bound
+        status, _, answer = read_response(s)
+        assert status == 400 and json.loads(answer)["error"]["code"] == "bad_http_request" and closed_by_server(s, 5)

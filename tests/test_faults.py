@@ -767,3 +767,47 @@ def test_resident_bytes_and_known_streams_stay_exact(live_server, tmp_path, digi
         assert c.post("/reset", json={"all": True}, headers=AUTH).status_code == 200
         check(c)
         assert metric(c, "tta_streams_known") == 4
+
+
+def test_known_streams_gauge_is_not_read_during_the_startup_scan(live_server, tmp_path, digit_images):
+    """The startup scan fills the store's stream table in a worker thread: a /metrics scrape meanwhile must not
+    iterate it (the known-streams gauge reads the table only once the scan is over), and counts them after."""
+    import asyncio
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import ServiceMetrics
+    from service.store import StreamStore
+
+    srv = live_server(settings_for(tmp_path / "s"))
+    with srv.client() as c:
+        for i in range(3):
+            ok(c, f"k{i}", digit_images[:2])
+    engine = srv.app.state.svc.store.engine
+    srv.stop()  # the snapshots stay on disk
+
+    def known(m: ServiceMetrics) -> float:
+        return next(s.value for fam in text_string_to_metric_families(m.render()[0].decode())
+                    for s in fam.samples if s.name == "tta_streams_known")
+
+    metrics = ServiceMetrics()
+    store = StreamStore(engine, tmp_path / "s", metrics=metrics, budget_bytes=10**9)
+    seen: list[float] = []
+    scan = store._scan
+
+    def scan_and_scrape() -> None:  # a scrape while the worker thread scans (here: at its end, table filled)
+        scan()
+        seen.append(float(len(store._streams)))
+        seen.append(known(metrics))  # 0: the gauge does not read the table the thread is filling
+
+    store._scan = scan_and_scrape  # type: ignore[method-assign]
+
+    async def run() -> float:
+        await store.start()
+        try:
+            return known(metrics)
+        finally:
+            await store.close()
+
+    after = asyncio.run(run())
+    assert seen == [3.0, 0.0] and after == 3.0
