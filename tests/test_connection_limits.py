@@ -66,6 +66,15 @@ def closed_by_server(s: socket.socket, within: float) -> bool:
         return True
 
 
+def trickle(s: socket.socket, data: bytes, seconds: float, every: float) -> None:
+    """Send ``data`` every ``every`` seconds for ``seconds``, or until the server closes the connection."""
+    t0 = time.monotonic()
+    with contextlib.suppress(OSError):
+        while time.monotonic() - t0 < seconds:
+            s.sendall(data)
+            time.sleep(every)
+
+
 def get(port: int, path: str = "/healthz", extra: str = "") -> tuple[int, dict[str, str], bytes]:
     with connect(port) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
@@ -113,10 +122,7 @@ def test_slowloris_headers_are_cut_off(live_server, tmp_path, parser):
             time.sleep(0.6)  # idle between requests is the keep-alive timeout's business (5 s), not the head's
         # blank lines between requests (which the parsers skip) do not hold the connection open past the deadline
         t0 = time.monotonic()
-        with contextlib.suppress(OSError):
-            while time.monotonic() - t0 < 3:
-                s.sendall(b"\r\n")
-                time.sleep(0.2)
+        trickle(s, b"\r\n", seconds=3, every=0.2)
         assert closed_by_server(s, 5) and time.monotonic() - t0 < 4
 
 
@@ -254,10 +260,7 @@ def test_unread_body_trickled_after_the_answer_is_cut_off(live_server, tmp_path,
         s.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n\r\nabc")
         assert read_response(s)[0] == 405
         t0 = time.monotonic()
-        with contextlib.suppress(OSError):
-            while time.monotonic() - t0 < 4:
-                s.sendall(b"x")
-                time.sleep(0.3)
+        trickle(s, b"x", seconds=4, every=0.3)
         assert closed_by_server(s, 3) and time.monotonic() - t0 < 6
 
 
