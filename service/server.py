@@ -57,9 +57,10 @@ _BAD_REQUEST = ("the request is not valid HTTP/1.1, or its head is larger than t
 
 
 class _ServiceProtocol:
-    """What both protocol classes add to uvicorn's: the JSON concurrency refusal, the head deadline
-    (``header_timeout`` seconds, a class attribute: :func:`with_header_timeout` makes the subclass for a setting).
-    A subclass says when a head is awaited (:meth:`_awaiting_head`) and writes the JSON 400 its parser needs."""
+    """What both protocol classes add to uvicorn's (this class comes first in their bases, so its methods wrap
+    uvicorn's): the JSON concurrency refusal, the JSON 400, the head deadline (``header_timeout`` seconds, a class
+    attribute: :func:`protocol_class` makes the subclass for a setting). A subclass says when a head is awaited
+    (:meth:`_awaiting_head`) and when an answered request's body is still arriving (:meth:`_draining`)."""
 
     header_timeout: float = 10.0
     _head_timer: asyncio.TimerHandle | None = None
@@ -73,11 +74,24 @@ class _ServiceProtocol:
     cycle: Any
     limit_concurrency: int | None
 
-    def _take_concurrency_limit(self) -> None:
-        """uvicorn's own check answers in plain text: the limit is enforced by :meth:`_limited_app` instead."""
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], *args: Any, **kw: Any) -> None:
+        super().__init__(config, server_state, app_state, *args, **kw)  # type: ignore[call-arg]
+        # uvicorn's own check answers in plain text: the limit is enforced by _limited_app instead
         self._concurrency_limit, self.limit_concurrency = self.limit_concurrency, None
         if self._concurrency_limit is not None:
             self.app = cast(Any, self._limited_app(self.app))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._watch_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser cannot parse (or a head past the head bound), as JSON."""
+        self._write_and_close(400, b"Bad Request", _BAD_REQUEST, "bad_http_request")
 
     def _limited_app(self, app: Any) -> Any:
         """``app`` behind uvicorn's concurrency check (same counts; this request's task is already counted)."""
@@ -135,10 +149,11 @@ class _ServiceProtocol:
         self._write_and_close(408, b"Request Timeout", message, "header_timeout")
 
     def _write_and_close(self, status: int, reason: bytes, message: str, code: str) -> None:
-        """A connection-closing JSON error written straight to the transport (no response of the cycle runs)."""
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                             b"content-length: %d\r\n\r\n" % (status, reason, len(body)) + body)
+        """A connection-closing JSON error (:func:`_json_headers`) written straight to the transport (no response
+        of the cycle runs)."""
+        headers, body = _json_headers(message, code)
+        self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, reason)
+                             + b"".join(b"%s: %s\r\n" % kv for kv in headers) + b"\r\n" + body)
         self.transport.close()
 
 
@@ -146,22 +161,6 @@ class HeaderTimeoutH11Protocol(_ServiceProtocol, H11Protocol):
     """uvicorn's h11 protocol with the service's head deadline and JSON refusals (module docstring)."""
 
     _served = False  # a request has begun on this connection
-
-    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], *args: Any, **kw: Any) -> None:
-        super().__init__(config, server_state, app_state, *args, **kw)
-        self._take_concurrency_limit()
-
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request h11 cannot parse (or a head past ``max_header_bytes``), as JSON."""
-        headers, body = _json_headers(_BAD_REQUEST, "bad_http_request")
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
-                      h11.Data(data=body), h11.EndOfMessage()):
-            self.transport.write(self.conn.send(event))
-        self.transport.close()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
-        self._watch_head()
 
     def data_received(self, data: bytes) -> None:
         if (self._served and self.conn.their_state is h11.IDLE and self._head_timer is not None
@@ -173,10 +172,6 @@ class HeaderTimeoutH11Protocol(_ServiceProtocol, H11Protocol):
         if self.conn.their_state is not h11.IDLE:
             self._served = True
         self._watch_head()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        super().connection_lost(exc)
 
     def _awaiting_head(self) -> bool:
         return self.conn.their_state is h11.IDLE or self._draining()
@@ -202,18 +197,6 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
     _read_body = 0          # body bytes the parser passed on from the current read so far
     _head_start = 0         # ... when the current head began (its read's bytes before it: at least these)
 
-    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], *args: Any, **kw: Any) -> None:
-        super().__init__(config, server_state, app_state, *args, **kw)
-        self._take_concurrency_limit()
-
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request llhttp cannot parse (or a head past ``max_head_bytes``), as JSON."""
-        self._write_and_close(400, b"Bad Request", _BAD_REQUEST, "bad_http_request")
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
-        self._watch_head()
-
     def data_received(self, data: bytes) -> None:
         begun, in_message = self._begun, self._in_message
         self._read_body = 0
@@ -236,10 +219,6 @@ class HeaderTimeoutHttpToolsProtocol(_ServiceProtocol, HttpToolsProtocol):
             # ending a body after its answer is: nothing else would time the connection out)
             self._stray = True
         self._watch_head()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
