@@ -566,10 +566,8 @@ class StreamNormStats:
     def _next_mix(mix: torch.Tensor, frac: torch.Tensor, m: float | torch.Tensor) -> torch.Tensor:
         """The recent class mix after a request whose class fractions are ``frac``, at momentum ``m`` (float, or a
         tensor broadcastable against ``mix`` after a trailing unsqueeze: one per stream)."""
-        if isinstance(m, torch.Tensor):
-            mm = m.to(mix.dtype)
-            return (1.0 - mm) * mix + mm * frac
-        return (1.0 - m) * mix + m * frac
+        mm = m.to(mix.dtype) if isinstance(m, torch.Tensor) else m
+        return (1.0 - mm) * mix + mm * frac
 
     def segment_balanced(self, name: str, xs: torch.Tensor, stats: dict[str, torch.Tensor],
                          updates: torch.Tensor | None, labels: torch.Tensor | None
