@@ -376,6 +376,26 @@ def test_the_gated_correction_uses_the_normalised_mix_at_lambda_times_the_confid
     assert torch.equal(mean0, gmean) and torch.equal(var0, torch.maximum(gvar, CORRECTION_VAR_FLOOR * gvar))
 
 
+def _gate_adds_no_state_restores_and_resets(eng: AdaptationEngine, plain: AdaptationEngine, tmp_path) -> None:
+    """A gated engine's stream takes as many bytes as the ungated one's (no new state: the class mix sums to the
+    gated share rho), survives snapshot -> restore -> continue bit-identically, and resets exactly."""
+    fresh, st = eng.new_state(seed=3), eng.new_state(seed=3)
+    assert st.nbytes() == plain.new_state().nbytes()
+    for i, n in enumerate([1, 2, 1, 3]):
+        eng.step(st, _images(n, 10 + i))
+    _restore_and_continue(eng, st, tmp_path)
+    eng.reset(st)
+    _same(st.tensors, fresh.tensors)
+
+
+def _refuse_each_others_snapshots(pairs: list[tuple[AdaptationEngine, AdaptationEngine, str]], tmp_path) -> None:
+    """For each (a, b, key): a snapshot of engine ``a`` is refused by engine ``b``, naming the setting ``key``."""
+    for a, b, key in pairs:
+        a.new_state().save(tmp_path / "x.safetensors")
+        with pytest.raises(Exception, match=key):
+            b.load_state(tmp_path / "x.safetensors")
+
+
 def _gated_engines():
     """A correction engine without the gate and one whose tau splits its first pre-pass (tiny random ResNet)."""
     corr = {**BAL, "bn_balanced_form": "correction"}
@@ -406,18 +426,10 @@ def test_the_gated_engine_counts_only_confident_pre_pass_labels():
 
 def test_gated_state_resets_snapshots_is_fingerprinted_and_interleaves(tmp_path):
     plain, eng, _, _, tau = _gated_engines()
-    fresh, st = eng.new_state(seed=3), eng.new_state(seed=3)
-    assert st.nbytes() == plain.new_state().nbytes()                       # no new state: the mix sums to rho
-    for i, n in enumerate([1, 2, 1, 3]):
-        eng.step(st, _images(n, 10 + i))
-    _restore_and_continue(eng, st, tmp_path)
-    eng.reset(st)
-    _same(st.tensors, fresh.tensors)
+    _gate_adds_no_state_restores_and_resets(eng, plain, tmp_path)
     assert eng.fingerprint["bn_balanced_confidence"] == tau and "bn_balanced_confidence" not in plain.fingerprint
-    for a, b in ((plain, eng), (eng, plain)):
-        a.new_state().save(tmp_path / "x.safetensors")
-        with pytest.raises(Exception, match="bn_balanced_confidence"):
-            b.load_state(tmp_path / "x.safetensors")
+    _refuse_each_others_snapshots([(plain, eng, "bn_balanced_confidence"), (eng, plain, "bn_balanced_confidence")],
+                                  tmp_path)
     other = _engine("eata", **{**BAL, "bn_balanced_form": "correction", "bn_balanced_confidence": tau / 2})
     with pytest.raises(Exception, match="bn_balanced_confidence"):
         other.load_state(tmp_path / "x.safetensors")
@@ -533,21 +545,12 @@ def test_agreeing_state_resets_snapshots_is_fingerprinted_and_interleaves(tmp_pa
     plain = _engine("eata", guard=guard, **{**AGREE, "bn_balanced_agree": False})
     eng = _engine("eata", guard=guard, **AGREE, bn_balanced_share=0.3)
     assert eng.describe()["bn_balanced_share"] == 0.3 and plain.describe()["bn_balanced_agree"] is False
-    fresh, st = eng.new_state(seed=3), eng.new_state(seed=3)
-    assert st.nbytes() == plain.new_state().nbytes()                      # no new state: the mix sums to rho
-    for i, n in enumerate([1, 2, 1, 3]):
-        eng.step(st, _images(n, 10 + i))
-    _restore_and_continue(eng, st, tmp_path)
-    eng.reset(st)
-    _same(st.tensors, fresh.tensors)
+    _gate_adds_no_state_restores_and_resets(eng, plain, tmp_path)
     assert eng.fingerprint["bn_balanced_agree"] is True and eng.fingerprint["bn_balanced_share"] == 0.3
     assert "bn_balanced_agree" not in plain.fingerprint
     no_fade = _engine("eata", guard=guard, **AGREE)
-    for a, b, key in ((plain, eng, "bn_balanced_agree"), (eng, plain, "bn_balanced_agree"),
-                      (eng, no_fade, "bn_balanced_share"), (no_fade, eng, "bn_balanced_share")):
-        a.new_state().save(tmp_path / "x.safetensors")
-        with pytest.raises(Exception, match=key):
-            b.load_state(tmp_path / "x.safetensors")
+    _refuse_each_others_snapshots([(plain, eng, "bn_balanced_agree"), (eng, plain, "bn_balanced_agree"),
+                                   (eng, no_fade, "bn_balanced_share"), (no_fade, eng, "bn_balanced_share")], tmp_path)
     _interleaved_equal_alone_and_one_image_fused(eng, {0: [1, 3, 1, 2], 1: [2, 1, 4, 1]})
 
 
