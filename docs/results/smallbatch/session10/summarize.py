@@ -2,7 +2,9 @@
 
 The same metrics as sessions 7 and 8 (``../session7/summarize.py``, run here over this folder's ``ho10_`` files); base
 is round 1 of session 8: ``python ../session8/summarize.py r1:base``."""
-import os, runpy, sys
+import os
+import runpy
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.argv = [sys.argv[0], "--dir", HERE, "--prefix", "ho10", *sys.argv[1:]]

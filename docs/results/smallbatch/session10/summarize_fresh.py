@@ -1,6 +1,8 @@
 """The fresh-seed round's metrics (RULE.md) from ho10_<tag>_c<images>s<seed>.json (seeds 6-10, 200 and 400 images):
 per stream base vs VARIANT, then the rule's numbers. Usage: python summarize_fresh.py TAG VARIANT"""
-import json, os, sys
+import json
+import os
+import sys
 
 D = os.path.dirname(os.path.abspath(__file__))
 tag, var = sys.argv[1], sys.argv[2]
@@ -10,7 +12,8 @@ for s in (6, 7, 8, 9, 10):
         p = os.path.join(D, f"ho10_{tag}_c{im}s{s}.json")
         if not os.path.exists(p):
             continue
-        r = json.load(open(p))["results"]
+        with open(p) as f:
+            r = json.load(f)["results"]
         for sh in ("none", "0.1"):
             out = []
             for v in ("base", var):
@@ -23,7 +26,8 @@ for s in (6, 7, 8, 9, 10):
 for sh, rs in rows.items():
     print(f"label shift {sh}: {len(rs)} streams")
     for name, ((na, mb, wb, db), (_, mc, wc, dc)) in rs:
-        print(f"  {name:8s} no-adapt {na:.1f} | base {mb:.1f} worst {wb:+.1f} {db} | {var} {mc:.1f} worst {wc:+.1f} {dc}"
+        print(f"  {name:8s} no-adapt {na:.1f} | base {mb:.1f} worst {wb:+.1f} {db} | "
+              f"{var} {mc:.1f} worst {wc:+.1f} {dc}"
               f"{'' if wc >= wb - 0.5 else '  (worst > 0.5 below base)'}{'' if mc > na else '  (mean <= no adapt.)'}")
     if rs:
         n = len(rs)

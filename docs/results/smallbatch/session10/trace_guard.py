@@ -4,7 +4,9 @@ JSON) over one held-out or test continual stream and prints, per domain: source 
 by reason, the images held at source, and the images the stream got wrong while the source got them right (and the
 reverse) in the first 8 requests after each fallback ("after") and elsewhere ("other"). ``--trace DOMAIN_PREFIX``
 adds one line per request of the matching domains (correct of 16 adapted / source, hold before the request,
-rollback reason, hold release, the guard's agreement, entropy gap and excess share after the request).
+rollback reason, hold release, the guard's agreement, entropy gap, excess share and source diversity (the
+normalised entropy of the source's recent prediction histogram; below ``min_source_diversity`` the guard does not
+judge against the source) after the request).
 
 Usage: python docs/results/smallbatch/session10/trace_guard.py heldout|test [--seed S] [--images N]
        [--shift none|0.1] [--set K=JSON ...] [--guard JSON] [--trace PREFIX ...]
@@ -21,6 +23,8 @@ sys.path.insert(0, "scripts")
 sys.path.insert(0, "docs/results/smallbatch/session8")
 from smallbatch_sweep import _parse_set, engine_variant, load_default_runtime
 from trace_labels import _batches
+
+from mgg_core.guard import source_diversity
 
 AFTER = 8
 
@@ -79,7 +83,8 @@ def main() -> int:
             print(f"{i:4d} {dom[:24]:24s} a={int(a_ok.sum()):2d} s={int(s_ok.sum()):2d} hold={hold:5.0f} "
                   f"step={state.step:3d} agr={float(g['guard.agreement']):.3f} "
                   f"gap={float(g['guard.entropy_gap']):+.3f} "
-                  f"exc={float(ah[top] - sh[top]):+.3f} chk={float(g['guard.checked']):3.0f} "
+                  f"exc={float(ah[top] - sh[top]):+.3f} sdiv={source_diversity(sh):.2f} "
+                  f"chk={float(g['guard.checked']):3.0f} "
                   f"rb={None if res.rollback_reason is None else res.rollback_reason.value} "
                   f"rel={None if res.hold_released is None else res.hold_released.value}", flush=True)
     print("\n| domain | src | adapt | gap | fallbacks | held | releases | lost/won after fallback | lost/won other |")
