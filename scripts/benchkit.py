@@ -70,7 +70,7 @@ def start_server(args: Any, snapshot_dir: str, *extra: str, env: dict[str, str] 
         if v is not None:
             flags += [f"--{flag.replace('_', '-')}", str(v)]
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("MGG_")}
-    run_env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **(env or {}))
+    run_env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})})
     return ServerProcess(lambda port: serve_command(port, *flags), run_env, ready_timeout=300, capture=True,
                          inherit_env=False).start()
 
