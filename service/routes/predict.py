@@ -12,6 +12,7 @@ the five dependencies it had took about 15% of the event loop's time (py-spy, se
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..dataplane import DataPlane
-from ..decode import IMAGE_FIELD
+from ..decode import IMAGE_FIELD, DecodeError, decode_body
 from ..errors import ApiError
 from ..idempotency import IDEMPOTENCY_HEADER, check_key
 from ..runtime import ServiceState
@@ -115,8 +116,12 @@ async def predict(request: Request) -> PredictResponse | Response:
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
-        # sizes are checked from the image headers and reserved from the in-flight budget before decoding
-        batch = await plane.decode(body, request.headers.get("content-type"))
+        try:  # sizes are checked from the image headers and reserved from the in-flight budget before decoding
+            batch = await asyncio.to_thread(
+                decode_body, body, request.headers.get("content-type"), svc.limits, svc.pixels
+            )
+        except DecodeError as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
         del body
         timings["decode"] = time.perf_counter() - t0
         try:
