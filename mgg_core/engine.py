@@ -26,6 +26,7 @@ from .guard import (
     HOLD_REASONS,
     GuardConfig,
     check_count,
+    fallback_hold,
     guard_init_state,
     hold_length,
     hold_release,
@@ -133,6 +134,7 @@ class StepResult:
     rolled_back: bool = False
     rollback_reason: RollbackReason | None = None
     hold_released: HoldRelease | None = None   # the guard ended a hold at source early, after this batch
+    hold_images: float | None = None        # this batch's fallback holds the stream at source for this many images
     reset_reason: ResetReason | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -290,6 +292,8 @@ class AdaptationEngine:
             self.fingerprint["guard_confident_hold_entropy"] = float(config.guard.confident_hold_entropy)
         if config.guard.enabled and config.guard.judge_images is not None:   # guard.since_judge is counted
             self.fingerprint["guard_judge_images"] = int(config.guard.judge_images)
+        if config.guard.enabled and config.guard.collapse_hold_images is not None:   # guard.hold means more
+            self.fingerprint["guard_collapse_hold_images"] = int(config.guard.collapse_hold_images)
 
     @property
     def fuse_max_images(self) -> int:
@@ -999,7 +1003,10 @@ class AdaptationEngine:
         # like shift_fast, the warm-up's descriptor reference follows the data, not the model: kept
         slow = {k: v for k, v in state.tensors.items() if k.startswith("warm.")}
         held = float(state.tensors["guard.hold"]) > 0
-        if reason in HOLD_REASONS or held:      # the source is better here: back to it, and stay a while
+        # the source is better here (or, guard.py collapse holds, adapting from it collapsed): back to it, and stay
+        first = self.config.guard.hold_images if held else fallback_hold(self.config.guard, reason,
+                                                                         state.anchor is not None)
+        if first is not None:
             backoff = state.tensors["guard.backoff"] + 1
             fast = state.tensors["guard.shift_fast"]
             self._to_source(state)
@@ -1007,11 +1014,13 @@ class AdaptationEngine:
             # the descriptor follows the data, not the model; the hold's reference starts empty (the source
             # state's shift_ref*), to be built from the hold's own first images
             state.tensors["guard.shift_fast"] = fast
-            hold = hold_length(self.config.guard, state.group("guard"))
+            hold = hold_length(self.config.guard, state.group("guard"), first)
             state.tensors["guard.hold"] = torch.full_like(state.tensors["guard.hold"], hold)
-            # the first fallback in a row keeps the statistics adapting (guard.py: statistics-only holds)
+            result.hold_images = hold
+            # the first fallback in a row keeps the statistics adapting (guard.py: statistics-only holds); a
+            # collapse hold never does (the statistics are what collapsed)
             stats_only = (statistics and self.config.guard.hold_statistics and self.norm.per_stream
-                          and float(backoff) <= 1)
+                          and float(backoff) <= 1 and (reason in HOLD_REASONS or held))
             state.tensors["guard.hold_stats"] = torch.full_like(state.tensors["guard.hold_stats"], float(stats_only))
         elif state.anchor is not None:
             state.tensors = state.anchor

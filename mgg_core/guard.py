@@ -66,6 +66,17 @@ keeps judging such a hold (signal state ``hold_stats`` = 1): when it again finds
 statistics hurt as well (label shift erasing the class signal) and the stream escalates to a full source hold
 (parameters and statistics), counted as a second fallback with the reason found. Later fallbacks in a row (the
 backoff count > 1) hold at full source directly.
+
+Collapse holds (``collapse_hold_images``; None: off). A fallback for a collapse reason (``class_collapse``,
+``entropy_divergence``, ``partial_collapse``) restores the last healthy anchor and adapts on; without an anchor it goes
+to source and, by default, adapts again at once. On a domain where adapting from the source collapses at once (the
+held-out gaussian_blur-5@imagenet-c: the per-stream statistics alone take the predictions to a few classes within one
+request), the reset also empties the guard's signals, so the next judgement needs a new warm-up (``warmup_images``,
+``warmup_checks``) while the stream gets request after request wrong where the source was right, and each further
+fallback restarts this. With the setting such a fallback to source holds there like a fallback of
+:data:`HOLD_REASONS`: ``collapse_hold_images`` images, doubled for every fallback in a row (the backoff count, shared
+with the other holds; cleared by a healthy anchor and by a domain-shift release), gradient-free and with the source's
+statistics (never a statistics-only hold: the statistics are what collapsed), ending early as the other holds do.
 """
 from __future__ import annotations
 
@@ -79,8 +90,9 @@ from .losses import softmax_entropy
 from .reasons import HoldRelease, RollbackReason
 
 __all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count",
-           "confident_hold", "confident_source", "domain_shift", "guard_init_state", "hold_length", "hold_release",
-           "image_descriptor", "judge", "observe", "observe_many", "shift_score", "source_diversity", "source_failing"]
+           "confident_hold", "confident_source", "domain_shift", "fallback_hold", "guard_init_state", "hold_length",
+           "hold_release", "image_descriptor", "judge", "observe", "observe_many", "shift_score", "source_diversity",
+           "source_failing"]
 
 
 #: why the guard fell back (``StepResult.rollback_reason``; a metric label value): the engine's RollbackReason
@@ -119,6 +131,8 @@ class GuardConfig:
                                             # judgement (request-size independent decision rate); None: every request
     confident_hold_entropy: float | None = None  # a hold does not end as source_failing while the source's entropy
                                             # EMA is at most this (label shift, not a failing source); None: off
+    collapse_hold_images: int | None = None  # a collapse fallback that goes to source (no anchor) also holds there,
+                                            # this many images doubled per fallback in a row; None: adapt at once
 
     def __post_init__(self) -> None:
         if self.horizon_images < 1 or self.anchor_every_images < 1:
@@ -140,6 +154,9 @@ class GuardConfig:
                              f"got {self.confident_hold_entropy}")
         if self.judge_images is not None and not 1 <= self.judge_images <= 1_000_000:
             raise ValueError(f"guard judge_images must be in [1, 1000000] or None, got {self.judge_images}")
+        if self.collapse_hold_images is not None and not 1 <= self.collapse_hold_images <= 1_000_000:
+            raise ValueError("guard collapse_hold_images must be in [1, 1000000] or None, "
+                             f"got {self.collapse_hold_images}")
 
 
 def guard_init_state(num_classes: int, device, source_entropy: bool = True,
@@ -355,9 +372,23 @@ HOLD_REASONS = frozenset({Fallback.SOURCE_DISAGREEMENT, Fallback.LESS_CERTAIN_TH
                           Fallback.CONFIDENT_SOURCE})
 
 
-def hold_length(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> float:
-    """Images to hold at source after a fallback of :data:`HOLD_REASONS` (``g``: signals after the reset)."""
-    return float(cfg.hold_images) * 2.0 ** min(max(float(g["backoff"]) - 1.0, 0.0), 3.0)
+def hold_length(cfg: GuardConfig, g: dict[str, torch.Tensor], base: int | None = None) -> float:
+    """Images to hold at source after a fallback (``g``: signals after the reset): ``base`` (``hold_images`` when
+    None, the length after a fallback of :data:`HOLD_REASONS`) doubled for every fallback in a row (up to 8x)."""
+    first = cfg.hold_images if base is None else base
+    return float(first) * 2.0 ** min(max(float(g["backoff"]) - 1.0, 0.0), 3.0)
+
+
+def fallback_hold(cfg: GuardConfig, reason: Fallback, anchored: bool) -> int | None:
+    """The first hold's length (before the backoff doubling of :func:`hold_length`) of a fallback for ``reason``,
+    or None when the fallback restores a state and adapts on at once (``anchored``: the stream has a healthy
+    anchor). :data:`HOLD_REASONS` hold ``hold_images``; the collapse reasons go to the anchor, or without one to
+    source, and hold there ``collapse_hold_images`` when that is set (collapse holds, module docstring)."""
+    if reason in HOLD_REASONS:
+        return cfg.hold_images
+    if cfg.collapse_hold_images is not None and not anchored:
+        return cfg.collapse_hold_images
+    return None
 
 
 def source_failing(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:

@@ -280,6 +280,7 @@ class DataPlane:
             rollback_reason=res.rollback_reason if res.rolled_back else None,
             reset_reason=res.reset_reason,
             hold_released=res.hold_released,
+            hold_images=res.hold_images,
             batch_entropy=finite(res.batch_entropy),
             loss=finite(res.loss),
             predictions_after_update=out.post_update,
@@ -307,6 +308,8 @@ class DataPlane:
             metrics.batch_entropy.observe(be)
         if res.rolled_back:
             metrics.rollbacks.labels(reason=str(res.rollback_reason or "unknown")).inc()
+        if res.hold_images is not None:
+            metrics.holds.labels(reason=str(res.rollback_reason or "unknown")).inc()
         if res.hold_released:
             metrics.hold_releases.labels(reason=str(res.hold_released)).inc()
 

@@ -41,6 +41,10 @@ class ServiceMetrics:
         self.rollbacks = Counter(
             "tta_rollbacks_total", "Collapse-guard rollbacks of a stream's state.", ["reason"], registry=r
         )
+        self.holds = Counter(
+            "tta_guard_holds_total", "Guard fallbacks that hold a stream at source (no adaptation) for a while, by "
+            "the fallback's reason.", ["reason"], registry=r
+        )
         self.hold_releases = Counter(
             "tta_guard_hold_releases_total", "Guard holds at source ended early (the domain changed, the source "
             "failed).", ["reason"], registry=r

@@ -100,8 +100,8 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
         settings: the service settings; reads method, optimizer, lr, bn_stats, bn_momentum, bn_momentum_shallow,
             bn_prior_images, bn_warmup_shift, bn_warmup_release, bn_balanced, bn_balanced_form, bn_balanced_confidence,
             bn_balanced_agree, bn_balanced_share, update_images,
-            collapse_guard, guard_check_share, guard_confident_entropy, guard_confident_entropy_gap, guard_judge_images
-            and guard_confident_hold_entropy.
+            collapse_guard, guard_check_share, guard_confident_entropy, guard_confident_entropy_gap, guard_judge_images,
+            guard_confident_hold_entropy and guard_collapse_hold_images.
         method: the built method (its defaults decide the optimizer and whether BatchNorm statistics adapt).
         device: where the engine runs (``settings.resolved_device()`` for the service).
         mgg_checkpoint: the MGG meta-network's checkpoint when the optimizer is MGG.
@@ -122,7 +122,8 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
                           confident_entropy=settings.guard_confident_entropy,
                           confident_entropy_gap=settings.guard_confident_entropy_gap,
                           judge_images=settings.guard_judge_images,
-                          confident_hold_entropy=settings.guard_confident_hold_entropy), device=device,
+                          confident_hold_entropy=settings.guard_confident_hold_entropy,
+                          collapse_hold_images=settings.guard_collapse_hold_images), device=device,
     )
 
 
@@ -134,7 +135,8 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
             source_data, collapse_guard, bn_stats, bn_momentum, bn_momentum_shallow, bn_prior_images, bn_warmup_shift,
             bn_warmup_release, bn_balanced, bn_balanced_form, bn_balanced_confidence, bn_balanced_agree,
             bn_balanced_share, update_images, guard_check_share, guard_confident_entropy,
-            guard_confident_entropy_gap, guard_judge_images, guard_confident_hold_entropy, device, torch_threads and
+            guard_confident_entropy_gap, guard_judge_images, guard_confident_hold_entropy, guard_collapse_hold_images,
+            device, torch_threads and
             gil_switch_interval_ms (process-wide: sys.setswitchinterval).
 
     Bundled companions are found the way the rest of the project finds them (``mgg_core.assets``): the MGG

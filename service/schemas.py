@@ -46,6 +46,9 @@ class PredictResponse(BaseModel):
     rollback_reason: str | None = None
     hold_released: str | None = Field(
         None, description="the guard ended a hold at source early after this batch (domain_shift, source_failing)")
+    hold_images: float | None = Field(
+        None, description="this batch's guard fallback holds the stream at source (no adaptation) for this many "
+        "images, or null (no fallback, or one that adapts on from a restored state)")
     reset_reason: str | None = Field(None, description="the method reset the stream to source after this batch")
     batch_entropy: float | None = Field(None, description="mean prediction entropy / ln(num_classes), 0..1")
     loss: float | None = None

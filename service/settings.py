@@ -164,6 +164,13 @@ class ServiceSettings(BaseSettings):
         "is at most this: under label shift a right, confident source predicts few classes too; the hold still ends "
         "by running out or on a domain shift. Starts no hold itself. When set, it is the limit in place of "
         "guard_confident_entropy's, even a lower one. None = off")
+    guard_collapse_hold_images: int | None = Field(
+        None, ge=1, le=1_000_000, description="a guard fallback for a collapse (class_collapse, entropy_divergence, "
+        "partial_collapse) that goes to source (the stream has no healthy anchor) also holds the stream there, "
+        "gradient-free, for this many images, doubled for every fallback in a row up to 8x (the count of the other "
+        "holds; cleared by a healthy anchor or a domain-shift release); the hold ends early as the others do. Meant "
+        "for domains where adapting from the source collapses at once and each restart repeats it "
+        "(docs/results/smallbatch/README.md, session 10). None = off: adapt again at once")
     guard_confident_entropy_gap: float = Field(
         0.05, ge=0, le=1, description="normalised-entropy excess of the adapted model over a confident source "
         "that makes the guard hold the stream at source (guard_confident_entropy)")

@@ -102,6 +102,9 @@ GUARDS = {
                          anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
                          min_source_diversity=0.0, hold_images=6, max_entropy=1.01, max_class_share=1.01,
                          judge_images=8),
+    # the "entropy" guard whose collapse fallbacks to source hold there (GuardConfig.collapse_hold_images), doubling
+    "collapsehold": GuardConfig(enabled=True, check_share=0.25, warmup_images=4, warmup_checks=2, horizon_images=16,
+                                anchor_every_images=1000, max_entropy=0.0, collapse_hold_images=4),
     # the "hold" guard whose holds end as source_failing (few classes) unless the source is confident
     # (GuardConfig.confident_hold_entropy): each stream its own source entropy EMA
     "confhold": GuardConfig(enabled=True, check_share=0.5, warmup_images=4, warmup_checks=2, horizon_images=16,
@@ -172,8 +175,8 @@ def _same_state(a, b, where: str, tol: float = TOL) -> None:
 def _same_result(r, q, where: str, tol: float = TOL) -> None:
     _close(r.logits, q.logits, f"{where} logits", tol)
     assert torch.equal(r.logits.argmax(1), q.logits.argmax(1)), f"{where}: predicted labels differ"
-    for f in ("adapted", "skipped_reason", "rolled_back", "rollback_reason", "hold_released", "reset_reason",
-              "n_selected", "step"):
+    for f in ("adapted", "skipped_reason", "rolled_back", "rollback_reason", "hold_released", "hold_images",
+              "reset_reason", "n_selected", "step"):
         assert getattr(r, f) == getattr(q, f), f"{where}: {f} {getattr(r, f)!r} != {getattr(q, f)!r}"
     assert (r.loss is None) == (q.loss is None), f"{where}: loss"
     if r.loss is not None:
@@ -212,6 +215,7 @@ CASES = [
     ("gn", "foa", "adam", None, 1, "entropy"),
     ("resnet", "eata", "sgd", "ema", 16, "judge"),
     ("resnet", "eata", "sgd", "ema", 1, "confhold"),
+    ("resnet", "eata", "sgd", "ema", 16, "collapsehold"),
 ]
 
 
@@ -247,8 +251,10 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert "accumulating" in reasons, "the gradient window was never used"
     if guard != "watch":
         assert sum(st.rollbacks for st in states) > 0, f"guard {guard!r} never fell back"
-    if guard in ("hold", "holdstats", "shift", "confident", "judge", "confhold"):
+    if guard in ("hold", "holdstats", "shift", "confident", "judge", "confhold", "collapsehold"):
         assert "guard_hold" in reasons
+    if guard == "collapsehold":              # entropy-divergence fallbacks that hold, each stream its own backoff
+        assert any(r.hold_images and r.rollback_reason == "entropy_divergence" for row in results for r in row)
     if guard == "judge":                     # each stream counts its own images since the last judgement
         assert all("guard.since_judge" in st.tensors for st in states)
     if guard == "confident":

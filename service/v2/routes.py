@@ -263,6 +263,7 @@ def step_parameters(sequence_id: int | str, out: StepOutcome, unloaded: bool | N
         "rollback_reason": str(res.rollback_reason) if res.rolled_back and res.rollback_reason else None,
         "reset_reason": str(res.reset_reason) if res.reset_reason else None,
         "hold_released": str(res.hold_released) if res.hold_released else None,
+        "hold_images": res.hold_images,
         "batch_entropy": finite(res.batch_entropy),
         "loss": finite(res.loss),
         "unloaded": unloaded,
