@@ -230,6 +230,7 @@ class DataPlane:
             else:  # fused with other streams' steps (service.scheduler), in this stream's order
                 out = await store.run_fused(
                     ticket, lambda state: sched.submit(ticket.stream_id, state, x, before=before, after=after))
+                sched.answered(ticket.stream_id)  # durable and about to be answered: its think time starts
         except SnapshotRestoreError as exc:
             hint = "" if "POST /reset" in exc.message else "; POST /reset this stream to start over"
             raise ApiError(500, "snapshot_restore_failed", exc.message + hint) from None

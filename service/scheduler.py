@@ -24,8 +24,8 @@ Contract.
     place in the queue but is still being decoded, preprocessed or restored), and every stream that submitted
     within the last ``active_window_s`` and is *due*, is already queued or running. A lone stream therefore never
     waits, and a group of streams is run as soon as all of them are in.
-  - due: each stream's think time (from the end of its previous call to its next submit) is kept as an
-    exponential average, with its average absolute deviation (spread). A stream whose next submit is predicted,
+  - due: each stream's think time (from its previous answer, :meth:`answered`, or else the end of its previous
+    call, to its next submit) is kept as an exponential average, with its average absolute deviation (spread). A stream whose next submit is predicted,
     pessimistically (end of its last call + think time + spread), after the oldest item's deadline is not waited
     for: streams that send now and then, or at irregular times (an open-loop camera), cost the others little or
     no delay, however long ``max_delay_s`` is. A stream is waited for until ``late_factor`` x (think time +
@@ -178,6 +178,16 @@ class FusedScheduler:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="mgg-fused-scheduler")
         return await item.fut
+
+    def answered(self, key: Hashable) -> None:
+        """Stream ``key``'s answer is out (in the service: after its step's durable write): its think time runs
+        from now, not from the end of its call. The caller's think time is what it does between an answer and its
+        next request; counting the write and the answer in it (the same for every stream of a call, and longer
+        than the call-to-call differences it should measure) made it so long and so spread that streams of a
+        call that had split were not waited for, and groups stayed split. No-op once the stream has submitted
+        again, or when it is in a running call."""
+        if key in self._ended and key not in self._running:
+            self._ended[key] = self._last[key] = time.monotonic()
 
     @property
     def queued(self) -> int:
