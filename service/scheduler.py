@@ -25,15 +25,18 @@ Contract.
     within the last ``active_window_s`` and is *due*, is already queued or running. A lone stream therefore never
     waits, and a group of streams is run as soon as all of them are in.
   - due: each stream's think time (from its previous answer, :meth:`answered`, or else the end of its previous
-    call, to its next submit) is kept as an exponential average, with its average absolute deviation (spread). A stream whose next submit is predicted,
-    pessimistically (end of its last call + think time + spread), after the oldest item's deadline is not waited
-    for: streams that send now and then, or at irregular times (an open-loop camera), cost the others little or
-    no delay, however long ``max_delay_s`` is. A stream is waited for until ``late_factor`` x (think time +
-    spread) + ``late_margin_s`` after its last call ended, not longer. A stream without a think time yet (it has
-    submitted once) is waited for at most ``unknown_wait_s`` from the call's oldest item (the old 5 ms delay), so
-    one-off streams cost the others little. A stream in a running call is due when that call's predicted end (its
-    start + the average call length) plus its think time and spread is before the deadline; one without a think
-    time is not waited for. A stream whose last request would not fit in the call's remaining image budget is not
+    call, to its next submit) is kept as an exponential average, with its average absolute deviation (spread),
+    and so is every stream's together (the prior). A stream whose next submit is predicted, pessimistically (its
+    last answer + think time + spread), after the oldest item's deadline is not waited for: streams that send now
+    and then, or at irregular times (an open-loop camera), cost the others little or no delay, however long
+    ``max_delay_s`` is. A stream is waited for until ``late_factor`` x (think time + spread) + ``late_margin_s``
+    after its last answer, not longer. A stream without a think time of its own yet (it has submitted once) is
+    waited for ``unknown_wait_s`` from the call's oldest item (the old 5 ms delay), and longer only while the
+    prior says it is due (so a call of fresh closed-loop streams falls into step from its second call on, and a
+    one-off stream costs the others at most the prior's late bound once). A stream in a running call is due when
+    that call's predicted end (its start + the average length of calls of its size, in images rounded up to a
+    power of two) plus its think time and spread is before the deadline; one without a think time is not waited
+    for. A stream whose last request would not fit in the call's remaining image budget is not
     waited for, nor is its request on its way. Think times are kept ``think_horizon_s`` after a stream's last
     activity, longer than the active window, so a stream that sends less often than the window keeps its own.
     Closed-loop clients (the next request follows the answer) therefore fall into step: all of them in one call,
