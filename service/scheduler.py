@@ -160,7 +160,9 @@ class FusedScheduler:
         self._ended: dict[Hashable, float] = {}  # key -> monotonic end of its last call, until its next submit
         self._think: dict[Hashable, float] = {}  # key -> average seconds from the end of a call to its next submit
         self._spread: dict[Hashable, float] = {}  # key -> average absolute deviation of those seconds
-        self._prior: tuple[float, float] | None = None  # think time and spread over every stream's gaps (average)
+        # think time and spread over every stream's gaps (averages), by request size (images rounded up to a power
+        # of two: a client of big requests sends and reads for longer)
+        self._prior: dict[int, tuple[float, float]] = {}
         self._last: dict[Hashable, float] = {}  # key -> its last submit or call end (think state kept for a horizon)
         self._pruned = time.monotonic()
         self._wake = asyncio.Event()
@@ -288,11 +290,13 @@ class FusedScheduler:
         gap = max(0.0, submitted - ended)
         old = self._think.get(key)
         a = self.limits.think_ema
-        if self._prior is None:
-            self._prior = (gap, gap / 2)
+        size = _size_bucket(self._sizes.get(key, 1))
+        prior = self._prior.get(size)
+        if prior is None:
+            self._prior[size] = (gap, gap / 2)
         else:
-            think, spread = self._prior
-            self._prior = ((1 - a) * think + a * gap, (1 - a) * spread + a * abs(gap - think))
+            think, spread = prior
+            self._prior[size] = ((1 - a) * think + a * gap, (1 - a) * spread + a * abs(gap - think))
         if old is None:  # one gap says little about the next: start its spread at half of it
             self._think[key], self._spread[key] = gap, gap / 2
         else:
@@ -305,8 +309,9 @@ class FusedScheduler:
         when that is after ``deadline``, unknown, or already late (``late_factor`` x (busy + think) +
         ``late_margin_s`` after ``since``)."""
         think, spread = self._think.get(key), self._spread.get(key)
-        if think is None and key in self._ended and self._prior is not None:
-            think, spread = self._prior
+        prior = self._prior.get(_size_bucket(self._sizes.get(key, 1)))
+        if think is None and key in self._ended and prior is not None:
+            think, spread = prior
         if busy_s is None or think is None or spread is None:
             return None
         think += spread  # pessimistic: a stream whose think time varies more than the delay is not due
