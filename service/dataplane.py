@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
-from .decode import DecodedBatch
+from .decode import DecodedBatch, DecodeError, decode_body, probe_body
 from .errors import ApiError
 from .idempotency import Answer, AnswerBook, Idempotent, Replay, fingerprint
 from .runtime import Runtime, ServiceState
@@ -145,6 +145,19 @@ class DataPlane:
     def ready(self) -> tuple[Runtime, StreamStore]:
         return self.svc.require_ready()
 
+    async def decode(self, body: bytes, content_type: str | None) -> DecodedBatch:
+        """Decode a ``POST /predict`` body within the limits (:func:`service.decode.decode_body`; 4xx as
+        :class:`~service.errors.ApiError`). A small body is probed on the event loop and, when its images hold at
+        most ``inline_max_pixels`` pixels, decoded there too; anything larger is decoded in a worker thread."""
+        svc, inline = self.svc, self.svc.settings.inline_max_pixels
+        try:
+            if len(body) > 4 * inline:  # parsing a large body, or decoding many pixels, would hold up the loop
+                return await asyncio.to_thread(decode_body, body, content_type, svc.limits, svc.pixels)
+            probed = probe_body(body, content_type, svc.limits, svc.pixels)
+            return probed.decode() if probed.pixels <= inline else await asyncio.to_thread(probed.decode)
+        except DecodeError as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
+
     def reserve(self, store: StreamStore, stream_id: str) -> Ticket:
         """A place in ``stream_id``'s queue, or 429 (a queue is full) / 503 (shutting down)."""
         try:
@@ -162,7 +175,8 @@ class DataPlane:
         self, rt: Runtime, store: StreamStore, ticket: Ticket, batch: DecodedBatch, timings: dict[str, float],
         *, reset_first: bool = False, idem: Idempotent | None = None,
     ) -> StepOutcome:
-        """Preprocess the decoded ``batch``, step the stream under its lock, record metrics; ``timings`` gains phases.
+        """Preprocess the decoded ``batch`` (on the event loop when it has at most ``inline_max_pixels`` pixels, else
+        in a worker thread), step the stream under its lock, record metrics; ``timings`` gains phases.
 
         The batch's decoded images (and their share of the in-flight pixel budget) are released as soon as they
         are preprocessed: a request waiting for its stream's turn holds only the model-sized input tensor.
@@ -175,8 +189,11 @@ class DataPlane:
         """
         settings = self.svc.settings
         t0 = time.perf_counter()
-        try:
-            x = await asyncio.to_thread(rt.preprocessor, batch.payload)
+        try:  # a small batch on the event loop (see decode)
+            if batch.pixels <= settings.inline_max_pixels:
+                x = rt.preprocessor(batch.payload)
+            else:
+                x = await asyncio.to_thread(rt.preprocessor, batch.payload)
         except (ValueError, TypeError, OSError) as exc:
             raise ApiError(400, "invalid_image", f"cannot preprocess the images: {exc}") from None
         finally:
@@ -213,6 +230,7 @@ class DataPlane:
             else:  # fused with other streams' steps (service.scheduler), in this stream's order
                 out = await store.run_fused(
                     ticket, lambda state: sched.submit(ticket.stream_id, state, x, before=before, after=after))
+                sched.answered(ticket.stream_id)  # durable and about to be answered: its think time starts
         except SnapshotRestoreError as exc:
             hint = "" if "POST /reset" in exc.message else "; POST /reset this stream to start over"
             raise ApiError(500, "snapshot_restore_failed", exc.message + hint) from None

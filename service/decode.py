@@ -30,8 +30,8 @@ IMAGE_FIELD = "images"
 
 
 __all__ = [
-    "DecodeError", "DecodeLimits", "DecodedBatch", "PixelBudget", "PixelLease", "decode_body", "decode_image",
-    "decode_multipart", "decode_npy", "media_type", "probe_image",
+    "DecodeError", "DecodeLimits", "DecodedBatch", "PixelBudget", "PixelLease", "ProbedBody", "decode_body",
+    "decode_image", "decode_multipart", "decode_npy", "media_type", "probe_body", "probe_image",
 ]
 
 
@@ -135,14 +135,50 @@ def decode_body(
     body: bytes, content_type: str | None, limits: DecodeLimits, budget: PixelBudget | None = None
 ) -> DecodedBatch:
     """Validate and decode a /predict body; pixels are checked (and reserved from ``budget``) before decoding."""
+    return probe_body(body, content_type, limits, budget).decode()
+
+
+@dataclass
+class ProbedBody:
+    """A body whose sizes are checked and whose ``pixels`` are reserved, not yet decoded: ``decode()`` does the
+    pixel work (once). The caller can choose where by the size: a small batch on the event loop, a large one in a
+    worker thread. An npy body is decoded when probed (its decoding is one copy of its bytes)."""
+
+    pixels: int
+    _batch: DecodedBatch | None = None
+    _files: list[tuple[str, bytes]] | None = None
+    _limits: DecodeLimits | None = None
+    _lease: PixelLease | None = None
+
+    def decode(self) -> DecodedBatch:
+        if self._batch is not None:
+            return self._batch
+        assert self._files is not None and self._limits is not None, "decode() is called once"
+        files, limits, self._files = self._files, self._limits, None
+        try:
+            images = [decode_image(data, fname, limits) for fname, data in files]
+        except BaseException:
+            if self._lease is not None:
+                self._lease.release()
+            raise
+        return DecodedBatch(kind="multipart", images=images, filenames=[f for f, _ in files], pixels=self.pixels,
+                            lease=self._lease)
+
+
+def probe_body(
+    body: bytes, content_type: str | None, limits: DecodeLimits, budget: PixelBudget | None = None
+) -> ProbedBody:
+    """Validate a /predict body and reserve its pixels from ``budget`` without decoding an image (multipart: the
+    parts are parsed and every image's size read from its header; npy: decoded, a copy). Raises
+    :class:`DecodeError` for anything wrong, with nothing reserved."""
     mt = media_type(content_type)
     if mt == MULTIPART_MEDIA_TYPE:
-        return decode_multipart(body, content_type or "", limits, budget)
+        return probe_multipart(body, content_type or "", limits, budget)
     if mt in NPY_MEDIA_TYPES:
         arr = decode_npy(body, limits)
         pixels = int(arr.shape[0] * arr.shape[1] * arr.shape[2])
         lease = budget.acquire(pixels) if budget is not None else None
-        return DecodedBatch(kind="npy", array=arr, pixels=pixels, lease=lease)
+        return ProbedBody(pixels, DecodedBatch(kind="npy", array=arr, pixels=pixels, lease=lease))
     raise DecodeError(
         "unsupported_media_type",
         f"Content-Type {mt or '(none)'!r} is not supported; send multipart/form-data with one or more "
@@ -293,6 +329,14 @@ def _parse_multipart(body: bytes, content_type: str, limits: DecodeLimits) -> li
 def decode_multipart(
     body: bytes, content_type: str, limits: DecodeLimits, budget: PixelBudget | None = None
 ) -> DecodedBatch:
+    return probe_multipart(body, content_type, limits, budget).decode()
+
+
+def probe_multipart(
+    body: bytes, content_type: str, limits: DecodeLimits, budget: PixelBudget | None = None
+) -> ProbedBody:
+    """The parts of a multipart body, each image's size read from its header, the pixels reserved (see
+    :func:`probe_body`)."""
     parts = _parse_multipart(body, content_type, limits)
     files: list[tuple[str, bytes]] = []
     for i, part in enumerate(parts):
@@ -316,13 +360,7 @@ def decode_multipart(
     pixels = sum(probe_image(data, fname, limits) for fname, data in files)
     _check_request_pixels(pixels, limits)
     lease = budget.acquire(pixels) if budget is not None else None
-    try:
-        images = [decode_image(data, fname, limits) for fname, data in files]
-    except BaseException:
-        if lease is not None:
-            lease.release()
-        raise
-    return DecodedBatch(kind="multipart", images=images, filenames=[f for f, _ in files], pixels=pixels, lease=lease)
+    return ProbedBody(pixels, _files=files, _limits=limits, _lease=lease)
 
 
 def _check_request_pixels(pixels: int, limits: DecodeLimits) -> None:

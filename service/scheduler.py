@@ -24,16 +24,19 @@ Contract.
     place in the queue but is still being decoded, preprocessed or restored), and every stream that submitted
     within the last ``active_window_s`` and is *due*, is already queued or running. A lone stream therefore never
     waits, and a group of streams is run as soon as all of them are in.
-  - due: each stream's think time (from the end of its previous call to its next submit) is kept as an
-    exponential average, with its average absolute deviation (spread). A stream whose next submit is predicted,
-    pessimistically (end of its last call + think time + spread), after the oldest item's deadline is not waited
-    for: streams that send now and then, or at irregular times (an open-loop camera), cost the others little or
-    no delay, however long ``max_delay_s`` is. A stream is waited for until ``late_factor`` x (think time +
-    spread) + ``late_margin_s`` after its last call ended, not longer. A stream without a think time yet (it has
-    submitted once) is waited for at most ``unknown_wait_s`` from the call's oldest item (the old 5 ms delay), so
-    one-off streams cost the others little. A stream in a running call is due when that call's predicted end (its
-    start + the average call length) plus its think time and spread is before the deadline; one without a think
-    time is not waited for. A stream whose last request would not fit in the call's remaining image budget is not
+  - due: each stream's think time (from its previous answer, :meth:`answered`, or else the end of its previous
+    call, to its next submit) is kept as an exponential average, with its average absolute deviation (spread),
+    and so is every stream's together (the prior). A stream whose next submit is predicted, pessimistically (its
+    last answer + think time + spread), after the oldest item's deadline is not waited for: streams that send now
+    and then, or at irregular times (an open-loop camera), cost the others little or no delay, however long
+    ``max_delay_s`` is. A stream is waited for until ``late_factor`` x (think time + spread) + ``late_margin_s``
+    after its last answer, not longer. A stream without a think time of its own yet (it has submitted once) is
+    waited for ``unknown_wait_s`` from the call's oldest item (the old 5 ms delay), and longer only while the
+    prior says it is due (so a call of fresh closed-loop streams falls into step from its second call on, and a
+    one-off stream costs the others at most the prior's late bound once). A stream in a running call is due when
+    that call's predicted end (its start + the average length of calls of its size, in images rounded up to a
+    power of two) plus its think time and spread is before the deadline; one without a think time is not waited
+    for. A stream whose last request would not fit in the call's remaining image budget is not
     waited for, nor is its request on its way. Think times are kept ``think_horizon_s`` after a stream's last
     activity, longer than the active window, so a stream that sends less often than the window keeps its own.
     Closed-loop clients (the next request follows the answer) therefore fall into step: all of them in one call,
@@ -71,6 +74,11 @@ if TYPE_CHECKING:
 __all__ = ["BatchLimits", "FusedScheduler", "SchedulerClosed"]
 
 log = logging.getLogger("mgg.service.scheduler")
+
+
+def _size_bucket(images: int) -> int:
+    """``images`` rounded up to a power of two (the key of a call length by size)."""
+    return 1 << max(0, int(images) - 1).bit_length()
 
 
 class SchedulerClosed(RuntimeError):
@@ -145,11 +153,16 @@ class FusedScheduler:
         self._queue: deque[_Item] = deque()
         self._running: dict[Hashable, float] = {}  # key -> monotonic start of the running call that holds it
         self._call_s: float | None = None  # average seconds of a call (start to end)
+        self._call_by_size: dict[int, float] = {}  # the same by the call's images (rounded up to a power of two)
+        self._running_images: dict[Hashable, int] = {}  # key -> images of the running call that holds it
         self._sizes: dict[Hashable, int] = {}  # key -> images of its last request (while in the window)
         self._seen: dict[Hashable, float] = {}  # key -> monotonic time of its last submit (within the window)
         self._ended: dict[Hashable, float] = {}  # key -> monotonic end of its last call, until its next submit
         self._think: dict[Hashable, float] = {}  # key -> average seconds from the end of a call to its next submit
         self._spread: dict[Hashable, float] = {}  # key -> average absolute deviation of those seconds
+        # think time and spread over every stream's gaps (averages), by request size (images rounded up to a power
+        # of two: a client of big requests sends and reads for longer)
+        self._prior: dict[int, tuple[float, float]] = {}
         self._last: dict[Hashable, float] = {}  # key -> its last submit or call end (think state kept for a horizon)
         self._pruned = time.monotonic()
         self._wake = asyncio.Event()
@@ -178,6 +191,16 @@ class FusedScheduler:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="mgg-fused-scheduler")
         return await item.fut
+
+    def answered(self, key: Hashable) -> None:
+        """Stream ``key``'s answer is out (in the service: after its step's durable write): its think time runs
+        from now, not from the end of its call. The caller's think time is what it does between an answer and its
+        next request; counting the write and the answer in it (the same for every stream of a call, and longer
+        than the call-to-call differences it should measure) made it so long and so spread that streams of a
+        call that had split were not waited for, and groups stayed split. No-op once the stream has submitted
+        again, or when it is in a running call."""
+        if key in self._ended and key not in self._running:
+            self._ended[key] = self._last[key] = time.monotonic()
 
     @property
     def queued(self) -> int:
@@ -267,6 +290,13 @@ class FusedScheduler:
         gap = max(0.0, submitted - ended)
         old = self._think.get(key)
         a = self.limits.think_ema
+        size = _size_bucket(self._sizes.get(key, 1))
+        prior = self._prior.get(size)
+        if prior is None:
+            self._prior[size] = (gap, gap / 2)
+        else:
+            think, spread = prior
+            self._prior[size] = ((1 - a) * think + a * gap, (1 - a) * spread + a * abs(gap - think))
         if old is None:  # one gap says little about the next: start its spread at half of it
             self._think[key], self._spread[key] = gap, gap / 2
         else:
@@ -278,14 +308,23 @@ class FusedScheduler:
         end of its call, or the start of its running call plus a call's average length, then its think time); None
         when that is after ``deadline``, unknown, or already late (``late_factor`` x (busy + think) +
         ``late_margin_s`` after ``since``)."""
-        think = self._think.get(key)
-        if busy_s is None or think is None:
+        think, spread = self._think.get(key), self._spread.get(key)
+        prior = self._prior.get(_size_bucket(self._sizes.get(key, 1)))
+        if think is None and key in self._ended and prior is not None:
+            think, spread = prior
+        if busy_s is None or think is None or spread is None:
             return None
-        think += self._spread[key]  # pessimistic: a stream whose think time varies more than the delay is not due
+        think += spread  # pessimistic: a stream whose think time varies more than the delay is not due
         if since + busy_s + think > deadline:
             return None
         late = since + self.limits.late_factor * (busy_s + think) + self.limits.late_margin_s
         return late if now < late else None
+
+    def _call_length(self, images: int) -> float | None:
+        """The expected seconds of a call of ``images`` images: the average of calls of that size (rounded up to a
+        power of two), else of every call. A big request's call lasts longer than a call of a few small ones; one
+        average for both made the streams of a running small call look due only after a big call's length."""
+        return self._call_by_size.get(_size_bucket(images), self._call_s)
 
     def _prune(self, now: float) -> None:
         """Forget streams: out of the active window (no longer expected), and their think times ``think_horizon_s``
@@ -318,15 +357,19 @@ class FusedScheduler:
             if self._sizes.get(key, 0) > room:  # its requests would not fit in this call
                 continue
             if key in self._running:  # back after its call and its think time: due if that is before the deadline
-                late = self._due(key, self._running[key], self._call_s, deadline, now)
+                late = self._due(key, self._running[key], self._call_length(self._running_images[key]), deadline,
+                                 now)
             elif key in present:
                 continue
-            elif key not in self._think or key not in self._ended:  # no think time yet: a short wait, as for 5 ms
-                late = min(oldest + min(self.limits.unknown_wait_s, self.limits.max_delay_s),
+            elif key in self._think and key in self._ended:
+                late = self._due(key, self._ended[key], 0.0, deadline, now)
+            else:  # no think time of its own yet: a short wait, as for 5 ms, or while every stream's think time
+                late = min(oldest + min(self.limits.unknown_wait_s, self.limits.max_delay_s),  # says it is due
                            self._seen[key] + self.limits.active_window_s)  # and while in the window
                 late = late if now < late else None
-            else:
-                late = self._due(key, self._ended[key], 0.0, deadline, now)
+                if key in self._ended:
+                    prior = self._due(key, self._ended[key], 0.0, deadline, now)
+                    late = prior if late is None else late if prior is None else max(late, prior)
             if late is not None:
                 until.append(late)
         return (True, min(until)) if until else (False, None)
@@ -362,7 +405,9 @@ class FusedScheduler:
     async def _run(self, batch: list[_Item]) -> None:
         keys = {i.key for i in batch}
         start = time.monotonic()
+        images = sum(i.n for i in batch)
         self._running.update(dict.fromkeys(keys, start))
+        self._running_images.update(dict.fromkeys(keys, images))
         self._wake.set()  # a call being formed meanwhile sees these streams running now, not missing
         m = self.metrics
         if m is not None:
@@ -378,8 +423,12 @@ class FusedScheduler:
             ended = time.monotonic()
             a = self.limits.think_ema
             self._call_s = ended - start if self._call_s is None else (1 - a) * self._call_s + a * (ended - start)
+            size = _size_bucket(images)
+            old = self._call_by_size.get(size)
+            self._call_by_size[size] = ended - start if old is None else (1 - a) * old + a * (ended - start)
             for key in keys:
                 del self._running[key]
+                del self._running_images[key]
                 self._ended[key] = self._last[key] = ended
             self._slots.release()
             self._wake.set()

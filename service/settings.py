@@ -214,6 +214,12 @@ class ServiceSettings(BaseSettings):
     max_pixels_in_flight: int = Field(
         64 * 1024 * 1024, ge=1, description="decoded pixels held by all requests at once (503 pixels_in_flight + "
         "Retry-After past it); a request's pixels are released as soon as its images are preprocessed")
+    inline_max_pixels: int = Field(
+        16384, ge=0, le=1024 * 1024, description="a request of at most this many pixels (all images together; "
+        "multipart: and a body of at most 4 bytes per pixel) is decoded and preprocessed on the event loop, about "
+        "50 ns per pixel, instead of in worker threads: for a few small images the two thread hops cost more than "
+        "the work, and under load each waits behind the busy threads (docs/results/fused, session 10). "
+        "0 = always in worker threads")
     max_concurrent_streams: int = Field(
         2, ge=1, description="engine calls running at the same time: streams adapting at once, or fused steps "
         "(each counts once) when fused_steps is on")

@@ -687,7 +687,8 @@ def test_binding_beyond_loopback_never_leaves_admin_routes_open(live_server, tmp
 def test_pixels_in_flight_setting_over_http(live_server, tmp_path, digit_images):
     """Request A holds its decoded pixels while it is preprocessed (held at a gate); B, within every per-request
     limit, finds the in-flight budget taken: 503 + Retry-After; once A is done the budget is free again."""
-    srv = live_server(settings_for(tmp_path / "s", max_pixels_in_flight=6 * 28 * 28))
+    # inline_max_pixels=0: the gated preprocessing runs in a worker thread (on the event loop it would block /metrics)
+    srv = live_server(settings_for(tmp_path / "s", max_pixels_in_flight=6 * 28 * 28, inline_max_pixels=0))
     rt = srv.app.state.svc.runtime
     real, gate, entered = rt.preprocessor, threading.Event(), threading.Event()
 

@@ -497,3 +497,82 @@ def test_a_call_of_one_stream_is_engine_step_and_of_several_one_step_many():
 
     run(main())
     assert eng.log == [("step", ["a"]), ("step_many", ["a", "b"])]
+
+
+class SlowEngine(RecordingEngine):
+    """A :class:`RecordingEngine` whose call takes ``per_image`` seconds per image (in the call's worker thread)."""
+
+    def __init__(self, per_image: float) -> None:
+        super().__init__()
+        self.per_image = per_image
+
+    def step_many(self, items, adapt=True):
+        time.sleep(self.per_image * sum(int(x.shape[0]) for _, x in items))
+        return super().step_many(items, adapt)
+
+
+def test_think_time_runs_from_the_answer_not_from_the_end_of_the_call():
+    """The data plane calls answered(key) once the step is durable; the time between the call's end and the answer
+    (the durable write, the same for every stream of a call) is not the client's think time."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=0.0, active_window_s=60.0)
+        for key, answer_after in (("a", 0.3), ("b", None)):
+            await s.submit(key, state(key), x(1))
+            await asyncio.sleep(0.3)  # the "durable write"
+            if answer_after is not None:
+                s.answered(key)
+            await s.submit(key, state(key), x(1))  # the client sends its next request at once
+        s.answered("a")  # after its next submit: no-op (its think time was learned from the answer)
+        await s.close()
+        return s
+
+    s = run(main())
+    assert s._think["a"] < 0.1  # from the answer
+    assert s._think["b"] == pytest.approx(0.3, abs=0.1)  # no answer reported: from the end of its call
+
+
+def test_a_stream_without_a_think_time_of_its_own_is_waited_for_by_every_streams_average():
+    """c has ended one call (no think time of its own yet): beyond unknown_wait_s, a call waits for it as long as
+    the other streams' average think time says it is due (they come back at once: until the late bound)."""
+    eng = RecordingEngine()
+
+    async def main():
+        s = sched(eng, max_delay_s=60.0, active_window_s=60.0, unknown_wait_s=0.01, late_margin_s=0.5)
+        for _ in range(3):  # a and b come back at once: every stream's average think time is ~0
+            await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        await asyncio.gather(*(s.submit(k, state(k), x(1)) for k in "abc"))  # c's first call
+        ab = asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        await asyncio.sleep(0.15)  # well past unknown_wait_s: a and b still wait for c
+        assert not ab.done()
+        await asyncio.gather(ab, s.submit("c", state("c"), x(1)))
+        t0 = time.monotonic()  # c does not come again: the call goes once c is late (late_margin_s), not 60 s
+        await asyncio.gather(s.submit("a", state("a"), x(1)), s.submit("b", state("b"), x(1)))
+        waited = time.monotonic() - t0
+        await s.close()
+        return waited
+
+    waited = run(main())
+    assert [sorted(k for k, _ in c) for c in eng.calls[3:]] == [["a", "b", "c"], ["a", "b", "c"], ["a", "b"]]
+    assert waited < 5
+
+
+def test_a_running_call_is_expected_to_last_as_long_as_calls_of_its_size():
+    """Call lengths are averaged by size (images rounded up to a power of two): after 64-image calls of ~0.26 s, a
+    1-image call is still expected to take its own ~0.01 s."""
+    eng = SlowEngine(per_image=0.004)
+
+    async def main():
+        s = sched(eng, max_delay_s=0.0, active_window_s=60.0)
+        for _ in range(2):
+            await s.submit("big", state("big"), x(64))
+            await s.submit("small", state("small"), x(1))
+        await s.submit("big", state("big"), x(64))
+        await s.close()
+        return s
+
+    s = run(main())
+    assert s._call_length(1) < 0.08 < 0.2 < s._call_length(64)
+    assert s._call_length(48) == s._call_length(64)  # the same bucket
+    assert s._call_s > 0.08  # every call's average: a big one last

@@ -12,7 +12,6 @@ the five dependencies it had took about 15% of the event loop's time (py-spy, se
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..dataplane import DataPlane
-from ..decode import IMAGE_FIELD, DecodeError, decode_body
+from ..decode import IMAGE_FIELD
 from ..errors import ApiError
 from ..idempotency import IDEMPOTENCY_HEADER, check_key
 from ..runtime import ServiceState
@@ -116,12 +115,8 @@ async def predict(request: Request) -> PredictResponse | Response:
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
-        try:  # sizes are checked from the image headers and reserved from the in-flight budget before decoding
-            batch = await asyncio.to_thread(
-                decode_body, body, request.headers.get("content-type"), svc.limits, svc.pixels
-            )
-        except DecodeError as exc:
-            raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
+        # sizes are checked from the image headers and reserved from the in-flight budget before decoding
+        batch = await plane.decode(body, request.headers.get("content-type"))
         del body
         timings["decode"] = time.perf_counter() - t0
         try:
