@@ -294,6 +294,8 @@ class AdaptationEngine:
             self.fingerprint["guard_judge_images"] = int(config.guard.judge_images)
         if config.guard.enabled and config.guard.collapse_hold_images is not None:   # guard.hold means more
             self.fingerprint["guard_collapse_hold_images"] = int(config.guard.collapse_hold_images)
+        if config.guard.enabled and config.guard.keep_source_history:   # guard.source_history is kept and judged
+            self.fingerprint["guard_keep_source_history"] = True
 
     @property
     def fuse_max_images(self) -> int:
@@ -345,8 +347,9 @@ class AdaptationEngine:
         confident = g.enabled and (g.confident_entropy is not None     # the fingerprint says so (__init__)
                                    or g.confident_hold_entropy is not None)
         judge_count = g.enabled and g.judge_images is not None       # the fingerprint says so (__init__)
+        history = g.enabled and g.keep_source_history                # the fingerprint says so (__init__)
         t.update({f"guard.{k}": v for k, v in guard_init_state(self.num_classes, self.device, confident,
-                                                                judge_count).items()})
+                                                                judge_count, history).items()})
         if self.warmup_shift is not None:     # the slow descriptor reference of _warmup_on_shift (unset: NaN)
             nan = torch.full((len(t["guard.shift_fast"]),), float("nan"), dtype=torch.float64, device=self.device)
             t["warm.slow"], t["warm.slow_sq"] = nan, nan.clone()
@@ -1000,8 +1003,9 @@ class AdaptationEngine:
         full source hold."""
         result.rolled_back, result.rollback_reason = True, reason
         rollbacks = state.rollbacks + 1
-        # like shift_fast, the warm-up's descriptor reference follows the data, not the model: kept
-        slow = {k: v for k, v in state.tensors.items() if k.startswith("warm.")}
+        # like shift_fast, the warm-up's descriptor reference follows the data, not the model: kept; so does the
+        # source's prediction history of guard.keep_source_history (absent when off)
+        slow = {k: v for k, v in state.tensors.items() if k.startswith("warm.") or k == "guard.source_history"}
         held = float(state.tensors["guard.hold"]) > 0
         # the source is better here (or, guard.py collapse holds, adapting from it collapsed): back to it, and stay
         first = self.config.guard.hold_images if held else fallback_hold(self.config.guard, reason,

@@ -77,6 +77,18 @@ fallback restarts this. With the setting such a fallback to source holds there l
 :data:`HOLD_REASONS`: ``collapse_hold_images`` images, doubled for every fallback in a row (the backoff count, shared
 with the other holds; cleared by a healthy anchor and by a domain-shift release), gradient-free and with the source's
 statistics (never a statistics-only hold: the statistics are what collapsed), ending early as the other holds do.
+
+Kept source history (``keep_source_history``; False: off). Whether the source is a usable reference (its prediction
+diversity, ``min_source_diversity``) describes the data, not the adapted model, like the domain-shift descriptor
+``shift_fast`` that a hold keeps. By default a fallback resets the source's prediction histogram with the model, and on
+a stream where the source predicts few classes (a near-chance domain, a Dirichlet class slot) the new one, built from
+a few requests, is often below ``min_source_diversity``: after the warm-up the guard judges nothing against the source
+for many requests while adaptation restarts (held-out gaussian_blur-5@imagenet-c: 14 requests, below the 0.5 at
+0.42-0.50 while it was 0.66-0.70 before). With the setting the stream keeps a second source histogram
+(``guard.source_history``, updated exactly as ``source_hist``, so equal to it until the first fallback) that no
+fallback resets (only a stream reset does); every source-diversity check (:func:`judge`, :func:`source_failing`,
+:func:`confident_source`) reads it, while the comparisons of the adapted model with the source (excess share,
+agreement, entropy gap) still use the fresh histograms and EMAs of the same images, after the usual warm-up.
 """
 from __future__ import annotations
 
@@ -92,6 +104,7 @@ from .reasons import HoldRelease, RollbackReason
 __all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count",
            "confident_hold", "confident_source", "domain_shift", "fallback_hold", "guard_init_state", "hold_length",
            "hold_release", "image_descriptor", "judge", "observe", "observe_many", "shift_score", "source_diversity",
+           "source_reference",
            "source_failing"]
 
 
@@ -133,6 +146,8 @@ class GuardConfig:
                                             # EMA is at most this (label shift, not a failing source); None: off
     collapse_hold_images: int | None = None  # a collapse fallback that goes to source (no anchor) also holds there,
                                             # this many images doubled per fallback in a row; None: adapt at once
+    keep_source_history: bool = False       # the source-diversity checks read a source histogram that fallbacks
+                                            # keep (guard.source_history); False: the one a fallback resets
 
     def __post_init__(self) -> None:
         if self.horizon_images < 1 or self.anchor_every_images < 1:
@@ -160,7 +175,7 @@ class GuardConfig:
 
 
 def guard_init_state(num_classes: int, device, source_entropy: bool = True,
-                     judge_count: bool = False) -> dict[str, torch.Tensor]:
+                     judge_count: bool = False, source_history: bool = False) -> dict[str, torch.Tensor]:
     """A new stream's guard signals (``guard.`` prefix in the stream state).
 
     Args:
@@ -170,6 +185,8 @@ def guard_init_state(num_classes: int, device, source_entropy: bool = True,
             when that check is off, so that their snapshots keep the older layout).
         judge_count: with the images seen since the guard's last judgement (``since_judge``), for
             ``GuardConfig.judge_images`` (left out when that is None: the older layout).
+        source_history: with the source histogram that fallbacks keep (``source_history``), for
+            ``GuardConfig.keep_source_history`` (left out when that is False: the older layout).
     """
     z = torch.zeros((), device=device)
     out = {"entropy_ema": torch.full((), float("nan"), device=device),
@@ -189,6 +206,8 @@ def guard_init_state(num_classes: int, device, source_entropy: bool = True,
         out["source_entropy"] = torch.full((), float("nan"), device=device)
     if judge_count:
         out["since_judge"] = z.clone()
+    if source_history:
+        out["source_history"] = torch.zeros(num_classes, device=device)
     return out
 
 
@@ -254,9 +273,9 @@ def observe_many(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]], logits
     for i, (g, lg, src, im) in enumerate(zip(gs, logits, source_logits, images, strict=True)):
         k = 0 if src is None else int(src.shape[0])
         shape = None if im is None or "shift_fast" not in g else tuple(im.shape)
-        groups.setdefault((tuple(lg.shape), k, shape, "source_entropy" in g), []).append(i)
+        groups.setdefault((tuple(lg.shape), k, shape, "source_entropy" in g, "source_history" in g), []).append(i)
     out: list[dict[str, torch.Tensor]] = [{} for _ in gs]
-    for (_, k, shape, _), idx in groups.items():
+    for (_, k, shape, _, _), idx in groups.items():
         rows = _observe_rows(cfg, [gs[i] for i in idx], torch.stack([logits[i] for i in idx]),
                              _stack_rows(source_logits, idx) if k else None,
                              None if shape is None else _stack_rows(images, idx), [bool(holding[i]) for i in idx])
@@ -318,7 +337,10 @@ def _observe_rows(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]], logit
     a_pred, s_prob = a.argmax(2), s.softmax(2)
     s_pred = s_prob.argmax(2)
     new["adapted_hist"] = _mix_hist_rows(_stacked(gs, "adapted_hist"), _hist_rows(a_pred, c), keep)
-    new["source_hist"] = _mix_hist_rows(_stacked(gs, "source_hist"), _hist_rows(s_pred, c), keep)
+    s_hist = _hist_rows(s_pred, c)
+    new["source_hist"] = _mix_hist_rows(_stacked(gs, "source_hist"), s_hist, keep)
+    if "source_history" in gs[0]:            # the groups of observe_many: all or none of its streams have it
+        new["source_history"] = _mix_hist_rows(_stacked(gs, "source_history"), s_hist, keep)
     s_ent = softmax_entropy(s.reshape(rows * k, c)).reshape(rows, k).mean(1) / ln_c
     a_ent = softmax_entropy(a.reshape(rows * k, c)).reshape(rows, k).mean(1) / ln_c
     new["entropy_gap"] = _ema_rows(_stacked(gs, "entropy_gap"), a_ent - s_ent, keep)
@@ -355,6 +377,12 @@ def _observe_shift_rows(cfg: GuardConfig, gs: Sequence[dict[str, torch.Tensor]],
     new["shift_ref"] = torch.where(grow.unsqueeze(1), w_old * ref + w * d, ref)
     new["shift_ref_sq"] = torch.where(grow.unsqueeze(1), w_old * ref_sq + w * d_sq, ref_sq)
     new["shift_ref_n"] = torch.where(grow, seen + n, seen)
+
+
+def source_reference(g: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The source histogram whose diversity says whether the source is a usable reference: ``source_history`` (kept
+    across fallbacks; ``keep_source_history``) when the stream has it, else ``source_hist``."""
+    return g["source_history"] if "source_history" in g else g["source_hist"]
 
 
 def source_diversity(hist: torch.Tensor) -> float:
@@ -395,7 +423,7 @@ def source_failing(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
     """While holding at source: the source now predicts (nearly) one class, so it is no longer the better model.
     Not while the source is confident (:func:`confident_hold`): a confident source predicting few classes is what
     label shift looks like; a new domain ends the hold (``shift_threshold``)."""
-    if float(g["checked"]) < cfg.warmup_checks or source_diversity(g["source_hist"]) >= cfg.min_source_diversity:
+    if float(g["checked"]) < cfg.warmup_checks or source_diversity(source_reference(g)) >= cfg.min_source_diversity:
         return False
     return not confident_hold(cfg, g)
 
@@ -430,7 +458,7 @@ def confident_source(cfg: GuardConfig, g: dict[str, torch.Tensor]) -> bool:
     corruptions the source predicts one class for every image, confidently)."""
     if cfg.confident_entropy is None or "source_entropy" not in g or float(g["checked"]) < cfg.confident_checks:
         return False
-    if source_diversity(g["source_hist"]) < cfg.min_source_diversity:
+    if source_diversity(source_reference(g)) < cfg.min_source_diversity:
         return False     # a source predicting (nearly) one class, however confident, is no reference (judge())
     se, gap, agree = float(g["source_entropy"]), float(g["entropy_gap"]), float(g["agreement"])
     if math.isnan(se) or math.isnan(gap) or math.isnan(agree):
@@ -456,7 +484,7 @@ def judge(cfg: GuardConfig, g: dict[str, torch.Tensor], images: int) -> Fallback
     if float(g["checked"]) < cfg.warmup_checks:
         return None
     ah, sh = g["adapted_hist"], g["source_hist"]
-    if source_diversity(sh) < cfg.min_source_diversity:
+    if source_diversity(source_reference(g)) < cfg.min_source_diversity:
         return None      # the source itself predicts (nearly) one class: it is no reference to judge against
     top = int(ah.argmax())
     if float(ah[top] - sh[top]) > cfg.max_excess_share:

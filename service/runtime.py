@@ -101,7 +101,7 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
             bn_prior_images, bn_warmup_shift, bn_warmup_release, bn_balanced, bn_balanced_form, bn_balanced_confidence,
             bn_balanced_agree, bn_balanced_share, update_images,
             collapse_guard, guard_check_share, guard_confident_entropy, guard_confident_entropy_gap, guard_judge_images,
-            guard_confident_hold_entropy and guard_collapse_hold_images.
+            guard_confident_hold_entropy, guard_collapse_hold_images and guard_keep_source_history.
         method: the built method (its defaults decide the optimizer and whether BatchNorm statistics adapt).
         device: where the engine runs (``settings.resolved_device()`` for the service).
         mgg_checkpoint: the MGG meta-network's checkpoint when the optimizer is MGG.
@@ -123,7 +123,8 @@ def engine_config(settings: ServiceSettings, method: Method, device: str, mgg_ch
                           confident_entropy_gap=settings.guard_confident_entropy_gap,
                           judge_images=settings.guard_judge_images,
                           confident_hold_entropy=settings.guard_confident_hold_entropy,
-                          collapse_hold_images=settings.guard_collapse_hold_images), device=device,
+                          collapse_hold_images=settings.guard_collapse_hold_images,
+                          keep_source_history=settings.guard_keep_source_history), device=device,
     )
 
 
@@ -136,7 +137,7 @@ def load_runtime(settings: ServiceSettings) -> Runtime:
             bn_warmup_release, bn_balanced, bn_balanced_form, bn_balanced_confidence, bn_balanced_agree,
             bn_balanced_share, update_images, guard_check_share, guard_confident_entropy,
             guard_confident_entropy_gap, guard_judge_images, guard_confident_hold_entropy, guard_collapse_hold_images,
-            device, torch_threads and
+            guard_keep_source_history, device, torch_threads and
             gil_switch_interval_ms (process-wide: sys.setswitchinterval).
 
     Bundled companions are found the way the rest of the project finds them (``mgg_core.assets``): the MGG

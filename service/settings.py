@@ -171,6 +171,13 @@ class ServiceSettings(BaseSettings):
         "holds; cleared by a healthy anchor or a domain-shift release); the hold ends early as the others do. Meant "
         "for domains where adapting from the source collapses at once and each restart repeats it "
         "(docs/results/smallbatch/README.md, session 10). None = off: adapt again at once")
+    guard_keep_source_history: bool = Field(
+        False, description="the guard's checks of whether the source is a usable reference (its prediction "
+        "diversity, min_source_diversity) read a per-stream source prediction histogram that a guard fallback keeps "
+        "(it describes the data, not the adapted model; a stream reset clears it); the comparisons of the adapted "
+        "model with the source still use the histograms a fallback resets. Meant for streams where, after a "
+        "fallback, the few requests of a new histogram make the source look like no reference and the guard judges "
+        "nothing against it (docs/results/smallbatch/README.md, session 11). False = off")
     guard_confident_entropy_gap: float = Field(
         0.05, ge=0, le=1, description="normalised-entropy excess of the adapted model over a confident source "
         "that makes the guard hold the stream at source (guard_confident_entropy)")

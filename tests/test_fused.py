@@ -111,6 +111,11 @@ GUARDS = {
                             anchor_every_images=8, min_agreement=1.01, source_confidence=0.0, min_source_confident=0.0,
                             min_source_diversity=0.3, hold_images=1000, max_entropy=1.01, max_class_share=1.01,
                             confident_hold_entropy=0.5),
+    # partial-collapse fallbacks (excess share -1) judged only against a source diverse enough by the histogram that
+    # fallbacks keep (GuardConfig.keep_source_history): each stream its own kept history
+    "keephist": GuardConfig(enabled=True, check_share=0.5, warmup_images=4, warmup_checks=2, horizon_images=16,
+                            anchor_every_images=1000, max_entropy=1.01, max_class_share=1.01, max_excess_share=-1.0,
+                            min_agreement=0.0, min_source_diversity=0.2, keep_source_history=True),
 }
 
 
@@ -216,6 +221,7 @@ CASES = [
     ("resnet", "eata", "sgd", "ema", 16, "judge"),
     ("resnet", "eata", "sgd", "ema", 1, "confhold"),
     ("resnet", "eata", "sgd", "ema", 16, "collapsehold"),
+    ("resnet", "eata", "sgd", "ema", 1, "keephist"),
 ]
 
 
@@ -255,6 +261,9 @@ def test_fused_step_equals_separate_steps(model, method, optimizer, bn_stats, up
         assert "guard_hold" in reasons
     if guard == "collapsehold":              # entropy-divergence fallbacks that hold, each stream its own backoff
         assert any(r.hold_images and r.rollback_reason == "entropy_divergence" for row in results for r in row)
+    if guard == "keephist":                  # a fallback kept some stream's history (it differs from the fresh one)
+        assert any(not torch.equal(st.tensors["guard.source_history"], st.tensors["guard.source_hist"])
+                   for st in states)
     if guard == "judge":                     # each stream counts its own images since the last judgement
         assert all("guard.since_judge" in st.tensors for st in states)
     if guard == "confident":
