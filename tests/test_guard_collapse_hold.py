@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 from test_guard_judge_rate import HOLD, check_guard_setting
-from test_normstats_depth import _engine, _images, _restore_and_continue, _same
+from test_normstats_depth import _engine, _images, _interleaved_equals_alone, _restore_and_continue, _same
 
 from mgg_core.guard import GuardConfig, fallback_hold
 from mgg_core.reasons import RollbackReason
@@ -95,21 +95,8 @@ def test_collapse_hold_state_resets_restores_counts_and_is_fingerprinted(tmp_pat
 
 
 def test_interleaved_streams_equal_the_same_streams_alone():
-    eng = _eng(8)
-    a, b = eng.new_state(seed=1), eng.new_state(seed=2)
-    ra, rb = [], []
-    for i in range(10):
-        ra.append(eng.step(a, _images(4 if i % 2 else 1, i)))
-        rb.append(eng.step(b, _images(2, 100 + i)))
-    a2, b2 = eng.new_state(seed=1), eng.new_state(seed=2)
-    for i in range(10):
-        r = eng.step(a2, _images(4 if i % 2 else 1, i))
-        assert torch.equal(r.logits, ra[i].logits) and r.hold_images == ra[i].hold_images
-    for i in range(10):
-        r = eng.step(b2, _images(2, 100 + i))
-        assert torch.equal(r.logits, rb[i].logits) and r.hold_images == rb[i].hold_images
-    _same(a.tensors, a2.tensors)
-    _same(b.tensors, b2.tensors)
+    ra, rb = _interleaved_equals_alone(_eng(8), [_images(4 if i % 2 else 1, i) for i in range(10)],
+                                       [_images(2, 100 + i) for i in range(10)], "hold_images")
     assert any(r.hold_images for r in ra + rb)
 
 

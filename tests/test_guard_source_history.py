@@ -12,7 +12,7 @@ import torch
 from test_fused import _digits
 from test_fused import _resnet as _bundled_resnet
 from test_guard_judge_rate import check_guard_setting
-from test_normstats_depth import _restore_and_continue, _same
+from test_normstats_depth import _interleaved_equals_alone, _restore_and_continue, _same
 
 from mgg_core.engine import AdaptationEngine, EngineConfig
 from mgg_core.guard import GuardConfig, judge, source_diversity, source_failing, source_reference
@@ -118,21 +118,8 @@ def test_kept_history_state_resets_restores_counts_and_is_fingerprinted(tmp_path
 
 
 def test_interleaved_streams_equal_the_same_streams_alone():
-    eng = _eng(True)
-    a, b = eng.new_state(seed=1), eng.new_state(seed=2)
-    ra, rb = [], []
-    for i in range(12):
-        ra.append(eng.step(a, _x(4 if i % 2 else 1, i)))
-        rb.append(eng.step(b, _x(4, 100 + i)))
-    a2, b2 = eng.new_state(seed=1), eng.new_state(seed=2)
-    for i in range(12):
-        r = eng.step(a2, _x(4 if i % 2 else 1, i))
-        assert torch.equal(r.logits, ra[i].logits) and r.rollback_reason == ra[i].rollback_reason
-    for i in range(12):
-        r = eng.step(b2, _x(4, 100 + i))
-        assert torch.equal(r.logits, rb[i].logits) and r.rollback_reason == rb[i].rollback_reason
-    _same(a.tensors, a2.tensors)
-    _same(b.tensors, b2.tensors)
+    _, rb = _interleaved_equals_alone(_eng(True), [_x(4 if i % 2 else 1, i) for i in range(12)],
+                                      [_x(4, 100 + i) for i in range(12)], "rollback_reason")
     assert _falls(rb)
 
 

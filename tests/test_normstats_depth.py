@@ -57,6 +57,23 @@ def _same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
 
 
+def _interleaved_equals_alone(eng: AdaptationEngine, xs_a: list, xs_b: list, field: str) -> tuple[list, list]:
+    """Two streams (seeds 1 and 2) stepped interleaved on ``xs_a`` / ``xs_b``, then each alone on a fresh state: equal
+    logits and ``field`` of every result, bit-identical final tensors. Returns the interleaved results (a's, b's)."""
+    a, b = eng.new_state(seed=1), eng.new_state(seed=2)
+    ra, rb = [], []
+    for xa, xb in zip(xs_a, xs_b, strict=True):
+        ra.append(eng.step(a, xa))
+        rb.append(eng.step(b, xb))
+    for st, xs, res, seed in ((a, xs_a, ra, 1), (b, xs_b, rb, 2)):
+        alone = eng.new_state(seed=seed)
+        for x, r0 in zip(xs, res, strict=True):
+            r = eng.step(alone, x)
+            assert torch.equal(r.logits, r0.logits) and getattr(r, field) == getattr(r0, field)
+        _same(st.tensors, alone.tensors)
+    return ra, rb
+
+
 def test_layer_momenta_go_from_shallow_to_deep_geometrically():
     m = layer_momenta(5, 0.01, 0.1)
     assert m[0] == pytest.approx(0.1) and m[-1] == pytest.approx(0.01)
