@@ -175,8 +175,9 @@ class DataPlane:
         self, rt: Runtime, store: StreamStore, ticket: Ticket, batch: DecodedBatch, timings: dict[str, float],
         *, reset_first: bool = False, idem: Idempotent | None = None,
     ) -> StepOutcome:
-        """Preprocess the decoded ``batch`` (on the event loop when it has at most ``inline_max_pixels`` pixels, else
-        in a worker thread), step the stream under its lock, record metrics; ``timings`` gains phases.
+        """Preprocess the decoded ``batch`` (on the event loop when its images, and as many model inputs, have at most
+        ``inline_max_pixels`` pixels, else in a worker thread), step the stream under its lock, record metrics;
+        ``timings`` gains phases.
 
         The batch's decoded images (and their share of the in-flight pixel budget) are released as soon as they
         are preprocessed: a request waiting for its stream's turn holds only the model-sized input tensor.
@@ -190,7 +191,8 @@ class DataPlane:
         settings = self.svc.settings
         t0 = time.perf_counter()
         try:  # a small batch on the event loop (see decode)
-            if batch.pixels <= settings.inline_max_pixels:
+            # the work is the larger of the decoded pixels and the model's input pixels (a small image is resized up)
+            if max(batch.pixels, len(batch) * rt.input_size[-1] * rt.input_size[-2]) <= settings.inline_max_pixels:
                 x = rt.preprocessor(batch.payload)
             else:
                 x = await asyncio.to_thread(rt.preprocessor, batch.payload)

@@ -222,10 +222,11 @@ class ServiceSettings(BaseSettings):
         64 * 1024 * 1024, ge=1, description="decoded pixels held by all requests at once (503 pixels_in_flight + "
         "Retry-After past it); a request's pixels are released as soon as its images are preprocessed")
     inline_max_pixels: int = Field(
-        16384, ge=0, le=1024 * 1024, description="a request of at most this many pixels (all images together; "
-        "multipart: and a body of at most 4 bytes per pixel) is decoded and preprocessed on the event loop, about "
-        "50 ns per pixel, instead of in worker threads: for a few small images the two thread hops cost more than "
-        "the work, and under load each waits behind the busy threads (docs/results/fused, session 10). "
+        16384, ge=0, le=1024 * 1024, description="a request whose body has at most 4 bytes per such pixel and whose "
+        "images have at most this many pixels (all together) is decoded on the event loop, and preprocessed there "
+        "when its model inputs also have at most this many (a small image is resized up to the model's input "
+        "size): about 50 ns per pixel, instead of in worker threads, whose two hops cost more than the work for a "
+        "few small images and wait behind the busy threads under load (docs/results/fused, session 10). "
         "0 = always in worker threads")
     max_concurrent_streams: int = Field(
         2, ge=1, description="engine calls running at the same time: streams adapting at once, or fused steps "

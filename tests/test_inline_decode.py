@@ -14,6 +14,7 @@ import service.dataplane as dataplane
 from service.decode import ProbedBody
 
 PIXELS4 = 4 * 28 * 28  # four digits
+INPUTS4 = 4 * 32 * 32  # as the bundled model's inputs
 
 
 def on_loop() -> bool:
@@ -63,7 +64,7 @@ def post(srv, body: bytes, ctype: str, sid: str) -> dict:
 
 @pytest.mark.parametrize("limit, expected", [
     (None, [("probe_body", True), ("decode", True), ("preprocess", True)]),  # the default, 16384
-    (PIXELS4, [("probe_body", True), ("decode", True), ("preprocess", True)]),  # at the limit
+    (INPUTS4, [("probe_body", True), ("decode", True), ("preprocess", True)]),  # at the limit (model inputs)
     (PIXELS4 - 1, [("probe_body", True), ("decode", False), ("preprocess", False)]),  # one pixel over
     (0, [("decode_body", False), ("decode", False), ("preprocess", False)]),  # off
     (300, [("decode_body", False), ("decode", False), ("preprocess", False)]),  # body over 4 bytes per pixel
@@ -106,3 +107,15 @@ def test_bad_input_is_refused_the_same_way_inline(live_server, tmp_path, calls):
         r = c.post("/predict", content=b"{}", headers={"Content-Type": "application/json"})
         assert r.status_code == 415
         assert c.get("/streams").json()["streams"] == []  # nothing changed
+
+
+def test_a_small_image_for_a_larger_model_input_is_preprocessed_in_a_thread(live_server, tmp_path, digit_images,
+                                                                             calls):
+    """The preprocessing work is the model's input size when the image is smaller (it is resized up): 4 digits of
+    28 x 28 (3136 px) become 4 inputs of 32 x 32 (4096 px), so a limit between the two decodes on the event loop and
+    preprocesses in a worker thread."""
+    srv = serve(live_server, tmp_path / "s", calls, inline_max_pixels=PIXELS4 + 100)
+    assert tuple(srv.app.state.svc.runtime.input_size[-2:]) == (32, 32)
+    calls.clear()
+    post(srv, npy_bytes(digit_images[:4]), "application/x-npy", "a")
+    assert calls == [("probe_body", True), ("decode", True), ("preprocess", False)]
