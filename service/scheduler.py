@@ -157,8 +157,8 @@ class FusedScheduler:
         self._running_images: dict[Hashable, int] = {}  # key -> images of the running call that holds it
         self._sizes: dict[Hashable, int] = {}  # key -> images of its last request (while in the window)
         self._seen: dict[Hashable, float] = {}  # key -> monotonic time of its last submit (within the window)
-        self._ended: dict[Hashable, float] = {}  # key -> monotonic end of its last call, until its next submit
-        self._think: dict[Hashable, float] = {}  # key -> average seconds from the end of a call to its next submit
+        self._ended: dict[Hashable, float] = {}  # key -> its last answer (or call end), until its next submit
+        self._think: dict[Hashable, float] = {}  # key -> average seconds from an answer to its next submit
         self._spread: dict[Hashable, float] = {}  # key -> average absolute deviation of those seconds
         # think time and spread over every stream's gaps (averages), by request size (images rounded up to a power
         # of two: a client of big requests sends and reads for longer)
@@ -304,8 +304,9 @@ class FusedScheduler:
             self._spread[key] = (1 - a) * self._spread[key] + a * abs(gap - old)
 
     def _due(self, key: Hashable, since: float, busy_s: float | None, deadline: float, now: float) -> float | None:
-        """Until when ``key`` is worth waiting for: its next submit is predicted at ``since + busy_s + think`` (the
-        end of its call, or the start of its running call plus a call's average length, then its think time); None
+        """Until when ``key`` is worth waiting for: its next submit is predicted at ``since + busy_s + think`` (its
+        answer, or the start of its running call plus the average length of calls of that size, then its think
+        time; without a think time of its own, the prior's for its request size, once it has ended a call); None
         when that is after ``deadline``, unknown, or already late (``late_factor`` x (busy + think) +
         ``late_margin_s`` after ``since``)."""
         think, spread = self._think.get(key), self._spread.get(key)
