@@ -104,8 +104,7 @@ from .reasons import HoldRelease, RollbackReason
 __all__ = ["HOLD_REASONS", "Fallback", "GuardConfig", "HoldRelease", "SHIFT_FEATURES", "check_count",
            "confident_hold", "confident_source", "domain_shift", "fallback_hold", "guard_init_state", "hold_length",
            "hold_release", "image_descriptor", "judge", "observe", "observe_many", "shift_score", "source_diversity",
-           "source_reference",
-           "source_failing"]
+           "source_failing", "source_reference"]
 
 
 #: why the guard fell back (``StepResult.rollback_reason``; a metric label value): the engine's RollbackReason
