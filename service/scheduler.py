@@ -151,10 +151,9 @@ class FusedScheduler:
         self._incoming = incoming
         self._slots = asyncio.Semaphore(max_concurrent)
         self._queue: deque[_Item] = deque()
-        self._running: dict[Hashable, float] = {}  # key -> monotonic start of the running call that holds it
+        self._running: dict[Hashable, tuple[float, int]] = {}  # key -> (monotonic start, images) of its running call
         self._call_s: float | None = None  # average seconds of a call (start to end)
         self._call_by_size: dict[int, float] = {}  # the same by the call's images (rounded up to a power of two)
-        self._running_images: dict[Hashable, int] = {}  # key -> images of the running call that holds it
         self._sizes: dict[Hashable, int] = {}  # key -> images of its last request (while in the window)
         self._seen: dict[Hashable, float] = {}  # key -> monotonic time of its last submit (within the window)
         self._ended: dict[Hashable, float] = {}  # key -> its last answer (or call end), until its next submit
@@ -358,8 +357,8 @@ class FusedScheduler:
             if self._sizes.get(key, 0) > room:  # its requests would not fit in this call
                 continue
             if key in self._running:  # back after its call and its think time: due if that is before the deadline
-                late = self._due(key, self._running[key], self._call_length(self._running_images[key]), deadline,
-                                 now)
+                start, images = self._running[key]
+                late = self._due(key, start, self._call_length(images), deadline, now)
             elif key in present:
                 continue
             elif key in self._think and key in self._ended:
@@ -407,8 +406,7 @@ class FusedScheduler:
         keys = {i.key for i in batch}
         start = time.monotonic()
         images = sum(i.n for i in batch)
-        self._running.update(dict.fromkeys(keys, start))
-        self._running_images.update(dict.fromkeys(keys, images))
+        self._running.update(dict.fromkeys(keys, (start, images)))
         self._wake.set()  # a call being formed meanwhile sees these streams running now, not missing
         m = self.metrics
         if m is not None:
@@ -429,7 +427,6 @@ class FusedScheduler:
             self._call_by_size[size] = ended - start if old is None else (1 - a) * old + a * (ended - start)
             for key in keys:
                 del self._running[key]
-                del self._running_images[key]
                 self._ended[key] = self._last[key] = ended
             self._slots.release()
             self._wake.set()
