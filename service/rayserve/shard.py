@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ..dataplane import DataPlane
-from ..decode import DecodeError, decode_body
 from ..errors import ApiError
 from ..metrics import ServiceMetrics
 from ..runtime import ServiceState, freeze_startup_objects, load_runtime, warm_up
@@ -222,10 +221,7 @@ class Shard:
         timings: dict[str, float] = {}
         try:
             t0 = time.perf_counter()
-            try:
-                batch = await asyncio.to_thread(decode_body, body, content_type, self.svc.limits, self.svc.pixels)
-            except DecodeError as exc:
-                raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
+            batch = await self.plane.decode(body, content_type)
             timings["decode"] = time.perf_counter() - t0
             try:
                 resp = await self.plane.infer(self.runtime, store, ticket, sid, batch, timings)
@@ -258,10 +254,7 @@ class Shard:
 
         ticket = self.plane.reserve(store, sid)
         try:
-            try:
-                batch = await asyncio.to_thread(decode_body, npy, NPY_MEDIA_TYPE, self.svc.limits, self.svc.pixels)
-            except DecodeError as exc:
-                raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
+            batch = await self.plane.decode(npy, NPY_MEDIA_TYPE)
             try:
                 step = await self.plane.step(self.runtime, store, ticket, batch, {}, reset_first=start)
             finally:
