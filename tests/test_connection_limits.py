@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import time
+import weakref
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -33,9 +34,14 @@ def connect(port: int, timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
 
+# bytes read past a response (a pipelined next response that arrived in the same recv), for the socket's next read
+_LEFTOVER: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of one response (Content-Length framed)."""
-    buf = b""
+    """Status, headers and body of one response (Content-Length framed); bytes past it are kept for the next call on
+    ``s`` (two pipelined responses can arrive in one read)."""
+    buf = _LEFTOVER.pop(s, b"")
     while b"\r\n\r\n" not in buf:
         chunk = s.recv(65536)
         if not chunk:
@@ -50,6 +56,8 @@ def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
         if not chunk:
             break
         body += chunk
+    if len(body) > n:
+        body, _LEFTOVER[s] = body[:n], body[n:]
     return int(lines[0].split()[1]), headers, body
 
 
